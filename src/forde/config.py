@@ -1,0 +1,244 @@
+"""Typed configuration: dataclasses are the schema, OmegaConf merges YAML and `key=value` overrides.
+
+Every check runs before any data is loaded or any model is built, and every failure names the
+field and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, raised before any training starts."""
+
+
+CORRUPTION_SELECTIONS = ("all", "benchmark", "none")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | a name given to `forde data import-folder`
+    root: str = "${oc.env:FORDE_DATA,data}"  # datasets, imported folders, PCA caches and -C sets live here
+    download: bool = False  # let torchvision download CIFAR into `root` when it is missing
+    val_fraction: float = 0.0  # share of the training set held out for validation (model selection, pruning)
+    split_seed: int = 0  # the train/validation split depends on this seed only
+    augment: bool = True  # random crop (padding 4) and horizontal flip on the device; images only
+    on_device: bool = True  # keep the whole training set on the training device as uint8
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "resnet18", "preact_resnet18", "wrn16_4"] = "mlp"
+    width: int = 64  # base channel width of the ResNets (64 = ResNet18; 16 = the small ResNet of the benchmarks)
+    hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["de", "forde"] = "forde"
+    alpha: float = 1.0  # lengthscale mix: w = (1 - alpha) + alpha * lambda; 0 = identity, 1 = PCA
+    bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
+    bandwidth: Optional[float] = None  # a fixed bandwidth instead of the median heuristic
+    median: Literal["all_pairs", "per_column"] = "all_pairs"  # which distances the median heuristic uses
+    eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
+    grad_target: Literal["logit", "log_prob"] = "logit"  # which true-class output is differentiated w.r.t. x
+    pca_rank: Optional[int] = None  # keep only the top-k principal directions (None = all D)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 300
+    lr_ratio: float = 0.01  # final lr = lr * lr_ratio
+    decay_start: float = 0.5  # fraction of training where the linear decay starts
+    decay_end: float = 0.9  # fraction of training where it reaches lr * lr_ratio
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1000
+    every: int = 1  # evaluate the validation (else test) set every N epochs
+    corruptions: list[str] = field(default_factory=lambda: ["all"])  # all | benchmark | none | explicit names
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corrupted_root: Optional[str] = None  # where the -C set lives (default: <data.root>/<dataset>-C)
+    generate_corrupted: bool = True  # build the -C set locally when it is missing
+    grad_samples: int = 1000  # samples per set used for the input-gradient diversity metric (0 = off)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when logged in, else offline
+    project: str = "forde"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    name: Optional[str] = None  # run directory name; default: <dataset>-<method>-M<size>-seed<seed>
+    resume: bool = True  # continue from the run directory's last checkpoint when there is one
+    progress: bool = True  # per-epoch progress bar
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    ensemble_size: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast needs CUDA
+    channels_last: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+BUILTIN_CONFIGS = "configs"
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("forde").joinpath(BUILTIN_CONFIGS).iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> DictConfig:
+    path = Path(source)
+    if not path.exists() and not str(source).endswith((".yaml", ".yml")):
+        builtin = resources.files("forde").joinpath(BUILTIN_CONFIGS, f"{source}.yaml")
+        if builtin.is_file():
+            return OmegaConf.create(builtin.read_text())
+        raise ConfigError(
+            f"config '{source}' is neither a file nor a built-in config; built-ins: {', '.join(builtin_config_names())}"
+        )
+    if not path.exists():
+        raise ConfigError(f"config file '{source}' does not exist")
+    return OmegaConf.load(path)
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            keys.extend(_all_keys(value, key + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        known = _all_keys(TrainConfig())
+        leaf = key.split(".")[-1]
+        guess = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(
+            leaf, [k.split(".")[-1] for k in known], n=1
+        )
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        return f"unknown config key '{key}'{hint} (`forde config` prints every key)"
+    if isinstance(err, ValidationError):
+        return f"bad value for '{key}': {str(err).splitlines()[0]}"
+    return f"config error at '{key}': {str(err).splitlines()[0]}"
+
+
+def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]) -> DictConfig:
+    """Schema <- base <- layers (dicts, DictConfigs or dotted `key=value` lists), type-checked."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, base or {})
+        for layer in layers:
+            if isinstance(layer, list):
+                layer = OmegaConf.from_dotlist(layer)
+            merged = OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    return merged
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file or built-in config name, apply overrides, validate, return the typed config."""
+    base = _read_yaml(source) if source is not None else None
+    return to_train_config(merge(base, overrides or []))
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    try:
+        OmegaConf.resolve(cfg)
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {rule}; {fix}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    from forde.data.corruption_names import CORRUPTIONS  # names only: cheap, no image libraries
+
+    m, o, d, e = cfg.method, cfg.optim, cfg.data, cfg.eval
+    _check(cfg.ensemble_size >= 1, "ensemble_size", cfg.ensemble_size, "must be at least 1", "set ensemble_size=10 (the paper's size)")
+    _check(0.0 <= m.alpha <= 1.0, "method.alpha", m.alpha, "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)", "set e.g. method.alpha=0.4")
+    _check(m.bandwidth_scale > 0, "method.bandwidth_scale", m.bandwidth_scale, "must be positive", "set method.bandwidth_scale=1.0")
+    _check(m.bandwidth is None or m.bandwidth > 0, "method.bandwidth", m.bandwidth, "must be positive or null (median heuristic)", "set method.bandwidth=null")
+    _check(m.eps > 0, "method.eps", m.eps, "must be positive", "set method.eps=1e-12")
+    _check(m.pca_rank is None or m.pca_rank >= 1, "method.pca_rank", m.pca_rank, "must be at least 1 or null (all directions)", "set method.pca_rank=null")
+    if m.name == "forde" and m.bandwidth is None:
+        _check(cfg.ensemble_size >= 2, "ensemble_size", cfg.ensemble_size,
+               "FoRDE's median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
+               "set ensemble_size>=2, or a fixed method.bandwidth")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")
+    _check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0", "set optim.momentum=0.9 or optim.nesterov=false")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be non-negative", "set optim.weight_decay=5e-4")
+    _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "must be at least 1", "set optim.batch_size=128")
+    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be at least 1", "set optim.epochs=300")
+    _check(0 < o.lr_ratio <= 1, "optim.lr_ratio", o.lr_ratio, "must lie in (0, 1]", "set optim.lr_ratio=0.01")
+    _check(0 <= o.decay_start <= o.decay_end <= 1, "optim.decay_start/decay_end", (o.decay_start, o.decay_end),
+           "need 0 <= decay_start <= decay_end <= 1", "set optim.decay_start=0.5 optim.decay_end=0.9")
+    _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs, "must lie in [0, epochs)", "set optim.warmup_epochs=0")
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in [0, 1)", "set data.val_fraction=0.1")
+    _check(cfg.model.width >= 1, "model.width", cfg.model.width, "must be at least 1", "set model.width=64")
+    _check(all(h >= 1 for h in cfg.model.hidden) and len(cfg.model.hidden) >= 1, "model.hidden", cfg.model.hidden,
+           "needs at least one positive layer size", "set model.hidden=[128,128,128]")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1", "set eval.batch_size=1000")
+    _check(e.every >= 1, "eval.every", e.every, "must be at least 1", "set eval.every=1")
+    _check(e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000")
+    _check(len(e.severities) >= 1 and all(1 <= s <= 5 for s in e.severities), "eval.severities", e.severities,
+           "must be a non-empty list of values in 1..5", "set eval.severities=[1,2,3,4,5]")
+    unknown = [c for c in e.corruptions if c not in CORRUPTIONS and c not in CORRUPTION_SELECTIONS]
+    _check(not unknown, "eval.corruptions", e.corruptions,
+           f"unknown corruption(s) {unknown}", f"use all, benchmark, none or names from {', '.join(CORRUPTIONS)}")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
+           "must be auto, cpu, cuda or cuda:N", "set device=auto")
+    _check(cfg.precision == "fp32" or cfg.device != "cpu", "precision", cfg.precision,
+           "bf16 autocast is for CUDA devices", "set precision=fp32 on the CPU")
