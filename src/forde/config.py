@@ -37,7 +37,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["mlp", "resnet18", "preact_resnet18", "wrn16_4"] = "mlp"
-    width: int = 64  # base channel width of the ResNets (64 = ResNet18; 16 = the small ResNet of the benchmarks)
+    width: int = 64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
 
 
@@ -50,7 +50,6 @@ class MethodConfig:
     median: Literal["all_pairs", "per_column"] = "all_pairs"  # which distances the median heuristic uses
     eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
     grad_target: Literal["logit", "log_prob"] = "logit"  # which true-class output is differentiated w.r.t. x
-    pca_rank: Optional[int] = None  # keep only the top-k principal directions (None = all D)
 
 
 @dataclass
@@ -211,7 +210,6 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.bandwidth_scale > 0, "method.bandwidth_scale", m.bandwidth_scale, "must be positive", "set method.bandwidth_scale=1.0")
     _check(m.bandwidth is None or m.bandwidth > 0, "method.bandwidth", m.bandwidth, "must be positive or null (median heuristic)", "set method.bandwidth=null")
     _check(m.eps > 0, "method.eps", m.eps, "must be positive", "set method.eps=1e-12")
-    _check(m.pca_rank is None or m.pca_rank >= 1, "method.pca_rank", m.pca_rank, "must be at least 1 or null (all directions)", "set method.pca_rank=null")
     if m.name == "forde" and m.bandwidth is None:
         _check(cfg.ensemble_size >= 2, "ensemble_size", cfg.ensemble_size,
                "FoRDE's median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",

@@ -1,0 +1,28 @@
+"""Training methods: the only thing that differs between deep ensembles, FoRDE and the baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from forde.config import TrainConfig
+from forde.data.base import Dataset
+from forde.data.pca import cached_pca
+from forde.kernels import projection
+from forde.methods.base import Method
+from forde.methods.de import DeepEnsemble
+from forde.methods.forde import FoRDE
+
+
+def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Method:
+    m = cfg.method
+    if m.name == "de":
+        return DeepEnsemble()
+    if m.name == "forde":
+        proj = None
+        if m.alpha > 0:
+            pca = cached_pca(dataset.train.inputs, dataset.mean, dataset.std, Path(cfg.data.root) / "pca", dataset.name)
+            proj = projection(pca.eigenvectors, pca.eigenvalues, m.alpha).to(device=device, dtype=torch.float32)
+        return FoRDE(m, proj)
+    raise ValueError(f"method.name = {m.name!r}: unknown method")

@@ -1,0 +1,25 @@
+"""What a training method is: a loss on (ensemble, batch). Everything else is the shared loop."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from forde.ensemble import Ensemble
+
+
+class Method(Protocol):
+    name: str
+
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns (loss to minimise, member logits [M, B, C], detached statistics for logging)."""
+        ...
+
+
+def ensemble_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum over members of each member's mean cross-entropy: each member gets its own gradient, unscaled."""
+    m, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(m * b, c), y.repeat(m), reduction="sum") / b

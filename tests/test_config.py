@@ -1,0 +1,62 @@
+"""Bad configs fail before training, with a message that names the field and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from forde.cli import main
+from forde.config import ConfigError, builtin_config_names, load_config
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.alpah=0.4", r"unknown config key 'method.alpah'; did you mean 'method.alpha'"),
+    ("ensemble_size=-2", r"ensemble_size = -2: must be at least 1"),
+    ("method.alpha=1.5", r"method.alpha = 1.5: must lie in \[0, 1\]"),
+    ("method.alpha=-0.1", r"method.alpha = -0.1"),
+    ("optim.lr=fast", r"bad value for 'optim.lr'"),
+    ("model.name=vgg", r"bad value for 'model.name'.*expected one of"),
+    ("method.grad_target=loss", r"method.grad_target"),
+    ("eval.corruptions=[fog,rain]", r"unknown corruption\(s\) \['rain'\]"),
+    ("eval.severities=[0]", r"eval.severities"),
+    ("ensemble_size=1", r"needs at least 2 members"),
+    ("optim.decay_start=0.95", r"decay_start"),
+    ("data.val_fraction=1.0", r"data.val_fraction"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("quickstart", [override])
+
+
+def test_fixed_bandwidth_allows_a_single_member_and_de_needs_no_bandwidth():
+    assert load_config("quickstart", ["ensemble_size=1", "method.bandwidth=0.5"]).ensemble_size == 1
+    assert load_config("quickstart", ["ensemble_size=1", "method.name=de"]).method.name == "de"
+
+
+def test_unknown_config_name_lists_builtins(tmp_path):
+    with pytest.raises(ConfigError, match="built-in"):
+        load_config("no_such_config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.lrr.*optim.lr"):
+        load_config(bad)
+
+
+def test_builtin_configs_all_validate():
+    names = builtin_config_names()
+    assert "quickstart" in names
+    for name in names:
+        load_config(name)
+
+
+def test_cli_reports_config_errors_before_training(tmp_path, capsys):
+    code = main(["train", "quickstart", "method.alpha=7", f"run.out_dir={tmp_path}"])
+    assert code == 2
+    assert "method.alpha = 7.0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_console_script_prints_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "forde.cli", "config", "quickstart", "method.alpha=0.2"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "alpha: 0.2" in out and "ensemble_size: 5" in out

@@ -1,0 +1,48 @@
+"""Model shapes and the ensemble's input gradients against a per-member loop."""
+
+import pytest
+import torch
+
+from forde.config import ModelConfig
+from forde.ensemble import build_ensemble
+from forde.models import build_model
+
+
+@pytest.mark.parametrize("name,shape,width", [("resnet18", (3, 32, 32), 8), ("preact_resnet18", (3, 64, 64), 8),
+                                              ("wrn16_4", (3, 32, 32), 16), ("mlp", (1, 8, 8), 64)])
+def test_models_map_images_to_logits(name, shape, width):
+    model = build_model(ModelConfig(name=name, width=width, hidden=[16]), shape, 7)
+    assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+def test_paper_sized_resnet18_has_the_usual_parameter_count():
+    n = sum(p.numel() for p in build_model(ModelConfig(name="resnet18"), (3, 32, 32), 10).parameters())
+    assert 11_100_000 < n < 11_200_000  # ResNet18 for CIFAR-10: ~11.17M
+
+
+def test_wrn16_4_has_the_usual_parameter_count():
+    n = sum(p.numel() for p in build_model(ModelConfig(name="wrn16_4"), (3, 32, 32), 10).parameters())
+    assert 2_700_000 < n < 2_800_000  # WRN-16-4: ~2.75M
+
+
+def test_members_are_independent_draws_reproducible_from_one_seed():
+    cfg = ModelConfig(name="mlp", hidden=[8])
+    a = build_ensemble(cfg, 3, (4,), 2, seed=5)
+    b = build_ensemble(cfg, 3, (4,), 2, seed=5)
+    w = [m.net[1].weight for m in a.members]
+    assert not torch.equal(w[0], w[1])
+    assert all(torch.equal(x, y.net[1].weight) for x, y in zip(w, b.members))
+
+
+@pytest.mark.parametrize("target", ["logit", "log_prob"])
+def test_input_gradients_match_a_per_member_loop(target):
+    ens = build_ensemble(ModelConfig(name="resnet18", width=4), 3, (3, 8, 8), 5, seed=0).train()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 4, 2, 2])
+    logits, grads = ens.input_gradients(x, y, target)
+    assert logits.shape == (3, 4, 5) and grads.shape == (3, 4, 3 * 8 * 8) and grads.requires_grad
+    for i, member in enumerate(ens.members):
+        xi = x.clone().requires_grad_(True)
+        out = member(xi)
+        out = out.log_softmax(-1) if target == "log_prob" else out
+        (g,) = torch.autograd.grad(out.gather(1, y[:, None]).sum(), xi)
+        torch.testing.assert_close(grads[i], g.flatten(1), rtol=1e-5, atol=1e-6)
