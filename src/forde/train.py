@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
 from forde.data.base import Dataset, Split
+from forde.data.corrupted import corrupted_sets as configured_corrupted_sets, prepare_corrupted
 from forde.data.pipeline import DeviceLoader
 from forde.data.registry import load_dataset
 from forde.ensemble import Ensemble, build_ensemble
@@ -137,6 +138,9 @@ class Trainer:
         self.s, self.cfg, self.run_dir = setup, setup.cfg, run_dir
         self.callbacks = list(callbacks)
         o = self.cfg.optim
+        if o.batch_size > len(setup.dataset.train):
+            raise ConfigError(f"optim.batch_size = {o.batch_size} exceeds the {len(setup.dataset.train)} training samples "
+                              f"of {setup.dataset.name}; lower optim.batch_size")
         self.optimizer = torch.optim.SGD(setup.ensemble.parameters(), lr=o.lr, momentum=o.momentum,
                                          nesterov=o.nesterov, weight_decay=o.weight_decay)
         self.loader = DeviceLoader(setup.dataset.train, o.batch_size, setup.dataset.mean, setup.dataset.std,
@@ -226,22 +230,28 @@ def _brief(metrics: dict) -> str:
 CorruptedSets = Callable[[Setup], Iterable[tuple[str, int, Split]]]
 
 
-def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets | None = None) -> dict:
-    """Clean test metrics and, when the config asks for corruptions, every corruption x severity."""
-    clean = evaluate_split(setup.ensemble, setup.dataset.test, setup.eval_ctx)
-    results: dict[str, Any] = {"test": clean}
-    if corrupted_sets is not None:
-        sets = list(corrupted_sets(setup))
-        if sets:
-            bar = lambda it: tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
-            results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
+def default_corrupted_sets(setup: Setup) -> Iterable[tuple[str, int, Split]]:
+    """The corrupted sets `eval.corruptions` x `eval.severities` asks for (see forde.data.corrupted)."""
+    return configured_corrupted_sets(setup.cfg, setup.dataset)
+
+
+def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corrupted_sets) -> dict:
+    """Clean test (and validation) metrics and every corruption x severity the config asks for."""
+    results: dict[str, Any] = {"test": evaluate_split(setup.ensemble, setup.dataset.test, setup.eval_ctx)}
+    if setup.dataset.val is not None:
+        results["val"] = evaluate_split(setup.ensemble, setup.dataset.val, setup.eval_ctx)
+    sets = list(corrupted_sets(setup))
+    if sets:
+        bar = lambda it: tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
+        results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
     results["summary"] = flat_summary(results)
     return results
 
 
 def flat_summary(results: dict) -> dict:
     """The headline numbers under flat keys: what sweeps optimise and trackers show."""
-    out = {f"test/{k}": v for k, v in results["test"].items() if not isinstance(v, list)}
+    out = {f"{split}/{k}": v for split in ("test", "val") for k, v in results.get(split, {}).items()
+           if not isinstance(v, list)}
     for group, vals in results.get("corrupted", {}).get("summary", {}).items():
         prefix = "corrupted" if group == "all" else f"corrupted/{group}"
         out.update({f"{prefix}/{k}": v for k, v in vals.items()})
@@ -268,13 +278,18 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: CorruptedSets | None = None) -> dict:
-    """Train (or resume) the run that `cfg` describes, evaluate it, write results.json, return the results."""
+    """Train (or resume) the run that `cfg` describes, evaluate it, write results.json, return the results.
+
+    `corrupted_sets` replaces the configured corrupted test sets (None: build missing ones before training)."""
     run_dir = prepare_run_dir(cfg)
     if (run_dir / RESULTS).exists():
         log.info("%s is complete; reading its results", run_dir)
         return json.loads((run_dir / RESULTS).read_text())
     torch.manual_seed(cfg.seed)
     setup = build(cfg)
+    if corrupted_sets is None:
+        prepare_corrupted(cfg, setup.dataset)  # a missing -C set fails (or is built) before any training
+        corrupted_sets = default_corrupted_sets
     trainer = Trainer(setup, run_dir, callbacks)
     if (run_dir / CHECKPOINT).exists():
         trainer.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location=setup.device, weights_only=False))
@@ -304,8 +319,7 @@ def _brief_summary(summary: dict) -> str:
 EVAL_OVERRIDABLE = ("eval.", "device", "precision", "run.progress", "data.root")
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS,
-                 corrupted_sets: CorruptedSets | None = None) -> dict:
+def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS) -> dict:
     """Re-evaluate a run directory's checkpoint (e.g. on more corruptions) and write `out_name` there."""
     from forde.config import load_config
 
@@ -319,9 +333,10 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     setup = build(cfg)
     state = torch.load(run_dir / CHECKPOINT, map_location=setup.device, weights_only=False)
     setup.ensemble.load_state_dict(state["ensemble"])
+    prepare_corrupted(cfg, setup.dataset)
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
                "ensemble_size": cfg.ensemble_size, "epochs": state["epoch"],
-               **final_evaluation(setup, corrupted_sets)}
+               **final_evaluation(setup)}
     write_atomic(run_dir / out_name, to_json(results))
     log.info("wrote %s: %s", run_dir / out_name, _brief_summary(results["summary"]))
     return results

@@ -1,0 +1,314 @@
+"""A study file: base training config, search space, objectives, sampler, pruner, budget.
+
+    name: forde_cifar10
+    base: cifar10                      # built-in config name or a YAML path (relative to this file)
+    config: {optim: {epochs: 300}}     # overrides on top of the base
+    n_trials: 40
+    objectives: [{metric: val/nll, direction: minimize}]
+    sampler: {name: tpe, seed: 0}
+    pruner: {name: median, n_startup_trials: 5, n_warmup_steps: 30}
+    search_space:
+      ensemble_size: {choices: [5, 10]}                  # categorical
+      method.alpha: {low: 0.0, high: 1.0}                # float (int when both bounds are ints)
+      optim.lr: {low: 0.02, high: 0.2, log: true}
+      method.bandwidth_scale: {low: 0.25, high: 4.0, log: true, when: {method.name: forde}}
+      method.name: forde                                 # fixed value
+    grid:                                                # optional: trials enqueued in this order
+      - {method.name: [forde], method.alpha: [0.0, 0.4, 1.0], seed: [0, 1, 2]}
+
+Everything is checked here, before any training: every key must exist in the training config,
+every range must be non-empty, every grid point must be valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import OmegaConf
+
+from forde.config import ConfigError, TrainConfig, load_config, merge, to_train_config
+
+SAMPLERS = ("tpe", "random", "nsga2", "grid")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+DIRECTIONS = ("minimize", "maximize")
+
+
+class StudyError(ConfigError):
+    """A bad study file; raised before any trial starts."""
+
+
+@dataclass
+class Param:
+    key: str
+    kind: str  # float | int | categorical | fixed
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] = field(default_factory=list)
+    value: Any = None
+    when: dict[str, Any] = field(default_factory=dict)
+
+    def active(self, chosen: dict[str, Any]) -> bool:
+        return all(chosen.get(k) == v for k, v in self.when.items())
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.key, self.choices)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what a trial can get: both ends of a range, every choice."""
+        if self.kind == "fixed":
+            return [self.value]
+        if self.kind == "categorical":
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+
+    def representative(self) -> Any:
+        return self.extremes()[0]
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "fixed":
+            return value == self.value
+        if self.kind == "categorical":
+            return value in self.choices
+        return self.low <= value <= self.high
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path | None
+    base: Any  # DictConfig: base config + study overrides
+    params: list[Param]
+    objectives: list[Objective]
+    n_trials: int
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    grid: list[dict[str, Any]]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Sampled (or enqueued) values for every active key, conditions resolved in file order."""
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(chosen):
+                chosen[p.key] = p.suggest(trial)
+        return chosen
+
+    def trial_config(self, params: dict[str, Any], extra: list[str] | None = None) -> TrainConfig:
+        dotted = [f"{k}={_yaml_value(v)}" for k, v in params.items()]
+        return to_train_config(merge(self.base, dotted, extra or []))
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        kw = {k: v for k, v in self.sampler.items() if k != "name"}
+        name = self.sampler.get("name", "tpe")
+        if name == "tpe":
+            return optuna.samplers.TPESampler(**kw)
+        if name == "random":
+            return optuna.samplers.RandomSampler(**kw)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(**kw)
+        # grid: every trial comes from the study's `grid` (enqueued); the fallback sampler is never consulted
+        return optuna.samplers.RandomSampler(**kw)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        kw = {k: v for k, v in self.pruner.items() if k not in ("name", "metric")}
+        name = self.pruner.get("name", "none")
+        if name == "none" or self.multi_objective:
+            return optuna.pruners.NopPruner()
+        if name == "median":
+            return optuna.pruners.MedianPruner(**kw)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(**kw)
+        return optuna.pruners.SuccessiveHalvingPruner(**kw)
+
+    @property
+    def prune_metric(self) -> str | None:
+        """The per-epoch metric reported to the pruner (same direction as the objective)."""
+        if self.multi_objective or self.pruner.get("name", "none") == "none":
+            return None
+        return self.pruner.get("metric", self.objectives[0].metric)
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, (list, dict)):
+        return OmegaConf.to_yaml(OmegaConf.create({"v": v})).split(":", 1)[1].strip().replace("\n", " ")
+    if v is None:
+        return "null"
+    return str(v)
+
+
+def _fail(study: str, msg: str) -> None:
+    raise StudyError(f"study '{study}': {msg}")
+
+
+def _parse_param(study: str, key: str, spec: Any) -> Param:
+    if not isinstance(spec, dict):
+        return Param(key, "fixed", value=spec)
+    spec = dict(spec)
+    when = spec.pop("when", {}) or {}
+    allowed = {"low", "high", "log", "step", "choices", "value", "type"}
+    unknown = set(spec) - allowed
+    if unknown:
+        _fail(study, f"search_space.{key}: unknown field(s) {sorted(unknown)}; use low/high/log/step, choices, or value")
+    if "value" in spec:
+        return Param(key, "fixed", value=spec["value"], when=when)
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            _fail(study, f"search_space.{key}: choices must be a non-empty list")
+        return Param(key, "categorical", choices=list(spec["choices"]), when=when)
+    if "low" not in spec or "high" not in spec:
+        _fail(study, f"search_space.{key}: give low and high, or choices, or value")
+    low, high = spec["low"], spec["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        _fail(study, f"search_space.{key}: low and high must be numbers, got {low!r} and {high!r}")
+    if not (low < high) or not math.isfinite(low) or not math.isfinite(high):
+        _fail(study, f"search_space.{key}: empty range [{low}, {high}]; need low < high")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        _fail(study, f"search_space.{key}: a log range needs low > 0, got {low}")
+    kind = spec.get("type") or ("int" if isinstance(low, int) and isinstance(high, int) else "float")
+    if kind not in ("int", "float"):
+        _fail(study, f"search_space.{key}: type must be int or float, got {kind!r}")
+    return Param(key, kind, low=low, high=high, log=log, step=spec.get("step"), when=when)
+
+
+def _expand_grid(study: str, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    points = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or not block:
+            _fail(study, f"grid[{i}] must be a non-empty mapping of key -> list of values")
+        keys = list(block)
+        values = [v if isinstance(v, list) else [v] for v in block.values()]
+        if any(not v for v in values):
+            _fail(study, f"grid[{i}]: every key needs at least one value")
+        points += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    return points
+
+
+def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
+    path = Path(source)
+    if not path.exists():
+        _fail(str(source), f"no study file at {path}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    name = raw.pop("name", path.stem)
+    known = {"base", "config", "n_trials", "objectives", "sampler", "pruner", "search_space", "grid", "description"}
+    unknown = set(raw) - known
+    if unknown:
+        _fail(name, f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    base_src = raw.get("base")
+    if base_src is not None:
+        local = path.parent / str(base_src)
+        base_src = local if local.exists() else base_src
+    try:
+        base = merge(load_config_dict(base_src), raw.get("config") or {}, overrides or [])
+    except ConfigError as err:
+        _fail(name, f"base config: {err}")
+
+    params = [_parse_param(name, k, v) for k, v in (raw.get("search_space") or {}).items()]
+    objectives = [Objective(o.get("metric"), o.get("direction")) for o in raw.get("objectives") or []]
+    if not objectives:
+        _fail(name, "objectives: give at least one {metric: ..., direction: minimize|maximize}")
+    for o in objectives:
+        if o.direction not in DIRECTIONS:
+            _fail(name, f"objective {o.metric}: direction must be minimize or maximize, got {o.direction!r}")
+    sampler = dict(raw.get("sampler") or {"name": "tpe"})
+    pruner = dict(raw.get("pruner") or {"name": "none"})
+    if sampler.get("name", "tpe") not in SAMPLERS:
+        _fail(name, f"sampler.name must be one of {SAMPLERS}, got {sampler.get('name')!r}")
+    if pruner.get("name", "none") not in PRUNERS:
+        _fail(name, f"pruner.name must be one of {PRUNERS}, got {pruner.get('name')!r}")
+    grid = _expand_grid(name, raw.get("grid") or [])
+    if sampler.get("name") == "grid" and not grid:
+        _fail(name, "sampler grid needs a `grid:` list of points")
+    n_trials = raw.get("n_trials", len(grid) or None)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        _fail(name, f"n_trials must be a positive integer, got {n_trials!r}")
+    study = Study(name, path, base, params, objectives, n_trials, sampler, pruner, grid)
+    check_study(study)
+    return study
+
+
+def load_config_dict(source):
+    """The base config as a DictConfig (None -> schema defaults)."""
+    if source is None:
+        return None
+    from forde.config import _read_yaml
+
+    return _read_yaml(source)
+
+
+def check_study(study: Study) -> None:
+    """Build the training config of a representative point and of every grid point: any bad key or
+    value, and any objective the config cannot produce, fails here."""
+    by_key = {p.key: p for p in study.params}
+    probe = {}
+    for p in study.params:
+        if all(probe.get(k, by_key[k].representative() if k in by_key else None) == v for k, v in p.when.items()):
+            probe[p.key] = p.representative()
+        for k, v in p.when.items():
+            if k not in by_key:
+                _fail(study.name, f"search_space.{p.key}: condition on '{k}', which is not in the search space")
+    for p in study.params:
+        for value in p.extremes():
+            try:
+                study.trial_config({**probe, p.key: value, **p.when})
+            except ConfigError as err:
+                _fail(study.name, f"search_space.{p.key}: {err}")
+    for point in study.grid:
+        for k, v in point.items():
+            if k not in by_key:
+                _fail(study.name, f"grid point {point}: '{k}' is not in the search space; add it there")
+            if not by_key[k].contains(v):
+                _fail(study.name, f"grid point {point}: {k}={v!r} is outside its search-space range")
+        try:
+            study.trial_config(point)
+        except ConfigError as err:
+            _fail(study.name, f"grid point {point}: {err}")
+    cfg = study.trial_config(probe)
+    for o in study.objectives:
+        _check_metric(study.name, o.metric, cfg)
+    if study.prune_metric:
+        _check_metric(study.name, study.prune_metric, cfg, per_epoch=True)
+
+
+def _check_metric(name: str, metric: str, cfg: TrainConfig, per_epoch: bool = False) -> None:
+    split, _, leaf = metric.partition("/")
+    leaves = ("accuracy", "nll", "ece", "epistemic", "grad_cosine_distance")
+    if split == "val" and cfg.data.val_fraction <= 0:
+        _fail(name, f"metric '{metric}' needs a validation split: set config.data.val_fraction (e.g. 0.1)")
+    if split == "corrupted":
+        if per_epoch:
+            _fail(name, f"pruner.metric '{metric}' is only known at the end; prune on a val/ or test/ metric")
+        if cfg.eval.corruptions == ["none"]:
+            _fail(name, f"metric '{metric}' needs corrupted evaluation, but eval.corruptions is [none]")
+        leaf = metric.rsplit("/", 1)[-1]
+    elif split not in ("val", "test"):
+        _fail(name, f"metric '{metric}' must start with val/, test/ or corrupted/")
+    if leaf not in leaves:
+        _fail(name, f"metric '{metric}': unknown metric '{leaf}'; known: {', '.join(leaves)}")
