@@ -117,7 +117,8 @@ def builtin_config_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("forde").joinpath(BUILTIN_CONFIGS).iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(source: str | Path) -> DictConfig:
+def read_config_yaml(source: str | Path) -> DictConfig:
+    """A YAML file, or a built-in config by name, as an untyped DictConfig."""
     path = Path(source)
     if not path.exists() and not str(source).endswith((".yaml", ".yml")):
         builtin = resources.files("forde").joinpath(BUILTIN_CONFIGS, f"{source}.yaml")
@@ -173,7 +174,7 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file or built-in config name, apply overrides, validate, return the typed config."""
-    base = _read_yaml(source) if source is not None else None
+    base = read_config_yaml(source) if source is not None else None
     return to_train_config(merge(base, overrides or []))
 
 

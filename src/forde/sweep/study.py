@@ -31,7 +31,7 @@ from typing import Any
 import optuna
 from omegaconf import OmegaConf
 
-from forde.config import ConfigError, TrainConfig, load_config, merge, to_train_config
+from forde.config import ConfigError, TrainConfig, merge, read_config_yaml, to_train_config
 
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -226,7 +226,7 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
         local = path.parent / str(base_src)
         base_src = local if local.exists() else base_src
     try:
-        base = merge(load_config_dict(base_src), raw.get("config") or {}, overrides or [])
+        base = merge(read_config_yaml(base_src) if base_src is not None else None, raw.get("config") or {}, overrides or [])
     except ConfigError as err:
         _fail(name, f"base config: {err}")
 
@@ -252,15 +252,6 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     study = Study(name, path, base, params, objectives, n_trials, sampler, pruner, grid)
     check_study(study)
     return study
-
-
-def load_config_dict(source):
-    """The base config as a DictConfig (None -> schema defaults)."""
-    if source is None:
-        return None
-    from forde.config import _read_yaml
-
-    return _read_yaml(source)
 
 
 def check_study(study: Study) -> None:

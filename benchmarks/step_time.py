@@ -1,0 +1,133 @@
+"""Training-step time of DE and FoRDE: same data, same members, same harness.
+
+    python benchmarks/step_time.py                       # CPU: small ResNet, M in {1, 4, 10}, batch 128
+    python benchmarks/step_time.py --device cuda --models resnet18,small_resnet
+
+Prints a table (median step time, images/s, FoRDE/DE ratio, peak CUDA memory) and writes it, with the
+machine, torch version, date and command, to benchmarks/results/step_time-<device>.md. DE and FoRDE
+steps are timed in alternation so that load from other processes hits both alike; on shared CPUs
+trust the ratio more than the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+
+from forde.config import MethodConfig, ModelConfig
+from forde.ensemble import build_ensemble
+from forde.kernels import projection
+from forde.methods.de import DeepEnsemble
+from forde.methods.forde import FoRDE
+
+MODELS = {"resnet18": ModelConfig(name="resnet18", width=64), "small_resnet": ModelConfig(name="resnet18", width=16)}
+
+
+def make_step(method, ensemble, x, y, optimizer, autocast):
+    def step():
+        with autocast():
+            loss, _, _ = method.loss(ensemble, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def measure(model: str, m: int, batch: int, device: torch.device, classes: int, min_run_time: float, bf16: bool,
+            channels_last: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    d = x[0].numel()
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    proj = projection(q, torch.rand(d, generator=g) * 3, 0.5).to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    methods = {
+        "de": DeepEnsemble(),
+        # one member has no median bandwidth (ln 1 = 0): time it with a fixed bandwidth
+        "forde": FoRDE(MethodConfig(name="forde", alpha=0.5, bandwidth=1.0 if m == 1 else None), proj),
+    }
+    steps, peaks = {}, {}
+    for name, method in methods.items():
+        ens = build_ensemble(MODELS[model], m, (3, 32, 32), classes, seed=0).to(device).train()
+        if channels_last:
+            ens = ens.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        steps[name] = make_step(method, ens, x, y, opt, autocast)
+        for _ in range(3):  # warm-up: allocator, kernels, autotuning
+            steps[name]()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            steps[name]()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+    times = {n: [] for n in steps}
+    for _ in range(3):  # alternate: DE, FoRDE, DE, FoRDE, ...
+        for name, step in steps.items():
+            t = benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
+            times[name].append(t.median)
+    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return {"model": model, "M": m, "batch": batch, "de_s": med["de"], "forde_s": med["forde"],
+            "ratio": med["forde"] / med["de"], "de_img_s": batch / med["de"], "forde_img_s": batch / med["forde"],
+            "de_peak_mib": peaks.get("de"), "forde_peak_mib": peaks.get("forde")}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return f"CPU {cpu} ({torch.get_num_threads()} threads), GPU {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | M | batch | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s | peak MiB DE / FoRDE |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        peak = f"{r['de_peak_mib']:.0f} / {r['forde_peak_mib']:.0f}" if r["de_peak_mib"] is not None else "n/a"
+        lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {1e3 * r['de_s']:.1f} | {1e3 * r['forde_s']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['de_img_s']:.0f} | {r['forde_img_s']:.0f} | {peak} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="small_resnet")
+    p.add_argument("--sizes", default="1,4,10")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--classes", type=int, default=100, help="100 = CIFAR-100 shapes")
+    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per timing block")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for model in args.models.split(","):
+        for m in map(int, args.sizes.split(",")):
+            rows.append(measure(model, m, args.batch, device, args.classes, args.min_run_time, args.bf16, args.channels_last))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    text = (f"# Step time, {device.type}\n\n{machine()}\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+            f"`python {' '.join(sys.argv)}`\n\n{table(rows)}\n")
+    print("\n" + table(rows))
+    out = args.out or Path(__file__).parent / "results" / f"step_time-{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
