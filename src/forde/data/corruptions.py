@@ -474,9 +474,14 @@ def _elastic_transform(x, params, rngs, spec):
     return _to_255(np.stack(channels, axis=-1))
 
 
+def pixelate_side(side: int, factor: float) -> int:
+    """Side of the intermediate image: int(H * factor) as the scripts, at least 1 pixel."""
+    return max(1, int(side * factor))
+
+
 def _pixelate(x, factor, rngs, spec):
     side = x.shape[1]
-    small = max(1, int(side * factor))
+    small = pixelate_side(side, factor)
     box = Image.Resampling.BOX
     return np.stack([np.asarray(Image.fromarray(img).resize((small, small), box).resize((side, side), box))
                      for img in x])
