@@ -357,6 +357,11 @@ def test_generation_resumes_without_redoing_work(tmp_path):
     for name in GEN_NAMES:
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), reference[name])
     assert all(os.stat(tmp_path / f"{n}.npy").st_mtime_ns == mtimes[n] for n in ("gaussian_noise", "contrast"))
+    # a run stopped while deleting the blocks of an assembled file
+    (tmp_path / "parts").mkdir()
+    np.save(tmp_path / "parts" / "frost_s1.npy", reference["frost"][:6])
+    report = generate_corrupted_set(images, labels, tmp_path, corruptions=["frost"], progress=False, workers=1)
+    assert report.written == [] and not (tmp_path / "parts").exists()
 
 
 def test_generation_same_seed_same_files_any_worker_count(tmp_path):
@@ -385,6 +390,13 @@ def test_folder_layout_written_and_read_back(tmp_path):
                            class_dirs=wnids, file_names=files, progress=False, workers=1)
     assert sorted(p.name for p in (tmp_path / "contrast").iterdir()) == ["2", "5"]
     assert (tmp_path / "contrast" / "2" / "n02" / "val_3.JPEG").is_file()
+    written = os.stat(tmp_path / "contrast" / "2" / "n02" / "val_3.JPEG").st_mtime_ns
+    (tmp_path / "contrast" / ".3.tmp" / "n01").mkdir(parents=True)  # an interrupted severity
+    report = generate_corrupted_set(images, labels, tmp_path, corruptions=["contrast"], severities=[2, 3, 5],
+                                    layout="folder", class_dirs=wnids, file_names=files, progress=False, workers=1)
+    assert report.written == [("contrast", 3)] and sorted(p.name for p in (tmp_path / "contrast").iterdir()) == [
+        "2", "3", "5"]
+    assert os.stat(tmp_path / "contrast" / "2" / "n02" / "val_3.JPEG").st_mtime_ns == written
     split = load_corrupted(tmp_path, "contrast", 2)
     expected = C.corrupt(images.permute(0, 2, 3, 1).numpy(), "contrast", 2, corruption_rng(0, "contrast", 2))
     order = [1, 4, 0, 3, 2, 5]  # sorted class dirs n01 (label 1), n02 (label 0), n03 (label 2)

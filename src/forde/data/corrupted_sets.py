@@ -198,8 +198,8 @@ def _prepare_npy(job: _Job, names: Sequence[str]) -> None:
     expected = (len(SEVERITIES) * n,) + job.images.shape[1:]
     for name in names:
         full = job.out_dir / f"{name}.npy"
-        if full.is_file() and np.load(full, mmap_mode="r").shape != expected:
-            raise ValueError(f"{full} has shape {np.load(full, mmap_mode='r').shape}, expected {expected}")
+        if full.is_file() and (shape := np.load(full, mmap_mode="r").shape) != expected:
+            raise ValueError(f"{full} has shape {shape}, expected {expected}")
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -211,12 +211,18 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def _assemble_npy(job: _Job, name: str) -> bool:
-    """Join the five severity blocks into `<name>.npy` (atomically) once all exist; drop the blocks."""
+    """Join the five severity blocks into `<name>.npy` (atomically) once all exist; drop the blocks.
+
+    Blocks next to an existing `<name>.npy` are left over from a run stopped while deleting them.
+    """
     parts = [part_path(job.out_dir, name, s) for s in SEVERITIES]
+    final = job.out_dir / f"{name}.npy"
+    if final.is_file():
+        _remove_parts(parts)
+        return False
     if not all(p.is_file() for p in parts):
         return False
     blocks = [np.load(p, mmap_mode="r") for p in parts]
-    final = job.out_dir / f"{name}.npy"
     tmp = final.with_name(final.name + ".tmp")
     n = len(blocks[0])
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(blocks) * n,) + blocks[0].shape[1:])
@@ -225,19 +231,22 @@ def _assemble_npy(job: _Job, name: str) -> bool:
     out.flush()
     del out, blocks
     os.replace(tmp, final)
-    for p in parts:
-        p.unlink()
-    if not any(parts[0].parent.iterdir()):
-        parts[0].parent.rmdir()
+    _remove_parts(parts)
     return True
+
+
+def _remove_parts(parts: list[Path]) -> None:
+    for p in parts:
+        p.unlink(missing_ok=True)
+    if parts[0].parent.is_dir() and not any(parts[0].parent.iterdir()):
+        parts[0].parent.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------- folder layout
 
 def _save_folder_atomic(job: _Job, images: np.ndarray, target: Path) -> None:
     """One severity's JPEGs, written under a temporary name and renamed into place when complete."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp")  # a stale one was removed by _remove_leftovers
     for label in np.unique(job.labels):
         (tmp / job.class_dirs[label]).mkdir(parents=True)
     for img, label, file_name in zip(images, job.labels, job.file_names):

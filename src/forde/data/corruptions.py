@@ -117,11 +117,6 @@ def default_table(side: int) -> str:
     return "cifar" if side <= 48 else "tiny"
 
 
-def corruption_params(name: str, severity: int, table: str):
-    """The published parameter(s) of one corruption at one severity."""
-    return TABLES[table].params[name][severity - 1]
-
-
 def corrupt(images: np.ndarray, name: str, severity: int, rng: np.random.Generator,
             table: str | None = None) -> np.ndarray:
     """Corrupt uint8 [N, H, W, C] images (C = 3, or 1: grey is corrupted as RGB and averaged back).
@@ -180,28 +175,28 @@ def _clipped_zoom(batch: np.ndarray, factor: float) -> np.ndarray:
     """The scripts' `clipped_zoom` on axes 1, 2 of a batch: centre crop of side ceil(H/factor), SciPy `zoom`
     order 1 back up (output side round(crop*factor), sample i at i*(crop-1)/(out-1)), centre-trimmed to H.
 
-    Bilinear interpolation is separable, so it runs as two 2-tap gathers instead of `ndimage.zoom` (same
-    values to float rounding, 20x faster on batches); computed in float64, returned in the input's dtype.
+    Bilinear interpolation is separable: it runs as W @ crop @ W.T with a 2-taps-per-row matrix W instead of
+    `ndimage.zoom` (same values up to float rounding, far faster on batches); float64 inside, as SciPy.
     """
     side = batch.shape[1]
     crop = int(np.ceil(side / factor))
     top = (side - crop) // 2
-    lo, hi, frac = _zoom_taps(crop, factor, side)
-    x = batch[:, top:top + crop, top:top + crop].astype(np.float64)
-    frac_rows = frac.reshape((1, side) + (1,) * (batch.ndim - 2))
-    x = x[:, lo] * (1 - frac_rows) + x[:, hi] * frac_rows
-    frac_cols = frac.reshape((1, 1, side) + (1,) * (batch.ndim - 3))
-    x = x[:, :, lo] * (1 - frac_cols) + x[:, :, hi] * frac_cols
-    return x.astype(batch.dtype)
+    weights = _zoom_matrix(crop, factor, side)
+    x = np.moveaxis(batch[:, top:top + crop, top:top + crop].astype(np.float64), (1, 2), (-2, -1))
+    return np.moveaxis(weights @ x @ weights.T, (-2, -1), (1, 2)).astype(batch.dtype)
 
 
-def _zoom_taps(crop: int, factor: float, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of the `side` output samples kept after the centre trim."""
+def _zoom_matrix(crop: int, factor: float, side: int) -> np.ndarray:
+    """[side, crop] linear-interpolation weights of the output samples kept after the centre trim."""
     out = int(round(crop * factor))
     trim = (out - side) // 2
     coords = np.arange(trim, trim + side) * ((crop - 1) / (out - 1))
     lo = np.minimum(np.floor(coords).astype(int), crop - 1)
-    return lo, np.minimum(lo + 1, crop - 1), coords - lo
+    rows = np.arange(side)
+    weights = np.zeros((side, crop))
+    np.add.at(weights, (rows, lo), 1 - (coords - lo))
+    np.add.at(weights, (rows, np.minimum(lo + 1, crop - 1)), coords - lo)
+    return weights
 
 
 def motion_blur_taps(radius: float) -> int:
