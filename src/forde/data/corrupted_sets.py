@@ -75,7 +75,8 @@ def generate_corrupted_set(split_images, labels, out_dir, *, table: str | None =
     """Write a -C set for uint8 [N, C, H, W] images (torch or NumPy) and their labels; see the module docstring.
 
     `class_dirs[label]` and `file_names[i]` name the folder layout's paths (default: zero-padded class index and
-    running index). `workers` processes share the jobs (default: CPU count; 1 runs in this process).
+    running index). `workers` processes share the jobs (default: CPU count; 1 runs in this process); they are
+    spawned, so a calling script needs the usual `if __name__ == "__main__":` guard.
     """
     started = time.perf_counter()
     job = _make_job(split_images, labels, out_dir, table, seed, layout, class_dirs, file_names)
@@ -87,12 +88,10 @@ def generate_corrupted_set(split_images, labels, out_dir, *, table: str | None =
     _remove_leftovers(job.out_dir)
     if layout == "npy":
         _prepare_npy(job, names)
-    report = GenerationReport(job.out_dir, layout)
-    pending = []
-    for task in [(name, s) for name in names for s in severities]:
-        (report.skipped if _is_done(job, *task) else pending).append(task)
+    tasks = [(name, s) for name in names for s in severities]
+    pending = [task for task in tasks if not _is_done(job, *task)]
+    report = GenerationReport(job.out_dir, layout, written=pending, skipped=[t for t in tasks if t not in pending])
     _run_jobs(job, pending, workers or os.cpu_count() or 1, progress, len(report.skipped))
-    report.written = pending
     if layout == "npy":
         report.assembled = [name for name in names if _assemble_npy(job, name)]
     report.seconds = time.perf_counter() - started
@@ -168,7 +167,10 @@ def _run_job(job: _Job, name: str, severity: int) -> None:
 def _remove_leftovers(out_dir: Path) -> None:
     """Temporary files and folders of an interrupted run (every output is renamed into place when complete)."""
     for path in [*out_dir.glob("*.tmp"), *out_dir.glob(f"{PARTS_DIR}/*.tmp"), *out_dir.glob("*/.*.tmp")]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _is_done(job: _Job, name: str, severity: int) -> bool:
