@@ -1,4 +1,4 @@
-"""The 19 common corruptions of Hendrycks & Dietterich (ICLR 2019), as CIFAR-10-C / CIFAR-100-C / Tiny-ImageNet-C made them.
+"""The 19 common corruptions of Hendrycks & Dietterich (ICLR 2019), as CIFAR-10-C / -100-C / Tiny-ImageNet-C made them.
 
 Each function follows the published generation scripts step by step (same operations, same libraries where they
 still exist, same float types, the truncating uint8 cast at the end), with the published per-severity parameters
@@ -121,8 +121,9 @@ def corrupt(images: np.ndarray, name: str, severity: int, rng: np.random.Generat
             table: str | None = None) -> np.ndarray:
     """Corrupt uint8 [N, H, W, C] images (C = 3, or 1: grey is corrupted as RGB and averaged back).
 
-    `table` is "cifar" or "tiny"; None picks by side (see `default_table`). Returns uint8 of the input's shape,
-    cast by truncation as the release did. Deterministic given `rng` (see the module docstring).
+    `table` is "cifar" or "tiny"; None picks by side (see `default_table`); sides other than the table's follow
+    the rule in the module docstring. Returns uint8 of the input's shape, cast by truncation as the release did.
+    Deterministic given `rng`; each image draws from its own child generator.
     """
     images = np.asarray(images)
     _check_request(images, name, severity, table)
