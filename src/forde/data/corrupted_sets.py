@@ -1,0 +1,329 @@
+"""Corrupted test sets on disk, in the official layouts, so one loader serves released and regenerated sets.
+
+Layouts:
+- "npy" (CIFAR-10-C / CIFAR-100-C): `<root>/<name>.npy`, uint8 (5N, H, W, C), rows (s-1)*N .. s*N-1 = severity s,
+  plus `<root>/labels.npy` (5N,) = the labels repeated 5 times (uint8 when they fit, as released).
+- "folder" (Tiny-ImageNet-C): `<root>/<name>/<severity>/<class dir>/<file>.JPEG`, written by PIL at quality 85
+  with optimize=True (so every image, jpeg_compression included, is JPEG-encoded once more, as released).
+
+Generation works in (corruption, severity) jobs. Each job draws from its own generator, seeded by
+(seed, corruption, severity), so its output does not depend on job order, on worker count or on what already
+exists. Each job's output appears atomically (temporary name, then rename), so an interrupted run resumes by
+skipping finished jobs. In the npy layout a job's block goes to `<root>/parts/<name>_s<k>.npy` and the five blocks
+are joined into `<name>.npy` once all exist; asking for some severities only leaves their blocks in `parts/`,
+which the loader (`forde.data.corrupted_loader`) reads as well.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from forde.data.corruption_names import CORRUPTIONS, SEVERITIES, select
+from forde.data.corruptions import corrupt, default_table
+
+LAYOUTS = ("npy", "folder")
+LABELS_FILE = "labels.npy"
+PARTS_DIR = "parts"
+JPEG_QUALITY = 85
+
+
+def corruption_rng(seed: int, name: str, severity: int) -> np.random.Generator:
+    """The generator one (corruption, severity) job draws from."""
+    return np.random.default_rng([seed, CORRUPTIONS.index(name), severity])
+
+
+@dataclass
+class GenerationReport:
+    out_dir: Path
+    layout: str
+    written: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, int]] = field(default_factory=list)  # already on disk
+    assembled: list[str] = field(default_factory=list)  # npy files completed by this run
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs to produce one (corruption, severity) output."""
+
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]
+    out_dir: Path
+    table: str
+    seed: int
+    layout: str
+    class_dirs: tuple[str, ...]
+    file_names: tuple[str, ...]
+
+
+def generate_corrupted_set(split_images, labels, out_dir, *, table: str | None = None, seed: int = 0,
+                           corruptions: Iterable[str] = CORRUPTIONS, severities: Iterable[int] = SEVERITIES,
+                           layout: str = "npy", progress: bool = True, class_dirs: Sequence[str] | None = None,
+                           file_names: Sequence[str] | None = None, workers: int | None = None) -> GenerationReport:
+    """Write a -C set for uint8 [N, C, H, W] images (torch or NumPy) and their labels; see the module docstring.
+
+    `class_dirs[label]` and `file_names[i]` name the folder layout's paths (default: zero-padded class index and
+    running index). `workers` processes share the jobs (default: CPU count; 1 runs in this process); they are
+    spawned, so a calling script needs the usual `if __name__ == "__main__":` guard.
+    """
+    started = time.perf_counter()
+    job = _make_job(split_images, labels, out_dir, table, seed, layout, class_dirs, file_names)
+    names = select(list(corruptions))
+    severities = sorted(set(severities))
+    if not set(severities) <= set(SEVERITIES):
+        raise ValueError(f"severities must be among {SEVERITIES}, got {severities}")
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(job.out_dir)
+    if layout == "npy":
+        _prepare_npy(job, names)
+    tasks = [(name, s) for name in names for s in severities]
+    pending = [task for task in tasks if not _is_done(job, *task)]
+    report = GenerationReport(job.out_dir, layout, written=pending, skipped=[t for t in tasks if t not in pending])
+    _run_jobs(job, pending, workers or os.cpu_count() or 1, progress, len(report.skipped))
+    if layout == "npy":
+        report.assembled = [name for name in names if _assemble_npy(job, name)]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _make_job(split_images, labels, out_dir, table, seed, layout, class_dirs, file_names) -> _Job:
+    images = np.asarray(split_images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 [N, C, H, W] images with C = 1 or 3, got {images.dtype} {images.shape}")
+    images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape != (len(images),):
+        raise ValueError(f"{len(images)} images but labels of shape {labels.shape}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    class_dirs = tuple(class_dirs) if class_dirs is not None else _numbered(n_classes, "")
+    file_names = tuple(file_names) if file_names is not None else _numbered(len(images), ".JPEG")
+    if len(class_dirs) < n_classes or len(file_names) != len(images):
+        raise ValueError(f"need a class dir per class ({n_classes}) and a file name per image ({len(images)})")
+    return _Job(images, labels, Path(out_dir), table or default_table(images.shape[1]), seed, layout,
+                class_dirs, file_names)
+
+
+def _numbered(count: int, suffix: str) -> tuple[str, ...]:
+    """Zero-padded indices, so that sorted order is index order (the loader sorts)."""
+    width = len(str(max(count - 1, 0)))
+    return tuple(f"{i:0{width}d}{suffix}" for i in range(count))
+
+
+def _run_jobs(job: _Job, pending: list[tuple[str, int]], workers: int, progress: bool, done: int) -> None:
+    bar = tqdm(total=done + len(pending), initial=done, desc="corrupting", unit="job", disable=not progress)
+    with bar:
+        if min(workers, len(pending)) <= 1:
+            for name, severity in pending:
+                bar.set_postfix_str(f"{name} s{severity}")
+                _run_job(job, name, severity)
+                bar.update()
+            return
+        # spawn, not fork: a forked child can inherit OpenCV's/OpenMP's thread-pool locks held and hang
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(pending)), mp_context=context, initializer=_init_worker,
+                                 initargs=(job,)) as pool:
+            futures = [pool.submit(_pool_job, name, severity) for name, severity in pending]
+            for future in as_completed(futures):
+                name, severity = future.result()
+                bar.set_postfix_str(f"{name} s{severity} done")
+                bar.update()
+
+
+_WORKER_JOB: list[_Job] = []  # set once per worker process, so the images are sent once, not per task
+
+
+def _init_worker(job: _Job) -> None:
+    cv2.setNumThreads(1)  # the processes are the parallelism
+    _WORKER_JOB.append(job)
+
+
+def _pool_job(name: str, severity: int) -> tuple[str, int]:
+    _run_job(_WORKER_JOB[0], name, severity)
+    return name, severity
+
+
+def _run_job(job: _Job, name: str, severity: int) -> None:
+    out = corrupt(job.images, name, severity, corruption_rng(job.seed, name, severity), job.table)
+    if job.layout == "npy":
+        _save_npy_atomic(part_path(job.out_dir, name, severity), out)
+    else:
+        _save_folder_atomic(job, out, job.out_dir / name / str(severity))
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporary files and folders of an interrupted run (every output is renamed into place when complete)."""
+    for path in [*out_dir.glob("*.tmp"), *out_dir.glob(f"{PARTS_DIR}/*.tmp"), *out_dir.glob("*/.*.tmp")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _is_done(job: _Job, name: str, severity: int) -> bool:
+    if job.layout == "folder":
+        return (job.out_dir / name / str(severity)).is_dir()
+    return (job.out_dir / f"{name}.npy").is_file() or part_path(job.out_dir, name, severity).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- npy layout
+
+def part_path(root: Path, name: str, severity: int) -> Path:
+    """Where one severity block of the npy layout waits until all five exist."""
+    return root / PARTS_DIR / f"{name}_s{severity}.npy"
+
+
+def _prepare_npy(job: _Job, names: Sequence[str]) -> None:
+    """Write labels.npy, or check that the folder holds this very set (same labels, same array shapes)."""
+    n = len(job.labels)
+    labels = np.tile(job.labels, len(SEVERITIES))
+    if n and 0 <= labels.min() and labels.max() < 256:
+        labels = labels.astype(np.uint8)
+    path = job.out_dir / LABELS_FILE
+    if not path.is_file():
+        _save_npy_atomic(path, labels)
+    elif not np.array_equal(np.load(path), labels):
+        raise ValueError(f"{path} holds other labels: {job.out_dir} belongs to another set")
+    expected = (len(SEVERITIES) * n,) + job.images.shape[1:]
+    for name in names:
+        full = job.out_dir / f"{name}.npy"
+        if full.is_file() and (shape := np.load(full, mmap_mode="r").shape) != expected:
+            raise ValueError(f"{full} has shape {shape}, expected {expected}")
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _assemble_npy(job: _Job, name: str) -> bool:
+    """Join the five severity blocks into `<name>.npy` (atomically) once all exist; drop the blocks.
+
+    Blocks next to an existing `<name>.npy` are left over from a run stopped while deleting them.
+    """
+    parts = [part_path(job.out_dir, name, s) for s in SEVERITIES]
+    final = job.out_dir / f"{name}.npy"
+    if final.is_file():
+        _remove_parts(parts)
+        return False
+    if not all(p.is_file() for p in parts):
+        return False
+    blocks = [np.load(p, mmap_mode="r") for p in parts]
+    tmp = final.with_name(final.name + ".tmp")
+    n = len(blocks[0])
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(blocks) * n,) + blocks[0].shape[1:])
+    for i, block in enumerate(blocks):
+        out[i * n:(i + 1) * n] = block
+    out.flush()
+    del out, blocks
+    os.replace(tmp, final)
+    _remove_parts(parts)
+    return True
+
+
+def _remove_parts(parts: list[Path]) -> None:
+    for p in parts:
+        p.unlink(missing_ok=True)
+    if parts[0].parent.is_dir() and not any(parts[0].parent.iterdir()):
+        parts[0].parent.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- folder layout
+
+def _save_folder_atomic(job: _Job, images: np.ndarray, target: Path) -> None:
+    """One severity's JPEGs, written under a temporary name and renamed into place when complete."""
+    tmp = target.with_name(f".{target.name}.tmp")  # a stale one was removed by _remove_leftovers
+    for label in np.unique(job.labels):
+        (tmp / job.class_dirs[label]).mkdir(parents=True)
+    for img, label, file_name in zip(images, job.labels, job.file_names):
+        pixels = img[..., 0] if img.shape[-1] == 1 else img
+        Image.fromarray(pixels).save(tmp / job.class_dirs[label] / file_name, format="JPEG",
+                                     quality=JPEG_QUALITY, optimize=True)
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------- preview, command
+
+def save_corruption_grid(image_hwc: np.ndarray, path, *, table: str | None = None, seed: int = 0) -> Path:
+    """One image under every corruption (rows) at clean + severities 1-5 (columns), for checking by eye.
+
+    Uses the same per-(corruption, severity) generators as `generate_corrupted_set`. The cells are tiled into one
+    picture (one matplotlib Axes, labelled by its ticks); the format follows the suffix of `path` (.png, .pdf).
+    """
+    from matplotlib.figure import Figure
+
+    image = np.asarray(image_hwc, dtype=np.uint8)
+    image = image[..., None] if image.ndim == 2 else image
+    table = table or default_table(image.shape[0])
+    rows = [[image] + [corrupt(image[None], name, s, corruption_rng(seed, name, s), table)[0] for s in SEVERITIES]
+            for name in CORRUPTIONS]
+    mosaic, centres_x, centres_y = _tile(rows)
+    fig = Figure(figsize=(1.0 * len(rows[0]) + 1.6, 1.0 * len(rows) + 0.7))
+    ax = fig.add_axes((1.5 / fig.get_figwidth(), 0.1 / fig.get_figheight(),
+                       1 - 1.6 / fig.get_figwidth(), 1 - 0.7 / fig.get_figheight()))
+    grey = image.shape[-1] == 1
+    ax.imshow(mosaic[..., 0] if grey else mosaic, cmap="gray" if grey else None, vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_xticks(centres_x, ["clean"] + [f"severity {s}" for s in SEVERITIES])
+    ax.set_yticks(centres_y, CORRUPTIONS)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0, labelsize=9)
+    ax.set_frame_on(False)
+    ax.set_title(f"{image.shape[0]}x{image.shape[1]} image, '{table}' parameters, seed {seed}", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=max(100, 4 * image.shape[0]))  # a few screen pixels per image pixel
+    return path
+
+
+def _tile(rows: list[list[np.ndarray]]) -> tuple[np.ndarray, list[float], list[float]]:
+    """Cells on a white canvas with gaps of 1/8 side; returns the canvas and the cell centres along x and y."""
+    side, channels = rows[0][0].shape[0], rows[0][0].shape[-1]
+    pitch = side + max(1, side // 8)
+    canvas = np.full((len(rows) * pitch, len(rows[0]) * pitch, channels), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            canvas[r * pitch:r * pitch + side, c * pitch:c * pitch + side] = cell
+    centres = lambda count: [i * pitch + (side - 1) / 2 for i in range(count)]  # noqa: E731
+    return canvas, centres(len(rows[0])), centres(len(rows))
+
+
+def run_corrupt_command(images, labels, out_dir, table: str | None, seed: int, corruptions: Iterable[str],
+                        severities: Iterable[int], layout: str, workers: int | None, *,
+                        class_dirs: Sequence[str] | None = None,
+                        file_names: Sequence[str] | None = None) -> GenerationReport:
+    """What `forde data corrupt` runs: generate the set and say what was done and where."""
+    names = select(list(corruptions))
+    severities = sorted(set(severities))
+    side = images.shape[-1]
+    print(f"corrupting {len(images)} images of {side}x{side} with the '{table or default_table(side)}' parameters "
+          f"(seed {seed}): {len(names)} corruptions x severities {severities}, {layout} layout, "
+          f"{workers or os.cpu_count()} workers -> {Path(out_dir).resolve()}")
+    report = generate_corrupted_set(images, labels, out_dir, table=table, seed=seed, corruptions=names,
+                                    severities=severities, layout=layout, class_dirs=class_dirs,
+                                    file_names=file_names, workers=workers)
+    print(f"{len(report.written)} (corruption, severity) outputs written, {len(report.skipped)} already there, "
+          f"in {report.seconds:.1f} s")
+    if layout == "npy":
+        print(f"complete files: {', '.join(n + '.npy' for n in report.assembled) or 'none new'}")
+        partial = sorted({n for n in names if not (report.out_dir / f"{n}.npy").is_file()})
+        if partial:
+            print(f"only some severities of {', '.join(partial)}: their blocks stay in "
+                  f"{report.out_dir / PARTS_DIR} until all 5 severities exist")
+    return report
