@@ -19,7 +19,9 @@ from forde.sweep.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "sweeps" / "studies"
-FAST = ["optim.epochs=3", "model.hidden=[32]"]
+FAST = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[none]"]
+SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
+                    "eval.severities=[1,5]", "eval.grad_samples=100"]
 
 
 def launch(tmp_path, *args, study="quickstart"):
@@ -50,7 +52,7 @@ def data_root(tmp_path, monkeypatch):
 
 
 def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
-    assert launch(tmp_path, "--n-trials", "3", *FAST) == 0
+    assert launch(tmp_path, "--n-trials", "3", *SOME_CORRUPTIONS) == 0
     opt = load(tmp_path)
     trials = opt.get_trials()
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
@@ -67,10 +69,13 @@ def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
         assert record["summary"]["test/accuracy"] == pytest.approx(results["summary"]["test/accuracy"])
         assert record["config"]["method"]["alpha"] == pytest.approx(t.params["method.alpha"])
         assert record["config"]["run_dir"] == str(run_dir)
+        assert record["summary"]["corrupted/accuracy"] == pytest.approx(results["summary"]["corrupted/accuracy"])
+        assert record["summary"]["corrupted/per_set"]["nrows"] == 4  # 2 corruptions x 2 severities
+        assert len(results["corrupted"]["per_set"]) == 4
     best = (tmp_path / "studies" / "quickstart" / "best.md").read_text()
     assert f"| {opt.best_trial.number} |" in best
     # re-running the finished study starts nothing new
-    assert launch(tmp_path, "--n-trials", "3", *FAST) == 0
+    assert launch(tmp_path, "--n-trials", "3", *SOME_CORRUPTIONS) == 0
     assert len(load(tmp_path).get_trials()) == 3
 
 
@@ -128,7 +133,8 @@ def test_two_workers_share_one_study(tmp_path, backend):
     assert len(set(run_dirs)) == 4  # none run twice
     for d in run_dirs:
         assert epochs_trained(Path(d))[0] == 1 and len(set(epochs_trained(Path(d)))) == len(epochs_trained(Path(d)))
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    finished = {line.split("worker ")[1].split(":")[0] for line in out.stderr.splitlines() if "no trials left" in line}
+    assert len(finished) == 2  # two worker processes served the study to its end
 
 
 def test_a_trial_with_a_config_error_fails_once_with_its_reason(tmp_path):

@@ -14,7 +14,7 @@ TIMING_KEYS = {"train_time_s", "session_time_s", "run_dir"}
 def tiny(tmp_path, *extra, name="run"):
     return load_config("quickstart", [f"run.out_dir={tmp_path}", f"run.name={name}", "run.progress=false",
                                       "ensemble_size=3", "model.hidden=[32]", "optim.epochs=3",
-                                      f"data.root={tmp_path / 'data'}", *extra])
+                                      f"data.root={tmp_path / 'data'}", "eval.corruptions=[none]", *extra])
 
 
 def strip(results):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,20 +17,34 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+HEADLINE = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("epistemic", "epistemic"),
+            ("grad_cosine_distance", "grad. cos. dist."))
+
+
+def headline(summary: dict) -> str:
+    """The paper's columns: clean test metrics beside cA / cNLL / cECE (means over every corruption x severity)."""
+    rows = [("test", "test"), ("val", "val"), ("corrupted", "corrupted (cA/cNLL/cECE)")]
+    lines = [f"{'':26}" + "".join(f"{label:>18}" for _, label in HEADLINE)]
+    for prefix, name in rows:
+        if f"{prefix}/accuracy" in summary:
+            lines.append(f"{name:26}" + "".join(f"{summary.get(f'{prefix}/{k}', float('nan')):18.4f}" for k, _ in HEADLINE))
+    return "\n".join(lines)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from forde.train import train
 
     cfg = load_config(args.config, args.overrides)
     results = train(cfg)
-    print(json.dumps(results["summary"], indent=2))
-    print(f"run directory: {results['run_dir']}")
+    print(headline(results["summary"]))
+    print(f"run directory: {results['run_dir']} (results.json holds every metric)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from forde.train import evaluate_run
 
     results = evaluate_run(Path(args.run_dir), args.overrides, out_name=args.out)
-    print(json.dumps(results["summary"], indent=2))
+    print(headline(results["summary"]))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
