@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(headline(results["summary"]))
 
 
+def _dataset(args: argparse.Namespace):
+    from forde.config import DataConfig
+    from forde.data.registry import load_dataset
+
+    return load_dataset(DataConfig(name=args.dataset, root=args.root))
+
+
+def cmd_data_corrupt(args: argparse.Namespace) -> None:
+    from forde.config import TrainConfig
+    from forde.data.corrupted import GENERATION_SEED, check_source, corrupted_root, layout_for, record_source
+    from forde.data.corrupted_sets import run_corrupt_command
+
+    ds = _dataset(args)
+    cfg = TrainConfig()
+    cfg.data.root, cfg.eval.corrupted_root = args.root, args.out
+    out = corrupted_root(cfg, ds)
+    check_source(out, ds)
+    run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, args.corruptions, args.severities,
+                        layout_for(ds), args.workers, class_dirs=ds.class_names or None)
+    record_source(out, ds)
+
+
+def cmd_data_grid(args: argparse.Namespace) -> None:
+    from forde.data.corrupted_sets import save_corruption_grid
+
+    ds = _dataset(args)
+    image = ds.test.inputs[args.index].permute(1, 2, 0).numpy()
+    print(f"wrote {save_corruption_grid(image, args.out)}")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(args.config, args.overrides)), end="")
 
@@ -67,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="eval.* / device overrides, e.g. eval.corruptions=[none]")
     p.add_argument("--out", default="results.json", help="file name written in the run directory")
     p.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
+    root_default = os.environ.get("FORDE_DATA", "data")
+    p = data.add_parser("corrupt", help="build the corrupted test set (all corruptions x severities), resumable")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", default=root_default, help="data root (default: $FORDE_DATA or ./data)")
+    p.add_argument("--out", default=None, help="default: <root>/<dataset>-C, where training looks for it")
+    p.add_argument("--corruptions", nargs="+", default=["all"], help="all, benchmark, or names")
+    p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_data_corrupt)
+    p = data.add_parser("grid", help="picture of one test image under every corruption x severity")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", default=root_default)
+    p.add_argument("--index", type=int, default=0, help="which test image")
+    p.add_argument("--out", default="corruptions.png", help="PNG or PDF path")
+    p.set_defaults(func=cmd_data_grid)
 
     p = sub.add_parser("config", help="print the resolved config (every key, with overrides applied)")
     p.add_argument("config", nargs="?", default=None)

@@ -40,7 +40,7 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
         raise ConfigError(f"eval.corruptions = {list(cfg.eval.corruptions)} but {dataset.name} is not an image dataset; "
                           "set eval.corruptions=[none]")
     root = corrupted_root(cfg, dataset)
-    _check_source(root, dataset)
+    check_source(root, dataset)
     missing = missing_corrupted(root, names, cfg.eval.severities)
     if missing and not cfg.eval.generate_corrupted:
         shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -52,8 +52,12 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
         generate_corrupted_set(dataset.test.inputs, dataset.test.labels, root, seed=GENERATION_SEED,
                                corruptions=todo, severities=cfg.eval.severities, layout=layout_for(dataset),
                                class_dirs=dataset.class_names or None, progress=cfg.run.progress)
-        (root / SOURCE_FILE).write_text(json.dumps({"test_fingerprint": _fingerprint(dataset), "seed": GENERATION_SEED}))
+        record_source(root, dataset)
     return root
+
+
+def record_source(root: Path, dataset: Dataset) -> None:
+    (root / SOURCE_FILE).write_text(json.dumps({"test_fingerprint": _fingerprint(dataset), "seed": GENERATION_SEED}))
 
 
 def _fingerprint(dataset: Dataset) -> str:
@@ -62,7 +66,7 @@ def _fingerprint(dataset: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_source(root: Path, dataset: Dataset) -> None:
+def check_source(root: Path, dataset: Dataset) -> None:
     """Sets generated here from other test images (an older import, another split) must not be reused."""
     source = root / SOURCE_FILE
     if source.exists() and json.loads(source.read_text())["test_fingerprint"] != _fingerprint(dataset):
