@@ -1,4 +1,4 @@
-"""`forde train | eval | config`: thin wrappers over the library."""
+"""`forde train | eval | config | report`: thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(results["summary"], indent=2))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from forde.analysis.report import run
+
+    run(args)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(args.config, args.overrides)), end="")
 
@@ -54,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="eval.* / device overrides, e.g. eval.corruptions=[none]")
     p.add_argument("--out", default="results.json", help="file name written in the run directory")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="tables and figures for a study's finished runs")
+    p.add_argument("study_dir", type=Path, help="a folder with run directories below it (and optionally study.db)")
+    p.add_argument("--out", type=Path, help="output folder (default: STUDY_DIR/report)")
+    p.add_argument("--paper", action="store_true", help="show the paper's reported numbers beside ours")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite STUDY_DIR/study.db when present)")
+    p.add_argument("--study-name", help="the Optuna study (default: every study in the storage)")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also load finished runs from the W&B API")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the resolved config (every key, with overrides applied)")
     p.add_argument("config", nargs="?", default=None)

@@ -13,12 +13,13 @@ BASE = {  # label -> colour (Okabe-Ito, colour-blind safe)
     "DE": "#0072B2",
     "Weight-RDE": "#E69F00",
     "Function-RDE": "#009E73",
+    "Feature-RDE": "#8C6D31",  # the paper's baseline; no implementation here, so only in --paper tables
     "LIT": "#CC79A7",
     "FoRDE-Identity": "#56B4E9",
     "FoRDE-PCA": "#D55E00",
 }
 TUNED = "#7B3294"  # FoRDE-Tuned: shades of one purple, darker for larger alpha
-ORDER = ("DE", "Weight-RDE", "Function-RDE", "LIT", "FoRDE-Identity", "FoRDE-Tuned", "FoRDE-PCA")
+ORDER = ("DE", "Weight-RDE", "Function-RDE", "Feature-RDE", "LIT", "FoRDE-Identity", "FoRDE-Tuned", "FoRDE-PCA")
 NAMES = {"de": "DE", "rde_weight": "Weight-RDE", "rde_function": "Function-RDE", "lit": "LIT"}
 
 
