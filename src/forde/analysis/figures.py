@@ -45,10 +45,10 @@ def _legend_below(fig, labels: list[str], markers: bool = True) -> None:
 
 
 def _layout(fig, handles: list, labels: list[str]) -> None:
-    """A one-line legend under the axes and room for the suptitle, both a fixed height in inches."""
-    height = fig.get_figheight()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - 0.1 / height))
+    """A legend under the axes and room for the suptitle, both a fixed height in inches."""
+    height, ncol = fig.get_figheight(), min(len(labels), 7)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, (0.12 + 0.17 * math.ceil(len(labels) / ncol)) / height, 1, 1 - 0.1 / height))
 
 
 @style.styled

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -155,6 +155,3 @@ def load_study(study_dir: str | Path, storage: str | None = None, study_name: st
         log.info("%s: %d run directories, %d more runs from the Optuna storage", study_dir, len(runs) - len(extra), len(extra))
     return runs
 
-
-def distinct(runs: Iterable[Run], attr: str) -> list:
-    return sorted({getattr(r, attr) for r in runs}, key=lambda v: (v is None, v))
