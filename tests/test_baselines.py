@@ -14,7 +14,7 @@ from forde.methods.forde import FoRDE
 from forde.methods.likelihoods import Categorical, Gaussian
 from forde.methods.lit import LIT
 from forde.methods.rde_function import FunctionRDE
-from forde.methods.rde_weight import WeightRDE
+from forde.methods.rde_weight import WeightRDE, parameter_sq_dists
 
 M, B, D_IN, C = 4, 6, 5, 3
 
@@ -85,6 +85,16 @@ def test_weight_rde_gradient_is_the_wgd_repulsion():
         grad_k = sum(k[j] * (-2 / 25.0) * (theta[i] - theta[j]) for j in range(M))
         expected.append(grad_k / k.sum() / B)
     torch.testing.assert_close(g_total - g_ce, torch.cat(expected), rtol=1e-6, atol=1e-10)
+
+
+def test_weight_distances_keep_full_precision_under_bf16_autocast():
+    ens, _, _ = make_problem(seed=6)
+    ens = ens.float()
+    exact = parameter_sq_dists(ens.double())[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = parameter_sq_dists(ens.float())[0]
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d.double(), exact, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("gaussian", [False, True])

@@ -64,7 +64,7 @@ def make_run(config: dict, summary: dict, per_set: list[dict] | None = None, sou
     method = dig(config, "method.name", "unknown")
     alpha = dig(config, "method.alpha")
     return Run(method=method, dataset=dig(config, "data.name", "unknown"), model=dig(config, "model.name", "unknown"),
-               seed=int(dig(config, "seed", 0)), ensemble_size=int(dig(config, "ensemble_size", 0)),
+               seed=int(dig(config, "seed") or 0), ensemble_size=int(dig(config, "ensemble_size") or 0),
                alpha=float(alpha) if method == "forde" and alpha is not None else None,
                summary=dict(summary), per_set=list(per_set or []), source=source)
 

@@ -20,9 +20,9 @@ def regression_1d() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def regression_features(x: torch.Tensor) -> torch.Tensor:
-    """(x/2, (x/2)^2), the network inputs of Izmailov et al. Also what makes FoRDE meaningful here:
-    the gradient of a scalar output w.r.t. a scalar input normalises to +-1 and carries no direction,
-    while a gradient w.r.t. these two features does."""
+    """(x/2, (x/2)^2), the network inputs of Izmailov et al. Also what gives FoRDE's unit-normalised
+    gradients a direction here: w.r.t. a scalar input they normalise to +-1. Caveat: the inputs only
+    ever lie on this parabola, so part of the gradient (across it) never affects f(x) on any x."""
     u = x / 2.0
     return torch.stack([u, u.square()], -1)
 

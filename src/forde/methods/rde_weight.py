@@ -26,13 +26,15 @@ def parameter_sq_dists(ensemble: Ensemble) -> torch.Tensor:
     """d[0, i, j] = |theta_i - theta_j|^2 with the j side constant: [1, M, M].
 
     Built from the Gram matrix (|a|^2 + |b|^2 - 2 a.b) so that no [M, M, P] difference tensor is
-    formed: P is millions for a ResNet. Only the members' trainable parameters count (buffers such as
-    batch-norm statistics are not particles' coordinates).
+    formed: P is millions for a ResNet. The Gram matrix stays in the parameters' precision even under
+    bf16 autocast, where the cancellation in that formula would cost the distances their digits.
+    Only the members' trainable parameters count (buffers such as batch-norm statistics are not the
+    particles' coordinates).
     """
     theta = torch.stack([torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members])
-    const = theta.detach()
-    sq = theta.square().sum(1)
-    d = sq[:, None] + sq.detach()[None, :] - 2.0 * theta @ const.T
+    with torch.autocast(theta.device.type, enabled=False):
+        sq = theta.square().sum(1)
+        d = sq[:, None] + sq.detach()[None, :] - 2.0 * theta @ theta.detach().T
     return d.clamp_min(0.0).unsqueeze(0)
 
 
