@@ -126,10 +126,10 @@ def test_optuna_storage_loader(study, tmp_path):
     gone = json.loads((dirs[0] / "results.json").read_text())["summary"]  # a trial whose run directory was deleted
     opt.add_trial(optuna.trial.create_trial(
         params={"method.alpha": 0.3}, distributions=dist, value=0.5,
-        user_attrs={"run_dir": str(tmp_path / "deleted"), "summary": gone}))
+        user_attrs={"run_dir": str(tmp_path / "deleted"), "summary": gone,
+                    "config_params": {"method.name": "forde", "method.alpha": 0.3, "seed": 4}}))
     opt.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"method.alpha": 0.9},
                                             distributions=dist, intermediate_values={1: 0.1}))
-    opt.set_user_attr("method.name", "forde")
     opt.set_user_attr("data.name", "digits")
 
     runs = load_optuna(storage)
@@ -139,7 +139,8 @@ def test_optuna_storage_loader(study, tmp_path):
         assert r.summary == from_dirs[r.source].summary and r.per_set == from_dirs[r.source].per_set
     orphan = runs[3]
     assert orphan.source.startswith("optuna:forde-alpha#")
-    assert (orphan.method, orphan.alpha, orphan.dataset, orphan.variant) == ("forde", 0.3, "digits", "FoRDE-Tuned (α=0.3)")
+    assert (orphan.method, orphan.alpha, orphan.seed, orphan.dataset) == ("forde", 0.3, 4, "digits")
+    assert orphan.variant == "FoRDE-Tuned (α=0.3)" and orphan.model == "unknown"
     assert orphan.summary == gone and orphan.per_set == []
 
     # a study folder: run directories are the record; the storage adds only trials whose directories are gone

@@ -99,7 +99,9 @@ def load_optuna(storage: str, study_name: str | None = None, base: Path | None =
 
     A trial's run directory is opened when it exists (relative paths are tried against `base`, then
     the working directory); otherwise its `summary` user_attr stands in, with the config read from the
-    trial's params, then its user_attrs (flat keys or a nested `config`), then the study's user_attrs.
+    trial's params, then its `config_params` user_attr (every parameter the sweep set, fixed ones
+    included), then the study's user_attrs. Keys they all lack (often data.name and model.name, which
+    live in the study's base config) read as "unknown".
     """
     import optuna
 
@@ -113,7 +115,7 @@ def load_optuna(storage: str, study_name: str | None = None, base: Path | None =
             if run_dir is not None:
                 runs.append(load_run_dir(run_dir))
             elif isinstance(trial.user_attrs.get("summary"), dict):
-                config = {**study.user_attrs, **trial.user_attrs.get("config", {}), **trial.user_attrs, **trial.params}
+                config = {**study.user_attrs, **trial.user_attrs.get("config_params", {}), **trial.params}
                 runs.append(make_run(config, trial.user_attrs["summary"], source=f"optuna:{name}#{trial.number}"))
             else:
                 skipped += 1
