@@ -146,7 +146,7 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
     groups = by_variant(runs)
     ncols = min(5, len(types) + 1)
     nrows = math.ceil((len(types) + 1) / ncols)
-    fig, axes = style.figure(ncols, nrows, height=1.7, sharex=True, sharey=True)
+    fig, axes = style.figure(ncols, nrows, height=1.45 + 0.7 / nrows, sharex=True, sharey=True)  # + title, legend
     for ax, name in zip(axes.flat, types + ["Average"]):
         for v, rs in groups.items():
             stats = [_type_stat(rs, name, k) for k in sev]
