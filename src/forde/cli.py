@@ -1,4 +1,4 @@
-"""`forde train | eval | config`: thin wrappers over the library."""
+"""`forde train | eval | config | report`: thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def cmd_data_grid(args: argparse.Namespace) -> None:
     print(f"wrote {save_corruption_grid(image, args.out)}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from forde.analysis.report import run
+
+    run(args)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(args.config, args.overrides)), end="")
 
@@ -115,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0, help="which test image")
     p.add_argument("--out", default="corruptions.png", help="PNG or PDF path")
     p.set_defaults(func=cmd_data_grid)
+
+    p = sub.add_parser("report", help="tables and figures for a study's finished runs")
+    p.add_argument("study_dir", type=Path, help="a folder with run directories below it (and optionally study.db)")
+    p.add_argument("--out", type=Path, help="output folder (default: STUDY_DIR/report)")
+    p.add_argument("--paper", action="store_true", help="show the paper's reported numbers beside ours")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite STUDY_DIR/study.db when present)")
+    p.add_argument("--study-name", help="the Optuna study (default: every study in the storage)")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also load finished runs from the W&B API")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the resolved config (every key, with overrides applied)")
     p.add_argument("config", nargs="?", default=None)

@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 
 CORRUPTION_SELECTIONS = ("all", "benchmark", "none")
+KERNEL_METHODS = ("forde", "rde_weight", "rde_function")  # methods with a median-heuristic kernel
 
 
 @dataclass
@@ -43,13 +44,14 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["de", "forde"] = "forde"
+    name: Literal["de", "forde", "rde_weight", "rde_function", "lit"] = "forde"
     alpha: float = 1.0  # lengthscale mix: w = (1 - alpha) + alpha * lambda; 0 = identity, 1 = PCA
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
     bandwidth: Optional[float] = None  # a fixed bandwidth instead of the median heuristic
     median: Literal["all_pairs", "per_column"] = "all_pairs"  # which distances the median heuristic uses
     eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
     grad_target: Literal["logit", "log_prob"] = "logit"  # which true-class output is differentiated w.r.t. x
+    lit_weight: float = 1.0  # LIT: weight of the squared-cosine penalty on input gradients
 
 
 @dataclass
@@ -211,10 +213,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.bandwidth_scale > 0, "method.bandwidth_scale", m.bandwidth_scale, "must be positive", "set method.bandwidth_scale=1.0")
     _check(m.bandwidth is None or m.bandwidth > 0, "method.bandwidth", m.bandwidth, "must be positive or null (median heuristic)", "set method.bandwidth=null")
     _check(m.eps > 0, "method.eps", m.eps, "must be positive", "set method.eps=1e-12")
-    if m.name == "forde" and m.bandwidth is None:
+    if m.name in KERNEL_METHODS and m.bandwidth is None:
         _check(cfg.ensemble_size >= 2, "ensemble_size", cfg.ensemble_size,
-               "FoRDE's median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
+               f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
                "set ensemble_size>=2, or a fixed method.bandwidth")
+    _check(m.lit_weight >= 0, "method.lit_weight", m.lit_weight, "must be non-negative", "set method.lit_weight=1.0")
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")
     _check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0", "set optim.momentum=0.9 or optim.nesterov=false")

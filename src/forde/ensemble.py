@@ -6,6 +6,8 @@ strategy is tested against.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -29,21 +31,29 @@ class Ensemble(nn.Module):
         """Member i on its own copy xs[i]: [M, B, ...] -> [M, B, C]."""
         return torch.stack([m(x) for m, x in zip(self.members, xs)])
 
-    def input_gradients(self, x: torch.Tensor, y: torch.Tensor, target: str = "logit", create_graph: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [M, B, C] and g[i, b] = d out_i(x_b)[y_b] / d x_b flattened to [M, B, D].
+    def output_gradients(self, x: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], create_graph: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs [M, B, C] and g[i, b] = d pick(outputs)[i, b] / d x_b flattened to [M, B, D].
 
-        `target` picks the differentiated output: the raw true-class logit or its log-probability.
-        With `create_graph` the gradients stay differentiable w.r.t. the parameters, so a loss on
-        them (the repulsion) backpropagates in the same backward pass as the cross-entropy.
+        `pick` maps the outputs to the one scalar per member and sample that is differentiated. With
+        `create_graph` the gradients stay differentiable w.r.t. the parameters, so a loss on them (a
+        repulsion or penalty) backpropagates in the same backward pass as the data term.
         """
         xs = x.detach().unsqueeze(0).expand(len(self), *x.shape).clone().requires_grad_(True)
-        logits = self.forward_each(xs)
-        outputs = logits.log_softmax(-1) if target == "log_prob" else logits
-        picked = outputs.gather(-1, y.view(1, -1, 1).expand(len(self), -1, 1))
-        (grads,) = torch.autograd.grad(picked.sum(), xs, create_graph=create_graph)
-        return logits, grads.flatten(2)
+        outputs = self.forward_each(xs)
+        (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
+        return outputs, grads.flatten(2)
 
+    def input_gradients(self, x: torch.Tensor, y: torch.Tensor, target: str = "logit", create_graph: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [M, B, C] and the input gradients [M, B, D] of the true-class output (see `true_class_output`)."""
+        return self.output_gradients(x, lambda logits: true_class_output(logits, y, target), create_graph)
+
+
+def true_class_output(logits: torch.Tensor, y: torch.Tensor, target: str = "logit") -> torch.Tensor:
+    """[M, B, C] -> [M, B]: the raw true-class logit, or its log-probability when `target` is log_prob."""
+    outputs = logits.log_softmax(-1) if target == "log_prob" else logits
+    return outputs.gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
 
 def build_ensemble(cfg: ModelConfig, size: int, in_shape: tuple[int, ...], num_classes: int, seed: int) -> Ensemble:
     """Members initialised one after another from one seed: independent draws, reproducible as a whole."""

@@ -63,8 +63,15 @@ def kernel_matrix(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def repulsion(z: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
               bandwidth_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(1/B) sum_i log sum_j k_ij on features z [M, B, D], j side (and bandwidth) held constant."""
-    batch = z.shape[1]
-    d = pairwise_sq_dists(z, z.detach())
+    return distance_repulsion(pairwise_sq_dists(z, z.detach()), bandwidth=bandwidth, median_mode=median_mode,
+                              bandwidth_scale=bandwidth_scale)
+
+
+def distance_repulsion(d: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
+                       bandwidth_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The same from squared distances d [B, M, M] whose row i alone carries member i's graph: for
+    features too large to difference pairwise (the weight-space kernel builds d from a Gram matrix)."""
+    batch = d.shape[0]
     d_const = d.detach()
     h = (torch.full_like(d_const[:, :1, :1], bandwidth) if bandwidth is not None
          else median_bandwidth(d_const, median_mode, bandwidth_scale))

@@ -13,6 +13,9 @@ from forde.kernels import projection
 from forde.methods.base import Method
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
+from forde.methods.lit import LIT
+from forde.methods.rde_function import FunctionRDE
+from forde.methods.rde_weight import WeightRDE
 
 
 def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Method:
@@ -25,4 +28,10 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
             pca = cached_pca(dataset.train.inputs, dataset.mean, dataset.std, Path(cfg.data.root) / "pca", dataset.name)
             proj = projection(pca.eigenvectors, pca.eigenvalues, m.alpha).to(device=device, dtype=torch.float32)
         return FoRDE(m, proj)
+    if m.name == "rde_weight":
+        return WeightRDE(m)
+    if m.name == "rde_function":
+        return FunctionRDE(m)
+    if m.name == "lit":
+        return LIT(m)
     raise ValueError(f"method.name = {m.name!r}: unknown method")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
 from forde.ensemble import Ensemble
-from forde.methods.base import ensemble_cross_entropy
+from forde.methods.likelihoods import Categorical, Likelihood
 
 
 class DeepEnsemble:
     name = "de"
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor):
-        logits = ensemble(x)
-        ce = ensemble_cross_entropy(logits, y)
-        return ce, logits, {"ce": ce.detach()}
+    def __init__(self, likelihood: Likelihood | None = None):
+        self.likelihood = likelihood or Categorical()
+
+    def loss(self, ensemble: Ensemble, x, y):
+        outputs = ensemble(x)
+        nll = self.likelihood.nll(outputs, y)
+        return nll, outputs, {self.likelihood.name: nll.detach()}

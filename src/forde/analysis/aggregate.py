@@ -1,0 +1,71 @@
+"""Group runs into settings and variants, and summarise a metric over seeds (mean and std)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
+
+from forde.analysis.results import Run
+from forde.analysis.variants import sort_key
+
+K = TypeVar("K")
+
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "TinyImageNet", "digits": "Digits"}
+MODELS = {"resnet18": "ResNet18", "preact_resnet18": "PreActResNet18", "wrn16_4": "WideResNet16x4", "mlp": "MLP"}
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """What makes runs comparable: the data, the architecture and the ensemble size."""
+
+    dataset: str
+    model: str
+    ensemble_size: int
+
+    @property
+    def title(self) -> str:
+        return f"{MODELS.get(self.model, self.model)} / {DATASETS.get(self.dataset, self.dataset)}, M = {self.ensemble_size}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.dataset}-{self.model}-M{self.ensemble_size}"
+
+
+def setting_of(run: Run) -> Setting:
+    return Setting(run.dataset, run.model, run.ensemble_size)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (n - 1 denominator; 0 for a single seed) of n values."""
+
+    mean: float
+    std: float
+    n: int
+
+
+def stat(values: Iterable[float]) -> Stat | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+
+
+def group(runs: Iterable[Run], key: Callable[[Run], K]) -> dict[K, list[Run]]:
+    out: dict[K, list[Run]] = defaultdict(list)
+    for r in runs:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def by_variant(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """Runs per method variant, in the paper's order."""
+    groups = group(runs, lambda r: r.variant)
+    return {v: groups[v] for v in sorted(groups, key=sort_key)}
+
+
+def metric_stat(runs: Iterable[Run], key: str) -> Stat | None:
+    return stat(r.metric(key) for r in runs)

@@ -1,0 +1,86 @@
+"""Everything the runs of a study support, in one command: tables (Markdown + LaTeX) and figures
+(PNG + PDF) per setting, and an index.md that lists them and says which figures were skipped and why.
+
+Layout:  OUT/<dataset>-<model>-M<size>/{benchmark.md, benchmark.tex, benchmark, severity, corruptions,
+         diversity, lengthscale}.{png,pdf}   OUT/<dataset>-<model>/ensemble_size.{png,pdf}   OUT/index.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from forde.analysis import figures, style
+from forde.analysis.aggregate import DATASETS, MODELS, group, setting_of
+from forde.analysis.results import Run, load_study, load_wandb
+from forde.analysis.tables import benchmark_table, to_latex, to_markdown
+
+log = logging.getLogger(__name__)
+
+SETTING_FIGURES: dict[str, Callable] = {
+    "severity": figures.severity_figure,
+    "corruptions": figures.corruption_type_figure,
+    "diversity": figures.diversity_figure,
+    "lengthscale": figures.lengthscale_figure,
+}
+
+
+@dataclass
+class Report:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (output, reason)
+
+    def figure(self, path: Path, draw: Callable, *args) -> None:
+        try:
+            fig = draw(*args)
+        except figures.Skip as why:
+            log.info("skipping %s: %s", path, why)
+            self.skipped.append((str(path), str(why)))
+            return
+        self.written += style.save(fig, path)
+
+    def text(self, path: Path, content: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        self.written.append(path)
+
+
+def make_report(runs: list[Run], out: Path, paper: bool = False) -> Report:
+    report = Report()
+    if not runs:
+        log.warning("no finished runs found: nothing to report")
+    for setting, runs_here in sorted(group(runs, setting_of).items()):
+        folder = out / setting.slug
+        table = benchmark_table(runs_here, setting, paper)
+        report.text(folder / "benchmark.md", to_markdown(table))
+        report.text(folder / "benchmark.tex", to_latex(table))
+        report.figure(folder / "benchmark", figures.benchmark_figure, table)
+        for name, draw in SETTING_FIGURES.items():
+            report.figure(folder / name, draw, runs_here, setting)
+    for (dataset, model), runs_here in sorted(group(runs, lambda r: (r.dataset, r.model)).items()):
+        title = f"{MODELS.get(model, model)} / {DATASETS.get(dataset, dataset)}"
+        report.figure(out / f"{dataset}-{model}" / "ensemble_size", figures.ensemble_size_figure, runs_here, title)
+    report.text(out / "index.md", _index(report, out, len(runs)))
+    return report
+
+
+def _index(report: Report, out: Path, n_runs: int) -> str:
+    lines = [f"# Report ({n_runs} runs)", "", "## Written", ""]
+    lines += [f"- {p.relative_to(out)}" for p in report.written]
+    if report.skipped:
+        lines += ["", "## Skipped", ""]
+        lines += [f"- {Path(p).relative_to(out)}: {why}" for p, why in report.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> Report:
+    runs = load_study(args.study_dir, args.storage, args.study_name)
+    if args.wandb:
+        runs += load_wandb(args.wandb)
+    out = args.out or args.study_dir / "report"
+    report = make_report(runs, out, args.paper)
+    print(f"{len(report.written)} files written to {out}; {len(report.skipped)} figures skipped (see {out / 'index.md'})")
+    return report

@@ -1,0 +1,159 @@
+"""Finished runs as one flat list of `Run` records, whatever their source.
+
+Sources, in order of authority:
+  - run directories (`results.json` + `config.yaml`), found anywhere below a folder: the record;
+  - an Optuna storage (SQLite file or PostgreSQL URL): each trial's user_attrs `run_dir` (opened when
+    it still exists) and `summary` (used when it does not), with the sampled `params`;
+  - the W&B public API: each run's config and summary (needs network access and a login).
+Config files are read as plain YAML, not validated: old runs stay readable when the schema grows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from forde.analysis.variants import variant
+
+log = logging.getLogger(__name__)
+
+RESULTS, CONFIG = "results.json", "config.yaml"
+STUDY_DB = "study.db"
+
+
+@dataclass
+class Run:
+    method: str
+    dataset: str
+    model: str
+    seed: int
+    ensemble_size: int
+    alpha: float | None  # FoRDE's lengthscale mix; None for the other methods
+    summary: dict[str, float]  # flat: test/accuracy, corrupted/severity_4-5/nll, ...
+    per_set: list[dict] = field(default_factory=list)  # one row per corruption x severity, when known
+    source: str = ""  # run directory, optuna:<study>#<trial>, or wandb:<path>
+
+    @property
+    def variant(self) -> str:
+        return variant(self.method, self.alpha)
+
+    def metric(self, key: str) -> float | None:
+        value = self.summary.get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+def dig(tree: dict, key: str, default: Any = None) -> Any:
+    """A dotted key from a flat ({"method.alpha": ..}) or nested ({"method": {"alpha": ..}}) dict."""
+    if key in tree:
+        return tree[key]
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def make_run(config: dict, summary: dict, per_set: list[dict] | None = None, source: str = "") -> Run:
+    """A Run from a (flat or nested) config and a flat summary."""
+    method = dig(config, "method.name", "unknown")
+    alpha = dig(config, "method.alpha")
+    return Run(method=method, dataset=dig(config, "data.name", "unknown"), model=dig(config, "model.name", "unknown"),
+               seed=int(dig(config, "seed") or 0), ensemble_size=int(dig(config, "ensemble_size") or 0),
+               alpha=float(alpha) if method == "forde" and alpha is not None else None,
+               summary=dict(summary), per_set=list(per_set or []), source=source)
+
+
+def load_run_dir(path: str | Path) -> Run:
+    """One run directory of `forde train`."""
+    path = Path(path)
+    results = json.loads((path / RESULTS).read_text())
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG)) if (path / CONFIG).exists() else {}
+    for key, dotted in (("method", "method.name"), ("dataset", "data.name")):  # results.json is the fallback
+        if dig(config, dotted) is None and key in results:
+            config[dotted] = results[key]
+    for key in ("seed", "ensemble_size"):
+        config.setdefault(key, results.get(key))
+    per_set = results.get("corrupted", {}).get("per_set", [])
+    return make_run(config, results.get("summary", {}), per_set, source=str(path))
+
+
+def find_runs(folder: str | Path) -> list[Run]:
+    """Every run directory with a results.json anywhere below `folder`, in path order."""
+    runs = []
+    for results in sorted(Path(folder).rglob(RESULTS)):
+        try:
+            runs.append(load_run_dir(results.parent))
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("skipping %s: %s", results.parent, err)
+    return runs
+
+
+def load_optuna(storage: str, study_name: str | None = None, base: Path | None = None) -> list[Run]:
+    """Trials of one study (or of every study in the storage) that carry results.
+
+    A trial's run directory is opened when it exists (relative paths are tried against `base`, then
+    the working directory); otherwise its `summary` user_attr stands in, with the config read from the
+    trial's params, then its `config_params` user_attr (every parameter the sweep set, fixed ones
+    included), then the study's user_attrs. Keys they all lack (often data.name and model.name, which
+    live in the study's base config) read as "unknown".
+    """
+    import optuna
+
+    runs = []
+    names = [study_name] if study_name else optuna.get_all_study_names(storage)
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        skipped = 0
+        for trial in study.get_trials(deepcopy=False):
+            run_dir = _existing_run_dir(trial.user_attrs.get("run_dir"), base)
+            if run_dir is not None:
+                runs.append(load_run_dir(run_dir))
+            elif isinstance(trial.user_attrs.get("summary"), dict):
+                config = {**study.user_attrs, **trial.user_attrs.get("config_params", {}), **trial.params}
+                runs.append(make_run(config, trial.user_attrs["summary"], source=f"optuna:{name}#{trial.number}"))
+            else:
+                skipped += 1
+        if skipped:
+            log.info("optuna study %s: %d trial(s) without results (pruned, failed or running)", name, skipped)
+    return runs
+
+
+def _existing_run_dir(run_dir: str | None, base: Path | None) -> Path | None:
+    if not run_dir:
+        return None
+    candidates = [Path(run_dir)] if Path(run_dir).is_absolute() else [p / run_dir for p in (base, Path.cwd()) if p]
+    return next((c for c in candidates if (c / RESULTS).exists()), None)
+
+
+def load_wandb(path: str, filters: dict | None = None) -> list[Run]:  # pragma: no cover - needs network
+    """Finished runs of a W&B project `entity/project`: config and flat summary (no per-corruption rows)."""
+    import wandb
+
+    runs = []
+    for r in wandb.Api().runs(path, filters=filters or {"state": "finished"}):
+        summary = {k: v for k, v in r.summary.items() if "/" in k and isinstance(v, (int, float))}
+        runs.append(make_run(dict(r.config), summary, source=f"wandb:{'/'.join(r.path)}"))
+    return runs
+
+
+def load_study(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list[Run]:
+    """Run directories below `study_dir`, plus trials of its Optuna storage (default `study.db` there)
+    whose run directories are gone."""
+    study_dir = Path(study_dir)
+    runs = find_runs(study_dir)
+    if storage is None and (study_dir / STUDY_DB).exists():
+        storage = f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
+    if storage:
+        seen = {Path(r.source).resolve() for r in runs}
+        extra = [r for r in load_optuna(storage, study_name, base=study_dir)
+                 if r.source.startswith("optuna:") or Path(r.source).resolve() not in seen]
+        runs += extra
+        log.info("%s: %d run directories, %d more runs from the Optuna storage", study_dir, len(runs) - len(extra), len(extra))
+    return runs
+

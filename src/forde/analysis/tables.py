@@ -1,0 +1,150 @@
+"""The benchmark comparison (the paper's Tables 1, 2 and 4): mean ± std over seeds per method
+variant, best in bold, as Markdown and LaTeX, optionally beside the paper's reported numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from forde.analysis import paper as paper_numbers
+from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat
+from forde.analysis.results import Run
+from forde.analysis.variants import sort_key, tuned_alpha
+
+
+@dataclass(frozen=True)
+class Column:
+    label: str
+    key: str  # summary key
+    higher_is_better: bool
+    digits: int
+    scale: float = 1.0  # fractions -> percent for accuracies
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+    def fmt(self, value: float) -> str:
+        return f"{value * self.scale:.{self.digits}f}"
+
+
+CLEAN = (Column("NLL", "test/nll", False, 3), Column("Accuracy (%)", "test/accuracy", True, 1, 100.0),
+         Column("ECE", "test/ece", False, 3))
+CORRUPTED = (Column("cA (%)", "corrupted/accuracy", True, 1, 100.0), Column("cNLL", "corrupted/nll", False, 3),
+             Column("cECE", "corrupted/ece", False, 3))
+
+
+@dataclass
+class Row:
+    variant: str
+    seeds: int = 0
+    cells: dict[str, Stat | None] = field(default_factory=dict)
+    paper: dict[str, str] = field(default_factory=dict)  # the paper's printed values, when asked for
+
+
+@dataclass
+class Table:
+    setting: Setting
+    columns: tuple[Column, ...]
+    rows: list[Row]
+    paper_source: str | None = None  # e.g. "Table 2" when paper numbers are shown
+
+    def best(self, column: Column) -> str | None:
+        """The best mean as displayed (ties at display precision all count as best)."""
+        shown = [column.fmt(r.cells[column.key].mean) for r in self.rows if r.cells.get(column.key)]
+        if not shown:
+            return None
+        pick = max if column.higher_is_better else min
+        return pick(shown, key=float)
+
+    def value(self, variant: str, key: str) -> Stat | None:
+        return next((r.cells.get(key) for r in self.rows if r.variant == variant), None)
+
+
+def benchmark_table(runs: list[Run], setting: Setting, paper: bool = False) -> Table:
+    """One row per variant present (plus paper-only variants when `paper`), corrupted columns only when
+    some run has corrupted results."""
+    columns = CLEAN + (CORRUPTED if any(r.metric("corrupted/accuracy") is not None for r in runs) else ())
+    rows = [Row(v, len(rs), {c.key: metric_stat(rs, c.key) for c in columns}) for v, rs in by_variant(runs).items()]
+    source = None
+    if paper:
+        reported = paper_numbers.reported(setting.dataset, setting.model)
+        source = paper_numbers.SOURCES.get((setting.dataset, setting.model))
+        for name, values in reported.items():
+            matches = [r for r in rows if _paper_name(r.variant) == name]
+            if not matches:  # a variant only the paper has (e.g. Feature-RDE)
+                matches = [Row(name)]
+                rows.extend(matches)
+            for r in matches:
+                r.paper = values
+        rows.sort(key=lambda r: sort_key(r.variant))
+    return Table(setting, columns, rows, source)
+
+
+def _paper_name(variant: str) -> str:
+    return "FoRDE-Tuned" if tuned_alpha(variant) is not None else variant
+
+
+def _cell(table: Table, row: Row, column: Column, pm: str, bold: str) -> str:
+    s = row.cells.get(column.key)
+    if s is None:
+        return "—"
+    mean = column.fmt(s.mean)
+    text = f"{mean} {pm} {column.fmt(s.std)}"
+    return bold.format(text) if mean == table.best(column) else text
+
+
+def _header(table: Table, arrows: dict[str, str], paper_label: str) -> list[str]:
+    cols = []
+    for c in table.columns:
+        cols.append(f"{c.label} {arrows[c.arrow]}")
+        if table.paper_source:
+            cols.append(f"{c.label} {paper_label}")
+    return ["Method", "Seeds", *cols]
+
+
+def _cells(table: Table, row: Row, pm: str, bold: str) -> list[str]:
+    out = []
+    for c in table.columns:
+        out.append(_cell(table, row, c, pm, bold))
+        if table.paper_source:
+            out.append(row.paper.get(c.key, "—"))
+    return [row.variant, str(row.seeds or "—"), *out]
+
+
+def to_markdown(table: Table) -> str:
+    head = _header(table, {"↑": "↑", "↓": "↓"}, "(paper)")
+    lines = [f"### {table.setting.title}", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|"]
+    lines += ["| " + " | ".join(_cells(table, r, "±", "**{}**")) + " |" for r in table.rows]
+    lines += ["", _note(table)]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: Table) -> str:
+    head = [_tex(h) for h in _header(table, {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}, "(paper)")]
+    rows = [[_tex(c) for c in _cells(table, r, r"$\pm$", r"\textbf{{{}}}")] for r in table.rows]
+    tabular = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule",
+               *(" & ".join(r) + r" \\" for r in rows), r"\bottomrule", r"\end{tabular}"]
+    env = "table"
+    if table.paper_source:  # twice the columns: the full text width, scaled to fit
+        env = "table*"
+        tabular[0] = r"\resizebox{\textwidth}{!}{" + tabular[0]
+        tabular[-1] += "}"
+    lines = [rf"\begin{{{env}}}[t]", r"\centering", r"\small",
+             rf"\caption{{{_tex(table.setting.title)}. {_tex(_note(table))}}}", *tabular, rf"\end{{{env}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def _note(table: Table) -> str:
+    note = "Mean ± standard deviation over seeds; best mean in bold."
+    if any(c in table.columns for c in CORRUPTED):
+        note += " cA / cNLL / cECE: means over every corruption type and severity."
+    if table.paper_source:
+        note += f" (paper): the numbers reported by Trinh et al. (2024), {table.paper_source}."
+    return note
+
+
+def _tex(text: str) -> str:
+    for plain, tex in (("%", r"\%"), ("α", r"$\alpha$"), ("±", r"$\pm$"), ("—", "--"), ("_", r"\_")):
+        text = text.replace(plain, tex)
+    return text

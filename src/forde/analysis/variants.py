@@ -1,0 +1,58 @@
+"""Method variants as the paper names them, in one fixed order and one fixed colour each, so that a
+method looks the same in every table and figure."""
+
+from __future__ import annotations
+
+import colorsys
+
+from matplotlib.colors import to_hex, to_rgb
+
+PCA, IDENTITY = 1.0, 0.0
+
+BASE = {  # label -> colour (Okabe-Ito, colour-blind safe)
+    "DE": "#0072B2",
+    "Weight-RDE": "#E69F00",
+    "Function-RDE": "#009E73",
+    "Feature-RDE": "#8C6D31",  # the paper's baseline; no implementation here, so only in --paper tables
+    "LIT": "#CC79A7",
+    "FoRDE-Identity": "#56B4E9",
+    "FoRDE-PCA": "#D55E00",
+}
+TUNED = "#7B3294"  # FoRDE-Tuned: shades of one purple, darker for larger alpha
+ORDER = ("DE", "Weight-RDE", "Function-RDE", "Feature-RDE", "LIT", "FoRDE-Identity", "FoRDE-Tuned", "FoRDE-PCA")
+NAMES = {"de": "DE", "rde_weight": "Weight-RDE", "rde_function": "Function-RDE", "lit": "LIT"}
+
+
+def variant(method: str, alpha: float | None = None) -> str:
+    """The paper's label for a method (and FoRDE's lengthscale mix alpha)."""
+    if method != "forde":
+        return NAMES.get(method, method)
+    if alpha is None or alpha == PCA:
+        return "FoRDE-PCA"
+    if alpha == IDENTITY:
+        return "FoRDE-Identity"
+    return f"FoRDE-Tuned (α={alpha:g})"
+
+
+def tuned_alpha(label: str) -> float | None:
+    if label.startswith("FoRDE-Tuned (α="):
+        return float(label[len("FoRDE-Tuned (α="):-1])
+    return None
+
+
+def color(label: str) -> str:
+    """A fixed colour per variant; tuned FoRDE variants get lighter shades of one purple for smaller alpha."""
+    if label in BASE:
+        return BASE[label]
+    alpha = tuned_alpha(label)
+    if alpha is not None:
+        h, l, s = colorsys.rgb_to_hls(*to_rgb(TUNED))
+        return to_hex(colorsys.hls_to_rgb(h, 0.75 - 0.45 * alpha, s))
+    return "#7F7F7F"
+
+
+def sort_key(label: str) -> tuple[int, float, str]:
+    """Paper order: baselines first, FoRDE variants last (tuned ones by alpha, between identity and PCA)."""
+    base = "FoRDE-Tuned" if tuned_alpha(label) is not None else label
+    rank = ORDER.index(base) if base in ORDER else len(ORDER)
+    return rank, tuned_alpha(label) or 0.0, label

@@ -1,0 +1,198 @@
+"""Analysis on results of real tiny training runs: loaders (run directories, Optuna storage), tables
+against the inputs' means and stds, the paper's numbers side by side, and the report's outputs."""
+
+import dataclasses
+import json
+import runpy
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from forde.analysis import figures
+from forde.analysis.aggregate import Setting, setting_of
+from forde.analysis.results import find_runs, load_optuna, load_run_dir, load_study
+from forde.analysis.tables import benchmark_table, to_latex, to_markdown
+from forde.cli import main as cli
+from forde.config import load_config
+from forde.data.base import Split
+from forde.train import train
+
+SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "report.py"
+VARIANTS = [("de", None), ("forde", 0.0), ("forde", 0.5), ("forde", 1.0), ("rde_weight", None), ("rde_function", None), ("lit", None)]
+SETTING = Setting("digits", "mlp", 3)
+
+
+def corrupted_digits(setup):
+    """Two corruption types x five severities of the digits test split, made here (no -C set needed)."""
+    test = setup.dataset.test
+    x = test.inputs.float()
+    g = torch.Generator().manual_seed(0)
+    for severity in range(1, 6):
+        noisy = x + torch.randn(x.shape, generator=g) * 25.0 * severity
+        yield "gaussian_noise", severity, Split(noisy.clamp(0, 255).round().to(torch.uint8), test.labels)
+        faded = (x - x.mean()) * (1 - 0.18 * severity) + x.mean()
+        yield "contrast", severity, Split(faded.clamp(0, 255).round().to(torch.uint8), test.labels)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """STUDY/runs/<name>/: 7 variants x 2 seeds at M = 3, and DE at M = 2; one epoch each."""
+    root = tmp_path_factory.mktemp("study")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny MLPs: threads only add overhead
+    jobs = [(m, a, 3, s) for m, a in VARIANTS for s in (0, 1)] + [("de", None, 2, s) for s in (0, 1)]
+    for method, alpha, size, seed in jobs:
+        name = f"{method}{'' if alpha is None else f'-a{alpha}'}-M{size}-s{seed}"
+        overrides = [f"run.out_dir={root / 'runs'}", f"run.name={name}", "run.progress=false", f"ensemble_size={size}",
+                     "model.hidden=[16]", "optim.epochs=1", f"data.root={root / 'data'}", "eval.grad_samples=100",
+                     f"method.name={method}", f"seed={seed}"] + ([f"method.alpha={alpha}"] if alpha is not None else [])
+        train(load_config("quickstart", overrides), corrupted_sets=corrupted_digits)
+    torch.set_num_threads(threads)
+    return root
+
+
+def raw_results(study, pattern):
+    return [json.loads(p.read_text()) for p in sorted((study / "runs").glob(f"{pattern}/results.json"))]
+
+
+def test_run_directories_load_with_variants_and_per_corruption_rows(study):
+    runs = find_runs(study)
+    assert len(runs) == 16
+    assert {r.variant for r in runs} == {"DE", "FoRDE-Identity", "FoRDE-Tuned (α=0.5)", "FoRDE-PCA", "Weight-RDE",
+                                         "Function-RDE", "LIT"}
+    run = load_run_dir(study / "runs" / "forde-a0.5-M3-s1")
+    assert (run.method, run.alpha, run.seed, run.ensemble_size, run.model) == ("forde", 0.5, 1, 3, "mlp")
+    assert run.summary == raw_results(study, "forde-a0.5-M3-s1")[0]["summary"]
+    assert len(run.per_set) == 10 and {"corruption", "severity", "accuracy"} <= set(run.per_set[0])
+
+
+@pytest.mark.parametrize("variant,pattern,key", [
+    ("DE", "de-M3-s*", "test/nll"),
+    ("FoRDE-PCA", "forde-a1.0-M3-s*", "corrupted/accuracy"),
+    ("LIT", "lit-M3-s*", "test/ece"),
+])
+def test_table_cells_are_means_and_stds_over_seeds(study, variant, pattern, key):
+    runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
+    table = benchmark_table(runs, SETTING)
+    values = [res["summary"][key] for res in raw_results(study, pattern)]
+    cell = table.value(variant, key)
+    assert cell.n == 2
+    assert cell.mean == pytest.approx(statistics.fmean(values), abs=1e-12)
+    assert cell.std == pytest.approx(statistics.stdev(values), abs=1e-12)
+    column = next(c for c in table.columns if c.key == key)
+    assert f"{column.fmt(cell.mean)} ± {column.fmt(cell.std)}" in to_markdown(table)
+
+
+def test_best_mean_is_bold_and_latex_escapes(study):
+    runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
+    table = benchmark_table(runs, SETTING)
+    acc = next(c for c in table.columns if c.key == "test/accuracy")
+    best = max(table.rows, key=lambda r: r.cells[acc.key].mean)
+    line = next(l for l in to_markdown(table).splitlines() if l.startswith(f"| {best.variant} |"))
+    assert f"**{acc.fmt(best.cells[acc.key].mean)} ± " in line
+    tex = to_latex(table)
+    assert r"\textbf{" in tex and r"$\alpha$=0.5" in tex and r"Accuracy (\%)" in tex and "±" not in tex
+
+
+def test_paper_numbers_appear_beside_ours(study):
+    runs = [dataclasses.replace(r, dataset="cifar10", model="resnet18") for r in find_runs(study) if r.ensemble_size == 3]
+    table = benchmark_table(runs, Setting("cifar10", "resnet18", 3), paper=True)
+    assert table.paper_source == "Table 2"
+    rows = {r.variant: r for r in table.rows}
+    assert rows["FoRDE-PCA"].paper["corrupted/accuracy"] == "80.5"
+    assert rows["FoRDE-Tuned (α=0.5)"].paper["test/nll"] == "0.114"
+    assert rows["Feature-RDE"].seeds == 0 and rows["Feature-RDE"].paper["test/accuracy"] == "96.4"
+    md = to_markdown(table)
+    assert "cA (%) (paper)" in md and "Trinh et al. (2024), Table 2" in md
+    assert to_latex(table).startswith(r"\begin{table*}")
+
+
+def test_optuna_storage_loader(study, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    opt = optuna.create_study(study_name="forde-alpha", storage=storage, direction="maximize")
+    dirs = sorted((study / "runs").glob("forde-a*-M3-s0"))
+    dist = {"method.alpha": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for d in dirs:
+        res = json.loads((d / "results.json").read_text())
+        opt.add_trial(optuna.trial.create_trial(
+            params={"method.alpha": load_run_dir(d).alpha},
+            distributions=dist, value=res["summary"]["test/accuracy"],
+            user_attrs={"run_dir": str(d), "summary": res["summary"]}))
+    gone = json.loads((dirs[0] / "results.json").read_text())["summary"]  # a trial whose run directory was deleted
+    opt.add_trial(optuna.trial.create_trial(
+        params={"method.alpha": 0.3}, distributions=dist, value=0.5,
+        user_attrs={"run_dir": str(tmp_path / "deleted"), "summary": gone,
+                    "config_params": {"method.name": "forde", "method.alpha": 0.3, "seed": 4}}))
+    opt.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"method.alpha": 0.9},
+                                            distributions=dist, intermediate_values={1: 0.1}))
+    opt.set_user_attr("data.name", "digits")
+
+    runs = load_optuna(storage)
+    assert len(runs) == 4  # three run directories, one summary-only trial; the pruned trial has no results
+    from_dirs = {r.source: r for r in find_runs(study)}
+    for r in runs[:3]:
+        assert r.summary == from_dirs[r.source].summary and r.per_set == from_dirs[r.source].per_set
+    orphan = runs[3]
+    assert orphan.source.startswith("optuna:forde-alpha#")
+    assert (orphan.method, orphan.alpha, orphan.seed, orphan.dataset) == ("forde", 0.3, 4, "digits")
+    assert orphan.variant == "FoRDE-Tuned (α=0.3)" and orphan.model == "unknown"
+    assert orphan.summary == gone and orphan.per_set == []
+
+    # a study folder: run directories are the record; the storage adds only trials whose directories are gone
+    shutil.copy(tmp_path / "study.db", study / "study.db")
+    try:
+        combined = load_study(study)
+    finally:
+        (study / "study.db").unlink()
+    assert len(combined) == 17 and sum(r.source.startswith("optuna:") for r in combined) == 1
+
+
+def test_figures_without_their_inputs_are_skipped_with_a_reason(study):
+    de_only = [r for r in find_runs(study) if r.method == "de" and r.ensemble_size == 3]
+    with pytest.raises(figures.Skip, match="two or more values of method.alpha"):
+        figures.lengthscale_figure(de_only, SETTING)
+    with pytest.raises(figures.Skip, match="two or more ensemble sizes"):
+        figures.ensemble_size_figure(de_only, "MLP / Digits")
+    clean = [dataclasses.replace(r, summary={k: v for k, v in r.summary.items() if k.startswith("test/")}, per_set=[])
+             for r in de_only]
+    with pytest.raises(figures.Skip, match="no corrupted results"):
+        figures.severity_figure(clean, SETTING)
+    with pytest.raises(figures.Skip, match="no per-corruption results"):
+        figures.corruption_type_figure(clean, SETTING)
+
+
+def test_report_script_writes_every_table_and_figure(study, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", ["report.py", str(study), "--out", str(out), "--paper"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert exit_.value.code == 0
+    expected = [f"digits-mlp-M3/{name}.{ext}" for name in ("benchmark", "severity", "corruptions", "diversity", "lengthscale")
+                for ext in ("png", "pdf")]
+    expected += ["digits-mlp-M3/benchmark.md", "digits-mlp-M3/benchmark.tex", "digits-mlp-M2/benchmark.md",
+                 "digits-mlp/ensemble_size.png", "digits-mlp/ensemble_size.pdf", "index.md"]
+    for name in expected:
+        assert (out / name).stat().st_size > 0, name
+    index = (out / "index.md").read_text()
+    assert "digits-mlp-M2/lengthscale: needs FoRDE runs at two or more values of method.alpha" in index
+
+
+def test_forde_report_on_a_study_without_corruptions_skips_instead_of_crashing(study, tmp_path, capsys):
+    for name in ("de-M3-s0", "de-M3-s1"):
+        shutil.copytree(study / "runs" / name, tmp_path / "s" / name)
+        path = tmp_path / "s" / name / "results.json"
+        res = json.loads(path.read_text())
+        res.pop("corrupted")
+        res["summary"] = {k: v for k, v in res["summary"].items() if k.startswith("test/")}
+        path.write_text(json.dumps(res))
+    assert cli(["report", str(tmp_path / "s")]) == 0
+    index = (tmp_path / "s" / "report" / "index.md").read_text()
+    for skipped in ("severity: no corrupted results", "corruptions: no per-corruption results", "lengthscale: needs"):
+        assert skipped in index
+    assert (tmp_path / "s" / "report" / "digits-mlp-M3" / "benchmark.png").exists()
+    assert "figures skipped" in capsys.readouterr().out
