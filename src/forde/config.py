@@ -51,6 +51,8 @@ class MethodConfig:
     median: Literal["all_pairs", "per_column"] = "all_pairs"  # which distances the median heuristic uses
     eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
     grad_target: Literal["logit", "log_prob"] = "logit"  # which true-class output is differentiated w.r.t. x
+    repulsion_every: int = 1  # FoRDE: add the repulsion (scaled by k) on every k-th step only; plain steps between
+    repulsion_subset: float = 1.0  # FoRDE: share of each batch whose input gradients build the kernel
     lit_weight: float = 1.0  # LIT: weight of the squared-cosine penalty on input gradients
 
 
@@ -217,6 +219,9 @@ def validate(cfg: TrainConfig) -> None:
         _check(cfg.ensemble_size >= 2, "ensemble_size", cfg.ensemble_size,
                f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
                "set ensemble_size>=2, or a fixed method.bandwidth")
+    _check(m.repulsion_every >= 1, "method.repulsion_every", m.repulsion_every, "must be at least 1", "set method.repulsion_every=1")
+    _check(0 < m.repulsion_subset <= 1, "method.repulsion_subset", m.repulsion_subset, "must lie in (0, 1]",
+           "set method.repulsion_subset=1.0")
     _check(m.lit_weight >= 0, "method.lit_weight", m.lit_weight, "must be non-negative", "set method.lit_weight=1.0")
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")

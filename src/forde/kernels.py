@@ -61,22 +61,23 @@ def kernel_matrix(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def repulsion(z: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
-              bandwidth_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1/B) sum_i log sum_j k_ij on features z [M, B, D], j side (and bandwidth) held constant."""
+              bandwidth_scale: float = 1.0, weight: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """weight * sum_i log sum_j k_ij on features z [M, B, D], j side (and bandwidth) held constant;
+    weight defaults to 1/B."""
     return distance_repulsion(pairwise_sq_dists(z, z.detach()), bandwidth=bandwidth, median_mode=median_mode,
-                              bandwidth_scale=bandwidth_scale)
+                              bandwidth_scale=bandwidth_scale, weight=weight)
 
 
 def distance_repulsion(d: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
-                       bandwidth_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       bandwidth_scale: float = 1.0, weight: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The same from squared distances d [B, M, M] whose row i alone carries member i's graph: for
     features too large to difference pairwise (the weight-space kernel builds d from a Gram matrix)."""
-    batch = d.shape[0]
+    weight = 1.0 / d.shape[0] if weight is None else weight
     d_const = d.detach()
     h = (torch.full_like(d_const[:, :1, :1], bandwidth) if bandwidth is not None
          else median_bandwidth(d_const, median_mode, bandwidth_scale))
     k = kernel_matrix(d, h)
-    loss = k.sum(1).log().sum() / batch
+    loss = k.sum(1).log().sum() * weight
     return loss, {"bandwidth": h.mean().detach(), "kernel_offdiag": _offdiag_mean(k.detach())}
 
 

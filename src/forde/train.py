@@ -172,6 +172,7 @@ class Trainer:
         s.ensemble.train()
         steps = len(self.loader)
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         correct = torch.zeros((), device=s.device)
         seen = 0
         start = time.perf_counter()
@@ -182,19 +183,20 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with s.autocast():
-                loss, logits, stats = s.method.loss(s.ensemble, s.prepare(x), y)
+                loss, logits, stats = s.method.loss(s.ensemble, s.prepare(x), y, step=self.epoch * steps + step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            for k, v in {"loss": loss.detach(), **stats}.items():
+            for k, v in {"loss": loss.detach(), **stats}.items():  # some statistics exist on some steps only
                 sums[k] = sums.get(k, 0) + v.float()
+                counts[k] = counts.get(k, 0) + 1
             correct += (logits.detach().float().softmax(-1).mean(0).argmax(-1) == y).sum()
             seen += len(y)
             if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps:
                 self._check_finite(sums["loss"], step)
                 bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", lr=f"{lr:.4g}")
         elapsed = time.perf_counter() - start
-        out = {f"train/{k}": (v / steps).item() for k, v in sums.items()}
+        out = {f"train/{k}": (v / counts[k]).item() for k, v in sums.items()}
         out.update({"train/accuracy": correct.item() / seen, "train/lr": lr, "train/epoch_time_s": elapsed,
                     "train/images_per_s": seen / elapsed})
         return out

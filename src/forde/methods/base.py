@@ -13,9 +13,10 @@ from forde.ensemble import Ensemble
 class Method(Protocol):
     name: str
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (loss to minimise, member logits [M, B, C], detached statistics for logging)."""
+        """Returns (loss to minimise, member logits [M, B, C], detached statistics for logging).
+        `step` counts optimizer steps from the start of training, for methods that act on some steps only."""
         ...
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from forde.config import MethodConfig
@@ -12,6 +14,10 @@ from forde.methods.likelihoods import Categorical, Likelihood
 
 class FoRDE:
     """Loss = sum_i mean_b NLL_ib + (1/B) sum_i log sum_j k_ij, one backward pass for both terms.
+
+    Two cheaper approximations, off by default: `repulsion_every = k` adds the repulsion (times k) on
+    every k-th step only; `repulsion_subset = s < 1` builds the kernel from a separate pass over the
+    first s*B samples of the batch while the data term still sees all of it.
 
     `projection` is U diag(sqrt(w)) from the training data's PCA ([D, D]), or None for the identity
     kernel (alpha = 0). The likelihood (default: classification) picks the differentiated output.
@@ -29,9 +35,35 @@ class FoRDE:
         s = unit_normalize(grads, self.cfg.eps)
         return s if self.projection is None else s @ self.projection
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor):
-        outputs, grads = ensemble.output_gradients(x, lambda out: self.likelihood.pick(out, y), create_graph=True)
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+        cfg, batch = self.cfg, len(y)
+        if step % cfg.repulsion_every:  # a plain data step between repulsion steps
+            outputs = ensemble(x)
+            nll = self.likelihood.nll(outputs, y)
+            return nll, outputs, {self.likelihood.name: nll.detach()}
+        pick = lambda out, target: self.likelihood.pick(out, target)
+        if cfg.repulsion_subset >= 1.0:
+            outputs, grads = ensemble.output_gradients(x, lambda out: pick(out, y), create_graph=True)
+        else:  # data term on the whole batch, kernel on its first k samples (the batch is already shuffled)
+            k = max(2, round(cfg.repulsion_subset * batch))
+            outputs = ensemble(x)
+            with batch_stats_only(ensemble):
+                _, grads = ensemble.output_gradients(x[:k], lambda out: pick(out, y[:k]), create_graph=True)
         nll = self.likelihood.nll(outputs, y)
-        rep, stats = repulsion(self.features(grads), bandwidth=self.cfg.bandwidth,
-                               median_mode=self.cfg.median, bandwidth_scale=self.cfg.bandwidth_scale)
+        rep, stats = repulsion(self.features(grads), bandwidth=cfg.bandwidth, median_mode=cfg.median,
+                               bandwidth_scale=cfg.bandwidth_scale, weight=cfg.repulsion_every / batch)
         return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}
+
+
+@contextlib.contextmanager
+def batch_stats_only(module: torch.nn.Module):
+    """Batch norm normalises with batch statistics but leaves its running statistics alone: the extra
+    pass over a subset of the batch must not count as a second training batch."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
