@@ -9,10 +9,9 @@ import logging
 import re
 from pathlib import Path
 
-import torch
-
-from forde.data.base import Dataset, Split
-from forde.data.images import decode_images, is_image_file
+from forde.config import ConfigError
+from forde.data.base import Dataset
+from forde.data.images import decode_splits, is_image_file
 from forde.data.store import is_store, load_store, save_store
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,15 @@ def imported_names(root: str | Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and is_store(d))
+
+
+def missing_data_error(name: str, release: Path, root: str | Path) -> ConfigError:
+    """The error for a built-in dataset that is not on disk: where it was looked for, and both fixes."""
+    return ConfigError(
+        f"data.name = {name!r}: found neither the release files at {release} nor an imported folder at "
+        f"{imported_dir(root, name)}. Either set data.download=true on a machine with internet access (it "
+        f"downloads into data.root = {root}), or decode an ImageFolder tree of it once with "
+        f"`forde data import-folder SRC {name}` ({LAYOUT}).")
 
 
 def load_imported(root: str | Path, name: str) -> Dataset:
@@ -72,13 +80,9 @@ def import_folder(src: str | Path, name: str, root: str | Path) -> Path:
     class_names = _subdirs(src / "train")
     class_index = {c: i for i, c in enumerate(class_names)}
     listed = {s: _list_split(src / s, class_index) for s in ("train", "val", "test") if (src / s).is_dir()}
-    images = decode_images([p for paths, _ in listed.values() for p in paths], desc=f"importing {name}")
-    splits, start = {}, 0
-    for split, (paths, labels) in listed.items():
-        splits[split] = Split(torch.from_numpy(images[start:start + len(paths)]), torch.tensor(labels, dtype=torch.int64))
-        start += len(paths)
+    splits = decode_splits(listed, desc=f"importing {name}")
     dest = imported_dir(root, name)
     save_store(dest, splits, class_names)
     log.info("imported %s as '%s' into %s: %s, %d classes, images %s", src, name, dest,
-             ", ".join(f"{s} {len(v)}" for s, v in splits.items()), len(class_names), tuple(images.shape[1:]))
+             ", ".join(f"{s} {len(v)}" for s, v in splits.items()), len(class_names), tuple(splits["train"].inputs.shape[1:]))
     return dest

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
+
+from forde.data.base import Split
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -54,3 +57,13 @@ def decode_images(paths: Sequence[Path], desc: str = "decoding images", chunk: i
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, stop instead of decoding the rest
     return out
+
+
+def decode_splits(listed: dict[str, tuple[list[Path], list[int]]], desc: str) -> dict[str, Split]:
+    """{split: (paths, labels)} -> {split: Split}, decoding every split in one pass (one size check, one bar)."""
+    images = decode_images([p for paths, _ in listed.values() for p in paths], desc=desc)
+    splits, start = {}, 0
+    for split, (paths, labels) in listed.items():
+        splits[split] = Split(torch.from_numpy(images[start:start + len(paths)]), torch.tensor(labels, dtype=torch.int64))
+        start += len(paths)
+    return splits

@@ -49,7 +49,8 @@ def load_store(directory: str | Path, name: str) -> Dataset:
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} holds format {meta.get('format')}, this version reads {FORMAT}; import it again")
+        raise ValueError(f"{directory} holds format {meta.get('format')}, this version reads {FORMAT}: delete it and "
+                         "import (or load) the dataset again")
     splits = {s: Split(torch.from_numpy(np.load(directory / f"{s}_images.npy")),
                        torch.from_numpy(np.load(directory / f"{s}_labels.npy")))
               for s in meta["splits"]}
