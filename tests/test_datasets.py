@@ -180,6 +180,18 @@ def test_tinyimagenet_layout_order_grey_and_cache(tmp_path, monkeypatch):
     assert torch.equal(again.train.inputs, ds.train.inputs) and torch.equal(again.test.labels, ds.test.labels)
 
 
+def test_tinyimagenet_download_uses_release_url(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, root, md5):
+        calls.append((url, md5))
+        write_tinyimagenet(Path(root))
+
+    monkeypatch.setattr(tinyimagenet, "download_and_extract_archive", fake_download)
+    ds = load_dataset(DataConfig(name="tinyimagenet", root=str(tmp_path), download=True))
+    assert len(ds.train) == 7 and calls == [(tinyimagenet.URL, tinyimagenet.MD5)]
+
+
 # ---------------------------------------------------------------- ImageFolder import
 
 def test_import_folder_png_round_trip_and_load_by_name(tmp_path):
@@ -296,3 +308,4 @@ def test_channel_stats_match_float64_formula():
 def test_decode_images_rejects_empty():
     with pytest.raises(ValueError, match="no images"):
         images.decode_images([])
+
