@@ -241,6 +241,9 @@ def test_import_folder_layout_errors(tmp_path):
         import_folder(tmp_path / "src", "../up", tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         import_folder(tmp_path / "src" / "train", "x", tmp_path)
+    (tmp_path / "cifar-10-batches-py").mkdir()  # never replaced: it is not an imported dataset
+    with pytest.raises(FileExistsError, match="holds no imported dataset"):
+        import_folder(tmp_path / "src", "cifar-10-batches-py", tmp_path)
     (tmp_path / "src" / "test" / "gamma").mkdir()
     with pytest.raises(ValueError, match="class 'gamma' has no folder in the train split"):
         import_folder(tmp_path / "src", "x", tmp_path)

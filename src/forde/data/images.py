@@ -40,14 +40,15 @@ def decode_images(paths: Sequence[Path], desc: str = "decoding images", chunk: i
     out = np.empty((len(paths),) + first.shape, dtype=np.uint8)
 
     def decode(start: int) -> int:
-        for i in range(start, min(start + chunk, len(paths))):
+        end = min(start + chunk, len(paths))
+        for i in range(start, end):
             image = read_rgb(paths[i])
             if image.shape != first.shape:
                 raise ValueError(
                     f"all images must share one size, but {paths[i]} is {image.shape[2]}x{image.shape[1]} while "
                     f"{paths[0]} is {first.shape[2]}x{first.shape[1]}; resize them to one size first")
             out[i] = image
-        return i + 1 - start
+        return end - start
 
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:

@@ -26,8 +26,10 @@ def is_store(directory: str | Path) -> bool:
 
 
 def save_store(directory: str | Path, splits: dict[str, Split], class_names: list[str]) -> None:
-    """Write the splits into `directory`, replacing what was there only once everything is written."""
+    """Write the splits into `directory`, replacing an earlier store there only once everything is written."""
     directory = Path(directory)
+    if directory.exists() and not is_store(directory):
+        raise FileExistsError(f"{directory} exists and holds no imported dataset; choose another name or move it away")
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
