@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -93,6 +95,24 @@ def test_cache_is_reused_and_keyed_by_data_and_normalisation(tmp_path, monkeypat
     pca.cached_pca(changed, mean, std, tmp_path, "toy")  # other data, one bit apart
     assert len(calls) == 3 and len(list(tmp_path.glob("pca-toy-*.pt"))) == 3
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_concurrent_callers_compute_once(tmp_path, monkeypatch):
+    """Parallel sweep workers asking for the same PCA: one computes, the others wait and reuse it."""
+    images = torch.randint(0, 256, (100, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = pca.compute_pca
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the other threads to arrive while this one computes
+        return real(*args)
+
+    monkeypatch.setattr(pca, "compute_pca", slow)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: pca.cached_pca(images, (0.5,), (0.25,), tmp_path, "toy"), range(3)))
+    assert len(calls) == 1
+    assert all(torch.equal(r.eigenvectors, results[0].eigenvectors) for r in results)
 
 
 def test_run_pca_command_caches_under_root_and_logs(tmp_path, caplog):

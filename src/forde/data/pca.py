@@ -13,6 +13,7 @@ happen once, on the D x D matrix.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -108,20 +109,25 @@ def fingerprint(inputs: torch.Tensor, mean, std) -> str:
 
 
 def cached_pca(inputs: torch.Tensor, mean, std, cache_dir: str | Path, name: str) -> PCA:
-    """Load the PCA of these exact inputs from `cache_dir`, computing and saving it on a miss."""
+    """Load the PCA of these exact inputs from `cache_dir`, computing and saving it on a miss.
+
+    A lock file makes concurrent callers (the parallel workers of a sweep) wait for one computation
+    instead of each running their own."""
     path = Path(cache_dir) / f"pca-{name}-{fingerprint(inputs, mean, std)}.pt"
-    if path.exists():
-        log.info("PCA: reusing %s", path)
-        data = torch.load(path, map_location="cpu")
-        return PCA(data["eigenvalues"], data["eigenvectors"])
-    log.info("PCA: computing the %d-dim covariance of %d training inputs", inputs[0].numel(), len(inputs))
-    pca = compute_pca(inputs, mean, std)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"eigenvalues": pca.eigenvalues, "eigenvectors": pca.eigenvectors}, tmp)
-    os.replace(tmp, path)
-    log.info("PCA: saved %s", path)
-    return pca
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            log.info("PCA: reusing %s", path)
+            data = torch.load(path, map_location="cpu")
+            return PCA(data["eigenvalues"], data["eigenvectors"])
+        log.info("PCA: computing the %d-dim covariance of %d training inputs", inputs[0].numel(), len(inputs))
+        pca = compute_pca(inputs, mean, std)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"eigenvalues": pca.eigenvalues, "eigenvectors": pca.eigenvectors}, tmp)
+        os.replace(tmp, path)
+        log.info("PCA: saved %s", path)
+        return pca
 
 
 def dataset_pca(ds: Dataset, root: str | Path) -> PCA:
