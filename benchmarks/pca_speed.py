@@ -6,7 +6,7 @@ so their spectrum looks like natural images (eigh's speed depends on it). Withou
 covariances are timed on --rows images and projected linearly in N (their cost is N * D^2); eigh is
 always run at full size.
 
-    python benchmarks/pca_speed.py --root data [--dataset cifar10] [--rows 8192] [--full]
+    python benchmarks/pca_speed.py --root data [--dataset cifar10] [--scales 3072 12288] [--rows 8192] [--full]
 """
 
 from __future__ import annotations
@@ -23,12 +23,6 @@ from report import write_report
 from forde.config import DataConfig
 from forde.data import pca
 from forde.data.registry import load_dataset
-
-
-def timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 def upsampled(images: torch.Tensor, size: int, chunk: int = 5000) -> torch.Tensor:
@@ -49,52 +43,59 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+class Table:
+    """Markdown rows of timed steps: wall-clock and CPU seconds (all threads), measured or projected."""
+
+    def __init__(self):
+        self.rows = ["| step | D | N | wall s | CPU s | note |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def time(self, step: str, d: int, n: int, fn, *args, scale: float = 1.0, note=""):
+        """Run fn(*args) and add a row. `scale` projects a run on n / scale inputs to n (cost linear in N);
+        `note` is text, or a function of fn's result giving the text."""
+        start, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        notes = [f"projected x{scale:.1f} from {n / scale:,.0f} images ({wall:.1f} s wall, {cpu:.1f} s CPU measured)"
+                 ] if scale != 1.0 else []
+        notes += [note(out) if callable(note) else note]
+        self.rows.append(f"| {step} | {d} | {n:,} | {wall * scale:.1f} | {cpu * scale:.1f} | {'; '.join(filter(None, notes))} |")
+        return out
+
+
+def covariances(table: Table, images: torch.Tensor, mean, std, n: int) -> torch.Tensor:
+    """Time both covariance paths on `images` (standing for `n` images); return the fast path's result."""
+    d, scale = images[0].numel(), n / len(images)
+    plain = table.time("covariance, plain float64 GEMM", d, n, pca.covariance_float64, images, mean, std, scale=scale)
+    return table.time("covariance, exact float32 SYRK (fast path)", d, n, pca.covariance_uint8, images, std,
+                      scale=scale, note=lambda fast: f"fast vs plain: {compare(fast, plain)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data")
     ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--scales", nargs="+", type=int, default=[3072, 12288], choices=[3072, 12288])
     ap.add_argument("--rows", type=int, default=8192, help="images the 12288-dim covariances are timed on")
-    ap.add_argument("--full", action="store_true", help="run the fast 12288-dim covariance on all 100k images")
+    ap.add_argument("--full", action="store_true", help="also run the fast 12288-dim covariance on all 100k images")
     ap.add_argument("--out", default="benchmarks/results/pca_speed.md")
     args = ap.parse_args()
 
     ds = load_dataset(DataConfig(name=args.dataset, root=args.root))
-    x, mean, std = ds.train.inputs, ds.mean, ds.std
-    rows = ["| step | D | N | seconds | note |", "| --- | --- | --- | --- | --- |"]
-    add = lambda step, d, n, sec, note="": rows.append(f"| {step} | {d} | {n:,} | {sec:.1f} | {note} |")
-
-    d, n = x[0].numel(), len(x)
-    _, sec = timed(pca.fingerprint, x, mean, std)
-    add("fingerprint (SHA-1 of the inputs)", d, n, sec)
-    plain, sec_plain = timed(pca.covariance_float64, x, mean, std)
-    add("covariance, plain float64 GEMM", d, n, sec_plain)
-    fast, sec_fast = timed(pca.covariance_uint8, x, std)
-    add("covariance, exact float32 SYRK (fast path)", d, n, sec_fast,
-        f"{sec_plain / sec_fast:.1f}x faster; {compare(fast, plain)}")
-    ref, _ = timed(pca.pca_from_covariance, plain)
-    result, sec = timed(pca.pca_from_covariance, fast)
-    rel = ((result.eigenvalues - ref.eigenvalues).abs() / ref.eigenvalues[0]).max().item()
-    add("eigh (float64, torch.linalg.eigh)", d, n, sec, f"eigenvalues of the two paths differ by <= {rel:.1e} of the largest")
-    del plain, fast, ref, result
-
-    big = upsampled(x, 64)
-    d, n = big[0].numel(), len(big)
-    _, sec = timed(pca.fingerprint, big, mean, std)
-    add("fingerprint (SHA-1 of the inputs)", d, n, sec)
-    part = big[:args.rows]
-    scale = n / len(part)
-    plain, sec_plain = timed(pca.covariance_float64, part, mean, std)
-    add("covariance, plain float64 GEMM", d, n, sec_plain * scale, f"projected from {len(part):,} images ({sec_plain:.1f} s)")
-    fast, sec_fast = timed(pca.covariance_uint8, part, std)
-    add("covariance, exact float32 SYRK (fast path)", d, n, sec_fast * scale,
-        f"projected from {len(part):,} images ({sec_fast:.1f} s); {sec_plain / sec_fast:.1f}x faster; {compare(fast, plain)}")
-    del plain
-    if args.full:
-        fast, sec = timed(pca.covariance_uint8, big, std)
-        add("covariance, exact float32 SYRK (fast path)", d, n, sec, "measured on all images")
-    result, sec = timed(pca.pca_from_covariance, fast)
-    add("eigh (float64, torch.linalg.eigh)", d, n, sec, f"peak memory of the process so far {peak_gib():.1f} GiB")
-    write_report(args.out, "PCA speed", rows)
+    mean, std = ds.mean, ds.std
+    table = Table()
+    for scale in args.scales:
+        x = ds.train.inputs if scale == 3072 else upsampled(ds.train.inputs, 64)
+        d, n = x[0].numel(), len(x)
+        table.time("fingerprint (SHA-1 of the inputs)", d, n, pca.fingerprint, x, mean, std)
+        cov = covariances(table, x[:args.rows] if scale == 12288 else x, mean, std, n)
+        if scale == 12288 and args.full:
+            cov = table.time("covariance, exact float32 SYRK (fast path)", d, n, pca.covariance_uint8, x, std,
+                             note="measured on all images")
+        table.time("eigh (float64, torch.linalg.eigh)", d, n, pca.pca_from_covariance, cov,
+                   note=f"process peak memory before it: {peak_gib():.1f} GiB")
+        del x, cov
+    table.rows += ["", f"Peak memory of the process: {peak_gib():.1f} GiB."]
+    write_report(args.out, "PCA speed", table.rows)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+LOAD_AT_START = os.getloadavg()  # other processes on the machine skew every timing: record how busy it was
+
 
 def _cpu_model() -> str:
     try:
@@ -24,13 +27,14 @@ def _cpu_model() -> str:
 
 def machine() -> list[str]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    env = "".join(f"{k}={os.environ[k]} " for k in THREAD_VARIABLES if k in os.environ)
+    load = lambda values: ", ".join(f"{v:.1f}" for v in values)
     return [
         f"- machine: {_cpu_model()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; GPU: {gpu}",
-        f"- load average when the report was written (1, 5, 15 min): {load}",
+        f"- load average (1, 5, 15 min) at the start: {load(LOAD_AT_START)}; at the end: {load(os.getloadavg())}",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- command: `python {shlex.join(sys.argv)}`",
+        f"- command: `{env}python {shlex.join(sys.argv)}`",
     ]
 
 
