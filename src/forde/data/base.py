@@ -84,4 +84,3 @@ def image_dataset(name: str, train: Split, test: Split, class_names, val: Split 
     mean, std = channel_stats(train.inputs)
     return Dataset(name, train, test, num_classes=len(class_names), mean=mean, std=std, val=val,
                    class_names=tuple(class_names))
-

@@ -83,6 +83,7 @@ def import_folder(src: str | Path, name: str, root: str | Path) -> Path:
     splits = decode_splits(listed, desc=f"importing {name}")
     dest = imported_dir(root, name)
     save_store(dest, splits, class_names)
-    log.info("imported %s as '%s' into %s: %s, %d classes, images %s", src, name, dest,
-             ", ".join(f"{s} {len(v)}" for s, v in splits.items()), len(class_names), tuple(splits["train"].inputs.shape[1:]))
+    sizes = ", ".join(f"{split} {len(data)}" for split, data in splits.items())
+    log.info("imported %s as '%s' into %s: %s, %d classes, images %s", src, name, dest, sizes, len(class_names),
+             tuple(splits["train"].inputs.shape[1:]))
     return dest

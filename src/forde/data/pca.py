@@ -101,7 +101,7 @@ def compute_pca(inputs: torch.Tensor, mean, std) -> PCA:
 
 
 def fingerprint(inputs: torch.Tensor, mean, std) -> str:
-    """Hash of the exact inputs and normalisation (SHA-1 reads ~1 GB/s; the buffer is hashed in place)."""
+    """Hash of the exact inputs and their normalisation; the buffer is hashed in place, without a copy."""
     h = hashlib.sha1()
     h.update(repr((tuple(inputs.shape), str(inputs.dtype), tuple(mean), tuple(std))).encode())
     h.update(inputs.contiguous().numpy().reshape(-1).view(np.uint8))

@@ -11,7 +11,7 @@ from typing import Callable
 from forde.config import ConfigError, DataConfig
 from forde.data.base import Dataset, split_train_val
 from forde.data.cifar import load_cifar
-from forde.data.imagefolder import imported_names, is_imported, load_imported
+from forde.data.imagefolder import LAYOUT, imported_names, is_imported, load_imported
 from forde.data.tinyimagenet import load_tinyimagenet
 from forde.data.toy import load_digits
 
@@ -31,8 +31,8 @@ def _read(cfg: DataConfig) -> Dataset:
     imported = imported_names(cfg.root)
     raise ConfigError(
         f"data.name = {cfg.name!r}: unknown dataset; built in: {', '.join(sorted(LOADERS))}; imported under "
-        f"data.root = {cfg.root}: {', '.join(imported) or 'none'}. Import an ImageFolder tree (SRC/train/<class>/*, "
-        f"SRC/test/<class>/*) with `forde data import-folder SRC {cfg.name}`.")
+        f"data.root = {cfg.root}: {', '.join(imported) or 'none'}. Import an ImageFolder tree ({LAYOUT}) with "
+        f"`forde data import-folder SRC {cfg.name}`.")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
