@@ -28,7 +28,7 @@ KERNEL_METHODS = ("forde", "rde_weight", "rde_function")  # methods with a media
 class DataConfig:
     name: str = "digits"  # digits | cifar10 | cifar100 | tinyimagenet | a name given to `forde data import-folder`
     root: str = "${oc.env:FORDE_DATA,data}"  # datasets, imported folders, PCA caches and -C sets live here
-    download: bool = False  # let torchvision download CIFAR into `root` when it is missing
+    download: bool = False  # download CIFAR-10/100 or Tiny-ImageNet into `root` when it is missing
     val_fraction: float = 0.0  # share of the training set held out for validation (model selection, pruning)
     split_seed: int = 0  # the train/validation split depends on this seed only
     augment: bool = True  # random crop (padding 4) and horizontal flip on the device; images only

@@ -13,13 +13,15 @@ import torch
 from forde.data.base import Split
 
 
-def normalize(inputs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float (x/255 - mean)/std per channel; float features -> (x - mean)/std."""
+def normalize(inputs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """uint8 images -> (x/255 - mean)/std per channel; float features -> (x - mean)/std; computed in `dtype`."""
+    mean, std = mean.to(dtype), std.to(dtype)
     if inputs.dtype == torch.uint8:
-        x = inputs.float().div_(255.0)
+        x = inputs.to(dtype).div_(255.0)
         shape = (1, -1) + (1,) * (inputs.dim() - 2)
         return x.sub_(mean.view(shape)).div_(std.view(shape))
-    return (inputs.float() - mean) / std
+    return (inputs.to(dtype) - mean) / std
 
 
 def sample_crop_flip(n: int, pad: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""One entry point from a DataConfig to a Dataset, whatever the source."""
+"""One entry point from a DataConfig to a Dataset, whatever the source.
+
+A folder imported under <data.root>/<name>/ (`forde data import-folder SRC NAME`) wins over the
+built-in source of the same name, so an imported CIFAR-10 needs no python batches.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,38 @@ from typing import Callable
 
 from forde.config import ConfigError, DataConfig
 from forde.data.base import Dataset, split_train_val
+from forde.data.cifar import load_cifar
+from forde.data.imagefolder import LAYOUT, imported_names, is_imported, load_imported
+from forde.data.tinyimagenet import load_tinyimagenet
 from forde.data.toy import load_digits
 
 LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": lambda cfg: load_digits(),
+    "cifar10": load_cifar,
+    "cifar100": load_cifar,
+    "tinyimagenet": load_tinyimagenet,
 }
 
 
+def _read(cfg: DataConfig) -> Dataset:
+    if is_imported(cfg.root, cfg.name):
+        return load_imported(cfg.root, cfg.name)
+    if cfg.name in LOADERS:
+        return LOADERS[cfg.name](cfg)
+    imported = imported_names(cfg.root)
+    raise ConfigError(
+        f"data.name = {cfg.name!r}: unknown dataset; built in: {', '.join(sorted(LOADERS))}; imported under "
+        f"data.root = {cfg.root}: {', '.join(imported) or 'none'}. Import an ImageFolder tree ({LAYOUT}) with "
+        f"`forde data import-folder SRC {cfg.name}`.")
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
-    if cfg.name not in LOADERS:
-        raise ConfigError(f"data.name = {cfg.name!r}: unknown dataset; known: {', '.join(sorted(LOADERS))}")
-    ds = LOADERS[cfg.name](cfg)
+    """Read the dataset and hold out the validation split (a dataset's own val split, else data.val_fraction)."""
+    ds = _read(cfg)
+    if ds.val is not None:
+        if cfg.val_fraction > 0:
+            raise ConfigError(f"data.val_fraction = {cfg.val_fraction}: dataset {cfg.name!r} has its own validation "
+                              "split; set data.val_fraction=0 to use it")
+        return ds
     ds.train, ds.val = split_train_val(ds.train, cfg.val_fraction, cfg.split_seed)
     return ds

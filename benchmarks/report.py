@@ -1,0 +1,47 @@
+"""What every benchmark result records: the machine, the software, the date, the command."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+LOAD_AT_START = os.getloadavg()  # other processes on the machine skew every timing: record how busy it was
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> list[str]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    env = "".join(f"{k}={os.environ[k]} " for k in THREAD_VARIABLES if k in os.environ)
+    load = lambda values: ", ".join(f"{v:.1f}" for v in values)
+    return [
+        f"- machine: {_cpu_model()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; GPU: {gpu}",
+        f"- load average (1, 5, 15 min) at the start: {load(LOAD_AT_START)}; at the end: {load(os.getloadavg())}",
+        f"- software: Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{env}python {shlex.join(sys.argv)}`",
+    ]
+
+
+def write_report(path: str | Path, title: str, body: list[str]) -> None:
+    """Print `body` and write it, under a header describing the run, to the Markdown file `path`."""
+    print("\n".join(body))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([f"# {title}", "", *machine(), "", *body]) + "\n")
+    print(f"written to {path}")
