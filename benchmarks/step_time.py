@@ -31,9 +31,11 @@ MODELS = {"resnet18": ModelConfig(name="resnet18", width=64), "small_resnet": Mo
 
 
 def make_step(method, ensemble, x, y, optimizer, autocast):
+    count = iter(range(10**9))  # optimizer steps so far: every-k-th-step variants alternate step kinds
+
     def step():
         with autocast():
-            loss, _, _ = method.loss(ensemble, x, y)
+            loss, _, _ = method.loss(ensemble, x, y, step=next(count))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -41,7 +43,7 @@ def make_step(method, ensemble, x, y, optimizer, autocast):
 
 
 def measure(model: str, m: int, batch: int, device: torch.device, classes: int, min_run_time: float, bf16: bool,
-            channels_last: bool) -> dict:
+            channels_last: bool, variants: list[str]) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
@@ -51,11 +53,13 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    methods = {
-        "de": DeepEnsemble(),
-        # one member has no median bandwidth (ln 1 = 0): time it with a fixed bandwidth
-        "forde": FoRDE(MethodConfig(name="forde", alpha=0.5, bandwidth=1.0 if m == 1 else None), proj),
-    }
+    methods = {"de": DeepEnsemble()}
+    for variant in variants:
+        opts = dict(kv.split("=") for kv in variant.split(":")[1:])
+        cfg = MethodConfig(name="forde", alpha=0.5, **{k: type(getattr(MethodConfig, k))(v) for k, v in opts.items()})
+        if m == 1:  # one member has no median bandwidth (ln 1 = 0): time it with a fixed bandwidth
+            cfg.bandwidth = 1.0
+        methods[variant] = FoRDE(cfg, proj)
     steps, peaks = {}, {}
     for name, method in methods.items():
         ens = build_ensemble(MODELS[model], m, (3, 32, 32), classes, seed=0).to(device).train()
@@ -77,9 +81,9 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
             t = benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
             times[name].append(t.median)
     med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-    return {"model": model, "M": m, "batch": batch, "de_s": med["de"], "forde_s": med["forde"],
-            "ratio": med["forde"] / med["de"], "de_img_s": batch / med["de"], "forde_img_s": batch / med["forde"],
-            "de_peak_mib": peaks.get("de"), "forde_peak_mib": peaks.get("forde")}
+    return [{"model": model, "M": m, "batch": batch, "variant": v, "de_s": med["de"], "forde_s": med[v],
+             "ratio": med[v] / med["de"], "de_img_s": batch / med["de"], "forde_img_s": batch / med[v],
+             "de_peak_mib": peaks.get("de"), "forde_peak_mib": peaks.get(v)} for v in variants]
 
 
 def machine() -> str:
@@ -93,11 +97,12 @@ def machine() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | M | batch | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s | peak MiB DE / FoRDE |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | M | batch | FoRDE variant | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s "
+            "| peak MiB DE / FoRDE |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         peak = f"{r['de_peak_mib']:.0f} / {r['forde_peak_mib']:.0f}" if r["de_peak_mib"] is not None else "n/a"
-        lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {1e3 * r['de_s']:.1f} | {1e3 * r['forde_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['variant']} | {1e3 * r['de_s']:.1f} | {1e3 * r['forde_s']:.1f} | "
                      f"{r['ratio']:.2f} | {r['de_img_s']:.0f} | {r['forde_img_s']:.0f} | {peak} |")
     return "\n".join(lines)
 
@@ -112,14 +117,18 @@ def main() -> None:
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per timing block")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--variants", default="forde", help="FoRDE variants, e.g. forde,forde:repulsion_every=2,"
+                                                         "forde:repulsion_subset=0.25")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
     rows = []
     for model in args.models.split(","):
         for m in map(int, args.sizes.split(",")):
-            rows.append(measure(model, m, args.batch, device, args.classes, args.min_run_time, args.bf16, args.channels_last))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            new = measure(model, m, args.batch, device, args.classes, args.min_run_time, args.bf16, args.channels_last,
+                          args.variants.split(","))
+            rows += new
+            print("\n".join(table(new).splitlines()[2:]), flush=True)
     text = (f"# Step time, {device.type}\n\n{machine()}\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
             f"`python {' '.join(sys.argv)}`\n\n{table(rows)}\n")
     print("\n" + table(rows))

@@ -70,6 +70,20 @@ def cmd_data_corrupt(args: argparse.Namespace) -> None:
     record_source(out, ds)
 
 
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from forde.data.imagefolder import import_folder
+
+    out = import_folder(args.src, args.name, args.root)
+    print(f"imported {args.src} as '{args.name}' into {out}; train on it with data.name={args.name}")
+
+
+def cmd_data_pca(args: argparse.Namespace) -> None:
+    from forde.config import DataConfig
+    from forde.data.pca import run_pca_command
+
+    run_pca_command(DataConfig(name=args.dataset, root=args.root))
+
+
 def cmd_data_grid(args: argparse.Namespace) -> None:
     from forde.data.corrupted_sets import save_corruption_grid
 
@@ -107,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
     root_default = os.environ.get("FORDE_DATA", "data")
+    p = data.add_parser("import-folder", help="turn an ImageFolder tree (SRC/train/<class>/*, SRC/test/<class>/*) "
+                                              "into a dataset that data.name=NAME loads")
+    p.add_argument("src")
+    p.add_argument("name")
+    p.add_argument("--root", default=root_default, help="data root (default: $FORDE_DATA or ./data)")
+    p.set_defaults(func=cmd_data_import)
+    p = data.add_parser("pca", help="compute (or reuse) the PCA cache of a dataset's training split")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", default=root_default)
+    p.set_defaults(func=cmd_data_pca)
     p = data.add_parser("corrupt", help="build the corrupted test set (all corruptions x severities), resumable")
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", default=root_default, help="data root (default: $FORDE_DATA or ./data)")

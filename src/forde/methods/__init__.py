@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from forde.config import TrainConfig
 from forde.data.base import Dataset
-from forde.data.pca import cached_pca
+from forde.data.pca import dataset_pca
 from forde.kernels import projection
 from forde.methods.base import Method
 from forde.methods.de import DeepEnsemble
@@ -25,7 +23,7 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
     if m.name == "forde":
         proj = None
         if m.alpha > 0:
-            pca = cached_pca(dataset.train.inputs, dataset.mean, dataset.std, Path(cfg.data.root) / "pca", dataset.name)
+            pca = dataset_pca(dataset, cfg.data.root)
             proj = projection(pca.eigenvectors, pca.eigenvalues, m.alpha).to(device=device, dtype=torch.float32)
         return FoRDE(m, proj)
     if m.name == "rde_weight":

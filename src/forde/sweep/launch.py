@@ -43,14 +43,14 @@ def prepare_inputs(study: Study) -> None:
     """Load the data, fill the PCA cache and build missing corrupted sets once, before any worker starts:
     a missing dataset fails here, and workers never compute shared inputs twice."""
     from forde.data.corrupted import prepare_corrupted
-    from forde.data.pca import cached_pca
+    from forde.data.pca import dataset_pca
     from forde.data.registry import load_dataset
 
     cfg = study.trial_config({p.key: p.representative() for p in study.params if not p.when})
     dataset = load_dataset(cfg.data)
     methods = {cfg.method.name} | {c for p in study.params if p.key == "method.name" for c in (p.choices or [p.value])}
     if "forde" in methods:
-        cached_pca(dataset.train.inputs, dataset.mean, dataset.std, Path(cfg.data.root) / "pca", dataset.name)
+        dataset_pca(dataset, cfg.data.root)
     prepare_corrupted(cfg, dataset)
 
 
