@@ -39,11 +39,12 @@ def _reachable(host: str = WANDB_HOST, port: int = 443, timeout: float = 2.0) ->
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
-    """auto -> online only with an API key and a reachable server; never blocks a run on W&B."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
-        return os.environ["WANDB_MODE"]
+    """auto -> $WANDB_MODE if set, else online only with an API key and a reachable server; never blocks a
+    run on W&B. An explicit mode in the config (or --no-wandb) wins over the environment."""
     if cfg.mode != "auto":
         return cfg.mode
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+        return os.environ["WANDB_MODE"]
     return "online" if _has_api_key() and _reachable() else "offline"
 
 
