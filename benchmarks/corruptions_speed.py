@@ -11,12 +11,7 @@ the "tiny" table runs on the images upsampled to 64x64), then the wall time of g
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,15 +20,15 @@ import cv2
 import numpy as np
 import scipy
 import skimage
-import torch
 from PIL import Image
+
+from report import write_report
 
 from forde.data.corrupted_sets import generate_corrupted_set
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES
 from forde.data.corruptions import corrupt
 
 RESULTS = Path(__file__).parent / "results" / "corruptions_speed.md"
-PATH_OPTIONS = ("--images", "--out")  # shown as placeholders in the recorded command
 
 
 def load_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -69,26 +64,6 @@ def time_generation(images: np.ndarray, labels: np.ndarray, workers: int, out: P
     if out is None:
         shutil.rmtree(target)
     return seconds
-
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor())
-
-
-def header() -> list[str]:
-    argv = [f"<{sys.argv[i - 1][2:]}>" if sys.argv[i - 1] in PATH_OPTIONS else a for i, a in enumerate(sys.argv)]
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return [
-        f"- machine: {cpu_model()}, {os.cpu_count()} CPU cores (shared; load average 1/5/15 min at the end: {load})",
-        f"- software: Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, "
-        f"scikit-image {skimage.__version__}, OpenCV {cv2.__version__}, Pillow {Image.__version__}, "
-        f"torch {torch.__version__}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- command: `python {shlex.join(argv)}`",
-    ]
 
 
 def main() -> None:
@@ -130,11 +105,9 @@ def main() -> None:
         rows.append(f"Measured on {part:,} of the {len(images):,} test images: {wall:.0f} s with {args.workers} "
                     f"workers. Projection for the whole set (linear in images): {wall * len(images) / part / 60:.1f} "
                     f"min.")
-    report = ["# Corruption speed", "", *header(), "", *rows]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(report) + "\n")
-    print("\n".join(rows[-1:]))
-    print(f"written to {RESULTS}")
+    write_report(RESULTS, "Corruption speed", rows,
+                 software=f", NumPy {np.__version__}, SciPy {scipy.__version__}, scikit-image {skimage.__version__}, "
+                          f"OpenCV {cv2.__version__}, Pillow {Image.__version__}")
 
 
 if __name__ == "__main__":

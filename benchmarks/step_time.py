@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import platform
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark
+
+from report import write_report
 
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
@@ -86,16 +85,6 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
              "de_peak_mib": peaks.get("de"), "forde_peak_mib": peaks.get(v)} for v in variants]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return f"CPU {cpu} ({torch.get_num_threads()} threads), GPU {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def table(rows: list[dict]) -> str:
     head = ("| model | M | batch | FoRDE variant | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s "
             "| peak MiB DE / FoRDE |")
@@ -129,13 +118,8 @@ def main() -> None:
                           args.variants.split(","))
             rows += new
             print("\n".join(table(new).splitlines()[2:]), flush=True)
-    text = (f"# Step time, {device.type}\n\n{machine()}\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
-            f"`python {' '.join(sys.argv)}`\n\n{table(rows)}\n")
-    print("\n" + table(rows))
     out = args.out or Path(__file__).parent / "results" / f"step_time-{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"\nwritten to {out}")
+    write_report(out, f"Training step time, {device.type}", ["", *table(rows).splitlines()])
 
 
 if __name__ == "__main__":

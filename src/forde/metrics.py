@@ -31,7 +31,6 @@ def ece(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> floa
     correct = (pred == labels).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     bins = torch.bucketize(conf, edges[1:-1], right=False)  # conf in (lo, hi] -> bin index
-    n = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     return ((acc_sum - conf_sum).abs().sum() / len(labels)).item()
