@@ -34,6 +34,6 @@ class FunctionRDE:
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         f = self.likelihood.predictive(outputs).reshape(len(ensemble), 1, -1)  # one "sample": the whole batch
-        rep, stats = repulsion(f, bandwidth=self.cfg.bandwidth, bandwidth_scale=self.cfg.bandwidth_scale)
-        rep = rep / x.shape[0]
+        rep, stats = repulsion(f, bandwidth=self.cfg.bandwidth, bandwidth_scale=self.cfg.bandwidth_scale,
+                             weight=1.0 / len(y))
         return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}

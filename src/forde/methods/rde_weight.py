@@ -49,6 +49,6 @@ class WeightRDE:
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         rep, stats = distance_repulsion(parameter_sq_dists(ensemble), bandwidth=self.cfg.bandwidth,
-                                        bandwidth_scale=self.cfg.bandwidth_scale)
-        rep = rep / x.shape[0]
+                                        bandwidth_scale=self.cfg.bandwidth_scale,
+                                        weight=1.0 / len(y))
         return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}
