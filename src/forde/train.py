@@ -99,13 +99,17 @@ class Setup:
     dataset: Dataset
     ensemble: Ensemble
     method: Method
-    eval_ctx: EvalContext
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
 
     def autocast(self):
         if self.cfg.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @property
+    def eval_ctx(self) -> EvalContext:
+        return eval_context(self.cfg.eval, self.dataset, self.device, self.cfg.method.grad_target,
+                            autocast=self.autocast, prepare=self.prepare)
 
 
 def build(cfg: TrainConfig) -> Setup:
@@ -116,11 +120,7 @@ def build(cfg: TrainConfig) -> Setup:
     if cfg.channels_last and len(dataset.input_shape) == 3:
         ensemble = ensemble.to(memory_format=torch.channels_last)
         prepare = lambda x: x.contiguous(memory_format=torch.channels_last)
-    method = build_method(cfg, dataset, device)
-    setup = Setup(cfg, device, dataset, ensemble, method, None, prepare)  # type: ignore[arg-type]
-    setup.eval_ctx = eval_context(cfg.eval, dataset, device, cfg.method.grad_target,
-                                  autocast=setup.autocast, prepare=prepare)
-    return setup
+    return Setup(cfg, device, dataset, ensemble, build_method(cfg, dataset, device), prepare)
 
 
 def _json_default(x):
