@@ -212,6 +212,27 @@ grid:
         load_study(path)
 
 
+def test_grid_study_runs_each_point_once(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("""
+base: quickstart
+objectives: [{metric: test/accuracy, direction: maximize}]
+sampler: {name: grid}
+search_space:
+  method.name: {choices: [forde, de]}
+  method.alpha: {choices: [0.0, 1.0], when: {method.name: forde}}
+grid:
+  - {method.name: forde, method.alpha: [0.0, 1.0]}
+  - {method.name: de}
+""")
+    assert launch(tmp_path, "--no-wandb", "optim.epochs=1", "model.hidden=[16]", "eval.corruptions=[none]",
+                  study=str(path)) == 0
+    trials = load(tmp_path, "grid").get_trials()
+    assert sorted((t.params["method.name"], t.params.get("method.alpha")) for t in trials) == [
+        ("de", None), ("forde", 0.0), ("forde", 1.0)]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
 def test_shipped_studies_are_valid():
     for path in sorted(STUDIES.glob("*.yaml")):
         study = load_study(path)

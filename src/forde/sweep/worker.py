@@ -108,7 +108,7 @@ def next_trial(opt: optuna.Study, study: Study) -> optuna.Trial | None:
 
 def enqueue_grid(opt: optuna.Study, study: Study) -> None:
     """Queue every grid point not already in the study (idempotent across re-runs and workers)."""
-    present = [t.params for t in logical_trials(opt.get_trials(deepcopy=False))]
+    present = [t.params or t.system_attrs.get("fixed_params", {}) for t in logical_trials(opt.get_trials(deepcopy=False))]
     for point in study.grid:
         if not any(all(p.get(k) == v for k, v in point.items()) for p in present):
             opt.enqueue_trial(point)
