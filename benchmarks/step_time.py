@@ -29,15 +29,16 @@ from forde.methods.forde import FoRDE
 MODELS = {"resnet18": ModelConfig(name="resnet18", width=64), "small_resnet": ModelConfig(name="resnet18", width=16)}
 
 
-def make_step(method, ensemble, x, y, optimizer, autocast):
-    count = iter(range(10**9))  # optimizer steps so far: every-k-th-step variants alternate step kinds
-
+def make_step(method, ensemble, x, y, optimizer, autocast, cycle: int):
+    """One call = `cycle` optimizer steps: a variant that repels on every k-th step is timed over whole
+    k-step cycles (a median over single steps would pick one kind of step)."""
     def step():
-        with autocast():
-            loss, _, _ = method.loss(ensemble, x, y, step=next(count))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        for i in range(cycle):
+            with autocast():
+                loss, _, _ = method.loss(ensemble, x, y, step=i)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     return step
 
 
@@ -59,13 +60,14 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
         if m == 1:  # one member has no median bandwidth (ln 1 = 0): time it with a fixed bandwidth
             cfg.bandwidth = 1.0
         methods[variant] = FoRDE(cfg, proj)
-    steps, peaks = {}, {}
+    steps, peaks, cycles = {}, {}, {}
     for name, method in methods.items():
         ens = build_ensemble(MODELS[model], m, (3, 32, 32), classes, seed=0).to(device).train()
         if channels_last:
             ens = ens.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        steps[name] = make_step(method, ens, x, y, opt, autocast)
+        cycles[name] = getattr(getattr(method, "cfg", None), "repulsion_every", 1)
+        steps[name] = make_step(method, ens, x, y, opt, autocast, cycles[name])
         for _ in range(3):  # warm-up: allocator, kernels, autotuning
             steps[name]()
         if device.type == "cuda":
@@ -78,7 +80,7 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
     for _ in range(3):  # alternate: DE, FoRDE, DE, FoRDE, ...
         for name, step in steps.items():
             t = benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
-            times[name].append(t.median)
+            times[name].append(t.median / cycles[name])
     med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
     return [{"model": model, "M": m, "batch": batch, "variant": v, "de_s": med["de"], "forde_s": med[v],
              "ratio": med[v] / med["de"], "de_img_s": batch / med["de"], "forde_img_s": batch / med[v],

@@ -35,7 +35,18 @@ def projection(eigenvectors: torch.Tensor, eigenvalues: torch.Tensor, alpha: flo
 
 
 def pairwise_sq_dists(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """d[b, i, j] = |rows[i, b] - cols[j, b]|^2 for [M, B, D] inputs -> [B, M, M]."""
+    """d[b, i, j] = |rows[i, b] - cols[j, b]|^2 for [M, B, D] inputs -> [B, M, M].
+
+    Computed as |r|^2 + |c|^2 - 2 r.c with one batched matrix product, never forming the [B, M, M, D]
+    differences (157 MB at M = 10, B = 128, D = 3072). The gradient w.r.t. rows, 2 (r_i - c_j), is
+    exact; the value loses only rounding relative to |r|^2 (see `pairwise_sq_dists_direct`)."""
+    r, c = rows.transpose(0, 1), cols.transpose(0, 1)  # [B, M, D]
+    d = torch.baddbmm((r.square().sum(-1)[:, :, None] + c.square().sum(-1)[:, None, :]), r, c.transpose(1, 2), alpha=-2.0)
+    return d.clamp_min(0.0)
+
+
+def pairwise_sq_dists_direct(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The same from the explicit differences: the reference for the matrix-product form."""
     diff = rows.transpose(0, 1).unsqueeze(2) - cols.transpose(0, 1).unsqueeze(1)
     return diff.square().sum(-1)
 
