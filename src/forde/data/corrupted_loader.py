@@ -36,7 +36,7 @@ def load_corrupted(root, name: str, severity: int, *, layout: str | None = None)
         images, labels = _read_folder(folder)
     else:
         raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
-    inputs = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    inputs = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2), order="C"))  # a copy: memory maps are read-only
     return Split(inputs, torch.from_numpy(labels.astype(np.int64)))
 
 

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
     args = parse_args(argv, studies_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         args.study_file = find_study_file(args.study, studies_dir)
