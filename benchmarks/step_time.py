@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                       # CPU: small ResNet, M in {1, 4, 10}, batch 128
     python benchmarks/step_time.py --device cuda --models resnet18,small_resnet
+    python benchmarks/step_time.py --execution loop,vmap   # members in a loop vs vectorised
 
 Prints a table (median step time, images/s, FoRDE/DE ratio, peak CUDA memory) and writes it, with the
 machine, torch version, date and command, to benchmarks/results/step_time-<device>.md. DE and FoRDE
@@ -43,7 +44,7 @@ def make_step(method, ensemble, x, y, optimizer, autocast, cycle: int):
 
 
 def measure(model: str, m: int, batch: int, device: torch.device, classes: int, min_run_time: float, bf16: bool,
-            channels_last: bool, variants: list[str]) -> list[dict]:
+            channels_last: bool, variants: list[str], execution: str) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
@@ -63,6 +64,7 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
     steps, peaks, cycles = {}, {}, {}
     for name, method in methods.items():
         ens = build_ensemble(MODELS[model], m, (3, 32, 32), classes, seed=0).to(device).train()
+        ens.execution = execution
         if channels_last:
             ens = ens.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -82,18 +84,18 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
             t = benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
             times[name].append(t.median / cycles[name])
     med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-    return [{"model": model, "M": m, "batch": batch, "variant": v, "de_s": med["de"], "forde_s": med[v],
+    return [{"model": model, "M": m, "batch": batch, "execution": execution, "variant": v, "de_s": med["de"], "forde_s": med[v],
              "ratio": med[v] / med["de"], "de_img_s": batch / med["de"], "forde_img_s": batch / med[v],
              "de_peak_mib": peaks.get("de"), "forde_peak_mib": peaks.get(v)} for v in variants]
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | M | batch | FoRDE variant | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s "
+    head = ("| model | M | batch | execution | FoRDE variant | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s "
             "| peak MiB DE / FoRDE |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         peak = f"{r['de_peak_mib']:.0f} / {r['forde_peak_mib']:.0f}" if r["de_peak_mib"] is not None else "n/a"
-        lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['variant']} | {1e3 * r['de_s']:.1f} | {1e3 * r['forde_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['execution']} | {r['variant']} | {1e3 * r['de_s']:.1f} | {1e3 * r['forde_s']:.1f} | "
                      f"{r['ratio']:.2f} | {r['de_img_s']:.0f} | {r['forde_img_s']:.0f} | {peak} |")
     return "\n".join(lines)
 
@@ -110,16 +112,18 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--variants", default="forde", help="FoRDE variants, e.g. forde,forde:repulsion_every=2,"
                                                          "forde:repulsion_subset=0.25")
+    p.add_argument("--execution", default="loop", help="loop, vmap, or both: loop,vmap (see model.execution)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
     rows = []
     for model in args.models.split(","):
         for m in map(int, args.sizes.split(",")):
-            new = measure(model, m, args.batch, device, args.classes, args.min_run_time, args.bf16, args.channels_last,
-                          args.variants.split(","))
-            rows += new
-            print("\n".join(table(new).splitlines()[2:]), flush=True)
+            for execution in args.execution.split(","):
+                new = measure(model, m, args.batch, device, args.classes, args.min_run_time, args.bf16,
+                              args.channels_last, args.variants.split(","), execution)
+                rows += new
+                print("\n".join(table(new).splitlines()[2:]), flush=True)
     out = args.out or Path(__file__).parent / "results" / f"step_time-{device.type}.md"
     write_report(out, f"Training step time, {device.type}", ["", *table(rows).splitlines()])
 

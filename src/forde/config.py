@@ -40,6 +40,7 @@ class ModelConfig:
     name: Literal["mlp", "resnet18", "preact_resnet18", "wrn16_4"] = "mlp"
     width: int = 64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
+    execution: Literal["loop", "vmap"] = "loop"  # members one after another, or vectorised (same results)
 
 
 @dataclass
