@@ -19,6 +19,7 @@ from forde.sweep.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "sweeps" / "studies"
+WANDB = str(Path(sys.executable).with_name("wandb"))  # the wandb CLI of this environment, activated or not
 FAST = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[none]"]
 SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
                     "eval.severities=[1,5]", "eval.grad_samples=100"]
@@ -63,7 +64,7 @@ def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
         assert t.value == results["summary"]["val/nll"]
         assert epochs_trained(run_dir) == [1, 2, 3]
         [wandb_dir] = run_dir.glob("wandb/offline-run-*")
-        record = json.loads(subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(wandb_dir)],
+        record = json.loads(subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
                                            capture_output=True, text=True, check=True).stdout)
         assert record["state"] == "finished" and record["name"] == run_dir.name
         assert record["summary"]["test/accuracy"] == pytest.approx(results["summary"]["test/accuracy"])
