@@ -13,6 +13,7 @@ from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
 from forde.methods.lit import LIT
 from forde.methods.rde_function import FunctionRDE
+from forde.methods.rde_weight import WeightRDE
 from forde.train import train
 
 from test_train import final_weights, tiny
@@ -41,6 +42,7 @@ def methods():
         "forde_log_prob": FoRDE(MethodConfig(alpha=0.0, grad_target="log_prob"), None),
         "forde_subset": FoRDE(MethodConfig(alpha=0.5, repulsion_subset=0.5), proj),
         "rde_function": FunctionRDE(MethodConfig(name="rde_function")),
+        "rde_weight": WeightRDE(MethodConfig(name="rde_weight")),
         "lit": LIT(MethodConfig(name="lit", lit_weight=0.3)),
     }
 

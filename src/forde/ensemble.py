@@ -2,8 +2,8 @@
 
 Two ways to run the members, same results: `loop` calls them one after another (the reference),
 `vmap` runs them as one vectorised computation (torch.func: the members' parameters stacked, each
-convolution becoming one grouped convolution), which pays off where per-layer kernel launches, not
-arithmetic, bound the step: small networks and large M on a GPU.
+convolution becoming one grouped convolution). It is meant for GPUs, where a loop of small kernels
+leaves the device idle between launches; on the CPU it is slower than the loop (benchmarks/README.md).
 """
 
 from __future__ import annotations
