@@ -35,12 +35,15 @@ class DataConfig:
     on_device: bool = True  # keep the whole training set on the training device as uint8
 
 
+Execution = Literal["loop", "vmap"]
+
+
 @dataclass
 class ModelConfig:
     name: Literal["mlp", "resnet18", "preact_resnet18", "wrn16_4"] = "mlp"
     width: int = 64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
-    execution: Literal["loop", "vmap"] = "loop"  # members one after another, or vectorised (same results)
+    execution: Execution = "loop"  # members one after another, or vectorised (same results)
 
 
 @dataclass

@@ -8,17 +8,14 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from forde.config import ModelConfig
+from forde.config import Execution, ModelConfig
 from forde.models import build_model
-
-
-Execution = Literal["loop", "vmap"]
 
 
 class Ensemble(nn.Module):
