@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                       # CPU: small ResNet, M in {1, 4, 10}, batch 128
     python benchmarks/step_time.py --device cuda --models resnet18,small_resnet
     python benchmarks/step_time.py --execution loop,vmap   # members in a loop vs vectorised
+    python benchmarks/step_time.py --variants forde,forde:bn=native  # batch norm's 2nd derivative: ours vs PyTorch's
 
 Prints a table (median step time, images/s, FoRDE/DE ratio, peak CUDA memory) and writes it, with the
 machine, torch version, date and command, to benchmarks/results/step_time-<device>.md. DE and FoRDE
@@ -26,16 +27,17 @@ from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
+from forde.models.batchnorm import native_batch_norm_derivatives
 
 MODELS = {"resnet18": ModelConfig(name="resnet18", width=64), "small_resnet": ModelConfig(name="resnet18", width=16)}
 
 
-def make_step(method, ensemble, x, y, optimizer, autocast, cycle: int):
+def make_step(method, ensemble, x, y, optimizer, autocast, cycle: int, native_bn: bool):
     """One call = `cycle` optimizer steps: a variant that repels on every k-th step is timed over whole
     k-step cycles (a median over single steps would pick one kind of step)."""
     def step():
         for i in range(cycle):
-            with autocast():
+            with autocast(), native_batch_norm_derivatives() if native_bn else contextlib.nullcontext():
                 loss, _, _ = method.loss(ensemble, x, y, step=i)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -54,9 +56,10 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    methods = {"de": DeepEnsemble()}
+    methods, native_bn = {"de": DeepEnsemble()}, {"de": False}
     for variant in variants:
         opts = dict(kv.split("=") for kv in variant.split(":")[1:])
+        native_bn[variant] = opts.pop("bn", "fast") == "native"
         cfg = MethodConfig(name="forde", alpha=0.5, **{k: type(getattr(MethodConfig, k))(v) for k, v in opts.items()})
         if m == 1:  # one member has no median bandwidth (ln 1 = 0): time it with a fixed bandwidth
             cfg.bandwidth = 1.0
@@ -69,7 +72,7 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
             ens = ens.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
         cycles[name] = getattr(getattr(method, "cfg", None), "repulsion_every", 1)
-        steps[name] = make_step(method, ens, x, y, opt, autocast, cycles[name])
+        steps[name] = make_step(method, ens, x, y, opt, autocast, cycles[name], native_bn[name])
         for _ in range(3):  # warm-up: allocator, kernels, autotuning
             steps[name]()
         if device.type == "cuda":
@@ -111,7 +114,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--variants", default="forde", help="FoRDE variants, e.g. forde,forde:repulsion_every=2,"
-                                                         "forde:repulsion_subset=0.25")
+                                                         "forde:repulsion_subset=0.25; forde:bn=native times the "
+                                                         "PyTorch derivatives of batch norm")
     p.add_argument("--execution", default="loop", help="loop, vmap, or both: loop,vmap (see model.execution)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()

@@ -16,6 +16,7 @@ from torch.func import functional_call, vmap
 
 from forde.config import Execution, ModelConfig
 from forde.models import build_model
+from forde.models.batchnorm import native_batch_norm_derivatives
 
 
 class Ensemble(nn.Module):
@@ -52,7 +53,8 @@ class Ensemble(nn.Module):
         buffer_names = [n for n, _ in template.named_buffers()]
         buffers = {n: torch.stack(bs) for n, bs in zip(buffer_names, zip(*(m.buffers() for m in self.members)))}
         call = lambda p, b, xi: functional_call(template, (p, b), (xi,))
-        out = vmap(call, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
+        with native_batch_norm_derivatives():  # vmap does not run custom autograd Functions
+            out = vmap(call, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         if self.training and buffers:
             with torch.no_grad():
                 for i, m in enumerate(self.members):

@@ -1,0 +1,114 @@
+"""Batch norm with a cheaper exact second derivative.
+
+FoRDE differentiates the input-gradient pass again, so every training-mode batch norm is differentiated
+twice. PyTorch derives that second derivative as a generic expression of some 25 elementwise operations
+per layer; on the CPU it was a quarter of a FoRDE step. Here the first backward is PyTorch's own kernel,
+wrapped so that its derivative can be written by hand: with q the incoming gradient of gx, the derivative
+w.r.t. the output gradient g is batch norm's backward applied to q (one native call, which also yields
+sum(q) and sum(q * xhat)), and the derivative w.r.t. x collapses to three terms in xhat, that result and gx.
+The values are the same as PyTorch's up to rounding (tests/test_batchnorm.py compares both in float64).
+
+`native_batch_norm_derivatives()` switches back to PyTorch's path, e.g. under torch.func.vmap, which
+does not run these autograd Functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+_NATIVE = contextvars.ContextVar("native_batch_norm_derivatives", default=False)
+
+
+@contextlib.contextmanager
+def native_batch_norm_derivatives():
+    """Within this block, batch norm layers built here use PyTorch's own derivatives."""
+    token = _NATIVE.set(True)
+    try:
+        yield
+    finally:
+        _NATIVE.reset(token)
+
+
+def _backward(gy, x, weight, mean, invstd, eps):
+    """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat) [, scaled], sum(gy))."""
+    return torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """gx, gw, gb of training-mode batch norm as a function of (gy, x, weight), with its derivative by hand."""
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, mean, invstd, eps):
+        gx, gw, gb = _backward(gy, x, weight, mean, invstd, eps)
+        ctx.save_for_backward(gy, x, weight, mean, invstd, gx, gw, gb)
+        ctx.eps = eps
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx, ggw, ggb):
+        g, x, weight, mean, invstd, gx, s_gx, s_g = ctx.saved_tensors
+        per_channel = lambda t: t.view([1, -1] + [1] * (x.dim() - 2))
+        dims = [0, *range(2, x.dim())]
+        n = x.numel() // x.shape[1]
+        gg = gx_out = gw_out = None
+        if ggx is not None:
+            # gx = w invstd (g - mean(g) - xhat mean(g xhat)) is linear in g: its adjoint is the same map on ggx
+            gg, s_qx, s_q = _backward(ggx, x, weight, mean, invstd, ctx.eps)
+            k = torch.sum(ggx * g, dims, dtype=invstd.dtype) - (s_q * s_g + s_qx * s_gx) / n
+            gw_out = invstd * k
+            # d<ggx, gx>/dx = -(invstd / n) (w invstd k xhat + s_gx gg + s_qx gx), with xhat = (x - mean) invstd
+            a = -weight * k * invstd**3 / n
+            gx_out = torch.addcmul(per_channel(-a * mean), x, per_channel(a))
+            gx_out.addcmul_(gg, per_channel(-invstd * s_gx / n)).addcmul_(gx, per_channel(-invstd * s_qx / n))
+        if ggw is not None:  # gw = sum(g xhat): d/dg = xhat, d/dx = batch norm's backward of g with unit weight
+            c = ggw * invstd
+            gg_w = torch.addcmul(per_channel(-c * mean), x, per_channel(c))
+            gg = gg_w if gg is None else gg + gg_w
+            gx_w = _backward(g, x, None, mean, invstd, ctx.eps)[0] * per_channel(ggw)
+            gx_out = gx_w if gx_out is None else gx_out + gx_w
+        if ggb is not None:  # gb = sum(g)
+            gg = per_channel(ggb).expand_as(g).clone() if gg is None else gg + per_channel(ggb)
+        return gg, gx_out, gw_out, None, None, None
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode batch norm (running statistics updated in place) whose backward is `_BatchNormBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = _BatchNormBackward.apply(gy, x, weight, mean, invstd, ctx.eps)
+        return gx, gw, gb, None, None, None, None
+
+
+class _FastSecondDerivative:
+    """Training-mode forward through `_BatchNormTrain`; everything else is nn.BatchNorm's own path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.affine and self.track_running_stats and torch.is_grad_enabled()) or _NATIVE.get():
+            return super().forward(x)
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return _BatchNormTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
+
+
+class BatchNorm1d(_FastSecondDerivative, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_FastSecondDerivative, nn.BatchNorm2d):
+    pass

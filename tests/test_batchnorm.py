@@ -1,0 +1,133 @@
+"""Batch norm's hand-written second derivative against PyTorch's own and against finite differences."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from forde.config import MethodConfig, ModelConfig
+from forde.ensemble import build_ensemble
+from forde.kernels import projection
+from forde.methods.forde import FoRDE
+from forde.models.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNormTrain, native_batch_norm_derivatives
+
+SHAPES = {BatchNorm2d: (6, 3, 5, 4), BatchNorm1d: (7, 3)}
+
+
+def second_order_grads(layer: nn.Module, x: torch.Tensor, terms: str) -> list[torch.Tensor]:
+    """Gradients w.r.t. (x, weight, bias) of a loss built from the layer's output and its first derivatives."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    out = (torch.tanh(y) * r).sum()
+    gx, gw, gb = torch.autograd.grad(out, (x, layer.weight, layer.bias), create_graph=True)
+    loss = out
+    if "x" in terms:
+        loss = loss + 0.3 * (gx**2).sum() + gx.sin().sum()
+    if "w" in terms:
+        loss = loss + (gw**3).sum()
+    if "b" in terms:
+        loss = loss + (gb * gw.detach()).sum() + gb.cos().sum()
+    return list(torch.autograd.grad(loss, (x, layer.weight, layer.bias)))
+
+
+@pytest.mark.parametrize("cls", [BatchNorm2d, BatchNorm1d])
+@pytest.mark.parametrize("terms", ["x", "w", "b", "xwb"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_matches_pytorch_second_derivative(cls, terms, momentum):
+    torch.manual_seed(0)
+    fast = cls(3, momentum=momentum).double()
+    with torch.no_grad():
+        fast.weight.normal_()
+        fast.bias.normal_()
+    native = cls(3, momentum=momentum).double()
+    native.load_state_dict(fast.state_dict())
+    x = torch.randn(SHAPES[cls], dtype=torch.float64) * 2 + 1
+    for _ in range(2):  # two steps: running statistics and the step counter move alike
+        got = second_order_grads(fast, x, terms)
+        with native_batch_norm_derivatives():
+            want = second_order_grads(native, x, terms)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for name, buffer in native.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name], buffer, rtol=0, atol=0)
+
+
+def test_finite_differences():
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    bn = lambda x, w, b: _BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
+    assert torch.autograd.gradcheck(bn, (x, w, b))
+    assert torch.autograd.gradgradcheck(bn, (x, w, b))
+
+
+def test_channels_last_and_float32_match_pytorch():
+    torch.manual_seed(0)
+    fast, native = BatchNorm2d(8), BatchNorm2d(8)
+    x = torch.randn(16, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    got = second_order_grads(fast, x, "x")
+    with native_batch_norm_derivatives():
+        want = second_order_grads(native, x, "x")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_mode_and_no_grad_use_running_statistics():
+    layer = BatchNorm2d(3)
+    layer.running_mean.fill_(0.5)
+    x = torch.randn(4, 3, 2, 2)
+    layer.eval()
+    torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, layer.running_mean, layer.running_var,
+                                                                  layer.weight, layer.bias, False))
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert layer.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("model", [ModelConfig(name="resnet18", width=4), ModelConfig(name="mlp", hidden=[16, 16])])
+def test_forde_step_matches_pytorch_derivatives(model):
+    """A whole FoRDE loss and every parameter gradient, fast batch norm vs PyTorch's, in float64."""
+    torch.manual_seed(0)
+    shape = (3, 8, 8) if model.name == "resnet18" else (12,)
+    x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 5, (10,))
+    d = x[0].numel()
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    method = FoRDE(MethodConfig(name="forde", alpha=0.5), projection(q, torch.rand(d, dtype=torch.float64) + 0.5, 0.5))
+    results = []
+    for native in (False, True):
+        ens = build_ensemble(model, 3, shape, 5, seed=0).double().train()
+        with native_batch_norm_derivatives() if native else contextlib.nullcontext():
+            loss, _, _ = method.loss(ens, x, y, step=0)
+            loss.backward()
+        results.append((loss.detach(), [p.grad for p in ens.parameters()]))
+    (loss_fast, grads_fast), (loss_native, grads_native) = results
+    torch.testing.assert_close(loss_fast, loss_native, rtol=1e-12, atol=0)
+    for g, w in zip(grads_fast, grads_native):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_bfloat16_autocast_stays_close_to_float32():
+    """Under bf16 autocast (inputs bf16, statistics and weights float32) both paths keep float32's answer."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x0, r = torch.randn(16, 3, 8, 8), torch.randn(16, 8, 8, 8)
+
+    def grads(native: bool, bf16: bool) -> list[torch.Tensor]:
+        layer, x = BatchNorm2d(8), x0.clone().requires_grad_(True)
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
+              native_batch_norm_derivatives() if native else contextlib.nullcontext()):
+            y = layer(conv(x))
+            assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            (gx,) = torch.autograd.grad((y.float().tanh() * r).sum(), x, create_graph=True)
+            return list(torch.autograd.grad((gx**2).sum(), (x, layer.weight, conv.weight)))
+
+    reference = grads(native=True, bf16=False)
+    for native in (False, True):
+        for g, want in zip(grads(native, bf16=True), reference):
+            assert (g - want).abs().max() <= 0.05 * want.abs().max()
