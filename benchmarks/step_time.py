@@ -5,7 +5,7 @@
     python benchmarks/step_time.py --execution loop,vmap   # members in a loop vs vectorised
     python benchmarks/step_time.py --variants forde,forde:bn=native  # batch norm's 2nd derivative: ours vs PyTorch's
 
-Prints a table (median step time, images/s, FoRDE/DE ratio, peak CUDA memory) and writes it, with the
+Prints a table (median step time, images/s, FoRDE/DE ratio, the memory a step needs) and writes it, with the
 machine, torch version, date and command, to benchmarks/results/step_time-<device>.md. DE and FoRDE
 steps are timed in alternation so that load from other processes hits both alike; on shared CPUs
 trust the ratio more than the absolute times.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +45,33 @@ def make_step(method, ensemble, x, y, optimizer, autocast, cycle: int, native_bn
             loss.backward()
             optimizer.step()
     return step
+
+
+def _status_kib(field: str) -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+
+
+def step_peak_mib(step, device: torch.device) -> float | None:
+    """Memory one step needs above what was held before it (activations, autograd graph, gradients).
+
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set, after handing freed heap
+    back to the system and resetting the kernel's high-water mark; elsewhere not measured.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if device.type == "cpu" and sys.platform == "linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        step()
+        return (_status_kib("VmHWM") - base) / 1024
+    return None
 
 
 def measure(model: str, m: int, batch: int, device: torch.device, classes: int, min_run_time: float, bf16: bool,
@@ -75,12 +104,7 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
         steps[name] = make_step(method, ens, x, y, opt, autocast, cycles[name], native_bn[name])
         for _ in range(3):  # warm-up: allocator, kernels, autotuning
             steps[name]()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            steps[name]()
-            torch.cuda.synchronize()
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        peaks[name] = step_peak_mib(steps[name], device)
     times = {n: [] for n in steps}
     for _ in range(3):  # alternate: DE, FoRDE, DE, FoRDE, ...
         for name, step in steps.items():
@@ -94,7 +118,7 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | M | batch | execution | FoRDE variant | DE step (ms) | FoRDE step (ms) | FoRDE / DE | DE img/s | FoRDE img/s "
-            "| peak MiB DE / FoRDE |")
+            "| step peak MiB DE / FoRDE |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         peak = f"{r['de_peak_mib']:.0f} / {r['forde_peak_mib']:.0f}" if r["de_peak_mib"] is not None else "n/a"
