@@ -102,7 +102,7 @@ def measure(model: str, m: int, batch: int, device: torch.device, classes: int, 
         opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
         cycles[name] = getattr(getattr(method, "cfg", None), "repulsion_every", 1)
         steps[name] = make_step(method, ens, x, y, opt, autocast, cycles[name], native_bn[name])
-        for _ in range(3):  # warm-up: allocator, kernels, autotuning
+        for _ in range(3 if device.type == "cuda" else 1):  # warm-up: allocator, kernels, autotuning
             steps[name]()
         peaks[name] = step_peak_mib(steps[name], device)
     times = {n: [] for n in steps}

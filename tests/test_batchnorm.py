@@ -36,15 +36,19 @@ def second_order_grads(layer: nn.Module, x: torch.Tensor, terms: str) -> list[to
 
 @pytest.mark.parametrize("cls", [BatchNorm2d, BatchNorm1d])
 @pytest.mark.parametrize("terms", ["x", "w", "b", "xwb"])
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("momentum", [0.1, None, "untracked"])
 def test_matches_pytorch_second_derivative(cls, terms, momentum):
+    """Both running-average rules, and running statistics switched off as FoRDE's subset pass does."""
     torch.manual_seed(0)
+    untracked = momentum == "untracked"
+    momentum = 0.1 if untracked else momentum
     fast = cls(3, momentum=momentum).double()
     with torch.no_grad():
         fast.weight.normal_()
         fast.bias.normal_()
     native = cls(3, momentum=momentum).double()
     native.load_state_dict(fast.state_dict())
+    fast.track_running_stats = native.track_running_stats = not untracked
     x = torch.randn(SHAPES[cls], dtype=torch.float64) * 2 + 1
     for _ in range(2):  # two steps: running statistics and the step counter move alike
         got = second_order_grads(fast, x, terms)
@@ -54,6 +58,7 @@ def test_matches_pytorch_second_derivative(cls, terms, momentum):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     for name, buffer in native.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[name], buffer, rtol=0, atol=0)
+    assert fast.num_batches_tracked.item() == (0 if untracked else 2)
 
 
 def test_finite_differences():
@@ -91,14 +96,15 @@ def test_eval_mode_and_no_grad_use_running_statistics():
 
 
 @pytest.mark.parametrize("model", [ModelConfig(name="resnet18", width=4), ModelConfig(name="mlp", hidden=[16, 16])])
-def test_forde_step_matches_pytorch_derivatives(model):
+@pytest.mark.parametrize("subset", [1.0, 0.5])
+def test_forde_step_matches_pytorch_derivatives(model, subset):
     """A whole FoRDE loss and every parameter gradient, fast batch norm vs PyTorch's, in float64."""
     torch.manual_seed(0)
     shape = (3, 8, 8) if model.name == "resnet18" else (12,)
     x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 5, (10,))
     d = x[0].numel()
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
-    method = FoRDE(MethodConfig(name="forde", alpha=0.5), projection(q, torch.rand(d, dtype=torch.float64) + 0.5, 0.5))
+    method = FoRDE(MethodConfig(name="forde", alpha=0.5, repulsion_subset=subset), projection(q, torch.rand(d, dtype=torch.float64) + 0.5, 0.5))
     results = []
     for native in (False, True):
         ens = build_ensemble(model, 3, shape, 5, seed=0).double().train()

@@ -98,9 +98,11 @@ class _FastSecondDerivative:
     """Training-mode forward through `_BatchNormTrain`; everything else is nn.BatchNorm's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.affine and self.track_running_stats and torch.is_grad_enabled()) or _NATIVE.get():
+        if not (self.training and self.affine and torch.is_grad_enabled()) or _NATIVE.get():
             return super().forward(x)
         self._check_input_dim(x)
+        if not self.track_running_stats:  # batch statistics only, running statistics left alone
+            return _BatchNormTrain.apply(x, self.weight, self.bias, None, None, 0.0, self.eps)
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return _BatchNormTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)

@@ -1,0 +1,117 @@
+"""Where a training step's time goes: FLOPs and profiler time of DE and FoRDE steps, by kind of operation.
+
+    python benchmarks/step_profile.py                      # small ResNet, M = 1, batch 128, CPU
+    python benchmarks/step_profile.py --width 64 --device cuda
+
+FLOPs come from torch.utils.flop_counter (convolutions and matrix products, forward and backward); times
+from torch.profiler, summed over operators by kind. Writes benchmarks/results/step_profile-<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from report import write_report
+
+from forde.config import MethodConfig, ModelConfig
+from forde.ensemble import build_ensemble
+from forde.kernels import projection
+from forde.methods.de import DeepEnsemble
+from forde.methods.forde import FoRDE
+from forde.models.batchnorm import native_batch_norm_derivatives
+
+KINDS = {"convolution": ("convolution",), "batch norm": ("batchnorm",), "matrix product": ("aten::mm", "aten::addmm")}
+
+
+def kind(event) -> str:
+    """The kind of the nearest enclosing operator or autograd node that has one, e.g. the multiplications
+    inside NativeBatchNormBackwardBackward0 count as batch norm."""
+    while event is not None:
+        name = event.name.lower().replace("_", "")
+        found = next((k for k, keys in KINDS.items() if any(key in name for key in keys)), None)
+        if found:
+            return found
+        event = event.cpu_parent
+    return "other"
+
+
+def profile_step(method, ensemble, x, y, native_bn: bool, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """FLOPs and milliseconds of one step by kind of operation (self times: nothing counted twice)."""
+    optimizer = torch.optim.SGD(ensemble.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        with native_batch_norm_derivatives() if native_bn else contextlib.nullcontext():
+            loss, _, _ = method.loss(ensemble, x, y, step=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    with FlopCounterMode(display=False) as flops:
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    ms = defaultdict(float)
+    for event in prof.events():
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        ms[kind(event)] += own / 1e3
+    flop_kinds = defaultdict(float)
+    for op, n in flops.get_flop_counts()["Global"].items():
+        flop_kinds["convolution" if "convolution" in str(op) else "other"] += n
+    return dict(flop_kinds), dict(ms)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--width", type=int, default=16, help="ResNet18 width: 16 = small ResNet, 64 = ResNet18")
+    p.add_argument("--members", type=int, default=1)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(args.batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 100, (args.batch,), generator=g).to(device)
+    q, _ = torch.linalg.qr(torch.randn(3072, 3072, generator=g))
+    cfg = MethodConfig(name="forde", alpha=0.5)
+    if args.members == 1:
+        cfg.bandwidth = 1.0  # one member has no median bandwidth
+    runs = {"DE": (DeepEnsemble(), False), "FoRDE": (FoRDE(cfg, projection(q, torch.rand(3072, generator=g) * 3, 0.5).to(device)), False)}
+    runs["FoRDE, PyTorch's batch norm derivatives"] = (runs["FoRDE"][0], True)
+    results = {}
+    for name, (method, native_bn) in runs.items():
+        ens = build_ensemble(ModelConfig(name="resnet18", width=args.width), args.members, (3, 32, 32), 100, seed=0)
+        results[name] = profile_step(method, ens.to(device).train(), x, y, native_bn, device)
+        print(f"{name}: {sum(results[name][0].values()) / 1e9:.1f} GFLOP, {sum(results[name][1].values()):.0f} ms",
+              flush=True)
+    de_flops, de_ms = results["DE"]
+    kinds = [*KINDS, "other"]
+    lines = [f"ResNet18 width {args.width}, M = {args.members}, batch {args.batch}, CIFAR-100 shapes; one profiled step "
+             "each (times vary by a few percent between runs).", "",
+             "| step | convolution GFLOP | convolution FLOPs / DE | other GFLOP | "
+             + " | ".join(f"{k} (ms)" for k in kinds) + " | total (ms) | time / DE |",
+             "|---|" + "---:|" * (len(kinds) + 5)]
+    for name, (flops, ms) in results.items():
+        total = sum(ms.values())
+        lines.append(f"| {name} | {flops['convolution'] / 1e9:.1f} | {flops['convolution'] / de_flops['convolution']:.2f} | "
+                     f"{flops.get('other', 0.0) / 1e9:.1f} | "
+                     + " | ".join(f"{ms.get(k, 0.0):.0f}" for k in kinds)
+                     + f" | {total:.0f} | {total / sum(de_ms.values()):.2f} |")
+    conv = {n: ms.get("convolution", 0.0) for n, (_, ms) in results.items()}
+    lines += ["", "Convolution time / DE's: " + ", ".join(f"{n} {t / conv['DE']:.2f}" for n, t in conv.items())]
+    out = args.out or Path(__file__).parent / "results" / f"step_profile-{device.type}.md"
+    write_report(out, f"Where a step's time goes, {device.type}", lines)
+
+
+if __name__ == "__main__":
+    main()
