@@ -1,8 +1,8 @@
 """Batch norm with a cheaper exact second derivative.
 
 FoRDE differentiates the input-gradient pass again, so every training-mode batch norm is differentiated
-twice. PyTorch derives that second derivative as a generic expression of some 25 elementwise operations
-per layer; on the CPU it was a quarter of a FoRDE step. Here the first backward is PyTorch's own kernel,
+twice. PyTorch derives that second derivative as a generic composition of many elementwise operations
+(benchmarks/step_profile.py shows its share of a step). Here the first backward is PyTorch's own kernel,
 wrapped so that its derivative can be written by hand: with q the incoming gradient of gx, the derivative
 w.r.t. the output gradient g is batch norm's backward applied to q (one native call, which also yields
 sum(q) and sum(q * xhat)), and the derivative w.r.t. x collapses to three terms in xhat, that result and gx.
@@ -35,7 +35,7 @@ def native_batch_norm_derivatives():
 
 
 def _backward(gy, x, weight, mean, invstd, eps):
-    """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat) [, scaled], sum(gy))."""
+    """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat), sum(gy)), sums per channel."""
     return torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
 
 
