@@ -19,13 +19,12 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from report import write_report
+from step_time import make_step, synthetic_batch
 
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
-from forde.kernels import projection
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
-from forde.models.batchnorm import native_batch_norm_derivatives
 
 KINDS = {"convolution": ("convolution",), "batch norm": ("batchnorm",), "matrix product": ("aten::mm", "aten::addmm")}
 
@@ -44,15 +43,8 @@ def kind(event) -> str:
 
 def profile_step(method, ensemble, x, y, native_bn: bool, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
     """FLOPs and milliseconds of one step by kind of operation (self times: nothing counted twice)."""
-    optimizer = torch.optim.SGD(ensemble.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        with native_batch_norm_derivatives() if native_bn else contextlib.nullcontext():
-            loss, _, _ = method.loss(ensemble, x, y, step=0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    optimizer = torch.optim.SGD(ensemble.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = make_step(method, ensemble, x, y, optimizer, contextlib.nullcontext, 1, native_bn)
     step()  # warm-up
     with FlopCounterMode(display=False) as flops:
         step()
@@ -80,13 +72,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(args.batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 100, (args.batch,), generator=g).to(device)
-    q, _ = torch.linalg.qr(torch.randn(3072, 3072, generator=g))
+    x, y, proj = synthetic_batch(args.batch, 100, device)
     cfg = MethodConfig(name="forde", alpha=0.5)
     if args.members == 1:
         cfg.bandwidth = 1.0  # one member has no median bandwidth
-    runs = {"DE": (DeepEnsemble(), False), "FoRDE": (FoRDE(cfg, projection(q, torch.rand(3072, generator=g) * 3, 0.5).to(device)), False)}
+    runs = {"DE": (DeepEnsemble(), False), "FoRDE": (FoRDE(cfg, proj), False)}
     runs["FoRDE, PyTorch's batch norm derivatives"] = (runs["FoRDE"][0], True)
     results = {}
     for name, (method, native_bn) in runs.items():

@@ -74,14 +74,19 @@ def step_peak_mib(step, device: torch.device) -> float | None:
     return None
 
 
-def measure(model: str, m: int, batch: int, device: torch.device, classes: int, min_run_time: float, bf16: bool,
-            channels_last: bool, variants: list[str], execution: str) -> list[dict]:
+def synthetic_batch(batch: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed random CIFAR-shaped batch and a PCA-like projection: a step's cost does not depend on the values."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
     d = x[0].numel()
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
-    proj = projection(q, torch.rand(d, generator=g) * 3, 0.5).to(device)
+    return x, y, projection(q, torch.rand(d, generator=g) * 3, 0.5).to(device)
+
+
+def measure(model: str, m: int, batch: int, device: torch.device, classes: int, min_run_time: float, bf16: bool,
+            channels_last: bool, variants: list[str], execution: str) -> list[dict]:
+    x, y, proj = synthetic_batch(batch, classes, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
