@@ -1,10 +1,12 @@
 """Where a training step's time goes: FLOPs and profiler time of DE and FoRDE steps, by kind of operation.
 
-    python benchmarks/step_profile.py                      # small ResNet, M = 1, batch 128, CPU
+    python benchmarks/step_profile.py                      # small ResNet, M = 1, batch 128
     python benchmarks/step_profile.py --width 64 --device cuda
 
 FLOPs come from torch.utils.flop_counter (convolutions and matrix products, forward and backward); times
-from torch.profiler, summed over operators by kind. Writes benchmarks/results/step_profile-<device>.md.
+from torch.profiler, summed by kind over operators, each counted under its nearest enclosing operator or autograd
+node that has a kind, and the median over `--rounds` profiled steps per method taken in alternation. Writes
+benchmarks/results/step_profile-<device>.md.
 """
 
 from __future__ import annotations
@@ -41,13 +43,18 @@ def kind(event) -> str:
     return "other"
 
 
-def profile_step(method, ensemble, x, y, native_bn: bool, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
-    """FLOPs and milliseconds of one step by kind of operation (self times: nothing counted twice)."""
-    optimizer = torch.optim.SGD(ensemble.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    step = make_step(method, ensemble, x, y, optimizer, contextlib.nullcontext, 1, native_bn)
-    step()  # warm-up
-    with FlopCounterMode(display=False) as flops:
+def step_flops(step) -> dict[str, float]:
+    """FLOPs of one step: convolutions (forward and every backward) and the rest."""
+    with FlopCounterMode(display=False) as counter:
         step()
+    flops = defaultdict(float)
+    for op, n in counter.get_flop_counts()["Global"].items():
+        flops["convolution" if "convolution" in str(op) else "other"] += n
+    return dict(flops)
+
+
+def step_ms(step, device: torch.device) -> dict[str, float]:
+    """Milliseconds of one step by kind of operation (self times: nothing counted twice)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
@@ -57,10 +64,8 @@ def profile_step(method, ensemble, x, y, native_bn: bool, device: torch.device) 
     for event in prof.events():
         own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         ms[kind(event)] += own / 1e3
-    flop_kinds = defaultdict(float)
-    for op, n in flops.get_flop_counts()["Global"].items():
-        flop_kinds["convolution" if "convolution" in str(op) else "other"] += n
-    return dict(flop_kinds), dict(ms)
+    ms["total"] = sum(ms.values())
+    return dict(ms)
 
 
 def main() -> None:
@@ -69,6 +74,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16, help="ResNet18 width: 16 = small ResNet, 64 = ResNet18")
     p.add_argument("--members", type=int, default=1)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="profiled steps per method, taken in alternation; medians")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -78,25 +84,34 @@ def main() -> None:
         cfg.bandwidth = 1.0  # one member has no median bandwidth
     runs = {"DE": (DeepEnsemble(), False), "FoRDE": (FoRDE(cfg, proj), False)}
     runs["FoRDE, PyTorch's batch norm derivatives"] = (runs["FoRDE"][0], True)
-    results = {}
+    steps, flop_counts, times = {}, {}, defaultdict(list)
     for name, (method, native_bn) in runs.items():
         ens = build_ensemble(ModelConfig(name="resnet18", width=args.width), args.members, (3, 32, 32), 100, seed=0)
-        results[name] = profile_step(method, ens.to(device).train(), x, y, native_bn, device)
-        print(f"{name}: {sum(results[name][0].values()) / 1e9:.1f} GFLOP, {sum(results[name][1].values()):.0f} ms",
-              flush=True)
+        ens = ens.to(device).train()
+        opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        steps[name] = make_step(method, ens, x, y, opt, contextlib.nullcontext, 1, native_bn)
+        steps[name]()  # warm-up
+        flop_counts[name] = step_flops(steps[name])
+    for _ in range(args.rounds):  # alternate, so that drift in the machine's speed hits every method alike
+        for name, step in steps.items():
+            times[name].append(step_ms(step, device))
+            print(f"{name}: {times[name][-1]['total']:.0f} ms", flush=True)
+    median = lambda values: sorted(values)[len(values) // 2]
+    results = {name: (flop_counts[name], {k: median([t.get(k, 0.0) for t in runs_ms]) for k in [*KINDS, "other", "total"]})
+               for name, runs_ms in times.items()}
     de_flops, de_ms = results["DE"]
     kinds = [*KINDS, "other"]
-    lines = [f"ResNet18 width {args.width}, M = {args.members}, batch {args.batch}, CIFAR-100 shapes; one profiled step "
-             "each (times vary by a few percent between runs).", "",
+    lines = [f"ResNet18 width {args.width}, M = {args.members}, batch {args.batch}, CIFAR-100 shapes; median of "
+             f"{args.rounds} profiled steps per method, taken in alternation.", "",
              "| step | convolution GFLOP | convolution FLOPs / DE | other GFLOP | "
              + " | ".join(f"{k} (ms)" for k in kinds) + " | total (ms) | time / DE |",
              "|---|" + "---:|" * (len(kinds) + 5)]
     for name, (flops, ms) in results.items():
-        total = sum(ms.values())
+        total = ms["total"]
         lines.append(f"| {name} | {flops['convolution'] / 1e9:.1f} | {flops['convolution'] / de_flops['convolution']:.2f} | "
                      f"{flops.get('other', 0.0) / 1e9:.1f} | "
                      + " | ".join(f"{ms.get(k, 0.0):.0f}" for k in kinds)
-                     + f" | {total:.0f} | {total / sum(de_ms.values()):.2f} |")
+                     + f" | {total:.0f} | {total / de_ms['total']:.2f} |")
     conv = {n: ms.get("convolution", 0.0) for n, (_, ms) in results.items()}
     lines += ["", "Convolution time / DE's: " + ", ".join(f"{n} {t / conv['DE']:.2f}" for n, t in conv.items())]
     out = args.out or Path(__file__).parent / "results" / f"step_profile-{device.type}.md"
