@@ -65,9 +65,9 @@ def cmd_data_corrupt(args: argparse.Namespace) -> None:
     cfg.data.root, cfg.eval.corrupted_root = args.root, args.out
     out = corrupted_root(cfg, ds)
     check_source(out, ds)
-    run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, args.corruptions, args.severities,
-                        layout_for(ds), args.workers, class_dirs=ds.class_names or None)
-    record_source(out, ds)
+    report = run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, args.corruptions,
+                                 args.severities, layout_for(ds), args.workers, class_dirs=ds.class_names or None)
+    record_source(out, ds, report.written, GENERATION_SEED)
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
