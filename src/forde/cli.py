@@ -23,7 +23,7 @@ HEADLINE = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("epistemi
 
 
 def headline(summary: dict) -> str:
-    """The paper's columns: clean test metrics beside cA / cNLL / cECE (means over every corruption x severity)."""
+    """The paper's columns: clean test metrics beside cA / cNLL / cECE (each severity's sets pooled, averaged over severities)."""
     rows = [("test", "test"), ("val", "val"), ("corrupted", "corrupted (cA/cNLL/cECE)")]
     lines = [f"{'':26}" + "".join(f"{label:>18}" for _, label in HEADLINE)]
     for prefix, name in rows:

@@ -313,8 +313,10 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
                "ensemble_size": cfg.ensemble_size, "epochs": trainer.epoch,
                "train_time_s": sum(h["train/epoch_time_s"] for h in trainer.history),
-               "session_time_s": time.perf_counter() - start,
-               **final_evaluation(setup, corrupted_sets)}
+               "session_time_s": time.perf_counter() - start}
+    evaluated = time.perf_counter()
+    results.update(final_evaluation(setup, corrupted_sets))
+    results["eval_time_s"] = time.perf_counter() - evaluated  # the final evaluation: test, validation, corrupted sets
     write_atomic(run_dir / RESULTS, to_json(results))
     log.info("results: %s", _brief_summary(results["summary"]))
     for cb in trainer.callbacks:
