@@ -79,11 +79,16 @@ def test_a_record_from_before_per_set_entries_counts_every_set_as_generated(tmp_
     assert first.provenance["generator"] is None and second.provenance["generator"] == GENERATOR_VERSION
 
 
-def test_code_version_outside_a_git_checkout_is_null_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(provenance, "PACKAGE_DIR", tmp_path)
-    provenance.code_version.cache_clear()
+def test_code_version_outside_its_own_checkout_is_null_not_an_error(tmp_path, monkeypatch):
+    """Not in git at all, or an installed copy inside another repository: no commit (rather than a wrong one)."""
+    other_repo = tmp_path / "project"
+    (other_repo / ".venv" / "forde").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(other_repo)], check=True)
     try:
-        version = provenance.code_version()
-        assert version["commit"] is None and version["dirty"] is None
+        for package_dir in (tmp_path, other_repo / ".venv" / "forde"):
+            monkeypatch.setattr(provenance, "PACKAGE_DIR", package_dir)
+            provenance.code_version.cache_clear()
+            version = provenance.code_version()
+            assert version["commit"] is None and version["dirty"] is None
     finally:
         provenance.code_version.cache_clear()

@@ -24,7 +24,16 @@ def code_version() -> dict:
         version = metadata.version("forde")
     except metadata.PackageNotFoundError:
         version = None
+    if not _in_own_checkout():
+        return {"version": version, "commit": None, "dirty": None}
     return {"version": version, "commit": _git("rev-parse", "HEAD"), "dirty": _dirty()}
+
+
+def _in_own_checkout() -> bool:
+    """Whether the package runs from this project's git checkout (src/forde at its top level), not from an
+    installed copy that merely sits inside some other repository (a virtual environment in a project)."""
+    top = _git("rev-parse", "--show-toplevel")
+    return top is not None and (Path(top) / "src" / "forde").resolve() == PACKAGE_DIR
 
 
 def _git(*args: str) -> str | None:
