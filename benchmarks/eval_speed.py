@@ -4,8 +4,8 @@
     python benchmarks/eval_speed.py --dataset cifar10 --root data --sets 10 --members 10 --width 64
 
 The ensemble's weights do not matter for speed, so it is freshly initialised. Reports images/s of the
-predictions (every image, every member) and of the input-gradient diversity metric (the first
-`--grad-samples` images of each set), and the wall time for the sets timed; with `--sets` below 95 the
+predictions (every image, every member) and of the input-gradient diversity metric (a fixed
+class-stratified draw of `--grad-samples` images of each set), and the wall time for the sets timed; with `--sets` below 95 the
 whole-set time is a projection, labelled as such. Missing corrupted sets are generated first (not timed).
 """
 
@@ -49,7 +49,8 @@ def main() -> None:
     sets = list(corrupted_sets(cfg, ds))[: args.sets]
     pred_s = grad_s = 0.0
     n_pred = n_grad = 0
-    for name, severity, split in sets:
+    for s in sets:
+        name, severity, split = s.corruption, s.severity, s.load()
         t = time.perf_counter()
         predict(ens, split, ctx)
         pred_s += time.perf_counter() - t

@@ -15,11 +15,12 @@ import torch
 
 from forde.analysis import figures
 from forde.analysis.aggregate import Setting, setting_of
-from forde.analysis.results import find_runs, load_optuna, load_run_dir, load_study
+from forde.analysis.results import architecture, find_runs, load_optuna, load_run_dir, load_study
 from forde.analysis.tables import benchmark_table, to_latex, to_markdown
 from forde.cli import main as cli
 from forde.config import load_config
 from forde.data.base import Split
+from forde.data.corrupted import CorruptedSet
 from forde.train import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "report.py"
@@ -32,11 +33,12 @@ def corrupted_digits(setup):
     test = setup.dataset.test
     x = test.inputs.float()
     g = torch.Generator().manual_seed(0)
+    made_here = {"source": "generated", "generator": "test", "seed": 0}
     for severity in range(1, 6):
-        noisy = x + torch.randn(x.shape, generator=g) * 25.0 * severity
-        yield "gaussian_noise", severity, Split(noisy.clamp(0, 255).round().to(torch.uint8), test.labels)
-        faded = (x - x.mean()) * (1 - 0.18 * severity) + x.mean()
-        yield "contrast", severity, Split(faded.clamp(0, 255).round().to(torch.uint8), test.labels)
+        noisy = Split((x + torch.randn(x.shape, generator=g) * 25.0 * severity).clamp(0, 255).round().to(torch.uint8), test.labels)
+        yield CorruptedSet("gaussian_noise", severity, lambda s=noisy: s, made_here)
+        faded = Split(((x - x.mean()) * (1 - 0.18 * severity) + x.mean()).clamp(0, 255).round().to(torch.uint8), test.labels)
+        yield CorruptedSet("contrast", severity, lambda s=faded: s, made_here)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +198,40 @@ def test_forde_report_on_a_study_without_corruptions_skips_instead_of_crashing(s
         assert skipped in index
     assert (tmp_path / "s" / "report" / "digits-mlp-M3" / "benchmark.png").exists()
     assert "figures skipped" in capsys.readouterr().out
+
+
+def test_numbers_on_regenerated_sets_and_old_set_mean_ece_are_marked(study, tmp_path):
+    """The fixture's corrupted sets are made here: every corrupted cell carries †. Results written before
+    provenance and pooled cECE (no corrupted/regenerated_sets, no corrupted/ece_set_mean) get * and, on
+    cECE, ‡; the footnotes say what the marks mean."""
+    runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
+    assert all(r.regenerated and not r.set_mean_cece for r in runs)
+    md = to_markdown(benchmark_table(runs, SETTING))
+    de = next(l for l in md.splitlines() if l.startswith("| DE |")).split(" | ")
+    assert de[2].endswith(("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"))  # clean NLL: no mark
+    assert all(cell.rstrip(" |").endswith("†") for cell in de[-3:])
+    assert "† computed on corrupted sets generated here" in md and "‡" not in md
+    old = [dataclasses.replace(r, summary={k: v for k, v in r.summary.items()
+                                           if k not in ("corrupted/ece_set_mean", "corrupted/regenerated_sets")})
+           for r in runs if r.method == "de"]
+    assert all(r.regenerated is None and r.set_mean_cece for r in old)
+    md = to_markdown(benchmark_table(old, SETTING))
+    ca, cnll, cece = next(l for l in md.splitlines() if l.startswith("| DE |")).rstrip(" |").split(" | ")[-3:]
+    assert ca.endswith("*") and cnll.endswith("*") and cece.endswith("*‡")
+    assert "‡ cECE of results written before cECE pooled" in md and "* from results that do not record" in md
+    tex = to_latex(benchmark_table(runs, SETTING))
+    assert r"\dag{}" in tex and "†" not in tex
+
+
+def test_other_network_sizes_are_other_settings(study):
+    assert architecture({"model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]}}) == "width 16, blocks 1-1-1-1"
+    assert architecture({"model.name": "resnet18", "model.width": 64}) == ""  # flat W&B configs, old configs
+    assert architecture({"model": {"name": "mlp", "width": 16}}) == ""
+    small = [dataclasses.replace(r, dataset="cifar10", model="resnet18", arch="width 16, blocks 1-1-1-1")
+             for r in find_runs(study) if r.ensemble_size == 3]
+    setting = setting_of(small[0])
+    assert setting != Setting("cifar10", "resnet18", 3)
+    assert setting.title == "ResNet18 (width 16, blocks 1-1-1-1) / CIFAR-10, M = 3"
+    assert setting.slug == "cifar10-resnet18-width16-blocks1-1-1-1-M3"
+    md = to_markdown(benchmark_table(small, setting, paper=True))
+    assert "for the paper's full-size network (width 16, blocks 1-1-1-1 here)" in md

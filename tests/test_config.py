@@ -22,6 +22,12 @@ from forde.config import ConfigError, builtin_config_names, load_config
     ("ensemble_size=1", r"needs at least 2 members"),
     ("optim.decay_start=0.95", r"decay_start"),
     ("data.val_fraction=1.0", r"data.val_fraction"),
+    ("data.test_subset=-5", r"data.test_subset = -5: must be a positive sample count or null"),
+    ("model.blocks=[2,0,2,2]", r"model.blocks = \[2, 0, 2, 2\]: needs at least one stage"),
+    ("model.blocks=[1,1,1,1]", r"sets the depth of resnet18 and preact_resnet18 only, not of model.name = mlp"),
+    ("method.alpha_mix=covariance", r"bad value for 'method.alpha_mix'"),
+    ("method.repulsion_ramp_start=0", r"method.repulsion_ramp_start = 0.0: must be positive"),
+    ("method.median=all", r"bad value for 'method.median'"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,15 +1,18 @@
-"""FoRDE's cheaper approximations: repulsion every k-th step, and the kernel on a subset of the batch."""
+"""FoRDE's options: the cheaper approximations (repulsion every k-th step, the kernel on a subset of the
+batch) and the release's first-commit repulsion ramp."""
 
 import copy
+import json
 
 import pytest
 import torch
 
-from forde.config import MethodConfig, ModelConfig
+from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.de import DeepEnsemble
-from forde.methods.forde import FoRDE
+from forde.methods.forde import FoRDE, repulsion_weight
+from forde.train import run_dir_of, train
 
 M, B, D_IN, C = 3, 8, 10, 4
 
@@ -59,3 +62,42 @@ def test_subset_kernel_uses_a_separate_pass_and_leaves_running_stats_alone(probl
             torch.testing.assert_close(value, after_full_pass[name])
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ens.parameters())
+
+
+def test_repulsion_ramp_is_the_first_commits_schedule():
+    """100 -> 1 linearly over 80 epochs, one value per epoch, then 1."""
+    assert repulsion_weight(0.0, 100.0, 80) == 100.0
+    assert repulsion_weight(0.99, 100.0, 80) == 100.0
+    assert repulsion_weight(40.5, 100.0, 80) == pytest.approx(100 - 40 * 99 / 80)
+    assert repulsion_weight(79.0, 100.0, 80) == pytest.approx(100 - 79 * 99 / 80)
+    assert repulsion_weight(80.0, 100.0, 80) == 1.0 and repulsion_weight(250.0, 100.0, 80) == 1.0
+    assert repulsion_weight(3.0, 1.0, 0) == 1.0
+
+
+def test_ramp_multiplies_the_repulsion_and_its_gradient(problem):
+    ens, x, y, proj = problem
+    plain = FoRDE(MethodConfig(alpha=0.5), proj)
+    ramped = FoRDE(MethodConfig(alpha=0.5, repulsion_ramp_start=100.0, repulsion_ramp_epochs=80), proj)
+    de_loss, _, _ = DeepEnsemble().loss(ens, x, y)
+    loss, _, stats = plain.loss(ens, x, y)
+    loss_r, _, stats_r = ramped.loss(ens, x, y, epoch=20.3)
+    w = 100 - 20 * 99 / 80
+    assert stats_r["repulsion_weight"].item() == pytest.approx(w) and "repulsion_weight" not in stats
+    assert (loss_r - de_loss).item() == pytest.approx(w * (loss - de_loss).item(), rel=1e-10)
+    grad = lambda l: torch.cat([g.flatten() for g in torch.autograd.grad(l, list(ens.parameters()), retain_graph=True)])
+    torch.testing.assert_close(grad(loss_r - de_loss), w * grad(loss - de_loss))
+
+
+def test_trainer_passes_the_epoch_to_the_ramp(tmp_path):
+    cfg = load_config("quickstart", [f"run.out_dir={tmp_path}", f"data.root={tmp_path / 'data'}", "optim.epochs=3",
+                                     "model.hidden=[16]", "ensemble_size=2", "eval.corruptions=[none]",
+                                     "eval.grad_samples=0", "run.progress=false", "method.repulsion_ramp_start=10",
+                                     "method.repulsion_ramp_epochs=2", "run.wandb.mode=disabled"])
+    train(cfg)
+    history = [json.loads(line) for line in (run_dir_of(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert [h["train/repulsion_weight"] for h in history] == pytest.approx([10.0, 5.5, 1.0])
+
+
+def test_ramp_is_a_forde_option():
+    with pytest.raises(ConfigError, match="the repulsion ramp is a FoRDE option"):
+        load_config("quickstart", ["method.name=lit", "method.repulsion_ramp_start=100", "method.repulsion_ramp_epochs=80"])

@@ -24,7 +24,7 @@ def random_pca(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q, lam
 
 
-def reference_loss(ensemble, x, y, U, lam, alpha, eps, target, mode, scale, fixed):
+def reference_loss(ensemble, x, y, U, lam, alpha, eps, target, mode, scale, fixed, mix="precision"):
     """Plain loops: one member, one pair, one sample at a time, float64 throughout."""
     m, b = len(ensemble), len(y)
     logits, grads = [], []
@@ -35,7 +35,10 @@ def reference_loss(ensemble, x, y, U, lam, alpha, eps, target, mode, scale, fixe
         sel = out.log_softmax(-1) if target == "log_prob" else out
         (g,) = torch.autograd.grad(sum(sel[k, y[k]] for k in range(b)), xi, create_graph=True)
         grads.append(g.reshape(b, -1))
-    w = (1 - alpha) + alpha * lam
+    if mix == "precision":  # Sigma^-1 = (1 - alpha) I + alpha Lambda
+        w = (1 - alpha) + alpha * lam
+    else:  # Sigma = alpha Lambda^-1 + (1 - alpha) I, inverted entry by entry
+        w = torch.stack([1.0 / (alpha / l + (1 - alpha)) for l in lam])
     z = [[None] * b for _ in range(m)]
     for i in range(m):
         for k in range(b):
@@ -90,11 +93,36 @@ def test_forde_loss_and_gradient_match_brute_force(alpha, target):
     cfg = MethodConfig(name="forde", alpha=alpha, grad_target=target, eps=1e-12, bandwidth_scale=1.0)
     method = FoRDE(cfg, projection(U, lam, alpha))
     loss, logits, _ = method.loss(ens, x, y)
-    ref = reference_loss(ens, x, y, U, lam, alpha, cfg.eps, target, "all_pairs", 1.0, None)
+    ref = reference_loss(ens, x, y, U, lam, alpha, cfg.eps, target, cfg.median, 1.0, None)
     assert logits.shape == (M, B, C)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-8)
     g_fast, g_ref = param_grads(ens, loss), param_grads(ens, ref)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.7])
+def test_lengthscale_mix_matches_brute_force(alpha):
+    ens, x, y = make_problem(seed=11)
+    U, lam = random_pca(D_IN, seed=5)
+    cfg = MethodConfig(name="forde", alpha=alpha, alpha_mix="lengthscale")
+    loss, _, _ = FoRDE(cfg, projection(U, lam, alpha, "lengthscale")).loss(ens, x, y)
+    ref = reference_loss(ens, x, y, U, lam, alpha, cfg.eps, "logit", cfg.median, 1.0, None, mix="lengthscale")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(param_grads(ens, loss), param_grads(ens, ref), rtol=1e-5, atol=1e-8)
+
+
+def test_the_two_mixes_agree_at_zero_and_one_only():
+    lam = torch.tensor([7.0, 2.0, 1.0, 0.3, 1e-9, 0.0], dtype=torch.float64)
+    for alpha in (0.0, 1.0):
+        torch.testing.assert_close(lengthscale_weights(lam, alpha, "lengthscale"), lengthscale_weights(lam, alpha, "precision"))
+    for alpha in (0.1, 0.5, 0.9):
+        precision, lengthscale = lengthscale_weights(lam, alpha, "precision"), lengthscale_weights(lam, alpha, "lengthscale")
+        # 1 / (a / l + 1 - a) written out, where lambda > 0; its limit 0 at lambda = 0 (an infinite lengthscale)
+        expected = [1.0 / (alpha / l + (1 - alpha)) if l > 0 else 0.0 for l in lam.tolist()]
+        torch.testing.assert_close(lengthscale, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+        assert torch.isfinite(lengthscale).all()
+        differ = (precision - lengthscale).abs() > 1e-6  # equal only where lambda = 1 (both give 1)
+        assert differ.tolist() == [l != 1.0 for l in lam.tolist()]
 
 
 @pytest.mark.parametrize("mode,scale,fixed", [("per_column", 1.0, None), ("all_pairs", 0.5, None), ("all_pairs", 1.0, 0.3)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from forde.metrics import (accuracy, ece, ensemble_log_probs, epistemic_uncertainty, gradient_cosine_distance,
-                           member_accuracies, nll, prediction_metrics)
+from forde.metrics import (PooledMetrics, accuracy, ece, ensemble_log_probs, epistemic_uncertainty,
+                           gradient_cosine_distance, member_accuracies, nll, prediction_metrics)
 
 
 def lp(rows):
@@ -71,3 +71,54 @@ def test_member_accuracies_and_bundle():
     out = prediction_metrics(members, labels)
     assert set(out) == {"accuracy", "nll", "ece", "epistemic", "member_accuracy"}
     assert out["accuracy"] == pytest.approx(0.5)
+
+
+def members_with(conf: torch.Tensor, pred: torch.Tensor, classes: int = 3, m: int = 2) -> torch.Tensor:
+    """M identical members predicting class `pred` with probability `conf` (the rest spread evenly)."""
+    probs = ((1 - conf) / (classes - 1))[:, None].repeat(1, classes).double()
+    probs[torch.arange(len(pred)), pred] = conf.double()
+    return probs.log().expand(m, -1, -1)
+
+
+def test_pooled_ece_is_the_ece_of_the_pool_not_the_mean_of_the_sets():
+    """Two sets at confidence 0.9: one always right (ECE 0.1), one right 80% of the time (ECE 0.1). Pooled,
+    the 0.9 bin is right 90% of the time: ECE 0, while the mean of the per-set ECEs is 0.1."""
+    n = 10
+    conf = torch.full((n,), 0.9, dtype=torch.float64)
+    labels = torch.zeros(n, dtype=torch.long)
+    sets = [(members_with(conf, torch.zeros(n, dtype=torch.long)), labels),
+            (members_with(conf, torch.tensor([0] * 8 + [1, 2])), labels)]
+    per_set = [ece(ensemble_log_probs(lp), y) for lp, y in sets]
+    assert per_set == pytest.approx([0.1, 0.1])
+    pool = PooledMetrics()
+    for lp, y in sets:
+        pool.add(lp, y)
+    assert pool.result()["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert pool.result()["accuracy"] == pytest.approx(0.9)
+
+
+def test_pooled_metrics_match_the_concatenated_predictions():
+    """Random predictions of 3 members on 4 sets: every pooled metric equals the metric of the concatenated
+    sets (brute force), and for equal-size sets accuracy, NLL, epistemic and gradient diversity are the
+    means over the sets, while the pooled ECE is below the mean of the sets' ECEs."""
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for k in range(4):
+        logits = torch.randn(3, 500, 10, generator=g) * 2
+        labels = torch.randint(0, 10, (500,), generator=g)
+        if k < 2:  # always right: under-confident sets, beside the over-confident random ones
+            labels = logits.softmax(-1).mean(0).argmax(-1)
+        sets.append((logits.log_softmax(-1), labels, torch.randn(3, 50, 7, generator=g)))
+    pool = PooledMetrics()
+    for lp, y, grads in sets:
+        pool.add(lp, y)
+        pool.add_gradients(grads)
+    pooled = pool.result()
+    brute = prediction_metrics(torch.cat([lp for lp, _, _ in sets], 1), torch.cat([y for _, y, _ in sets]))
+    for key in ("accuracy", "nll", "ece", "epistemic"):
+        assert pooled[key] == pytest.approx(brute[key], rel=1e-12, abs=1e-14)
+    assert pooled["grad_cosine_distance"] == pytest.approx(gradient_cosine_distance(torch.cat([gr for _, _, gr in sets], 1)))
+    each = [prediction_metrics(lp, y) for lp, y, _ in sets]
+    for key in ("accuracy", "nll", "epistemic"):
+        assert pooled[key] == pytest.approx(sum(e[key] for e in each) / 4, rel=1e-12)
+    assert pooled["ece"] < sum(e["ece"] for e in each) / 4 - 0.01

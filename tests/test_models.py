@@ -46,3 +46,27 @@ def test_input_gradients_match_a_per_member_loop(target):
         out = out.log_softmax(-1) if target == "log_prob" else out
         (g,) = torch.autograd.grad(out.gather(1, y[:, None]).sum(), xi)
         torch.testing.assert_close(grads[i], g.flatten(1), rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_set_the_depth_of_the_residual_networks():
+    """[1, 1, 1, 1] is ResNet10: one basic block per stage, ~4.9M parameters at width 64 (ResNet18: ~11.17M)."""
+    resnet10 = build_model(ModelConfig(name="resnet18", blocks=[1, 1, 1, 1]), (3, 32, 32), 10)
+    assert 4_850_000 < sum(p.numel() for p in resnet10.parameters()) < 4_950_000
+    assert len(resnet10.layers) == 4 and resnet10(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    preact = build_model(ModelConfig(name="preact_resnet18", width=8, blocks=[1, 2]), (3, 64, 64), 5)
+    assert len(preact.layers) == 3 and preact(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name,shape", [("resnet18", (3, 32, 32)), ("preact_resnet18", (3, 32, 32)),
+                                        ("wrn16_4", (3, 32, 32)), ("mlp", (1, 8, 8))])
+def test_zero_init_classifier_starts_every_model_at_zero_logits(name, shape):
+    cfg = ModelConfig(name=name, width=8, hidden=[16], zero_init_classifier=True)
+    ens = build_ensemble(cfg, 2, shape, 7, seed=0).train()
+    x = torch.randn(4, *shape)
+    assert torch.equal(ens(x), torch.zeros(2, 4, 7))
+    # the features still differ between members, so training separates them
+    first = [p for n, p in ens.members[0].named_parameters() if p.dim() > 1][0]
+    second = [p for n, p in ens.members[1].named_parameters() if p.dim() > 1][0]
+    assert not torch.equal(first, second)
+    plain = build_model(ModelConfig(name=name, width=8, hidden=[16]), shape, 7)
+    assert plain(x).abs().sum() > 0

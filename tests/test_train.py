@@ -8,7 +8,7 @@ import torch
 from forde.config import OptimConfig, load_config
 from forde.train import CHECKPOINT, METRICS, RESULTS, NonFiniteLossError, evaluate_run, lr_at, train
 
-TIMING_KEYS = {"train_time_s", "session_time_s", "run_dir"}
+TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 
 
 def tiny(tmp_path, *extra, name="run"):

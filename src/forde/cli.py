@@ -23,7 +23,7 @@ HEADLINE = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("epistemi
 
 
 def headline(summary: dict) -> str:
-    """The paper's columns: clean test metrics beside cA / cNLL / cECE (means over every corruption x severity)."""
+    """The paper's columns: clean test metrics beside cA / cNLL / cECE (each severity's sets pooled, averaged over severities)."""
     rows = [("test", "test"), ("val", "val"), ("corrupted", "corrupted (cA/cNLL/cECE)")]
     lines = [f"{'':26}" + "".join(f"{label:>18}" for _, label in HEADLINE)]
     for prefix, name in rows:
@@ -65,9 +65,9 @@ def cmd_data_corrupt(args: argparse.Namespace) -> None:
     cfg.data.root, cfg.eval.corrupted_root = args.root, args.out
     out = corrupted_root(cfg, ds)
     check_source(out, ds)
-    run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, args.corruptions, args.severities,
-                        layout_for(ds), args.workers, class_dirs=ds.class_names or None)
-    record_source(out, ds)
+    report = run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, args.corruptions,
+                                 args.severities, layout_for(ds), args.workers, class_dirs=ds.class_names or None)
+    record_source(out, ds, report.written, GENERATION_SEED)
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:

@@ -30,12 +30,16 @@ class DataConfig:
     root: str = "${oc.env:FORDE_DATA,data}"  # datasets, imported folders, PCA caches and -C sets live here
     download: bool = False  # download CIFAR-10/100 or Tiny-ImageNet into `root` when it is missing
     val_fraction: float = 0.0  # share of the training set held out for validation (model selection, pruning)
-    split_seed: int = 0  # the train/validation split depends on this seed only
+    split_seed: int = 0  # the train/validation split and the subsets below depend on this seed only
+    train_subset: Optional[int] = None  # train on this many training samples, a class-stratified draw (null = all)
+    test_subset: Optional[int] = None  # evaluate on this many test samples, the same draw for every corrupted set
     augment: bool = True  # random crop (padding 4) and horizontal flip on the device; images only
     on_device: bool = True  # keep the whole training set on the training device as uint8
 
 
 Execution = Literal["loop", "vmap"]
+RESNET18_BLOCKS = (2, 2, 2, 2)
+BLOCK_MODELS = ("resnet18", "preact_resnet18")  # the models whose depth model.blocks sets
 
 
 @dataclass
@@ -43,20 +47,25 @@ class ModelConfig:
     name: Literal["mlp", "resnet18", "preact_resnet18", "wrn16_4"] = "mlp"
     width: int = 64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
+    blocks: list[int] = field(default_factory=lambda: list(RESNET18_BLOCKS))  # residual blocks per stage ([1,1,1,1]: ResNet10)
+    zero_init_classifier: bool = False  # the release's classifier layer starts at zero (weights and bias)
     execution: Execution = "loop"  # members one after another, or vectorised (same results)
 
 
 @dataclass
 class MethodConfig:
     name: Literal["de", "forde", "rde_weight", "rde_function", "lit"] = "forde"
-    alpha: float = 1.0  # lengthscale mix: w = (1 - alpha) + alpha * lambda; 0 = identity, 1 = PCA
+    alpha: float = 1.0  # lengthscale mix between identity (0) and PCA (1) lengthscales, see alpha_mix
+    alpha_mix: Literal["precision", "lengthscale"] = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
     bandwidth: Optional[float] = None  # a fixed bandwidth instead of the median heuristic
-    median: Literal["all_pairs", "per_column"] = "all_pairs"  # which distances the median heuristic uses
+    median: Literal["per_column", "all_pairs"] = "per_column"  # median over i per kernel column j (release), or all (i, j) (paper)
     eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
     grad_target: Literal["logit", "log_prob"] = "logit"  # which true-class output is differentiated w.r.t. x
     repulsion_every: int = 1  # FoRDE: add the repulsion (scaled by k) on every k-th step only; plain steps between
     repulsion_subset: float = 1.0  # FoRDE: share of each batch whose input gradients build the kernel
+    repulsion_ramp_start: float = 1.0  # FoRDE: repulsion weight in epoch 0, falling linearly to 1 ...
+    repulsion_ramp_epochs: int = 0  # ... over this many epochs (the release's first commit: 100 over 80)
     lit_weight: float = 1.0  # LIT: weight of the squared-cosine penalty on input gradients
 
 
@@ -226,6 +235,13 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.repulsion_every >= 1, "method.repulsion_every", m.repulsion_every, "must be at least 1", "set method.repulsion_every=1")
     _check(0 < m.repulsion_subset <= 1, "method.repulsion_subset", m.repulsion_subset, "must lie in (0, 1]",
            "set method.repulsion_subset=1.0")
+    _check(m.repulsion_ramp_start > 0, "method.repulsion_ramp_start", m.repulsion_ramp_start, "must be positive",
+           "set method.repulsion_ramp_start=1.0 (no ramp) or e.g. 100")
+    _check(m.repulsion_ramp_epochs >= 0, "method.repulsion_ramp_epochs", m.repulsion_ramp_epochs, "must be non-negative",
+           "set method.repulsion_ramp_epochs=0 (no ramp) or e.g. 80")
+    ramped = m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
+    _check(not ramped or m.name == "forde", "method.repulsion_ramp_epochs", m.repulsion_ramp_epochs,
+           f"the repulsion ramp is a FoRDE option, but method.name = {m.name}", "set method.repulsion_ramp_epochs=0")
     _check(m.lit_weight >= 0, "method.lit_weight", m.lit_weight, "must be non-negative", "set method.lit_weight=1.0")
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")
@@ -241,6 +257,14 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.model.width >= 1, "model.width", cfg.model.width, "must be at least 1", "set model.width=64")
     _check(all(h >= 1 for h in cfg.model.hidden) and len(cfg.model.hidden) >= 1, "model.hidden", cfg.model.hidden,
            "needs at least one positive layer size", "set model.hidden=[128,128,128]")
+    mc = cfg.model
+    _check(len(mc.blocks) >= 1 and all(b >= 1 for b in mc.blocks), "model.blocks", mc.blocks,
+           "needs at least one stage of at least one block", "set model.blocks=[2,2,2,2] (ResNet18)")
+    _check(mc.name in BLOCK_MODELS or tuple(mc.blocks) == RESNET18_BLOCKS, "model.blocks", mc.blocks,
+           f"sets the depth of {' and '.join(BLOCK_MODELS)} only, not of model.name = {mc.name}",
+           "leave model.blocks at [2,2,2,2]")
+    for key, n in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset)):
+        _check(n is None or n >= 1, key, n, "must be a positive sample count or null (all samples)", f"set {key}=null")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1", "set eval.batch_size=1000")
     _check(e.every >= 1, "eval.every", e.every, "must be at least 1", "set eval.every=1")
     _check(e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000")

@@ -1,8 +1,12 @@
 """FoRDE's kernel on input gradients, as pure functions.
 
 For members i, j and batch sample b, with unit-normalised input gradients s_ib:
-    d_ijb = sum_d w_d ((U^T s_ib)_d - (U^T s_jb)_d)^2,   w_d = (1 - alpha) + alpha * lambda_d
+    d_ijb = sum_d w_d ((U^T s_ib)_d - (U^T s_jb)_d)^2,   w_d from alpha and the PCA eigenvalues lambda_d
     k_ij  = (1/B) sum_b exp(-d_ijb / h_b),               h_b = scale * median(d_..b) / ln M
+The weights w are the diagonal of Sigma^-1 in the PCA basis. Mixing the precision (project page),
+Sigma^-1 = (1 - alpha) I + alpha Lambda, gives w_d = (1 - alpha) + alpha lambda_d; mixing the lengthscales
+(paper appendix D.4), Sigma = alpha Lambda^-1 + (1 - alpha) I, gives w_d = 1 / (alpha / lambda_d + 1 - alpha).
+Both are the identity at alpha = 0 and the eigenvalues at alpha = 1, and differ in between.
 The repulsion loss (1/B) sum_i log sum_j k_ij holds the j side constant, so its gradient for
 member i is the Wasserstein-gradient-descent repulsion  sum_j grad_i k_ij / sum_j k_ij.
 """
@@ -21,17 +25,29 @@ def unit_normalize(g: torch.Tensor, eps: float) -> torch.Tensor:
     return g * torch.rsqrt(g.square().sum(-1, keepdim=True) + eps**2)
 
 
-def lengthscale_weights(eigenvalues: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Distance weights w = (1 - alpha) + alpha * lambda: identity at alpha 0, PCA eigenvalues at 1."""
-    return (1.0 - alpha) + alpha * eigenvalues
+def lengthscale_weights(eigenvalues: torch.Tensor, alpha: float, mix: str = "precision") -> torch.Tensor:
+    """Distance weights w_d: identity at alpha 0, the PCA eigenvalues at 1 (see the module docstring).
+
+    The lengthscale mix is computed as lambda / (alpha + (1 - alpha) lambda), which equals
+    1 / (alpha / lambda + 1 - alpha) for lambda > 0 and takes its limit 0 at lambda = 0 (an infinite
+    lengthscale) without dividing by zero; its denominator is at least alpha > 0.
+    """
+    if mix == "precision":
+        return (1.0 - alpha) + alpha * eigenvalues
+    if mix != "lengthscale":
+        raise ValueError(f"unknown lengthscale mix {mix!r}; use precision or lengthscale")
+    if alpha == 0.0:
+        return torch.ones_like(eigenvalues)
+    return eigenvalues / (alpha + (1.0 - alpha) * eigenvalues)
 
 
-def projection(eigenvectors: torch.Tensor, eigenvalues: torch.Tensor, alpha: float) -> torch.Tensor | None:
+def projection(eigenvectors: torch.Tensor, eigenvalues: torch.Tensor, alpha: float, mix: str = "precision"
+               ) -> torch.Tensor | None:
     """P = U diag(sqrt(w)), so that |(s_i - s_j) P|^2 is the weighted distance; None at alpha = 0,
     where the weighted distance is the plain one (U is orthogonal)."""
     if alpha == 0.0:
         return None
-    return eigenvectors * lengthscale_weights(eigenvalues, alpha).sqrt()
+    return eigenvectors * lengthscale_weights(eigenvalues, alpha, mix).sqrt()
 
 
 def pairwise_sq_dists(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

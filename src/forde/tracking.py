@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forde.config import TrainConfig, WandbConfig, to_dict
+from forde.provenance import code_version
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,14 @@ def resolve_mode(cfg: WandbConfig) -> str:
 def per_set_table(per_set: list[dict]):
     import wandb
 
-    cols = ["corruption", "severity", "accuracy", "nll", "ece", "epistemic", "grad_cosine_distance"]
+    cols = ["corruption", "severity", "source", "accuracy", "nll", "ece", "epistemic", "grad_cosine_distance"]
     return wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in per_set])
 
 
 def per_severity_table(summary: dict):
     import wandb
 
-    cols = ["severity", "accuracy", "nll", "ece", "epistemic", "grad_cosine_distance"]
+    cols = ["severity", "accuracy", "nll", "ece", "ece_set_mean", "epistemic", "grad_cosine_distance"]
     rows = [[group.removeprefix("severity_")] + [vals.get(c) for c in cols[1:]]
             for group, vals in summary.items() if group.startswith("severity_")]
     return wandb.Table(columns=cols, data=rows)
@@ -78,7 +79,8 @@ class WandbRun:
         w = cfg.run.wandb
         self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name,
                               id=run_id, resume="allow", dir=str(run_dir), mode=self.mode,
-                              config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(run_dir)})
+                              config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(run_dir),
+                                      "code": code_version()})
         log.info("W&B %s run %s (%s)", self.mode, name, self.run.dir)
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
@@ -89,6 +91,8 @@ class WandbRun:
         if self.run is None:
             return
         self.run.summary.update({**results["summary"], "run_dir": results["run_dir"]})
+        if "provenance" in results:  # code version, dataset fingerprints, each corrupted set's source
+            self.run.config.update({"provenance": results["provenance"]}, allow_val_change=True)
         corrupted = results.get("corrupted")
         if corrupted:
             self.run.log({"corrupted/per_set": per_set_table(corrupted["per_set"]),

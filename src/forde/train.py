@@ -22,13 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
-from forde.data.base import Dataset, Split
-from forde.data.corrupted import corrupted_sets as configured_corrupted_sets, prepare_corrupted
+from forde.data.base import Dataset
+from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
 from forde.data.pipeline import DeviceLoader
 from forde.data.registry import load_dataset
 from forde.ensemble import Ensemble, build_ensemble
 from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split, eval_context
 from forde.methods import Method, build_method
+from forde.provenance import run_provenance
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with s.autocast():
-                loss, logits, stats = s.method.loss(s.ensemble, s.prepare(x), y, step=self.epoch * steps + step)
+                loss, logits, stats = s.method.loss(s.ensemble, s.prepare(x), y, step=self.epoch * steps + step,
+                                                    epoch=self.epoch + step / steps)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -229,10 +231,10 @@ def _brief(metrics: dict) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
-CorruptedSets = Callable[[Setup], Iterable[tuple[str, int, Split]]]
+CorruptedSets = Callable[[Setup], Iterable[CorruptedSet]]
 
 
-def default_corrupted_sets(setup: Setup) -> Iterable[tuple[str, int, Split]]:
+def default_corrupted_sets(setup: Setup) -> Iterable[CorruptedSet]:
     """The corrupted sets `eval.corruptions` x `eval.severities` asks for (see forde.data.corrupted)."""
     return configured_corrupted_sets(setup.cfg, setup.dataset)
 
@@ -247,16 +249,23 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
         bar = lambda it: tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
         results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
     results["summary"] = flat_summary(results)
+    results["provenance"] = run_provenance(setup.dataset, sets)
     return results
 
 
 def flat_summary(results: dict) -> dict:
-    """The headline numbers under flat keys: what sweeps optimise and trackers show."""
+    """The headline numbers under flat keys: what sweeps optimise and trackers show.
+
+    `corrupted/regenerated_sets` counts the corrupted sets generated here rather than read from the
+    official files (absent when some set's source is unknown)."""
     out = {f"{split}/{k}": v for split in ("test", "val") for k, v in results.get(split, {}).items()
            if not isinstance(v, list)}
     for group, vals in results.get("corrupted", {}).get("summary", {}).items():
         prefix = "corrupted" if group == "all" else f"corrupted/{group}"
         out.update({f"{prefix}/{k}": v for k, v in vals.items()})
+    rows = results.get("corrupted", {}).get("per_set", [])
+    if rows and all(r.get("source") in ("generated", "official") for r in rows):
+        out["corrupted/regenerated_sets"] = sum(r["source"] == "generated" for r in rows)
     return out
 
 
@@ -304,8 +313,10 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
                "ensemble_size": cfg.ensemble_size, "epochs": trainer.epoch,
                "train_time_s": sum(h["train/epoch_time_s"] for h in trainer.history),
-               "session_time_s": time.perf_counter() - start,
-               **final_evaluation(setup, corrupted_sets)}
+               "session_time_s": time.perf_counter() - start}
+    evaluated = time.perf_counter()
+    results.update(final_evaluation(setup, corrupted_sets))
+    results["eval_time_s"] = time.perf_counter() - evaluated  # the final evaluation: test, validation, corrupted sets
     write_atomic(run_dir / RESULTS, to_json(results))
     log.info("results: %s", _brief_summary(results["summary"]))
     for cb in trainer.callbacks:

@@ -24,18 +24,21 @@ class Setting:
     dataset: str
     model: str
     ensemble_size: int
+    arch: str = ""  # see Run.arch
 
     @property
     def title(self) -> str:
-        return f"{MODELS.get(self.model, self.model)} / {DATASETS.get(self.dataset, self.dataset)}, M = {self.ensemble_size}"
+        model = MODELS.get(self.model, self.model) + (f" ({self.arch})" if self.arch else "")
+        return f"{model} / {DATASETS.get(self.dataset, self.dataset)}, M = {self.ensemble_size}"
 
     @property
     def slug(self) -> str:
-        return f"{self.dataset}-{self.model}-M{self.ensemble_size}"
+        arch = "".join(f"-{part.replace(' ', '')}" for part in self.arch.split(", ")) if self.arch else ""
+        return f"{self.dataset}-{self.model}{arch}-M{self.ensemble_size}"
 
 
 def setting_of(run: Run) -> Setting:
-    return Setting(run.dataset, run.model, run.ensemble_size)
+    return Setting(run.dataset, run.model, run.ensemble_size, run.arch)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 from forde.analysis import style
 from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, stat
 from forde.analysis.results import Run
-from forde.analysis.tables import Table
+from forde.analysis.tables import REGENERATED, Table
 from forde.analysis.variants import BASE, TUNED, color
 from forde.data.corruption_names import CORRUPTIONS
 
@@ -24,6 +24,14 @@ LENGTHSCALE_PANELS = (("Clean data", "test/accuracy"), ("Severity 1, 2, 3", "cor
 
 class Skip(Exception):
     """The runs lack what a figure needs; the message says what."""
+
+
+REGENERATED_NOTE = " (corrupted sets generated here)"
+
+
+def _title(setting: Setting, runs: list[Run]) -> str:
+    """The setting's title, saying so when some corrupted-data number comes from sets generated here."""
+    return setting.title + (REGENERATED_NOTE if any(r.regenerated for r in runs) else "")
 
 
 def severity_key(metric: str, severity: int) -> str:
@@ -75,7 +83,7 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
     for ax in axes[0][len(panels):]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("Accuracy (%)")
-    fig.suptitle(f"{setting.title}: FoRDE lengthscales from identity (α = 0) to PCA (α = 1)")
+    fig.suptitle(f"{_title(setting, runs)}: FoRDE lengthscales from identity (α = 0) to PCA (α = 1)")
     _layout(fig, [Line2D([], [], color=TUNED, marker="o"), Line2D([], [], color=BASE["DE"], ls="--")],
             ["FoRDE (mean ± std over seeds)", "DE (mean)"])
     return fig
@@ -104,7 +112,8 @@ def benchmark_figure(table: Table):
     axes[0][0].invert_yaxis()
     for ax in axes.flat[len(cols):]:
         ax.set_visible(False)
-    fig.suptitle(table.setting.title)
+    regenerated = any(REGENERATED in marks for r in rows for marks in r.marks.values())
+    fig.suptitle(table.setting.title + (REGENERATED_NOTE if regenerated else ""))
     if table.paper_source:
         _layout(fig, [Line2D([], [], color="0.25", marker="o", ls="none"),
                       Line2D([], [], mec="0.25", mfc="none", marker="D", ls="none")],
@@ -130,7 +139,7 @@ def severity_figure(runs: list[Run], setting: Setting):
         ax.set_xticks(xs, ["clean" if k == 0 else str(k) for k in xs])
         ax.set_xlabel("Corruption severity")
         ax.set_ylabel(f"{label} {arrow}")
-    fig.suptitle(setting.title)
+    fig.suptitle(_title(setting, runs))
     _legend_below(fig, list(groups))
     return fig
 
@@ -160,7 +169,7 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
         row[0].set_ylabel("Accuracy (%)")
     for ax in axes[-1]:
         ax.set_xlabel("Severity")
-    fig.suptitle(setting.title)
+    fig.suptitle(_title(setting, runs))
     _legend_below(fig, list(groups))
     return fig
 
@@ -192,7 +201,7 @@ def ensemble_size_figure(runs: list[Run], title: str):
         ax.set_title(name)
         ax.set_xlabel("Ensemble size")
         ax.set_ylabel("NLL ↓")
-    fig.suptitle(title)
+    fig.suptitle(title + (REGENERATED_NOTE if any(r.regenerated for r in runs) else ""))
     _legend_below(fig, list(groups))
     return fig
 
@@ -218,6 +227,6 @@ def diversity_figure(runs: list[Run], setting: Setting):
         ax.set_xlabel("Corruption severity")
         ax.set_title(label)
         ax.grid(axis="x", visible=False)
-    fig.suptitle(setting.title)
+    fig.suptitle(_title(setting, runs))
     _legend_below(fig, list(groups), markers=False)
     return fig

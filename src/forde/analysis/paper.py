@@ -3,7 +3,8 @@ M = 10), for side-by-side comparison with our runs (`forde report --paper`).
 
 These are the only published result values in the code base; nothing else may use them as data.
 Kept as the strings the paper prints (its precision differs between tables); units as printed:
-accuracies in percent, NLL and ECE as fractions.
+accuracies in percent, NLL and ECE as fractions. cA / cNLL / cECE are the release's: metrics of each
+severity's corruption types pooled into one set, averaged over the severities, as our corrupted/* are.
 """
 
 from __future__ import annotations

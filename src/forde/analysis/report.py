@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from forde.analysis import figures, style
-from forde.analysis.aggregate import DATASETS, MODELS, group, setting_of
+from forde.analysis.aggregate import Setting, group, setting_of
 from forde.analysis.results import Run, load_study, load_wandb
 from forde.analysis.tables import benchmark_table, to_latex, to_markdown
 
@@ -60,9 +60,11 @@ def make_report(runs: list[Run], out: Path, paper: bool = False) -> Report:
         report.figure(folder / "benchmark", figures.benchmark_figure, table)
         for name, draw in SETTING_FIGURES.items():
             report.figure(folder / name, draw, runs_here, setting)
-    for (dataset, model), runs_here in sorted(group(runs, lambda r: (r.dataset, r.model)).items()):
-        title = f"{MODELS.get(model, model)} / {DATASETS.get(dataset, dataset)}"
-        report.figure(out / f"{dataset}-{model}" / "ensemble_size", figures.ensemble_size_figure, runs_here, title)
+    for (dataset, model, arch), runs_here in sorted(group(runs, lambda r: (r.dataset, r.model, r.arch)).items()):
+        every_size = Setting(dataset, model, 0, arch)
+        title = every_size.title.rsplit(", M = ", 1)[0]
+        report.figure(out / every_size.slug.rsplit("-M", 1)[0] / "ensemble_size", figures.ensemble_size_figure,
+                      runs_here, title)
     report.text(out / "index.md", _index(report, out, len(runs)))
     return report
 

@@ -37,10 +37,27 @@ class Run:
     summary: dict[str, float]  # flat: test/accuracy, corrupted/severity_4-5/nll, ...
     per_set: list[dict] = field(default_factory=list)  # one row per corruption x severity, when known
     source: str = ""  # run directory, optuna:<study>#<trial>, or wandb:<path>
+    arch: str = ""  # what sets the network apart from the paper's of the same name, e.g. "width 16, blocks 1-1-1-1"
 
     @property
     def variant(self) -> str:
         return variant(self.method, self.alpha)
+
+    @property
+    def has_corrupted(self) -> bool:
+        return self.metric("corrupted/accuracy") is not None
+
+    @property
+    def regenerated(self) -> bool | None:
+        """Whether some corrupted set was generated here (None: not recorded, results from before provenance)."""
+        count = self.metric("corrupted/regenerated_sets")
+        return None if count is None else count > 0
+
+    @property
+    def set_mean_cece(self) -> bool:
+        """Results written before cECE pooled each severity's sets: their corrupted/ece is the mean of the
+        per-set ECEs (they lack corrupted/ece_set_mean, which newer results carry beside the pooled cECE)."""
+        return self.has_corrupted and self.metric("corrupted/ece_set_mean") is None
 
     def metric(self, key: str) -> float | None:
         value = self.summary.get(key)
@@ -66,7 +83,17 @@ def make_run(config: dict, summary: dict, per_set: list[dict] | None = None, sou
     return Run(method=method, dataset=dig(config, "data.name", "unknown"), model=dig(config, "model.name", "unknown"),
                seed=int(dig(config, "seed") or 0), ensemble_size=int(dig(config, "ensemble_size") or 0),
                alpha=float(alpha) if method == "forde" and alpha is not None else None,
-               summary=dict(summary), per_set=list(per_set or []), source=source)
+               summary=dict(summary), per_set=list(per_set or []), source=source, arch=architecture(config))
+
+
+def architecture(config: dict) -> str:
+    """A residual network's width and blocks per stage where they differ from the paper's (64; 2-2-2-2):
+    runs of one model name with other sizes are other settings. Empty for the paper's sizes and MLPs."""
+    if dig(config, "model.name") in (None, "mlp"):
+        return ""
+    width, blocks = dig(config, "model.width", 64), list(dig(config, "model.blocks", None) or [2, 2, 2, 2])
+    parts = ([f"width {width}"] if width != 64 else []) + (["blocks " + "-".join(map(str, blocks))] if blocks != [2, 2, 2, 2] else [])
+    return ", ".join(parts)
 
 
 def load_run_dir(path: str | Path) -> Run:

@@ -33,12 +33,31 @@ CORRUPTED = (Column("cA (%)", "corrupted/accuracy", True, 1, 100.0), Column("cNL
              Column("cECE", "corrupted/ece", False, 3))
 
 
+# Marks on corrupted-data cells, explained under the table
+REGENERATED, UNRECORDED, SET_MEAN_ECE = "†", "*", "‡"
+FOOTNOTES = {
+    REGENERATED: "computed on corrupted sets generated here (the published recipe, not the released files)",
+    UNRECORDED: "from results that do not record whether their corrupted sets were generated here",
+    SET_MEAN_ECE: "cECE of results written before cECE pooled each severity's sets: the mean of the per-set "
+                  "ECEs, which reads higher than the pooled cECE",
+}
+
+
+def corrupted_marks(runs: list[Run], key: str) -> str:
+    """The marks a corrupted-data number computed from `runs` carries (see FOOTNOTES)."""
+    runs = [r for r in runs if r.has_corrupted]
+    marks = REGENERATED if any(r.regenerated for r in runs) else ""
+    marks += UNRECORDED if any(r.regenerated is None for r in runs) else ""
+    return marks + (SET_MEAN_ECE if key == "corrupted/ece" and any(r.set_mean_cece for r in runs) else "")
+
+
 @dataclass
 class Row:
     variant: str
     seeds: int = 0
     cells: dict[str, Stat | None] = field(default_factory=dict)
     paper: dict[str, str] = field(default_factory=dict)  # the paper's printed values, when asked for
+    marks: dict[str, str] = field(default_factory=dict)  # column key -> FOOTNOTES marks
 
 
 @dataclass
@@ -64,7 +83,9 @@ def benchmark_table(runs: list[Run], setting: Setting, paper: bool = False) -> T
     """One row per variant present (plus paper-only variants when `paper`), corrupted columns only when
     some run has corrupted results."""
     columns = CLEAN + (CORRUPTED if any(r.metric("corrupted/accuracy") is not None for r in runs) else ())
-    rows = [Row(v, len(rs), {c.key: metric_stat(rs, c.key) for c in columns}) for v, rs in by_variant(runs).items()]
+    rows = [Row(v, len(rs), {c.key: metric_stat(rs, c.key) for c in columns},
+                marks={c.key: corrupted_marks(rs, c.key) for c in columns if c in CORRUPTED})
+            for v, rs in by_variant(runs).items()]
     source = None
     if paper:
         reported = paper_numbers.reported(setting.dataset, setting.model)
@@ -90,7 +111,7 @@ def _cell(table: Table, row: Row, column: Column, pm: str, bold: str) -> str:
         return "—"
     mean = column.fmt(s.mean)
     text = f"{mean} {pm} {column.fmt(s.std)}"
-    return bold.format(text) if mean == table.best(column) else text
+    return (bold.format(text) if mean == table.best(column) else text) + row.marks.get(column.key, "")
 
 
 def _header(table: Table, arrows: dict[str, str], paper_label: str) -> list[str]:
@@ -138,13 +159,18 @@ def to_latex(table: Table) -> str:
 def _note(table: Table) -> str:
     note = "Mean ± standard deviation over seeds; best mean in bold."
     if any(c in table.columns for c in CORRUPTED):
-        note += " cA / cNLL / cECE: means over every corruption type and severity."
+        note += (" cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"
+                 " set, averaged over the severities (as the paper's release computes them).")
+    used = "".join(m for r in table.rows for m in r.marks.values())
+    note += "".join(f" {mark} {text}." for mark, text in FOOTNOTES.items() if mark in used)
     if table.paper_source:
-        note += f" (paper): the numbers reported by Trinh et al. (2024), {table.paper_source}."
+        note += f" (paper): the numbers reported by Trinh et al. (2024), {table.paper_source}"
+        note += f", for the paper's full-size network ({table.setting.arch} here)." if table.setting.arch else "."
     return note
 
 
 def _tex(text: str) -> str:
-    for plain, tex in (("%", r"\%"), ("α", r"$\alpha$"), ("±", r"$\pm$"), ("—", "--"), ("_", r"\_")):
+    for plain, tex in (("%", r"\%"), ("α", r"$\alpha$"), ("±", r"$\pm$"), ("—", "--"), ("_", r"\_"),
+                       ("†", r"\dag{}"), ("‡", r"\ddag{}"), ("*", r"$^*$")):
         text = text.replace(plain, tex)
     return text

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 
@@ -35,6 +36,12 @@ class Dataset:
     std: tuple[float, ...]
     val: Split | None = None
     class_names: tuple[str, ...] = ()
+    parent: "Dataset | None" = None  # the dataset before data.train_subset / data.test_subset
+
+    @property
+    def full(self) -> "Dataset":
+        """The whole training and test splits: what the PCA and the corrupted sets are computed from."""
+        return self.parent or self
 
     @property
     def is_image(self) -> bool:
@@ -58,6 +65,45 @@ def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split
     n_val = max(1, int(round(n * val_fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values)
+
+
+SUBSET_SALT = {"train": 1, "test": 2, "grad": 3}  # independent draws from one seed
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int, salt: str) -> torch.Tensor:
+    """n indices (sorted) drawn at random within each class, the class counts proportional to the labels'.
+
+    Quotas are n * share rounded down, the remainder going to the classes with the largest fractions
+    (ties to the smaller class index). The draw depends on the labels, n, the seed and the salt only:
+    two sets with the same labels in the same order (a test set and its corrupted copies) get the same
+    indices.
+    """
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if not 0 < n <= len(y):
+        raise ValueError(f"cannot draw {n} of {len(y)} samples")
+    classes, counts = np.unique(y, return_counts=True)
+    exact = n * counts / len(y)
+    quota = np.floor(exact).astype(np.int64)
+    remainder = n - quota.sum()
+    quota[np.argsort(-(exact - quota), kind="stable")[:remainder]] += 1
+    rng = np.random.default_rng([seed, SUBSET_SALT[salt]])
+    picked = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
+    return torch.from_numpy(np.sort(np.concatenate(picked)))
+
+
+def subset_split(split: Split, n: int | None, seed: int, salt: str) -> Split:
+    """The stratified subset of `split`, or `split` itself when n is None or covers it."""
+    if n is None or n >= len(split):
+        return split
+    return split.subset(stratified_subset(split.labels, n, seed, salt))
+
+
+def with_subsets(ds: Dataset, train: int | None, test: int | None, seed: int) -> Dataset:
+    """The dataset with stratified subsets of its training and test splits; `.full` keeps the whole ones."""
+    if train is None and test is None:
+        return ds
+    return replace(ds, train=subset_split(ds.train, train, seed, "train"), test=subset_split(ds.test, test, seed, "test"),
+                   parent=ds)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -37,6 +37,7 @@ LAYOUTS = ("npy", "folder")
 LABELS_FILE = "labels.npy"
 PARTS_DIR = "parts"
 JPEG_QUALITY = 85
+GENERATOR_VERSION = 1  # recorded with every generated set; raise it whenever a change alters the generated pixels
 
 
 def corruption_rng(seed: int, name: str, severity: int) -> np.random.Generator:

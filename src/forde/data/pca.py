@@ -131,8 +131,10 @@ def cached_pca(inputs: torch.Tensor, mean, std, cache_dir: str | Path, name: str
 
 
 def dataset_pca(ds: Dataset, root: str | Path) -> PCA:
-    """The PCA of a dataset's training split, cached under <data.root>/pca/: what training uses."""
-    return cached_pca(ds.train.inputs, ds.mean, ds.std, Path(root) / "pca", ds.name)
+    """The PCA of a dataset's whole training split (data.train_subset does not change it, as the release
+    computes it on every training image), cached under <data.root>/pca/: what training uses."""
+    full = ds.full
+    return cached_pca(full.train.inputs, full.mean, full.std, Path(root) / "pca", full.name)
 
 
 def run_pca_command(cfg: DataConfig, top: int = 10) -> PCA:

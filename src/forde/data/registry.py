@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from forde.config import ConfigError, DataConfig
-from forde.data.base import Dataset, split_train_val
+from forde.data.base import Dataset, split_train_val, with_subsets
 from forde.data.cifar import load_cifar
 from forde.data.imagefolder import LAYOUT, imported_names, is_imported, load_imported
 from forde.data.tinyimagenet import load_tinyimagenet
@@ -36,12 +36,17 @@ def _read(cfg: DataConfig) -> Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read the dataset and hold out the validation split (a dataset's own val split, else data.val_fraction)."""
+    """Read the dataset, hold out the validation split (a dataset's own val split, else data.val_fraction),
+    then draw the data.train_subset / data.test_subset subsets (the whole splits stay in `.full`)."""
     ds = _read(cfg)
     if ds.val is not None:
         if cfg.val_fraction > 0:
             raise ConfigError(f"data.val_fraction = {cfg.val_fraction}: dataset {cfg.name!r} has its own validation "
                               "split; set data.val_fraction=0 to use it")
-        return ds
-    ds.train, ds.val = split_train_val(ds.train, cfg.val_fraction, cfg.split_seed)
-    return ds
+    else:
+        ds.train, ds.val = split_train_val(ds.train, cfg.val_fraction, cfg.split_seed)
+    for key, n, split in (("data.train_subset", cfg.train_subset, ds.train), ("data.test_subset", cfg.test_subset, ds.test)):
+        if n is not None and n > len(split):
+            raise ConfigError(f"{key} = {n} exceeds the {len(split)} samples of {cfg.name}'s "
+                              f"{key.split('.')[1].split('_')[0]} split; lower it, or set {key}=null for all of them")
+    return with_subsets(ds, cfg.train_subset, cfg.test_subset, cfg.split_seed)

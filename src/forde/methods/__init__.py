@@ -24,7 +24,7 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
         proj = None
         if m.alpha > 0:
             pca = dataset_pca(dataset, cfg.data.root)
-            proj = projection(pca.eigenvectors, pca.eigenvalues, m.alpha).to(device=device, dtype=torch.float32)
+            proj = projection(pca.eigenvectors, pca.eigenvalues, m.alpha, m.alpha_mix).to(device=device, dtype=torch.float32)
         return FoRDE(m, proj)
     if m.name == "rde_weight":
         return WeightRDE(m)

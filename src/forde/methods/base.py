@@ -13,10 +13,11 @@ from forde.ensemble import Ensemble
 class Method(Protocol):
     name: str
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Returns (loss to minimise, member logits [M, B, C], detached statistics for logging).
-        `step` counts optimizer steps from the start of training, for methods that act on some steps only."""
+        `step` counts optimizer steps from the start of training, for methods that act on some steps only;
+        `epoch` is the fractional epoch (completed epochs + share of this one), for schedules."""
         ...
 
 

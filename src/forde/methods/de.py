@@ -12,7 +12,7 @@ class DeepEnsemble:
     def __init__(self, likelihood: Likelihood | None = None):
         self.likelihood = likelihood or Categorical()
 
-    def loss(self, ensemble: Ensemble, x, y, step: int = 0):
+    def loss(self, ensemble: Ensemble, x, y, step: int = 0, epoch: float = 0.0):
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         return nll, outputs, {self.likelihood.name: nll.detach()}

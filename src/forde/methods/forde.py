@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -14,6 +15,9 @@ from forde.methods.likelihoods import Categorical, Likelihood
 
 class FoRDE:
     """Loss = sum_i mean_b NLL_ib + (1/B) sum_i log sum_j k_ij, one backward pass for both terms.
+
+    The release's first commit multiplied the repulsion by a weight falling linearly from
+    `repulsion_ramp_start` in epoch 0 to 1 after `repulsion_ramp_epochs` (see `repulsion_weight`).
 
     Two cheaper approximations, off by default: `repulsion_every = k` adds the repulsion (times k) on
     every k-th step only; `repulsion_subset = s < 1` builds the kernel from a separate pass over the
@@ -35,7 +39,7 @@ class FoRDE:
         s = unit_normalize(grads, self.cfg.eps)
         return s if self.projection is None else s @ self.projection
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
         cfg, batch = self.cfg, len(y)
         if step % cfg.repulsion_every:  # a plain data step between repulsion steps
             outputs = ensemble(x)
@@ -50,9 +54,19 @@ class FoRDE:
             with batch_stats_only(ensemble):
                 _, grads = ensemble.output_gradients(x[:k], lambda out: pick(out, y[:k]), create_graph=True)
         nll = self.likelihood.nll(outputs, y)
+        ramp = repulsion_weight(epoch, cfg.repulsion_ramp_start, cfg.repulsion_ramp_epochs)
         rep, stats = repulsion(self.features(grads), bandwidth=cfg.bandwidth, median_mode=cfg.median,
-                               bandwidth_scale=cfg.bandwidth_scale, weight=cfg.repulsion_every / batch)
+                               bandwidth_scale=cfg.bandwidth_scale, weight=ramp * cfg.repulsion_every / batch)
+        if cfg.repulsion_ramp_epochs > 0:
+            stats["repulsion_weight"] = torch.tensor(ramp)
         return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}
+
+
+def repulsion_weight(epoch: float, start: float, epochs: int) -> float:
+    """The first public commit's schedule: start + e (1 - start) / epochs in epoch e = 0, 1, ... (constant
+    within an epoch), and 1 from epoch `epochs` on. It multiplies the repulsion and so its gradient."""
+    e = math.floor(epoch)
+    return start + e * (1.0 - start) / epochs if e < epochs else 1.0
 
 
 @contextlib.contextmanager

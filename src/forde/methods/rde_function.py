@@ -30,7 +30,7 @@ class FunctionRDE:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         f = self.likelihood.predictive(outputs).reshape(len(ensemble), 1, -1)  # one "sample": the whole batch

@@ -45,7 +45,7 @@ class WeightRDE:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         rep, stats = distance_repulsion(parameter_sq_dists(ensemble), bandwidth=self.cfg.bandwidth,

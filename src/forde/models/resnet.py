@@ -1,4 +1,6 @@
-"""ResNet18 with the CIFAR stem (3x3 conv, stride 1, no max-pool): the paper's CIFAR-10/100 network."""
+"""ResNet18 with the CIFAR stem (3x3 conv, stride 1, no max-pool): the paper's CIFAR-10/100 network.
+
+`blocks` sets the basic blocks per stage: (2, 2, 2, 2) is ResNet18, (1, 1, 1, 1) ResNet10."""
 
 from __future__ import annotations
 
