@@ -160,7 +160,7 @@ def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slur
 def test_bad_partition_study_or_request_submits_nothing(tmp_path, slurm):
     out = subprocess.run(launch_cmd(tmp_path, "--slurm", "partition=nosuch,time=60", *FAST), env=env_for(tmp_path),
                          capture_output=True, text=True)
-    assert out.returncode == 2 and f"no partition 'nosuch'; partitions: " in out.stderr and PARTITION in out.stderr
+    assert out.returncode == 2 and "no partition 'nosuch'; partitions: " in out.stderr and PARTITION in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text((STUDIES / "quickstart.yaml").read_text() + "  method.alpah: {low: 0.0, high: 1.0}\nname: bad\n")
     out = subprocess.run(launch_cmd(tmp_path, "--slurm", f"partition={PARTITION},time=60", study=str(bad)),
