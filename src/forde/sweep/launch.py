@@ -109,11 +109,19 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("studies"), help="parent of the study directory")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one worker process per GPU")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine when --gpus is not given")
+    p.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
+                   help="submit the workers to Slurm as a job array and return, e.g. partition=gpu,nodes=2,"
+                        "gpus_per_node=4,time=24:00:00 (see forde.sweep.slurm)")
+    p.add_argument("--prepare", action="store_true",
+                   help="check the study, prepare its inputs and create it in the storage, then exit (for workers "
+                        "started elsewhere with the same --study and --storage, e.g. deploy/sweep.yaml)")
     p.add_argument("--n-trials", type=int, default=None, help="override the study's trial budget")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="training-config overrides for every trial, e.g. optim.epochs=10")
     args = p.parse_args(argv)
+    if args.slurm and (args.gpus or args.workers != 1):
+        p.error("--slurm places the workers itself (nodes, gpus_per_node); drop --gpus and --workers")
     args.studies_dir = studies_dir
     return args
 
@@ -130,10 +138,16 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
         study = load_study(args.study_file, args.overrides)
         if args.n_trials:
             study.n_trials = args.n_trials
+        if args.slurm:  # before any data is prepared
+            from forde.sweep import slurm
+            slurm_spec = slurm.parse_spec(args.slurm)
+            slurm_spec.partition = slurm.check_cluster(slurm_spec)
     except ConfigError as err:
         print(f"launch.py: {err}", file=sys.stderr)
         return 2
     study_dir = args.out / study.name
+    if args.slurm and not args.storage:
+        args.storage = slurm.default_storage(study_dir)
     args.storage = args.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
     if args.worker:
         run_worker(study, args.storage, study_dir, use_wandb=not args.no_wandb)
@@ -148,6 +162,11 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
         print(f"launch.py: study '{study.name}': {err}", file=sys.stderr)
         return 2
     open_study(study, storage_for(args.storage))  # create it once, before workers race to
+    if args.slurm:
+        return slurm.submit_workers(args, slurm_spec, study.name, study_dir)
+    if args.prepare:
+        print(f"study '{study.name}' is checked, its inputs prepared and it exists in {args.storage}")
+        return 0
     devices = args.gpus.split(",") if args.gpus else [None] * args.workers
     if len(devices) == 1 and devices[0] is None:
         run_worker(study, args.storage, study_dir, use_wandb=not args.no_wandb)
