@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from forde.config import ConfigError, TrainConfig
+from forde.config import ConfigError, MissingDataError, TrainConfig
 from forde.data.base import Dataset, Split
 from forde.data.corruption_names import select
 
@@ -44,7 +44,7 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
     missing = missing_corrupted(root, names, cfg.eval.severities)
     if missing and not cfg.eval.generate_corrupted:
         shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ConfigError(f"{root} lacks {len(missing)} corrupted set(s) ({shown}); point eval.corrupted_root at the "
+        raise MissingDataError(f"{root} lacks {len(missing)} corrupted set(s) ({shown}); point eval.corrupted_root at the "
                           "official release, or set eval.generate_corrupted=true to build them locally")
     if missing:
         todo = tuple(n for n in names if any(m == n for m, _ in missing))
