@@ -96,11 +96,11 @@ class WandbRun:
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         w = cfg.run.wandb
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         kwargs = dict(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
                       resume="allow", dir=str(self.run_dir),
                       config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir)})
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.mode == "offline":
                 self._set_aside_partial_copies()
             self.run = wandb.init(mode=self.mode, settings=wandb.Settings(init_timeout=w.init_timeout), **kwargs)

@@ -100,14 +100,18 @@ def state_counts(opt: optuna.Study) -> str:
 
 
 def check_writable(study_dir: Path) -> None:
-    runs = study_dir / "runs"
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-        probe = runs / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to {runs} ({err.strerror or err}); make it writable or choose another --out") from None
+    """The study directory, and its runs/ when present, must take new files (before any data is prepared)."""
+    for folder in (study_dir, study_dir / "runs"):
+        if folder == study_dir / "runs" and not folder.exists():
+            break
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write to {folder} ({err.strerror or err}); make it writable or choose "
+                              "another --out") from None
 
 
 def check_settings(opt: optuna.Study, study: Study) -> None:
@@ -164,6 +168,7 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optu
         signal.signal(s, forward)
     for dev in devices:
         env = dict(os.environ)
+        env.pop("WANDB_SERVICE", None)  # each worker its own W&B service: one that outlives a killed worker keeps none
         if dev is not None:
             env["CUDA_VISIBLE_DEVICES"] = dev
         else:  # CPU workers split the cores instead of each taking all of them
@@ -175,15 +180,17 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optu
         p = subprocess.Popen(cmd, env=env)
         procs[p] = dev
         log.info("started worker pid %d%s", p.pid, f" on GPU {dev}" if dev is not None else "")
-    while any(p.poll() is None for p in procs):
+    while [p for p in procs if p.poll() is None]:  # poll every one: a dead worker is reaped at once
         time.sleep(0.2)
     host = socket.gethostname()
-    running = {t.user_attrs.get("worker"): t.number for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    # the trial each worker was on when it died: still running, or already failed by another worker's check
+    last_trial = {t.user_attrs.get("worker"): t.number for t in opt.get_trials(deepcopy=False)
+                  if t.state == TrialState.RUNNING or t.user_attrs.get(FAILURE) in ("killed", "given_up")}
     code = 0
     for p, dev in procs.items():
         where = f" (GPU {dev})" if dev is not None else ""
         if p.returncode < 0 and not interrupted:
-            trial = running.get(f"{host}:{p.pid}")
+            trial = last_trial.get(f"{host}:{p.pid}")
             log.error("worker %d%s was killed by %s%s; its trial resumes from its checkpoint when a worker takes it "
                       "up again (re-run this command)", p.pid, where, signal.Signals(-p.returncode).name,
                       f" during trial {trial}" if trial is not None else "")
@@ -258,7 +265,7 @@ def launch(args: argparse.Namespace) -> int:
         study.n_trials = args.n_trials
     study_dir = args.out / study.name
     storage = SweepStorage(args.storage or default_url(study_dir))
-    storage.check()
+    storage.check(patient=args.worker)
     if args.worker:
         return run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
 
@@ -266,7 +273,7 @@ def launch(args: argparse.Namespace) -> int:
     opt = open_study(study, storage)  # create it once, before workers race to
     check_settings(opt, study)
     shutil.copyfile(args.study_file, study_dir / "study.yaml")
-    log.info("study '%s': %d trials, storage %s, directory %s", study.name, study.n_trials, storage.url, study_dir)
+    log.info("study '%s': %d trials, storage %s, directory %s", study.name, study.n_trials, storage.display, study_dir)
     try:
         prepare_inputs(study)
     except ConfigError as err:
@@ -274,6 +281,8 @@ def launch(args: argparse.Namespace) -> int:
     devices = args.gpus.split(",") if args.gpus else [None] * args.workers
     if len(devices) == 1 and devices[0] is None:
         code = run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+        with storage.budget_lock(study.name):
+            reconcile(opt, storage)  # a trial its last failure left un-queued: queued, and counted below
     else:
         with storage.budget_lock(study.name):
             reconcile(opt, storage)  # before the workers start: dead trials are re-queued once, not raced for
@@ -287,7 +296,7 @@ def launch(args: argparse.Namespace) -> int:
     if offline:
         print(f"W&B runs were saved offline; browse them with `wandb leet {offline[0].parent}`, "
               f"upload with `wandb sync {study_dir}/runs/*/wandb/offline-run-*`")
-    print(f"Browse the study live with `optuna-dashboard {storage.url.removeprefix('journal:')}` "
+    print(f"Browse the study live with `optuna-dashboard {storage.display.removeprefix('journal:')}` "
           "(pip install optuna-dashboard); draw its figures with `forde report " + str(study_dir) + "`")
     return code
 

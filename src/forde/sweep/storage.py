@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
+import sqlalchemy.exc
 
 from forde.config import ConfigError
 
@@ -38,18 +40,15 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 20
 GRACE_S = 60
 CONNECT_TIMEOUT_S = 10
+RETRY_PAUSES_S = (1, 2, 4, 8, 16)  # a dropped database connection: tried again for half a minute
 JOURNAL_PREFIX = "journal:"
 JOURNAL_HEARTBEAT = "forde:heartbeat"
 DEFAULT_SQLITE, DEFAULT_JOURNAL = "study.db", "journal.log"
 
 # What the storage raises when the database or the filesystem under it is unavailable.
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (optuna.exceptions.StorageInternalError, OSError, TimeoutError)
-try:
-    import sqlalchemy.exc
-
-    STORAGE_ERRORS += (sqlalchemy.exc.SQLAlchemyError,)
-except ImportError:  # pragma: no cover - optuna depends on sqlalchemy
-    pass
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, OSError, TimeoutError, sqlalchemy.exc.SQLAlchemyError)
+# ... and of those, what a new connection may cure: the server restarted, failed over, or dropped the connection.
+TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 
 class StorageError(ConfigError):
@@ -70,10 +69,36 @@ def find_url(study_dir: Path) -> str | None:
     return None
 
 
+class Retrying:
+    """A database storage whose calls are made again, after a pause, when the connection dropped: each call
+    is one transaction, rolled back when it fails, so a worker rides out a database restart or failover."""
+
+    def __init__(self, inner: RDBStorage):
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            for pause in (*RETRY_PAUSES_S, None):
+                try:
+                    return attr(*args, **kwargs)
+                except STORAGE_ERRORS as err:
+                    if pause is None or not isinstance(err if isinstance(err, TRANSIENT) else err.__cause__, TRANSIENT):
+                        raise
+                    log.warning("storage: %s; trying again in %d s", str(err).strip().splitlines()[0], pause)
+                    time.sleep(pause)
+
+        return call
+
+
 @dataclass
 class SweepStorage:
     url: str
-    _optuna: BaseStorage | None = field(default=None, repr=False)
+    _optuna: BaseStorage | Retrying | None = field(default=None, repr=False)
     _lock_engine: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +110,15 @@ class SweepStorage:
         return "journal" if self.url.startswith(JOURNAL_PREFIX) else self.url.split(":")[0].split("+")[0]
 
     @property
+    def display(self) -> str:
+        """The URL without its password, for logs."""
+        if self.kind != "postgresql":
+            return self.url
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @property
     def path(self) -> Path | None:
         """The file behind a SQLite or journal storage."""
         if self.kind == "journal":
@@ -94,7 +128,8 @@ class SweepStorage:
         return None
 
     @property
-    def optuna(self) -> BaseStorage:
+    def optuna(self) -> BaseStorage | Retrying:
+        """What Optuna's functions take as `storage`."""
         if self._optuna is None:
             if self.kind == "journal":
                 self._optuna = JournalStorage(JournalFileBackend(str(self.path), JournalFileOpenLock(str(self.path))))
@@ -102,28 +137,38 @@ class SweepStorage:
                 kwargs = ({"connect_args": {"timeout": 60}} if self.kind == "sqlite" else
                           {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}})
                 # Heartbeats on, stale-trial callback off: the worker re-queues stale trials itself, under the budget lock.
-                self._optuna = RDBStorage(self.url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                self._optuna = Retrying(RDBStorage(self.url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                   grace_period=GRACE_S))
         return self._optuna
 
-    def check(self) -> None:
-        """Open the storage and read it once: an unreachable server or an unwritable file fails here."""
+    def check(self, patient: bool = False) -> None:
+        """Open the storage and read it once: an unreachable server or an unwritable file fails here, at once
+        (`patient`: after the retry pauses, for workers of a launcher that has checked it already)."""
         if self.path is not None:
             folder = self.path.parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise StorageError(f"storage {self.url}: cannot create {folder} ({err.strerror}); choose another path") from None
+                raise StorageError(f"storage {self.display}: cannot create {folder} ({err.strerror}); choose another path") from None
             if not os.access(folder, os.W_OK):
-                raise StorageError(f"storage {self.url}: {folder} is not writable; choose a writable path")
-        try:
-            self.optuna.get_all_studies()
-        except Exception as err:  # whatever the driver raises: say what and how to fix it, in one line
-            hint = {"postgresql": "check that the server runs, the host, port, user and database, and that the "
-                                  "driver is installed (`pip install -e .[postgres]`)",
-                    "sqlite": "check the path and that no other program holds the file locked",
-                    "journal": "check that the path is on a shared, writable filesystem"}[self.kind]
-            cause = str(getattr(err, "orig", None) or err.__cause__ or err).strip().splitlines()
-            raise StorageError(f"cannot use the storage {self.url}: {cause[0] if cause else type(err).__name__}; {hint}") from None
+                raise StorageError(f"storage {self.display}: {folder} is not writable; choose a writable path")
+        for pause in (*(RETRY_PAUSES_S if patient else ()), None):
+            try:
+                backend = self.optuna
+                (backend.inner if isinstance(backend, Retrying) else backend).get_all_studies()
+                return
+            except Exception as err:  # whatever the driver raises: say what and how to fix it, in one line
+                self._optuna = None
+                if pause is not None:
+                    time.sleep(pause)
+                    continue
+                hint = {"postgresql": "check that the server runs, the host, port, user and database, and that the "
+                                      "driver is installed (`pip install -e .[postgres]`)",
+                        "sqlite": "check the path and that no other program holds the file locked",
+                        "journal": "check that the path is on a shared, writable filesystem"}[self.kind]
+                cause = str(getattr(err, "orig", None) or err.__cause__ or err).strip().splitlines()
+                raise StorageError(f"cannot use the storage {self.display}: {cause[0] if cause else type(err).__name__}; "
+                                   f"{hint}") from None
 
     # -- the budget lock -----------------------------------------------------------------------------
     @contextlib.contextmanager

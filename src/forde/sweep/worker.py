@@ -140,13 +140,18 @@ def mark_failed(opt: optuna.Study, trial_id: int, kind: str, reason: str) -> boo
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a zombie whose parent has not reaped it yet does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
@@ -319,7 +324,7 @@ def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wand
                 break
             outcome, reason = runner.run(opt, *picked)
         except STORAGE_ERRORS as err:
-            outcome, reason = ENVIRONMENT, f"storage {storage.url}: {describe(err).splitlines()[0]}"
+            outcome, reason = ENVIRONMENT, f"storage {storage.display}: {describe(err).splitlines()[0]}"
             log.error("worker %d: %s", os.getpid(), reason)
         if outcome != ENVIRONMENT:
             in_a_row = 0
