@@ -182,7 +182,8 @@ def test_worker_and_trial_counts_must_be_positive(tmp_path, capsys, flag):
 
 
 def test_a_relaunch_with_other_settings_says_what_changed(tmp_path, capsys, monkeypatch):
-    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST, "data.name=digitz") == 2  # stops before any trial
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0  # ... and binds the study to nothing
     capsys.readouterr()
     assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST, "optim.epochs=4") == 2
     err = capsys.readouterr().err

@@ -118,7 +118,7 @@ def check_settings(opt: optuna.Study, study: Study) -> None:
     """A study keeps the settings of its first launch (base config and overrides): trials of one study must be
     comparable, and a killed trial must resume with the config it started with."""
     current, saved = study.settings(), opt.user_attrs.get(SETTINGS)
-    if saved is None:
+    if saved is None or not opt.get_trials(deepcopy=False):  # a first launch that stopped early binds nothing
         opt.set_user_attr(SETTINGS, current)
         return
     changes = identity_changes(saved, current)
@@ -237,7 +237,6 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
     args = parse_args(argv, studies_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     raise_on_signals(ignore_sigint=args.worker)
