@@ -117,7 +117,7 @@ search_space:
     assert "search space looks exhausted" in caplog.text
 
 
-def test_a_trial_with_a_config_error_fails_once_with_its_reason(tmp_path):
+def test_a_config_error_or_a_divergence_fails_once_with_its_reason(tmp_path):
     path = tmp_path / "batch.yaml"
     path.write_text((STUDIES / "quickstart.yaml").read_text() + "  optim.batch_size: {choices: [64, 4096]}\nname: batch\n")
     study = load_study(path, FAST)
@@ -125,12 +125,14 @@ def test_a_trial_with_a_config_error_fails_once_with_its_reason(tmp_path):
     study_dir.mkdir(parents=True)
     opt = open_study(study, SweepStorage(f"sqlite:///{study_dir / 'study.db'}"))
     opt.enqueue_trial({"optim.batch_size": 4096, "ensemble_size": 3})  # larger than the training set
+    opt.enqueue_trial({"optim.batch_size": 64, "ensemble_size": 3, "optim.lr": 1e12})  # diverges
     opt.enqueue_trial({"optim.batch_size": 64, "ensemble_size": 3})
-    assert launch(tmp_path, "--n-trials", "2", *FAST, study=str(path)) == 0
+    assert launch(tmp_path, "--n-trials", "3", *FAST, study=str(path)) == 0
     trials = load(tmp_path, "batch").get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[0].user_attrs["failure"] == "trial"
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]  # none retried
+    assert [t.user_attrs["failure"] for t in trials[:2]] == ["trial", "trial"] and budget_used(trials) == 3
     assert "optim.batch_size = 4096" in trials[0].user_attrs["fail_reason"]
+    assert "NonFiniteLossError: training loss became" in trials[1].user_attrs["fail_reason"]
     [wandb_dir] = Path(trials[0].user_attrs["run_dir"]).glob("wandb/offline-run-*")
     record = wandb_record(wandb_dir)  # a failed trial is marked as such in W&B
     assert record["state"] == "failed" and "failed" in record["tags"]

@@ -34,7 +34,7 @@ class Objective:
 
     def __init__(self, opt: optuna.Study, index: int):
         self.index = index
-        self.name = (opt.metric_names or [f"objective {i}" for i in range(len(opt.directions))])[index]
+        self.name = (opt.metric_names or [f"objective{i}" for i in range(len(opt.directions))])[index]
         self.multi = len(opt.directions) > 1
         done = [t for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
         sign = 1 if opt.directions[index] == optuna.study.StudyDirection.MINIMIZE else -1
@@ -133,7 +133,7 @@ def study_figures(opt: optuna.Study) -> Iterator[tuple[str, Callable, tuple]]:
     """(file name, drawing function, its arguments) for every figure of a study."""
     objectives = [Objective(opt, i) for i in range(len(opt.directions))]
     for objective in objectives:
-        suffix = f"-{objective.name.replace('/', '_')}" if objective.multi else ""
+        suffix = "-" + objective.name.replace("/", "_").replace(" ", "_") if objective.multi else ""
         yield f"history{suffix}", history_figure, (opt, objective)
         yield f"importances{suffix}", importance_figure, (opt, objective)
         yield f"parallel{suffix}", parallel_figure, (opt, objective)
