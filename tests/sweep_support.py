@@ -34,6 +34,21 @@ def env_for(tmp_path, **extra):
     return {**env, "FORDE_DATA": str(tmp_path / "data"), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def start(cmd, tmp_path, **kwargs) -> subprocess.Popen:
+    """A launcher process whose output goes to a file (a pipe nobody reads while we wait would fill and
+    block it); `output(proc)` reads it back once it has exited."""
+    log = open(tmp_path / f"launcher-{time.time_ns()}.log", "w")
+    proc = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+    proc.log_path = log.name
+    log.close()
+    return proc
+
+
+def output(proc: subprocess.Popen, timeout: float = 600) -> str:
+    proc.wait(timeout=timeout)
+    return Path(proc.log_path).read_text()
+
+
 def postgres_url() -> str:
     url = os.environ.get("FORDE_TEST_POSTGRES_URL")
     if not url:

@@ -3,10 +3,8 @@ Worker processes, kills and signals are in test_sweep_processes.py; failures and
 test_sweep_failures.py."""
 
 import json
-import subprocess
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 

@@ -5,7 +5,6 @@ before any data is prepared, in one line."""
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,8 +15,8 @@ from optuna.trial import TrialState
 from forde.config import ConfigError, MissingDataError
 from forde.sweep.worker import ENVIRONMENT, EXIT_ENVIRONMENT, TRIAL, budget_used, failure_kind
 from forde.train import NonFiniteLossError
-from sweep_support import (FAST, env_for, epochs_trained, launch, launch_cmd, load, named_study, postgres_url,
-                           wandb_record, wandb_steps)
+from sweep_support import (FAST, epochs_trained, launch, launch_cmd, load, named_study, output, postgres_url, start,
+                           trained_at_least, wait_for, wandb_record, wandb_steps)
 
 
 @pytest.fixture(autouse=True)
@@ -116,20 +115,20 @@ def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
     import sqlalchemy
 
     name = f"hiccup_{os.getpid()}_{int(time.time())}"
-    args = ["--n-trials", "2", "--workers", "2", "--no-wandb", "optim.epochs=10", "model.hidden=[32]",
+    args = ["--n-trials", "2", "--workers", "2", "--no-wandb", "optim.epochs=20", "model.hidden=[32]",
             "eval.corruptions=[none]", "--storage", url]
-    proc = subprocess.Popen(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), env=env_for(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), tmp_path)
+    wait_for(lambda: trained_at_least(tmp_path / "studies" / name / "runs" / "trial-0000", 1), 240, "training", proc)
     admin = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     terminated = 0
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.5)
         with admin.connect() as conn:
             terminated += len(conn.execute(sqlalchemy.text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
-    _, stderr = proc.communicate(timeout=60)
+    stderr = output(proc, timeout=60)
     assert terminated > 0
     assert proc.returncode == 0, stderr[-3000:]
     trials = load(tmp_path, name, url).get_trials()

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from forde.sweep.worker import budget_used
 from sweep_support import (backend_args, configurations, env_for, epochs_trained, launch_cmd, load, logical,
-                           named_study, trained_at_least, wait_for, wandb_record, wandb_steps)
+                           named_study, output, start, trained_at_least, wait_for, wandb_record, wandb_steps)
 
 SMALL = ["model.hidden=[32]", "eval.corruptions=[none]"]
 
@@ -81,16 +81,25 @@ def test_two_workers_share_one_study(tmp_path, backend):
     url, extra = backend_args(tmp_path, backend, name)
     kill_one = backend == "journal"
     args = ["--workers", "2", "--n-trials", "4", "--no-wandb", f"optim.epochs={8 if kill_one else 3}", *SMALL, *extra]
-    proc = subprocess.Popen(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), env=env_for(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), tmp_path)
     victim = None
     if kill_one:
         runs = tmp_path / "studies" / name / "runs"
-        wait_for(lambda: any(trained_at_least(d, 2) for d in runs.glob("trial-*")), 240, "a trial at epoch 2", proc)
-        victim_dir = next(d for d in sorted(runs.glob("trial-*")) if trained_at_least(d, 2))
-        victim = int(victim_dir.name.split("-")[1])
-        os.kill(running_workers(load(tmp_path, name, url))[victim], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=600)
+
+        def kill_a_worker_past_epoch_2() -> bool:
+            nonlocal victim
+            if not any(trained_at_least(d, 2) for d in runs.glob("trial-*")):
+                return False
+            running = running_workers(load(tmp_path, name, url))
+            for number in sorted(running):
+                if trained_at_least(runs / f"trial-{number:04d}", 2):
+                    victim = number
+                    os.kill(running[number], signal.SIGKILL)
+                    return True
+            return False
+
+        wait_for(kill_a_worker_past_epoch_2, 240, "a running trial at epoch 2", proc)
+    stderr = output(proc)
     trials = load(tmp_path, name, url).get_trials()
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 4 and budget_used(trials) == 4  # no trial lost, none extra
@@ -118,16 +127,15 @@ def test_two_workers_share_one_study(tmp_path, backend):
 def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp_path, how):
     """SIGTERM to the launcher, Ctrl-C (SIGINT to the terminal's process group) or kill -9 of the launcher
     alone: both workers stop (no orphans), mark their trials interrupted, and nothing prints a traceback."""
-    args = ["--workers", "2", "--n-trials", "2", "--no-wandb", "optim.epochs=12", *SMALL]
+    args = ["--workers", "2", "--n-trials", "2", "--no-wandb", "optim.epochs=30", *SMALL]  # long enough to be stopped
     runs = tmp_path / "studies" / "quickstart" / "runs"
-    proc = subprocess.Popen(launch_cmd(tmp_path, *args), env=env_for(tmp_path), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: all(trained_at_least(runs / f"trial-000{i}", 2) for i in (0, 1)), 240, "two trials at epoch 2", proc)
+    proc = start(launch_cmd(tmp_path, *args), tmp_path, start_new_session=True)
+    wait_for(lambda: all(trained_at_least(runs / f"trial-000{i}", 1) for i in (0, 1)), 240, "two trials at epoch 1", proc)
     workers = running_workers(load(tmp_path))
     assert len(workers) == 2
     {"SIGTERM": lambda: proc.send_signal(signal.SIGTERM), "Ctrl-C": lambda: os.killpg(proc.pid, signal.SIGINT),
      "kill -9": proc.kill}[how]()
-    _, stderr = proc.communicate(timeout=120)
+    stderr = output(proc, timeout=120)
     assert proc.returncode == {"SIGTERM": 143, "Ctrl-C": 130, "kill -9": -9}[how]
     wait_for(lambda: not any(alive(pid) for pid in workers.values()), 60, "the workers to exit")
     assert "Traceback" not in stderr
@@ -148,5 +156,5 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     assert budget_used(trials) == 2 and sum(t.state == TrialState.COMPLETE for t in trials) == 2
     for i in (0, 1):
         assert f"resuming {runs / f'trial-000{i}'} from epoch" in out.stderr
-        assert epochs_trained(runs / f"trial-000{i}") == list(range(1, 13))
+        assert epochs_trained(runs / f"trial-000{i}") == list(range(1, 31))
     assert len(logical(trials)) == 2
