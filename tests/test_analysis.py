@@ -235,3 +235,56 @@ def test_other_network_sizes_are_other_settings(study):
     assert setting.slug == "cifar10-resnet18-width16-blocks1-1-1-1-M3"
     md = to_markdown(benchmark_table(small, setting, paper=True))
     assert "for the paper's full-size network (width 16, blocks 1-1-1-1 here)" in md
+def sampled_study(storage, name, directions, n, metric_names):
+    """A study of n finished trials (values from a known function of the parameters), with per-epoch reports."""
+    opt = optuna.create_study(study_name=name, storage=storage, directions=directions)
+    opt.set_metric_names(metric_names)
+    for _ in range(n):
+        trial = opt.ask()
+        alpha = trial.suggest_float("method.alpha", 0.0, 1.0)
+        lr = trial.suggest_float("optim.lr", 0.01, 0.1, log=True)
+        size = trial.suggest_categorical("ensemble_size", [3, 5])
+        if len(directions) == 1:
+            for epoch in (1, 2, 3):
+                trial.report((alpha - 0.3) ** 2 + 1.0 / epoch, epoch)
+        values = [(alpha - 0.3) ** 2 + lr + 0.01 * size, 1 - alpha * alpha]
+        opt.tell(trial, values[: len(directions)])
+    return opt
+
+
+def test_forde_report_draws_each_optuna_study_with_its_best_trial_marked(tmp_path):
+    import warnings
+
+    from forde.analysis.study_figures import Objective, history_figure, parallel_figure, slice_figure
+    from forde.sweep.storage import SweepStorage
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    storage = SweepStorage(f"journal:{folder / 'journal.log'}").optuna  # a journal file where the launcher leaves it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = sampled_study(storage, "single", ["minimize"], 8, ["val/nll"])
+        sampled_study(storage, "pareto", ["minimize", "maximize"], 8, ["val/nll", "corrupted/accuracy"])
+        sampled_study(storage, "young", ["minimize"], 1, ["val/nll"])
+    assert cli(["report", str(folder)]) == 0
+    out = folder / "report" / "optuna"
+    names = {"single": ["history", "importances", "parallel", "slice", "intermediate", "timeline"],
+             "pareto": ["pareto", "timeline"] + [f"{kind}-{metric}" for kind in ("history", "importances", "parallel", "slice")
+                                                  for metric in ("val_nll", "corrupted_accuracy")],
+             "young": ["history", "parallel", "slice", "intermediate", "timeline"]}
+    for study, figures_ in names.items():
+        for name in figures_:
+            for ext in ("png", "pdf"):
+                assert (out / study / f"{name}.{ext}").stat().st_size > 0, (study, name, ext)
+    index = (folder / "report" / "index.md").read_text()
+    assert "optuna/young/importances: needs 2 completed trials, the study has 1" in index
+
+    best = single.best_trial
+    objective = Objective(single, 0)
+    label = f"best: trial {best.number} (val/nll = {best.value:.4g})"
+    for draw in (history_figure, parallel_figure):
+        fig = draw(single, objective)
+        assert label in [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    fig = slice_figure(single, objective)
+    stars = [c for ax in fig.axes for c in ax.collections if hasattr(c, "get_sizes") and list(c.get_sizes()) == [160]]
+    assert len(stars) == 3 and all(s.get_offsets()[0][1] == best.value for s in stars)  # one per parameter

@@ -28,6 +28,7 @@ from forde.config import ConfigError, builtin_config_names, load_config
     ("method.alpha_mix=covariance", r"bad value for 'method.alpha_mix'"),
     ("method.repulsion_ramp_start=0", r"method.repulsion_ramp_start = 0.0: must be positive"),
     ("method.median=all", r"bad value for 'method.median'"),
+    ("run.wandb.init_timeout=0", r"run.wandb.init_timeout = 0.0: must be positive"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -60,6 +61,15 @@ def test_cli_reports_config_errors_before_training(tmp_path, capsys):
     assert code == 2
     assert "method.alpha = 7.0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_the_place(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n epochs: 3\n")
+    assert main(["train", str(bad), f"run.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{bad}: YAML syntax error at line 3, column 2: " in err and "fix that line" in err
 
 
 def test_console_script_prints_resolved_config():

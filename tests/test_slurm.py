@@ -19,8 +19,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from forde.config import ConfigError
-from forde.sweep.slurm import default_storage, executor_parameters, parse_spec, time_minutes
-from test_sweep import FAST, STUDIES, env_for, epochs_trained, launch_cmd
+from forde.sweep.slurm import executor_parameters, parse_spec, time_minutes
+from forde.sweep.storage import SweepStorage, default_url
+from sweep_support import FAST, STUDIES, env_for, epochs_trained, launch_cmd
 
 PARTITION = os.environ.get("FORDE_TEST_SLURM_PARTITION")
 
@@ -40,7 +41,6 @@ def test_slurm_spec_maps_one_gpu_to_one_array_task():
     assert params["partition"] == "gpu" and params["mem"] == "64G"
     cpu = parse_spec("nodes=3,gpus_per_node=0,time=60")
     assert cpu.workers == 3 and "gres" not in executor_parameters(cpu, "forde-x")
-    assert default_storage(Path("studies/x")) == f"journal:{Path('studies/x/journal.log').resolve()}"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -79,9 +79,11 @@ def slurm():
         subprocess.run(["scancel", job], capture_output=True)
 
 
-def submit(tmp_path, submitted, *args, study="quickstart"):
-    out = subprocess.run(launch_cmd(tmp_path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--no-wandb",
-                                    *args, study=study), env=env_for(tmp_path), capture_output=True, text=True)
+def submit(tmp_path, submitted, *args, study="quickstart", storage: str | None = None):
+    """Submit with the given storage (default: --slurm's own, a journal file in the study directory)."""
+    where = ["--storage", storage] if storage else []
+    out = subprocess.run(launch_cmd(tmp_path, *where, "--no-wandb", *args, study=study), env=env_for(tmp_path),
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     job = re.search(r"as job array (\d+)", out.stdout).group(1)
     submitted.append(job)
@@ -102,8 +104,9 @@ def wait_until(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def study_trials(tmp_path, name="quickstart"):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials()
+def study_trials(tmp_path, name="quickstart", storage: str | None = None):
+    url = storage or default_url(tmp_path / "studies" / name, "journal")
+    return optuna.load_study(study_name=name, storage=SweepStorage(url).optuna).get_trials()
 
 
 def test_slurm_array_runs_the_study_one_gpu_per_worker(tmp_path, slurm):
@@ -132,9 +135,10 @@ def test_slurm_array_runs_the_study_one_gpu_per_worker(tmp_path, slurm):
 
 def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slurm):
     epochs = 60
+    sqlite = f"sqlite:///{tmp_path / 'study.db'}"
     job, _ = submit(tmp_path, slurm, "--n-trials", "1", "--slurm",
                     f"partition={PARTITION},gpus_per_node=0,cpus_per_worker=1,time=60",
-                    f"optim.epochs={epochs}", "model.hidden=[32]", "eval.corruptions=[none]")
+                    f"optim.epochs={epochs}", "model.hidden=[32]", "eval.corruptions=[none]", storage=sqlite)
     run_dir = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
     wait_until(lambda: (run_dir / "checkpoint.pt").exists() and len(epochs_trained(run_dir)) >= 3, 180,
                "three epochs")
@@ -151,7 +155,7 @@ def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slur
     assert f"Requeued job {job}" in (folder / f"{job}_0_log.out").read_text()
     resumed_at = int(re.search(r"resuming \S+ from epoch (\d+)", log).group(1))
     assert 3 <= resumed_at < epochs
-    trials = study_trials(tmp_path)
+    trials = study_trials(tmp_path, storage=sqlite)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the interrupted attempt, its retry
     assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
     assert epochs_trained(run_dir) == list(range(1, epochs + 1))  # resumed, nothing trained twice

@@ -1,49 +1,21 @@
-"""Sweeps with real Optuna, real SQLite and PostgreSQL, and real wandb in offline mode."""
+"""Study files, sampling and the trial budget, with real Optuna, real SQLite and real wandb in offline mode.
+Worker processes, kills and signals are in test_sweep_processes.py; failures and pre-flight checks in
+test_sweep_failures.py."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import optuna
 import pytest
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from forde.config import ConfigError
-from forde.sweep.launch import main
+from forde.sweep.storage import SweepStorage
 from forde.sweep.study import load_study
+from forde.sweep.worker import budget_used, next_trial, open_study
+from sweep_support import (FAST, STUDIES, configurations, epochs_trained, launch, load, wandb_record)
 
-REPO = Path(__file__).resolve().parents[1]
-STUDIES = REPO / "sweeps" / "studies"
-WANDB = str(Path(sys.executable).with_name("wandb"))  # the wandb CLI of this environment, activated or not
-FAST = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[none]"]
 SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
                     "eval.severities=[1,5]", "eval.grad_samples=100"]
-
-
-def launch(tmp_path, *args, study="quickstart"):
-    return main(["--study", study, "--out", str(tmp_path / "studies"), *args], studies_dir=STUDIES)
-
-
-def launch_cmd(tmp_path, *args, study="quickstart"):
-    return [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", study, "--out", str(tmp_path / "studies"), *args]
-
-
-def env_for(tmp_path):
-    return {**os.environ, "FORDE_DATA": str(tmp_path / "data"), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-
-
-def load(tmp_path, name="quickstart", storage=None):
-    url = storage or f"sqlite:///{tmp_path / 'studies' / name / 'study.db'}"
-    return optuna.load_study(study_name=name, storage=url)
-
-
-def epochs_trained(run_dir: Path) -> list[int]:
-    return [json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +29,7 @@ def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
     opt = load(tmp_path)
     trials = opt.get_trials()
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(set(configurations(trials))) == 3
     for t in trials:
         run_dir = Path(t.user_attrs["run_dir"])
         results = json.loads((run_dir / "results.json").read_text())
@@ -64,9 +37,9 @@ def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
         assert t.value == results["summary"]["val/nll"]
         assert epochs_trained(run_dir) == [1, 2, 3]
         [wandb_dir] = run_dir.glob("wandb/offline-run-*")
-        record = json.loads(subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
-                                           capture_output=True, text=True, check=True).stdout)
+        record = wandb_record(wandb_dir)
         assert record["state"] == "finished" and record["name"] == run_dir.name
+        assert record["summary"]["outcome"] == "finished"
         assert record["summary"]["test/accuracy"] == pytest.approx(results["summary"]["test/accuracy"])
         assert record["config"]["method"]["alpha"] == pytest.approx(t.params["method.alpha"])
         assert record["config"]["run_dir"] == str(run_dir)
@@ -75,84 +48,119 @@ def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
         assert len(results["corrupted"]["per_set"]) == 4
     best = (tmp_path / "studies" / "quickstart" / "best.md").read_text()
     assert f"| {opt.best_trial.number} |" in best
+    assert opt.user_attrs["settings"]["optim.epochs"] == 3 and opt.metric_names == ["val/nll"]
     # re-running the finished study starts nothing new
     assert launch(tmp_path, "--n-trials", "3", *SOME_CORRUPTIONS) == 0
     assert len(load(tmp_path).get_trials()) == 3
 
 
-def test_killed_worker_is_resumed_and_every_trial_accounted_for(tmp_path):
-    args = ["--n-trials", "2", "--no-wandb", "optim.epochs=5", "model.hidden=[32]"]
-    proc = subprocess.Popen(launch_cmd(tmp_path, *args), env=env_for(tmp_path), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000" / "checkpoint.pt"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (ckpt.exists() and len(epochs_trained(ckpt.parent)) >= 2):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    import torch
-    killed_at = torch.load(ckpt, weights_only=False)["epoch"]
-    assert 2 <= killed_at < 5
-    assert load(tmp_path).get_trials()[0].state == TrialState.RUNNING
-
-    out = subprocess.run(launch_cmd(tmp_path, *args), env=env_for(tmp_path), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert f"from epoch {killed_at}" in out.stderr  # resumed, not restarted
-    trials = load(tmp_path).get_trials()
-    states = {t.number: t.state for t in trials}
-    assert states[0] == TrialState.FAIL  # the killed attempt, retried as a later trial
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 2
-    [retry] = [t for t in done if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
-    assert Path(retry.user_attrs["run_dir"]).name == "trial-0000"  # the retry trained on in the killed run's directory
-    assert len({t.user_attrs["run_dir"] for t in done}) == 2
-    for t in done:
-        assert epochs_trained(Path(t.user_attrs["run_dir"])) == list(range(1, 6))
+def synthetic_study(tmp_path, name: str, body: str = "", workers: int = 1) -> tuple:
+    """A study in a real SQLite file, opened once per simulated worker (the sampling, without training)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(body or (STUDIES / "quickstart.yaml").read_text())
+    study = load_study(path)
+    storage = SweepStorage(f"sqlite:///{tmp_path / name}.db")
+    return study, storage, [open_study(study, storage) for _ in range(workers)]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_workers_share_one_study(tmp_path, backend):
-    if backend == "postgresql":
-        url = os.environ.get("FORDE_TEST_POSTGRES_URL")
-        if not url:
-            if os.environ.get("FORDE_REQUIRE_POSTGRES"):
-                pytest.fail("FORDE_TEST_POSTGRES_URL is not set but PostgreSQL is required")
-            pytest.skip("no PostgreSQL server (bash .ci/run starts one)")
-        name = f"quickstart_pg_{os.getpid()}_{int(time.time())}"
-        study_file = tmp_path / f"{name}.yaml"
-        study_file.write_text((STUDIES / "quickstart.yaml").read_text() + f"\nname: {name}\n")
-        extra, study = ["--storage", url], str(study_file)
-    else:
-        url, name, extra, study = None, "quickstart", [], "quickstart"
-    out = subprocess.run(launch_cmd(tmp_path, "--workers", "2", "--n-trials", "4", "--no-wandb", *FAST, *extra,
-                                    study=study), env=env_for(tmp_path), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    trials = load(tmp_path, name, url).get_trials()
-    assert len(trials) == 4  # no trial lost, none extra
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    run_dirs = [t.user_attrs["run_dir"] for t in trials]
-    assert len(set(run_dirs)) == 4  # none run twice
-    for d in run_dirs:
-        assert epochs_trained(Path(d))[0] == 1 and len(set(epochs_trained(Path(d)))) == len(epochs_trained(Path(d)))
-    finished = {line.split("worker ")[1].split(":")[0] for line in out.stderr.splitlines() if "no trials left" in line}
-    assert len(finished) == 2  # two worker processes served the study to its end
+def take(opt, study, storage):
+    """What a worker does between two trainings: take a trial under the budget lock, then report a value."""
+    with storage.budget_lock(study.name):
+        picked = next_trial(opt, study, storage)
+    if picked is None:
+        return None
+    trial, params = picked
+    opt.tell(trial, sum(float(v) for v in params.values() if not isinstance(v, str)))
+    return params
 
 
-def test_a_trial_with_a_config_error_fails_once_with_its_reason(tmp_path):
-    from forde.sweep.worker import open_study, storage_for
+def test_one_worker_with_a_seed_draws_the_same_configurations_every_time(tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        study, storage, [opt] = synthetic_study(tmp_path, name)
+        runs.append([take(opt, study, storage) for _ in range(6)])
+    assert runs[0] == runs[1]  # TPE's start-up draws and its model-based ones
+    assert len({tuple(sorted(p.items())) for p in runs[0]}) == 6
 
+
+def test_workers_and_relaunches_never_draw_the_same_configuration(tmp_path):
+    study, storage, (a, b) = synthetic_study(tmp_path, "shared", workers=2)  # two workers, same seed
+    drawn = [take(a, study, storage), take(b, study, storage), take(b, study, storage), take(a, study, storage)]
+    relaunched = open_study(study, storage)  # a later launch of the same study
+    drawn += [take(relaunched, study, storage) for _ in range(2)]
+    assert None not in drawn and len({tuple(sorted(p.items())) for p in drawn}) == 6
+    assert take(relaunched, study, storage) is None  # n_trials = 6 reached
+
+
+def test_a_configuration_drawn_again_is_discarded_and_an_exhausted_space_stops(tmp_path, caplog):
+    body = """base: quickstart
+config: {data: {val_fraction: 0.2}}
+n_trials: 5
+objectives: [{metric: val/nll, direction: minimize}]
+sampler: {name: random, seed: 0}
+search_space:
+  ensemble_size: {choices: [3, 4]}
+  seed: {choices: [0, 1]}
+"""
+    study, storage, [opt] = synthetic_study(tmp_path, "small", body)
+    drawn = []
+    while (params := take(opt, study, storage)) is not None:
+        drawn.append(params)
+    assert sorted(tuple(sorted(p.items())) for p in drawn) == [
+        (("ensemble_size", m), ("seed", s)) for m in (3, 4) for s in (0, 1)]
+    trials = opt.get_trials()
+    duplicates = [t for t in trials if t.user_attrs.get("failure") == "duplicate"]
+    assert duplicates and all(t.state == TrialState.FAIL and "discarded" in t.user_attrs["fail_reason"] for t in duplicates)
+    assert budget_used(trials) == 4  # duplicates use no budget
+    assert "search space looks exhausted" in caplog.text
+
+
+def test_a_config_error_or_a_divergence_fails_once_with_its_reason(tmp_path):
     path = tmp_path / "batch.yaml"
     path.write_text((STUDIES / "quickstart.yaml").read_text() + "  optim.batch_size: {choices: [64, 4096]}\nname: batch\n")
     study = load_study(path, FAST)
     study_dir = tmp_path / "studies" / "batch"
     study_dir.mkdir(parents=True)
-    opt = open_study(study, storage_for(f"sqlite:///{study_dir / 'study.db'}"))
+    opt = open_study(study, SweepStorage(f"sqlite:///{study_dir / 'study.db'}"))
     opt.enqueue_trial({"optim.batch_size": 4096, "ensemble_size": 3})  # larger than the training set
+    opt.enqueue_trial({"optim.batch_size": 64, "ensemble_size": 3, "optim.lr": 1e12})  # diverges
     opt.enqueue_trial({"optim.batch_size": 64, "ensemble_size": 3})
-    assert launch(tmp_path, "--n-trials", "2", "--no-wandb", *FAST, study=str(path)) == 0
+    assert launch(tmp_path, "--n-trials", "3", *FAST, study=str(path)) == 0
     trials = load(tmp_path, "batch").get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]  # none retried
+    assert [t.user_attrs["failure"] for t in trials[:2]] == ["trial", "trial"] and budget_used(trials) == 3
     assert "optim.batch_size = 4096" in trials[0].user_attrs["fail_reason"]
+    assert "NonFiniteLossError: training loss became" in trials[1].user_attrs["fail_reason"]
+    [wandb_dir] = Path(trials[0].user_attrs["run_dir"]).glob("wandb/offline-run-*")
+    record = wandb_record(wandb_dir)  # a failed trial is marked as such in W&B
+    assert record["state"] == "failed" and "failed" in record["tags"]
+    assert record["summary"]["outcome"] == "failed" and "4096" in record["summary"]["fail_reason"]
+
+
+def test_a_pruned_trial_is_marked_in_wandb(tmp_path):
+    path = tmp_path / "prune.yaml"
+    path.write_text("""name: prune
+base: quickstart
+config: {data: {val_fraction: 0.2}}
+n_trials: 2
+objectives: [{metric: val/nll, direction: minimize}]
+sampler: {name: random, seed: 0}
+pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
+search_space:
+  optim.lr: {low: 0.00001, high: 0.2, log: true}
+""")
+    study = load_study(path, FAST)
+    study_dir = tmp_path / "studies" / "prune"
+    study_dir.mkdir(parents=True)
+    opt = open_study(study, SweepStorage(f"sqlite:///{study_dir / 'study.db'}"))
+    opt.enqueue_trial({"optim.lr": 0.1})
+    opt.enqueue_trial({"optim.lr": 0.00001})  # far worse after one epoch: the median pruner stops it
+    assert launch(tmp_path, *FAST, study=str(path)) == 0
+    trials = load(tmp_path, "prune").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    [wandb_dir] = Path(trials[1].user_attrs["run_dir"]).glob("wandb/offline-run-*")
+    record = wandb_record(wandb_dir)
+    assert "pruned" in record["tags"] and record["summary"]["outcome"] == "pruned"
 
 
 def write_study(tmp_path, body: str) -> Path:

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from forde.config import OptimConfig, load_config
-from forde.train import CHECKPOINT, METRICS, RESULTS, NonFiniteLossError, evaluate_run, lr_at, train
+from forde.config import ConfigError, OptimConfig, load_config
+from forde.train import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, RESULTS, NonFiniteLossError, RunDirError, evaluate_run,
+                         lr_at, train)
 
 TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 
@@ -74,9 +75,21 @@ def test_resume_continues_the_same_run(tmp_path):
         assert torch.equal(v, final_weights(tmp_path / "resumed")[k]), k
 
 
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="Lower optim.lr"):
-        train(tiny(tmp_path, "optim.lr=1e12", "method.name=de"))
+def test_a_diverged_run_restarts_with_a_new_learning_rate(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="Lower optim.lr and run again with run.restart=true"):
+        train(tiny(tmp_path, "optim.lr=1e12", "method.name=de", name="diverged"))
+    # a run stopped after two epochs (diverged, or killed), then asked to go on with another learning rate
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "optim.lr=0.2"), callbacks=[Crash(at=2)])
+    with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.2 -> 0.05\).*run.restart=true") as err:
+        train(tiny(tmp_path, "optim.lr=0.05"))
+    assert "remove" not in str(err.value) and "delete" not in str(err.value)
+    results = train(tiny(tmp_path, "optim.lr=0.05", "run.restart=true"))
+    assert results["epochs"] == 3 and json.loads((tmp_path / "run" / METRICS).read_text().splitlines()[0])["epoch"] == 1
+    kept = tmp_path / "run" / "previous-1"
+    assert load_config(kept / "config.yaml").optim.lr == 0.2  # the stopped attempt, kept
+    assert torch.load(kept / CHECKPOINT, weights_only=False)["epoch"] == 2
+    assert train(tiny(tmp_path, "optim.lr=0.05", "run.restart=true")) == results  # the same command again: done
 
 
 def test_forde_gradients_are_more_diverse_than_de(tmp_path):
@@ -95,9 +108,50 @@ def test_eval_re_evaluates_the_checkpoint(tmp_path):
 
 def test_existing_run_dir_with_other_config_is_refused(tmp_path):
     train(tiny(tmp_path, "optim.epochs=1"))
-    from forde.config import ConfigError
-    with pytest.raises(ConfigError, match="different config.*method"):
+    with pytest.raises(ConfigError, match=r"different config \(method.alpha: 1.0 -> 0.5\)"):
         train(tiny(tmp_path, "optim.epochs=1", "method.alpha=0.5"))
+
+
+def test_moved_data_and_another_device_resume_the_same_run(tmp_path):
+    first = train(tiny(tmp_path, "optim.epochs=2"))
+    (tmp_path / "data").rename(tmp_path / "moved")
+    again = train(tiny(tmp_path, "optim.epochs=2", f"data.root={tmp_path / 'moved'}", "device=cpu"))
+    assert again == first
+
+
+def test_a_run_that_fails_before_training_leaves_nothing_in_the_way(tmp_path):
+    with pytest.raises(ConfigError, match="cifar10"):
+        train(tiny(tmp_path, "data.name=cifar10", "model.name=resnet18"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="optim.batch_size = 4096"):
+        train(tiny(tmp_path, "optim.batch_size=4096"))
+    assert not (tmp_path / "run").exists()
+    assert train(tiny(tmp_path))["epochs"] == 3
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    straight = train(tiny(tmp_path, "optim.epochs=4", name="straight"))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "optim.epochs=4"), callbacks=[Crash(at=3)])
+    run = tmp_path / "run"
+    assert torch.load(run / PREVIOUS_CHECKPOINT, weights_only=False)["epoch"] == 2
+    data = (run / CHECKPOINT).read_bytes()
+    (run / CHECKPOINT).write_bytes(data[: len(data) // 2])  # a copy cut short
+    resumed = train(tiny(tmp_path, "optim.epochs=4"))
+    assert f"{run / CHECKPOINT} is unreadable" in caplog.text and "resuming from checkpoint.prev.pt (epoch 2)" in caplog.text
+    assert strip(resumed) == strip(straight)
+    for k, v in final_weights(tmp_path / "straight").items():
+        assert torch.equal(v, final_weights(run)[k]), k
+
+    (run / RESULTS).write_text('{"summary": {"test/acc')  # results.json cut short: evaluated again from the checkpoint
+    assert strip(train(tiny(tmp_path, "optim.epochs=4"))) == strip(straight)
+    assert f"{run / RESULTS} is unreadable" in caplog.text
+
+    (run / RESULTS).unlink()
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        (run / name).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RunDirError, match=rf"{run / CHECKPOINT} is unreadable.*To start this run over, move {run} aside"):
+        train(tiny(tmp_path, "optim.epochs=4"))
 
 
 def test_schedule_is_constant_then_linear_then_constant():

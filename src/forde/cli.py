@@ -170,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"forde: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a run directory that cannot be read back: one line with the fix, no traceback
+        train = sys.modules.get("forde.train")  # (only commands that imported it can raise it)
+        if train is None or not isinstance(err, train.RunDirError):
+            raise
+        print(f"forde: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A bad configuration value, raised before any training starts."""
 
 
+class MissingDataError(ConfigError):
+    """A dataset or prepared input is not on disk: a problem of the machine, not of the config (sweeps retry
+    such trials instead of counting them as failed)."""
+
+
 CORRUPTION_SELECTIONS = ("all", "benchmark", "none")
 KERNEL_METHODS = ("forde", "rde_weight", "rde_function")  # methods with a median-heuristic kernel
 
@@ -101,6 +106,7 @@ class WandbConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds to wait for an online W&B run to start before logging offline instead
 
 
 @dataclass
@@ -108,6 +114,7 @@ class RunConfig:
     out_dir: str = "runs"
     name: Optional[str] = None  # run directory name; default: <dataset>-<method>-M<size>-seed<seed>
     resume: bool = True  # continue from the run directory's last checkpoint when there is one
+    restart: bool = False  # the run directory holds another config (e.g. a diverged lr): start over, old files kept in previous-N/
     progress: bool = True  # per-epoch progress bar
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -146,7 +153,21 @@ def read_config_yaml(source: str | Path) -> DictConfig:
         )
     if not path.exists():
         raise ConfigError(f"config file '{source}' does not exist")
-    return OmegaConf.load(path)
+    return load_yaml(path)
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """A YAML file; a syntax error becomes one line naming the file, the place and the fix."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix that line "
+                          "(`key: value` pairs, consistent indentation, closed brackets and quotes)") from None
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -213,6 +234,35 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+# Keys that say where things are or how a run is carried out, not what is trained: a run directory (or a
+# study) stays resumable when they change, e.g. after moving the data or changing GPUs.
+NOT_IDENTITY = ("run", "data.root", "data.download", "eval.corrupted_root", "eval.generate_corrupted", "device")
+
+
+def identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The flat `dotted.key -> value` settings that define what a run trains, without paths and run options."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if key in NOT_IDENTITY:
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every identity key that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r}: {rule}; {fix}")
@@ -265,6 +315,8 @@ def validate(cfg: TrainConfig) -> None:
            "leave model.blocks at [2,2,2,2]")
     for key, n in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset)):
         _check(n is None or n >= 1, key, n, "must be a positive sample count or null (all samples)", f"set {key}=null")
+    _check(cfg.run.wandb.init_timeout > 0, "run.wandb.init_timeout", cfg.run.wandb.init_timeout, "must be positive",
+           "set run.wandb.init_timeout=30")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1", "set eval.batch_size=1000")
     _check(e.every >= 1, "eval.every", e.every, "must be at least 1", "set eval.every=1")
     _check(e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000")

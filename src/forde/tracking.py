@@ -1,8 +1,12 @@
 """Weights & Biases, one run per trial: online when logged in and reachable, offline otherwise.
 
-The run directory stays the record; W&B mirrors it. Offline runs live in `<run_dir>/wandb/` and are
-read back with `wandb leet inspect --summary --json <run_dir>/wandb/offline-run-*`, browsed with
-`wandb leet <run_dir>/wandb`, and uploaded later with `wandb sync`.
+The run directory stays the record; W&B mirrors it, and never costs a run: an online run that does not
+start within `run.wandb.init_timeout` seconds logs offline instead, and any later W&B error stops the
+mirroring with a warning while training goes on. A resumed run continues its W&B run: online, the same
+run id from the last step the server has; offline, a new offline copy replayed from the checkpoint's
+history (the partial copy of the killed session moves to `wandb/replaced/`). Offline runs live in
+`<run_dir>/wandb/`, are read back with `wandb leet inspect --summary --json <run_dir>/wandb/offline-run-*`,
+browsed with `wandb leet <run_dir>/wandb`, and uploaded later with `wandb sync`.
 """
 
 from __future__ import annotations
@@ -10,30 +14,37 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from forde.config import TrainConfig, WandbConfig, to_dict
 from forde.provenance import code_version
 
 log = logging.getLogger(__name__)
 
-WANDB_HOST = "api.wandb.ai"
+WANDB_URL = "https://api.wandb.ai"
+
+
+def _server() -> tuple[str, int]:
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or WANDB_URL)
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
 
 
 def _has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators(WANDB_HOST) is not None
+        return netrc.netrc().authenticators(_server()[0]) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 
 
-def _reachable(host: str = WANDB_HOST, port: int = 443, timeout: float = 2.0) -> bool:
+def _reachable(timeout: float = 2.0) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection(_server(), timeout=timeout):
             return True
     except OSError:
         return False
@@ -65,42 +76,115 @@ def per_severity_table(summary: dict):
     return wandb.Table(columns=cols, data=rows)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class WandbRun:
-    """Training callback mirroring a run directory into one W&B run (resumed by id after a retry)."""
+    """Training callback mirroring a run directory into one W&B run (the same run id across retries).
+
+    `finish(outcome)` marks how the run ended: finished, pruned, failed or interrupted (summary key
+    `outcome`, and a tag for every outcome but finished)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, run_id: str, name: str, extra_config: dict[str, Any] | None = None):
         import wandb
 
         self.mode = resolve_mode(cfg.run.wandb)
         self.run = None
+        self.run_dir, self.run_id = Path(run_dir), run_id
         if self.mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         w = cfg.run.wandb
-        self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name,
-                              id=run_id, resume="allow", dir=str(run_dir), mode=self.mode,
-                              config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(run_dir),
-                                      "code": code_version()})
+        kwargs = dict(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
+                      resume="allow", dir=str(self.run_dir),
+                      config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir),
+                              "code": code_version()})
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.mode == "offline":
+                self._set_aside_partial_copies()
+            self.run = wandb.init(mode=self.mode, settings=wandb.Settings(init_timeout=w.init_timeout), **kwargs)
+        except Exception as err:
+            if self.mode != "online":
+                self._lost(err)
+                return
+            log.warning("W&B online run %s did not start within %gs (%s); logging offline instead",
+                        name, w.init_timeout, _first_line(err))
+            wandb.teardown()  # the failed online run still holds its id in this process's W&B service
+            self.mode = "offline"
+            try:
+                self._set_aside_partial_copies()
+                self.run = wandb.init(mode="offline", **kwargs)
+            except Exception as err2:
+                self._lost(err2)
+                return
         log.info("W&B %s run %s (%s)", self.mode, name, self.run.dir)
 
+    def _set_aside_partial_copies(self) -> None:
+        """Offline copies of earlier sessions of this run: the new copy replays their epochs from the
+        checkpoint's history, so they move out of the way of `wandb sync`."""
+        wandb_dir = self.run_dir / "wandb"
+        for old in sorted(wandb_dir.glob(f"offline-run-*-{self.run_id}")):
+            (wandb_dir / "replaced").mkdir(exist_ok=True)
+            shutil.move(str(old), wandb_dir / "replaced" / old.name)
+            log.info("W&B: %s is superseded by this session's offline copy; moved to %s", old.name, wandb_dir / "replaced")
+
+    def _lost(self, err: Exception) -> None:
+        log.warning("W&B %s logging of %s stopped (%s); the run goes on and its run directory keeps every metric",
+                    self.mode, self.run_dir, _first_line(err))
+        self.run = None
+
+    def _log(self, metrics: dict, step: int) -> None:
+        self.run.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
+
+    def on_history(self, history: list[dict]) -> None:
+        """Epochs of earlier sessions that the W&B run lacks (all of them for a new offline copy)."""
+        if self.run is None:
+            return
+        try:
+            start = self.run.starting_step
+            for metrics in history:
+                if metrics["epoch"] >= start:
+                    self._log(metrics, metrics["epoch"])
+        except Exception as err:
+            self._lost(err)
+
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=epoch)
+        if self.run is None:
+            return
+        try:
+            self._log(metrics, epoch)
+        except Exception as err:
+            self._lost(err)
 
     def on_train_end(self, results: dict) -> None:
         if self.run is None:
             return
-        self.run.summary.update({**results["summary"], "run_dir": results["run_dir"]})
-        if "provenance" in results:  # code version, dataset fingerprints, each corrupted set's source
-            self.run.config.update({"provenance": results["provenance"]}, allow_val_change=True)
-        corrupted = results.get("corrupted")
-        if corrupted:
-            self.run.log({"corrupted/per_set": per_set_table(corrupted["per_set"]),
-                          "corrupted/per_severity": per_severity_table(corrupted["summary"])})
+        try:
+            self.run.summary.update({**results["summary"], "run_dir": results["run_dir"]})
+            if "provenance" in results:  # code version, dataset fingerprints, each corrupted set's source
+                self.run.config.update({"provenance": results["provenance"]}, allow_val_change=True)
+            corrupted = results.get("corrupted")
+            if corrupted:
+                self.run.log({"corrupted/per_set": per_set_table(corrupted["per_set"]),
+                              "corrupted/per_severity": per_severity_table(corrupted["summary"])})
+        except Exception as err:
+            self._lost(err)
 
-    def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            if self.mode == "offline":
-                log.info("W&B offline run saved; upload with: wandb sync %s", Path(self.run.dir).parent)
-            self.run = None
+    def finish(self, outcome: str = "finished", reason: str | None = None) -> None:
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            run.summary["outcome"] = outcome
+            if reason:
+                run.summary["fail_reason"] = reason
+            if outcome != "finished":
+                run.tags = (*run.tags, outcome)
+            run.finish(exit_code=0 if outcome in ("finished", "pruned") else 1)
+        except Exception as err:
+            log.warning("W&B run of %s did not finish cleanly (%s)", self.run_dir, _first_line(err))
+        if self.mode == "offline":
+            log.info("W&B offline run saved; upload with: wandb sync %s", Path(run.dir).parent)

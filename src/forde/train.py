@@ -4,7 +4,9 @@ A run directory is the record of a run:
     config.yaml     the resolved config
     metrics.jsonl   one line per epoch (train and validation metrics)
     checkpoint.pt   the last completed epoch: weights, optimizer, data order, RNG, history
+    checkpoint.prev.pt  the epoch before: resumed from when checkpoint.pt cannot be read
     results.json    the final evaluation (clean test set and every corruption x severity)
+    previous-N/     the files of a run with another config that `run.restart=true` replaced
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
+from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
 from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
 from forde.data.pipeline import DeviceLoader
@@ -34,6 +37,7 @@ from forde.provenance import run_provenance
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -44,9 +48,22 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged; the run directory still holds the last good checkpoint."""
 
 
+class RunDirError(RuntimeError):
+    """A run directory's files cannot be read back; the message names the file and the fix."""
+
+
 class Callback(Protocol):
+    """Told about each epoch and the final results. A callback may also define `on_history(history)`: the
+    epochs trained in earlier sessions, told once when a run resumes (or is found finished)."""
+
     def on_epoch_end(self, epoch: int, metrics: dict) -> None: ...
     def on_train_end(self, results: dict) -> None: ...
+
+
+def tell_history(callbacks: Iterable[Callback], history: list[dict]) -> None:
+    for cb in callbacks:
+        if hasattr(cb, "on_history"):
+            cb.on_history(history)
 
 
 def lr_at(epoch: float, cfg: OptimConfig) -> float:
@@ -85,10 +102,52 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+def save_checkpoint(state: dict, run_dir: Path) -> None:
+    """Write checkpoint.pt atomically and keep the one before as checkpoint.prev.pt."""
+    path = run_dir / CHECKPOINT
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, run_dir / PREVIOUS_CHECKPOINT)
     os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir: Path, device: torch.device | str) -> dict | None:
+    """The last checkpoint, or the one before when the last cannot be read (truncated by a copy, a full disk);
+    None when the run has none."""
+    unreadable = []
+    for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+            unreadable.append(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            continue
+        if unreadable:
+            log.warning("%s; resuming from %s (epoch %d)", unreadable[0], path.name, state["epoch"])
+        return state
+    if unreadable:
+        raise RunDirError(f"{'; '.join(unreadable)}. To start this run over, move {run_dir} aside "
+                          f"(e.g. `mv {run_dir} {run_dir}.damaged`) and run again")
+    return None
+
+
+def read_results(run_dir: Path) -> dict | None:
+    """results.json of a finished run; None when absent, or unreadable (then the final evaluation reruns)."""
+    path = run_dir / RESULTS
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        log.warning("%s is unreadable (%s); evaluating the last checkpoint again to rewrite it", path, err)
+        return None
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @dataclass
@@ -164,7 +223,7 @@ class Trainer:
         self.epoch, self.history = state["epoch"], state["history"]
 
     def save(self) -> None:
-        save_atomic(self.state_dict(), self.run_dir / CHECKPOINT)
+        save_checkpoint(self.state_dict(), self.run_dir)
         write_atomic(self.run_dir / METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
 
     # -- the loop ---------------------------------------------------------------------------
@@ -208,7 +267,8 @@ class Trainer:
             last = self.epoch if (self.run_dir / CHECKPOINT).exists() else 0
             raise NonFiniteLossError(
                 f"training loss became {loss_sum.item()} in epoch {self.epoch + 1} (by step {step + 1}); "
-                f"{self.run_dir / CHECKPOINT} still holds epoch {last}. Lower optim.lr or check the data.")
+                f"{self.run_dir / CHECKPOINT} still holds epoch {last}. Lower optim.lr and run again with "
+                f"run.restart=true (this attempt's files move to {self.run_dir}/previous-N/), or check the data.")
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -270,41 +330,66 @@ def flat_summary(results: dict) -> dict:
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create the run directory, or check that an existing one holds this same run."""
+    """Check that the run directory is free or holds this same run; paths, the device and run options may
+    differ (moved data resumes). With run.restart, another config's files move to previous-N/ first.
+    Nothing else is written here: config.yaml is written once data and model are built, so a run that
+    fails before training leaves nothing in the way of the next command."""
     run_dir = run_dir_of(cfg)
-    if (run_dir / CONFIG).exists():
-        from forde.config import load_config
-        saved = to_dict(load_config(run_dir / CONFIG))
-        current = to_dict(cfg)
-        differ = [k for k in current if k != "run" and saved.get(k) != current.get(k)]
-        if differ:
-            raise ConfigError(f"run directory {run_dir} holds a run with a different config (differs in: "
-                              f"{', '.join(differ)}); choose another run.name or remove that directory")
-        if not cfg.run.resume and (run_dir / CHECKPOINT).exists():
-            raise ConfigError(f"run directory {run_dir} already has a checkpoint and run.resume=false; "
-                              "set run.resume=true to continue it, or choose another run.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / CONFIG, to_yaml(cfg))
+    if not (run_dir / CONFIG).exists() or not any((run_dir / f).exists() for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS)):
+        return run_dir
+    from forde.config import load_config
+
+    changes = identity_changes(identity(load_config(run_dir / CONFIG)), identity(cfg))
+    if changes and cfg.run.restart:
+        archive = _archive(run_dir)
+        log.warning("run.restart: %s held a run with another config (%s); its files moved to %s",
+                    run_dir, "; ".join(changes), archive)
+    elif changes:
+        raise ConfigError(f"run directory {run_dir} holds a run with a different config ({'; '.join(changes)}). "
+                          "To resume it, set those keys back; to start this config over there, add run.restart=true "
+                          f"(the old files move to {run_dir}/previous-N/); or choose another run.name")
+    elif not cfg.run.resume and (run_dir / CHECKPOINT).exists():
+        raise ConfigError(f"run directory {run_dir} already has a checkpoint and run.resume=false; "
+                          "set run.resume=true to continue it, or choose another run.name")
     return run_dir
+
+
+def _archive(run_dir: Path) -> Path:
+    taken = [int(p.name.split("-")[1]) for p in run_dir.glob("previous-*") if p.name.split("-")[1].isdigit()]
+    archive = run_dir / f"previous-{max(taken, default=0) + 1}"
+    archive.mkdir()
+    for entry in run_dir.iterdir():
+        if entry != archive and not entry.name.startswith("previous-"):
+            os.replace(entry, archive / entry.name)
+    return archive
 
 
 def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: CorruptedSets | None = None) -> dict:
     """Train (or resume) the run that `cfg` describes, evaluate it, write results.json, return the results.
 
     `corrupted_sets` replaces the configured corrupted test sets (None: build missing ones before training)."""
+    callbacks = list(callbacks)
     run_dir = prepare_run_dir(cfg)
-    if (run_dir / RESULTS).exists():
+    finished = read_results(run_dir)
+    if finished is not None:
         log.info("%s is complete; reading its results", run_dir)
-        return json.loads((run_dir / RESULTS).read_text())
+        tell_history(callbacks, read_history(run_dir))
+        for cb in callbacks:
+            cb.on_train_end(finished)
+        return finished
     torch.manual_seed(cfg.seed)
     setup = build(cfg)
     if corrupted_sets is None:
         prepare_corrupted(cfg, setup.dataset)  # a missing -C set fails (or is built) before any training
         corrupted_sets = default_corrupted_sets
     trainer = Trainer(setup, run_dir, callbacks)
-    if (run_dir / CHECKPOINT).exists():
-        trainer.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location=setup.device, weights_only=False))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / CONFIG, to_yaml(cfg))
+    state = load_checkpoint(run_dir, setup.device)
+    if state is not None:
+        trainer.load_state_dict(state)
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
+        tell_history(callbacks, trainer.history)
     log.info("training %s: %s, M=%d, %s on %s (%d train images), device %s",
              run_dir, cfg.method.name, cfg.ensemble_size, cfg.model.name, setup.dataset.name,
              len(setup.dataset.train), setup.device)
@@ -340,11 +425,13 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
         raise ConfigError(f"forde eval accepts only {', '.join(EVAL_OVERRIDABLE)} overrides, got {bad}")
-    if not (run_dir / CHECKPOINT).exists():
-        raise ConfigError(f"{run_dir / CHECKPOINT} does not exist; is {run_dir} a run directory of `forde train`?")
+    if not (run_dir / CONFIG).exists():
+        raise ConfigError(f"{run_dir / CONFIG} does not exist; is {run_dir} a run directory of `forde train`?")
     cfg = load_config(run_dir / CONFIG, overrides)
     setup = build(cfg)
-    state = torch.load(run_dir / CHECKPOINT, map_location=setup.device, weights_only=False)
+    state = load_checkpoint(run_dir, setup.device)
+    if state is None:
+        raise ConfigError(f"{run_dir / CHECKPOINT} does not exist; is {run_dir} a run directory of `forde train`?")
     setup.ensemble.load_state_dict(state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,

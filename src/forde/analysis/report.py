@@ -2,7 +2,9 @@
 (PNG + PDF) per setting, and an index.md that lists them and says which figures were skipped and why.
 
 Layout:  OUT/<dataset>-<model>-M<size>/{benchmark.md, benchmark.tex, benchmark, severity, corruptions,
-         diversity, lengthscale}.{png,pdf}   OUT/<dataset>-<model>/ensemble_size.{png,pdf}   OUT/index.md
+         diversity, lengthscale}.{png,pdf}   OUT/<dataset>-<model>/ensemble_size.{png,pdf}
+         OUT/optuna/<study>/{history, importances, parallel, slice, intermediate | pareto, timeline}.{png,pdf}
+         OUT/index.md
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import optuna
+
 from forde.analysis import figures, style
 from forde.analysis.aggregate import Setting, group, setting_of
-from forde.analysis.results import Run, load_study, load_wandb
+from forde.analysis.results import Run, load_study, load_wandb, optuna_studies
+from forde.analysis.study_figures import study_figures
 from forde.analysis.tables import benchmark_table, to_latex, to_markdown
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ class Report:
         self.written.append(path)
 
 
-def make_report(runs: list[Run], out: Path, paper: bool = False) -> Report:
+def make_report(runs: list[Run], out: Path, paper: bool = False, studies: list[optuna.Study] = ()) -> Report:
     report = Report()
     if not runs:
         log.warning("no finished runs found: nothing to report")
@@ -65,6 +70,9 @@ def make_report(runs: list[Run], out: Path, paper: bool = False) -> Report:
         title = every_size.title.rsplit(", M = ", 1)[0]
         report.figure(out / every_size.slug.rsplit("-M", 1)[0] / "ensemble_size", figures.ensemble_size_figure,
                       runs_here, title)
+    for opt in studies:
+        for name, draw, args in study_figures(opt):
+            report.figure(out / "optuna" / opt.study_name / name, draw, *args)
     report.text(out / "index.md", _index(report, out, len(runs)))
     return report
 
@@ -83,6 +91,6 @@ def run(args: argparse.Namespace) -> Report:
     if args.wandb:
         runs += load_wandb(args.wandb)
     out = args.out or args.study_dir / "report"
-    report = make_report(runs, out, args.paper)
+    report = make_report(runs, out, args.paper, optuna_studies(args.study_dir, args.storage, args.study_name))
     print(f"{len(report.written)} files written to {out}; {len(report.skipped)} figures skipped (see {out / 'index.md'})")
     return report

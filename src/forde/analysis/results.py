@@ -2,8 +2,8 @@
 
 Sources, in order of authority:
   - run directories (`results.json` + `config.yaml`), found anywhere below a folder: the record;
-  - an Optuna storage (SQLite file or PostgreSQL URL): each trial's user_attrs `run_dir` (opened when
-    it still exists) and `summary` (used when it does not), with the sampled `params`;
+  - an Optuna storage (SQLite file, PostgreSQL URL or journal:PATH): each trial's user_attrs `run_dir`
+    (opened when it still exists) and `summary` (used when it does not), with the sampled `params`;
   - the W&B public API: each run's config and summary (needs network access and a login).
 Config files are read as plain YAML, not validated: old runs stay readable when the schema grows.
 """
@@ -23,7 +23,6 @@ from forde.analysis.variants import variant
 log = logging.getLogger(__name__)
 
 RESULTS, CONFIG = "results.json", "config.yaml"
-STUDY_DB = "study.db"
 
 
 @dataclass
@@ -117,7 +116,8 @@ def find_runs(folder: str | Path) -> list[Run]:
         try:
             runs.append(load_run_dir(results.parent))
         except (OSError, ValueError, KeyError) as err:
-            log.warning("skipping %s: %s", results.parent, err)
+            log.warning("skipping %s: %s is unreadable (%s); `forde eval %s` rewrites it from the checkpoint",
+                        results.parent, results.name, err, results.parent)
     return runs
 
 
@@ -127,22 +127,20 @@ def load_optuna(storage: str, study_name: str | None = None, base: Path | None =
     A trial's run directory is opened when it exists (relative paths are tried against `base`, then
     the working directory); otherwise its `summary` user_attr stands in, with the config read from the
     trial's params, then its `config_params` user_attr (every parameter the sweep set, fixed ones
-    included), then the study's user_attrs. Keys they all lack (often data.name and model.name, which
-    live in the study's base config) read as "unknown".
+    included), then the study's `settings` user_attr (what every trial of a sweep shares), then the
+    study's other user_attrs. Keys they all lack read as "unknown".
     """
-    import optuna
-
     runs = []
-    names = [study_name] if study_name else optuna.get_all_study_names(storage)
-    for name in names:
-        study = optuna.load_study(study_name=name, storage=storage)
+    for study in _studies(storage, study_name):
+        name = study.study_name
         skipped = 0
         for trial in study.get_trials(deepcopy=False):
             run_dir = _existing_run_dir(trial.user_attrs.get("run_dir"), base)
             if run_dir is not None:
                 runs.append(load_run_dir(run_dir))
             elif isinstance(trial.user_attrs.get("summary"), dict):
-                config = {**study.user_attrs, **trial.user_attrs.get("config_params", {}), **trial.params}
+                config = {**study.user_attrs, **study.user_attrs.get("settings", {}),
+                          **trial.user_attrs.get("config_params", {}), **trial.params}
                 runs.append(make_run(config, trial.user_attrs["summary"], source=f"optuna:{name}#{trial.number}"))
             else:
                 skipped += 1
@@ -169,13 +167,32 @@ def load_wandb(path: str, filters: dict | None = None) -> list[Run]:  # pragma: 
     return runs
 
 
+def _studies(storage: str, study_name: str | None = None) -> list:
+    import optuna
+
+    from forde.sweep.storage import SweepStorage
+
+    backend = SweepStorage(storage).optuna
+    names = [study_name] if study_name else optuna.get_all_study_names(backend)
+    return [optuna.load_study(study_name=name, storage=backend) for name in names]
+
+
+def optuna_studies(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list:
+    """The Optuna studies of `storage` (default: the study.db or journal.log in `study_dir`), if any."""
+    from forde.sweep.storage import find_url
+
+    storage = storage or find_url(Path(study_dir))
+    return _studies(storage, study_name) if storage else []
+
+
 def load_study(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list[Run]:
-    """Run directories below `study_dir`, plus trials of its Optuna storage (default `study.db` there)
-    whose run directories are gone."""
+    """Run directories below `study_dir`, plus trials of its Optuna storage (default: the study.db or
+    journal.log there) whose run directories are gone."""
+    from forde.sweep.storage import find_url
+
     study_dir = Path(study_dir)
     runs = find_runs(study_dir)
-    if storage is None and (study_dir / STUDY_DB).exists():
-        storage = f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
+    storage = storage or find_url(study_dir)
     if storage:
         seen = {Path(r.source).resolve() for r in runs}
         extra = [r for r in load_optuna(storage, study_name, base=study_dir)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from forde.config import ConfigError, TrainConfig
+from forde.config import ConfigError, MissingDataError, TrainConfig
 from forde.data.base import Dataset, Split, subset_split
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES, select
 
@@ -55,7 +55,7 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
     missing = missing_corrupted(root, names, cfg.eval.severities)
     if missing and not cfg.eval.generate_corrupted:
         shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ConfigError(f"{root} lacks {len(missing)} corrupted set(s) ({shown}); point eval.corrupted_root at the "
+        raise MissingDataError(f"{root} lacks {len(missing)} corrupted set(s) ({shown}); point eval.corrupted_root at the "
                           "official release, or set eval.generate_corrupted=true to build them locally")
     if missing:
         from forde.data.corrupted_sets import generate_corrupted_set

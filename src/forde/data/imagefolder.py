@@ -9,7 +9,7 @@ import logging
 import re
 from pathlib import Path
 
-from forde.config import ConfigError
+from forde.config import MissingDataError
 from forde.data.base import Dataset
 from forde.data.images import decode_splits, is_image_file
 from forde.data.store import is_store, load_store, save_store
@@ -36,9 +36,9 @@ def imported_names(root: str | Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and is_store(d))
 
 
-def missing_data_error(name: str, release: Path, root: str | Path) -> ConfigError:
+def missing_data_error(name: str, release: Path, root: str | Path) -> MissingDataError:
     """The error for a built-in dataset that is not on disk: where it was looked for, and both fixes."""
-    return ConfigError(
+    return MissingDataError(
         f"data.name = {name!r}: found neither the release files at {release} nor an imported folder at "
         f"{imported_dir(root, name)}. Either set data.download=true on a machine with internet access (it "
         f"downloads into data.root = {root}), or decode an ImageFolder tree of it once with "

@@ -2,9 +2,15 @@
 
 A study directory holds everything the study produced:
     study.yaml        the study file as run
-    study.db          the Optuna storage (SQLite, unless --storage names a server)
-    runs/trial-NNNN/  one run directory per trial (config, metrics, checkpoint, results, W&B files)
+    study.db          the Optuna storage (SQLite, unless --storage names a server or a journal file)
+    runs/trial-NNNN/  one run directory per trial (config, metrics, checkpoints, results, W&B files)
     best.md           the best trial(s) as a table
+
+Before any data is prepared: the study file, the storage (reachable, writable), the output directory
+(writable) and the settings a re-launch must share with the study's first launch are checked. Workers
+are child processes (one per GPU, or --workers N on the CPU); SIGTERM or Ctrl-C on the launcher stops
+them and leaves their trials to resume from their checkpoints; a worker whose launcher is killed stops
+by itself.
 """
 
 from __future__ import annotations
@@ -13,19 +19,28 @@ import argparse
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from forde.config import ConfigError
+from forde.config import ConfigError, identity_changes
+from forde.sweep.storage import SweepStorage, default_url
 from forde.sweep.study import Study, load_study
-from forde.sweep.worker import open_study, run_worker, storage_for
+from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, Interrupted, budget_used, open_study, reconcile,
+                                run_worker)
 
 log = logging.getLogger("forde.sweep")
+
+SETTINGS = "settings"  # study user attribute: what every trial shares (see Study.settings)
 
 
 def find_study_file(name_or_path: str, studies_dir: Path) -> Path:
@@ -78,46 +93,145 @@ def _fmt(v) -> str:
 
 
 def state_counts(opt: optuna.Study) -> str:
-    counts: dict[str, int] = {}
-    for t in opt.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    """'3 complete, 1 pruned, 1 failed (killed), 1 waiting': trial states, failures by their kind."""
+    counts = Counter(f"failed ({t.user_attrs.get(FAILURE, 'trial')})" if t.state == TrialState.FAIL else t.state.name.lower()
+                     for t in opt.get_trials(deepcopy=False))
+    return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no trials"
 
 
-def spawn_workers(args: argparse.Namespace, devices: list[str | None]) -> int:
-    """One worker process per device (GPU id, or None for a CPU worker); returns the worst exit code."""
-    procs = []
+def check_writable(study_dir: Path) -> None:
+    """The study directory, and its runs/ when present, must take new files (before any data is prepared)."""
+    for folder in (study_dir, study_dir / "runs"):
+        if folder == study_dir / "runs" and not folder.exists():
+            break
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write to {folder} ({err.strerror or err}); make it writable or choose "
+                              "another --out") from None
+
+
+def check_settings(opt: optuna.Study, study: Study) -> None:
+    """A study keeps the settings of its first launch (base config and overrides): trials of one study must be
+    comparable, and a killed trial must resume with the config it started with."""
+    current, saved = study.settings(), opt.user_attrs.get(SETTINGS)
+    if saved is None or not opt.get_trials(deepcopy=False):  # a first launch that stopped early binds nothing
+        opt.set_user_attr(SETTINGS, current)
+        return
+    changes = identity_changes(saved, current)
+    if changes:
+        raise ConfigError(f"study '{study.name}' was started with other settings; changed: {'; '.join(changes)}. "
+                          "Re-run with the overrides it was started with to continue it, or run the new settings as "
+                          "a new study (a copy of the study file with another `name:`)")
+
+
+def raise_on_signals(ignore_sigint: bool = False) -> None:
+    """SIGTERM (and SIGINT) raise Interrupted in the main thread, once; a second signal ends the process at once."""
+    def handler(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else handler)
+
+
+def stop_when_orphaned(parent_pid: int) -> None:
+    """A worker whose launcher died (even by kill -9) stops like on SIGTERM instead of running on unattended."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        log.warning("worker %d: the launcher (pid %d) is gone; stopping", os.getpid(), parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optuna.Study,
+                  storage: SweepStorage, study: Study) -> int:
+    """One worker process per device (GPU id, or None for a CPU worker) until all have exited. SIGTERM or
+    Ctrl-C is passed on to them (a second one kills them); a worker that dies is reported with its trial.
+    Returns the launcher's exit code."""
+    procs: dict[subprocess.Popen, str | None] = {}
+    interrupted: list[int] = []
+
+    def forward(signum, frame):
+        interrupted.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if len(interrupted) == 1 else signal.SIGKILL)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
     for dev in devices:
         env = dict(os.environ)
+        env.pop("WANDB_SERVICE", None)  # each worker its own W&B service: one that outlives a killed worker keeps none
         if dev is not None:
             env["CUDA_VISIBLE_DEVICES"] = dev
         else:  # CPU workers split the cores instead of each taking all of them
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-        cmd = [sys.executable, "-m", "forde.sweep.launch", "--worker", "--study", str(args.study_file),
-               "--storage", args.storage, "--out", str(args.out), *(["--no-wandb"] if args.no_wandb else []),
+        cmd = [sys.executable, "-m", "forde.sweep.launch", "--worker", "--parent-pid", str(os.getpid()),
+               "--study", str(args.study_file), "--storage", storage.url, "--out", str(args.out),
+               *(["--no-wandb"] if args.no_wandb else []),
                *(["--n-trials", str(args.n_trials)] if args.n_trials else []), *args.overrides]
-        procs.append(subprocess.Popen(cmd, env=env))
-        log.info("started worker pid %d%s", procs[-1].pid, f" on GPU {dev}" if dev is not None else "")
-    return max(p.wait() for p in procs)
+        p = subprocess.Popen(cmd, env=env)
+        procs[p] = dev
+        log.info("started worker pid %d%s", p.pid, f" on GPU {dev}" if dev is not None else "")
+    while [p for p in procs if p.poll() is None]:  # poll every one: a dead worker is reaped at once
+        time.sleep(0.2)
+    host = socket.gethostname()
+    # the trial each worker was on when it died: still running, or already failed by another worker's check
+    last_trial = {t.user_attrs.get("worker"): t.number for t in opt.get_trials(deepcopy=False)
+                  if t.state == TrialState.RUNNING or t.user_attrs.get(FAILURE) in ("killed", "given_up")}
+    code = 0
+    for p, dev in procs.items():
+        where = f" (GPU {dev})" if dev is not None else ""
+        if p.returncode < 0 and not interrupted:
+            trial = last_trial.get(f"{host}:{p.pid}")
+            log.error("worker %d%s was killed by %s%s; its trial resumes from its checkpoint when a worker takes it "
+                      "up again (re-run this command)", p.pid, where, signal.Signals(-p.returncode).name,
+                      f" during trial {trial}" if trial is not None else "")
+            code = max(code, 1)
+        elif p.returncode == EXIT_ENVIRONMENT:
+            code = EXIT_ENVIRONMENT
+        elif p.returncode != 0 and not interrupted:
+            log.error("worker %d%s exited with code %d", p.pid, where, p.returncode)
+            code = max(code, 1)
+    with storage.budget_lock(study.name):
+        reconcile(opt, storage)  # a dead worker's trial: failed with its reason, queued again
+    if interrupted:
+        raise Interrupted(interrupted[0])
+    return code
 
 
 def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
+    def positive(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        return value
+
     p = argparse.ArgumentParser(prog="launch.py", description="Run (or resume) an Optuna study of FoRDE trainings.")
     p.add_argument("--study", required=True, help=f"a study name in {studies_dir} or a YAML path")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite file in the study directory); "
-                                                   "postgresql://user@host/db lets workers on many machines share a study")
+    p.add_argument("--storage", default=None,
+                   help="sqlite:///PATH (default: study.db in the study directory), postgresql://USER@HOST/DB (workers "
+                        "on many machines share a database server) or journal:PATH (a log file on a shared filesystem)")
     p.add_argument("--out", type=Path, default=Path("studies"), help="parent of the study directory")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one worker process per GPU")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine when --gpus is not given")
+    p.add_argument("--workers", type=positive, default=1, help="worker processes on this machine when --gpus is not given")
     p.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
                    help="submit the workers to Slurm as a job array and return, e.g. partition=gpu,nodes=2,"
                         "gpus_per_node=4,time=24:00:00 (see forde.sweep.slurm)")
     p.add_argument("--prepare", action="store_true",
                    help="check the study, prepare its inputs and create it in the storage, then exit (for workers "
                         "started elsewhere with the same --study and --storage, e.g. deploy/sweep.yaml)")
-    p.add_argument("--n-trials", type=int, default=None, help="override the study's trial budget")
+    p.add_argument("--n-trials", type=positive, default=None, help="override the study's trial budget")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="training-config overrides for every trial, e.g. optim.epochs=10")
     args = p.parse_args(argv)
     if args.slurm and (args.gpus or args.workers != 1):
@@ -131,57 +245,76 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
     args = parse_args(argv, studies_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    raise_on_signals(ignore_sigint=args.worker)
+    if args.worker and args.parent_pid:
+        stop_when_orphaned(args.parent_pid)
     try:
-        args.study_file = find_study_file(args.study, studies_dir)
-        study = load_study(args.study_file, args.overrides)
-        if args.n_trials:
-            study.n_trials = args.n_trials
-        if args.slurm:  # before any data is prepared
-            from forde.sweep import slurm
-            slurm_spec = slurm.parse_spec(args.slurm)
-            slurm_spec.partition = slurm.check_cluster(slurm_spec)
+        return launch(args)
     except ConfigError as err:
         print(f"launch.py: {err}", file=sys.stderr)
         return 2
-    study_dir = args.out / study.name
-    if args.slurm and not args.storage:
-        args.storage = slurm.default_storage(study_dir)
-    args.storage = args.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
-    if args.worker:
-        run_worker(study, args.storage, study_dir, use_wandb=not args.no_wandb)
-        return 0
+    except Interrupted as err:
+        who = f"worker {os.getpid()}" if args.worker else "launch.py"
+        print(f"{who}: interrupted by {err}; the trials it stopped resume from their checkpoints when you re-run "
+              "the same command", file=sys.stderr)
+        return 128 + err.signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
-    study_dir.mkdir(parents=True, exist_ok=True)
+
+def launch(args: argparse.Namespace) -> int:
+    args.study_file = find_study_file(args.study, args.studies_dir)
+    study = load_study(args.study_file, args.overrides)
+    if args.n_trials:
+        study.n_trials = args.n_trials
+    study_dir = args.out / study.name
+    slurm_spec = None
+    if args.slurm:  # the cluster is checked before any data is prepared
+        from forde.sweep import slurm
+        slurm_spec = slurm.parse_spec(args.slurm)
+        slurm_spec.partition = slurm.check_cluster(slurm_spec)
+    storage = SweepStorage(args.storage or default_url(study_dir, "journal" if args.slurm else "sqlite"))
+    storage.check(patient=args.worker)
+    if args.worker:
+        return run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+
+    check_writable(study_dir)
+    opt = open_study(study, storage)  # create it once, before workers race to
+    check_settings(opt, study)
     shutil.copyfile(args.study_file, study_dir / "study.yaml")
-    log.info("study '%s': %d trials, storage %s, directory %s", study.name, study.n_trials, args.storage, study_dir)
+    log.info("study '%s': %d trials, storage %s, directory %s", study.name, study.n_trials, storage.display, study_dir)
     try:
         prepare_inputs(study)
     except ConfigError as err:
-        print(f"launch.py: study '{study.name}': {err}", file=sys.stderr)
-        return 2
-    open_study(study, storage_for(args.storage))  # create it once, before workers race to
-    if args.slurm:
-        return slurm.submit_workers(args, slurm_spec, study.name, study_dir)
+        raise ConfigError(f"study '{study.name}': {err}") from None
+    if slurm_spec is not None:
+        return slurm.submit_workers(args, slurm_spec, study.name, study_dir, storage)
     if args.prepare:
-        print(f"study '{study.name}' is checked, its inputs prepared and it exists in {args.storage}")
+        print(f"study '{study.name}' is checked, its inputs prepared and it exists in {storage.display}")
         return 0
     devices = args.gpus.split(",") if args.gpus else [None] * args.workers
     if len(devices) == 1 and devices[0] is None:
-        run_worker(study, args.storage, study_dir, use_wandb=not args.no_wandb)
-        code = 0
+        code = run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+        with storage.budget_lock(study.name):
+            reconcile(opt, storage)  # a trial its last failure left un-queued: queued, and counted below
     else:
-        code = spawn_workers(args, devices)
-    opt = open_study(study, storage_for(args.storage))
+        with storage.budget_lock(study.name):
+            reconcile(opt, storage)  # before the workers start: dead trials are re-queued once, not raced for
+        code = spawn_workers(args, devices, opt, storage, study)
     table = best_table(opt, study)
     (study_dir / "best.md").write_text(table)
-    print(f"\nstudy '{study.name}': {state_counts(opt)}\n")
+    trials = opt.get_trials(deepcopy=False)
+    print(f"\nstudy '{study.name}': {state_counts(opt)}; budget {budget_used(trials)} of {study.n_trials} trials used\n")
     print(table)
     offline = sorted(study_dir.glob("runs/*/wandb/offline-run-*"))
     if offline:
         print(f"W&B runs were saved offline; browse them with `wandb leet {offline[0].parent}`, "
               f"upload with `wandb sync {study_dir}/runs/*/wandb/offline-run-*`")
+    print(f"Browse the study live with `optuna-dashboard {storage.display.removeprefix('journal:')}` "
+          "(pip install optuna-dashboard); draw its figures with `forde report " + str(study_dir) + "`")
     return code
 
 

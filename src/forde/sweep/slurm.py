@@ -25,6 +25,7 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from forde.config import ConfigError
+from forde.sweep.storage import SweepStorage
 
 log = logging.getLogger("forde.sweep")
 
@@ -181,23 +182,19 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         """best.md as it stands when this worker finds nothing left to start (the last worker's is final)."""
         from forde.sweep.launch import best_table
         from forde.sweep.study import load_study
-        from forde.sweep.worker import open_study, storage_for
+        from forde.sweep.storage import SweepStorage
+        from forde.sweep.worker import open_study
 
         study = load_study(self.study_file, self.overrides)
         study.n_trials = self.n_trials or study.n_trials
-        opt = open_study(study, storage_for(self.storage))
+        opt = open_study(study, SweepStorage(self.storage))
         (self.study_dir / "best.md").write_text(best_table(opt, study))
 
 
-def default_storage(study_dir: Path) -> str:
-    """Optuna's journal file on the shared filesystem: workers on many nodes share it without a server."""
-    return f"journal:{(study_dir / 'journal.log').resolve()}"
-
-
-def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path) -> int:
+def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path, storage: SweepStorage) -> int:
     """Submit the array (after the launcher's checks and preparation), say how to follow it; the exit code."""
     out, study_dir = Path(args.out).resolve(), study_dir.resolve()
-    worker = SlurmWorker(Path(args.study_file).resolve(), args.storage, out, study_dir, list(args.overrides),
+    worker = SlurmWorker(Path(args.study_file).resolve(), storage.url, out, study_dir, list(args.overrides),
                          args.n_trials, not args.no_wandb)
     executor = submitit.SlurmExecutor(folder=study_dir / "slurm", max_num_timeout=spec.resubmits)
     executor.update_parameters(**executor_parameters(spec, f"forde-{study_name}"))
@@ -211,7 +208,7 @@ def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path) -> i
     each = "1 GPU" if spec.gpus_per_node else f"{spec.cpus_per_worker or 'the default number of'} CPU(s)"
     print(f"\nstudy '{study_name}': {spec.workers} workers submitted to Slurm as job array {array_id} "
           f"({each} and {spec.minutes // 60}:{spec.minutes % 60:02d}:00 each, partition {spec.partition}, "
-          f"storage {args.storage})\n"
+          f"storage {storage.display})\n"
           f"  follow:   squeue -j {array_id}\n"
           f"  logs:     {logs} and .err\n"
           f"  cancel:   scancel {array_id}\n"

@@ -17,7 +17,8 @@
       - {method.name: [forde], method.alpha: [0.0, 0.4, 1.0], seed: [0, 1, 2]}
 
 Everything is checked here, before any training: every key must exist in the training config,
-every range must be non-empty, every grid point must be valid.
+every range must be non-empty, every grid point must be valid, and no command-line override may set a
+key the study searches (the sampler's value would silently replace it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 import optuna
 from omegaconf import OmegaConf
 
-from forde.config import ConfigError, TrainConfig, merge, read_config_yaml, to_train_config
+from forde.config import ConfigError, TrainConfig, identity, load_yaml, merge, read_config_yaml, to_train_config
+from forde.sweep.sampling import TrialSeededSampler
 
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -124,16 +126,24 @@ class Study:
         return to_train_config(merge(self.base, dotted, extra or []))
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
-        kw = {k: v for k, v in self.sampler.items() if k != "name"}
+        """The study's sampler, drawing each trial with a seed of its own (see forde.sweep.sampling)."""
+        kw = {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
         name = self.sampler.get("name", "tpe")
         if name == "tpe":
-            return optuna.samplers.TPESampler(**kw)
-        if name == "random":
-            return optuna.samplers.RandomSampler(**kw)
-        if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(**kw)
-        # grid: every trial comes from the study's `grid` (enqueued); the fallback sampler is never consulted
-        return optuna.samplers.RandomSampler(**kw)
+            kw.setdefault("constant_liar", True)  # parallel workers: running trials count as (pessimistic) results
+            make = lambda seed: optuna.samplers.TPESampler(seed=seed, **kw)
+        elif name == "nsga2":
+            make = lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **kw)
+        else:  # random; grid: every trial comes from the study's `grid` (enqueued), this sampler is never consulted
+            make = lambda seed: optuna.samplers.RandomSampler(seed=seed, **kw)
+        return TrialSeededSampler(make, self.sampler.get("seed"))
+
+    def settings(self) -> dict[str, Any]:
+        """What every trial shares (base config, study overrides, command-line overrides) as flat keys, without
+        the searched keys, paths and run options: a re-launch must match it to continue the study."""
+        searched = {p.key for p in self.params}
+        cfg = self.trial_config({p.key: p.representative() for p in self.params if not p.when})
+        return {k: v for k, v in identity(cfg).items() if k not in searched}
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         kw = {k: v for k, v in self.pruner.items() if k not in ("name", "metric")}
@@ -214,7 +224,9 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     path = Path(source)
     if not path.exists():
         _fail(str(source), f"no study file at {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw = OmegaConf.to_container(load_yaml(path), resolve=False)
+    if not isinstance(raw, dict):
+        _fail(str(source), f"{path} must be a mapping of study keys (base, search_space, objectives, ...)")
     name = raw.pop("name", path.stem)
     known = {"base", "config", "n_trials", "objectives", "sampler", "pruner", "search_space", "grid", "description"}
     unknown = set(raw) - known
@@ -231,6 +243,13 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
         _fail(name, f"base config: {err}")
 
     params = [_parse_param(name, k, v) for k, v in (raw.get("search_space") or {}).items()]
+    searched = {p.key for p in params}
+    for o in overrides or []:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in searched:
+            _fail(name, f"the override {o} sets {key}, which this study searches (search_space.{key}): the sampler's "
+                        f"value would replace it. Remove the override, or fix the value in a copy of the study file "
+                        f"(search_space: {{{key}: {o.split('=', 1)[1] if '=' in o else '...'}}})")
     objectives = [Objective(o.get("metric"), o.get("direction")) for o in raw.get("objectives") or []]
     if not objectives:
         _fail(name, "objectives: give at least one {metric: ..., direction: minimize|maximize}")

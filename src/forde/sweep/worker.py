@@ -1,160 +1,226 @@
 """One sweep worker: takes trials from the shared Optuna study until the budget is spent.
 
-Nothing is lost when a worker dies:
-- each trial trains in its own run directory, named after the trial it first was, so a retry resumes
-  from the last checkpoint;
-- a heartbeat marks a dead worker's trial as failed after `grace_period` seconds and Optuna re-queues
-  it (up to `max_retry` times); a worker starting on the same host re-queues at once the trials of
-  processes that no longer exist;
-- the budget is reserved under a lock (a file lock for SQLite, an advisory lock for PostgreSQL), so
-  many workers never start more than `n_trials` trials between them.
+How a trial ends, and what it costs (user attributes `failure` and `fail_reason` say which and why):
+- complete or pruned: counts toward n_trials.
+- failed because of the trial itself (a config error, divergence, out of device memory): counts, once.
+- failed because of the environment (W&B, disk, permissions, storage, missing data, any other error), its
+  worker killed, or interrupted (SIGTERM, Ctrl-C): does not count. A retry is queued that resumes from the
+  trial's last checkpoint in the same run directory. A worker stops after MAX_ENV_FAILURES environment
+  failures in a row (the cause is lasting: fix it and re-run); a configuration whose worker is killed more
+  than MAX_KILLS times is given up, and then counts (it likely exhausts the machine's memory).
+- a configuration the sampler proposes again is discarded before it starts (`duplicate`) and redrawn.
+
+Everything that touches other workers' trials (failing dead ones, queueing retries) and taking a trial
+happens under the budget lock (see forde.sweep.storage), so workers never race for a trial and never
+start more than n_trials between them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import logging
 import os
+import signal
 import socket
-import threading
 import time
-import traceback
+from collections import defaultdict
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 
-from forde.config import ConfigError
+from forde.config import ConfigError, MissingDataError
+from forde.sweep.sampling import duplicate_of
+from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage
 from forde.sweep.study import Study
 from forde.tracking import WandbRun
-from forde.train import train
+from forde.train import NonFiniteLossError, train
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 20
-GRACE_S = 60
-MAX_RETRY = 3
+MAX_KILLS = 3
+MAX_ENV_FAILURES = 3
+BACKOFF_S = 2.0
+MAX_DRAWS = 10
+EXIT_ENVIRONMENT = 3
+
+FAILURE = "failure"
+TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, DUPLICATE, GIVEN_UP = (
+    "trial", "environment", "killed", "interrupted", "duplicate", "given_up")
+RETRIED = (ENVIRONMENT, KILLED, INTERRUPTED)
+CARRIED_ATTRS = ("run_dir", "config_params")  # what a retry inherits from the attempt it retries
 
 
-def storage_for(url: str) -> RDBStorage:
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                      heartbeat_stale_trial_callback=retry_callback())
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT: stop the trial (it resumes when the sweep is re-run) and the worker."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
 
 
-def retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+def failure_kind(err: BaseException) -> str:
+    """TRIAL for what this configuration caused (fails once, counts), ENVIRONMENT for the rest (retried)."""
+    import torch
+
+    if isinstance(err, MissingDataError):
+        return ENVIRONMENT
+    if isinstance(err, (ConfigError, NonFiniteLossError, torch.OutOfMemoryError, MemoryError)):
+        return TRIAL
+    return ENVIRONMENT
 
 
-def open_study(study: Study, storage: RDBStorage) -> optuna.Study:
-    """Create or load the Optuna study; concurrent creators race safely."""
+def describe(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def open_study(study: Study, storage: SweepStorage) -> optuna.Study:
+    """Create or load the Optuna study (concurrent creators race safely), its objectives named by their metrics."""
     for attempt in range(5):
         try:
-            return optuna.create_study(study_name=study.name, storage=storage, directions=study.directions,
-                                       sampler=study.make_sampler(), pruner=study.make_pruner(), load_if_exists=True)
+            opt = optuna.create_study(study_name=study.name, storage=storage.optuna, directions=study.directions,
+                                      sampler=study.make_sampler(), pruner=study.make_pruner(), load_if_exists=True)
+            break
         except optuna.exceptions.DuplicatedStudyError:
             time.sleep(0.2 * (attempt + 1))
-    return optuna.load_study(study_name=study.name, storage=storage, sampler=study.make_sampler(),
-                             pruner=study.make_pruner())
-
-
-@contextlib.contextmanager
-def budget_lock(url: str, study_name: str, lock_dir: Path):
-    """Serialise 'count trials, reserve one' across workers sharing the storage."""
-    if url.startswith("postgresql"):
-        from sqlalchemy import create_engine, text
-
-        key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)
-        engine = create_engine(url)
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
     else:
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f".{study_name}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        opt = optuna.load_study(study_name=study.name, storage=storage.optuna, sampler=study.make_sampler(),
+                                pruner=study.make_pruner())
+    if opt.metric_names is None:
+        opt.set_metric_names([o.metric for o in study.objectives])
+    return opt
 
 
-def original_number(trial: optuna.trial.FrozenTrial) -> int:
+# -- lineages: a trial and its retries ---------------------------------------------------------------
+def lineage(trial: FrozenTrial) -> int:
     """The number of the trial this one retries (itself when it is no retry)."""
-    retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-    return trial.number if retried is None else retried
+    return trial.system_attrs.get("failed_trial", trial.number)
 
 
-def logical_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Trials that use a budget slot: every trial except automatic retries."""
-    return [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is None]
+def lineages(trials: list[FrozenTrial]) -> dict[int, list[FrozenTrial]]:
+    """Attempts grouped by the trial they retry; discarded duplicates belong to none."""
+    out: dict[int, list[FrozenTrial]] = defaultdict(list)
+    for t in trials:
+        if t.user_attrs.get(FAILURE) != DUPLICATE:
+            out[lineage(t)].append(t)
+    return out
 
 
-def next_trial(opt: optuna.Study, study: Study) -> optuna.Trial | None:
-    """Call under the budget lock: a queued trial (grid point or retry), a new one while the budget
-    lasts, or None when the study is done."""
-    trials = opt.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.WAITING for t in trials) and len(logical_trials(trials)) >= study.n_trials:
-        return None
-    return opt.ask()
+def counts(attempts: list[FrozenTrial]) -> bool:
+    """Whether a lineage uses a slot of the budget: finished, running or queued, or failed by its own doing."""
+    return any(a.state != TrialState.FAIL or a.user_attrs.get(FAILURE, TRIAL) not in RETRIED for a in attempts)
 
 
-def enqueue_grid(opt: optuna.Study, study: Study) -> None:
-    """Queue every grid point not already in the study (idempotent across re-runs and workers)."""
-    present = [t.params or t.system_attrs.get("fixed_params", {}) for t in logical_trials(opt.get_trials(deepcopy=False))]
-    for point in study.grid:
-        if not any(all(p.get(k) == v for k, v in point.items()) for p in present):
-            opt.enqueue_trial(point)
-            present.append(point)
+def budget_used(trials: list[FrozenTrial]) -> int:
+    return sum(counts(attempts) for attempts in lineages(trials).values())
 
 
-def requeue_dead_local_trials(opt: optuna.Study, storage: RDBStorage) -> None:
-    """Fail (and so re-queue) RUNNING trials whose worker process on this host is gone."""
-    host = socket.gethostname()
-    retry = retry_callback()
-    for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        w_host, _, pid = worker.rpartition(":")
-        if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            log.warning("trial %d's worker %s is gone; re-queueing it", t.number, worker)
-            if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                retry(opt, storage.get_trial(t._trial_id))
+def requeue(opt: optuna.Study, failed: FrozenTrial) -> None:
+    """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint."""
+    system = {"failed_trial": lineage(failed), "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number]}
+    if "fixed_params" in failed.system_attrs:
+        system["fixed_params"] = failed.system_attrs["fixed_params"]
+    opt.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+        user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED_ATTRS}, system_attrs=system,
+        intermediate_values=failed.intermediate_values))
+    log.info("trial %d (%s) queued again after: %s", lineage(failed), failed.user_attrs.get(FAILURE),
+             failed.user_attrs.get("fail_reason", "?"))
+
+
+def mark_failed(opt: optuna.Study, trial_id: int, kind: str, reason: str) -> bool:
+    """Record why, then FAIL the trial; False when it had finished meanwhile."""
+    try:
+        opt._storage.set_trial_user_attr(trial_id, FAILURE, kind)
+        opt._storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        return opt._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a zombie whose parent has not reaped it yet does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
-
-
-@contextlib.contextmanager
-def heartbeat(storage: RDBStorage, trial_id: int):
-    """Record the trial's heartbeat every HEARTBEAT_S seconds while it runs."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.is_set():
-            storage.record_heartbeat(trial_id)
-            stop.wait(HEARTBEAT_S)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
+    """Under the budget lock: fail the running trials of dead workers (gone from this host, or silent for
+    GRACE_S seconds), then queue one retry for every lineage whose last attempt failed for a reason
+    outside itself."""
+    host = socket.gethostname()
+    stale = set(storage.stale_trial_ids(opt))
+    trials = opt.get_trials(deepcopy=False)
+    by_lineage = lineages(trials)
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        worker = t.user_attrs.get("worker", "")
+        w_host, _, pid = worker.rpartition(":")
+        if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            why = f"its worker {worker} died during the trial (killed, or out of memory)"
+        elif t._trial_id in stale:
+            why = f"its worker {worker or '?'} sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
+        else:
+            continue
+        kills = 1 + sum(a.user_attrs.get(FAILURE) == KILLED for a in by_lineage[lineage(t)])
+        if kills > MAX_KILLS:
+            kind, why = GIVEN_UP, f"{why}; its worker was killed {kills} times running it, so it is not retried again " \
+                                  "(does this configuration exhaust the machine's memory?)"
+        else:
+            kind, why = KILLED, f"{why}; retried from its last checkpoint"
+        if mark_failed(opt, t._trial_id, kind, why):
+            log.warning("trial %d: %s", t.number, why)
+    for attempts in lineages(opt.get_trials(deepcopy=False)).values():
+        last = max(attempts, key=lambda a: a.number)
+        if all(a.state == TrialState.FAIL for a in attempts) and last.user_attrs.get(FAILURE) in RETRIED:
+            requeue(opt, last)
+
+
+def enqueue_grid(opt: optuna.Study, study: Study) -> None:
+    """Queue every grid point not already in the study (idempotent across re-runs and workers)."""
+    present = [t.params or t.system_attrs.get("fixed_params", {}) for t in opt.get_trials(deepcopy=False)
+               if "failed_trial" not in t.system_attrs and t.user_attrs.get(FAILURE) != DUPLICATE]
+    for point in study.grid:
+        if not any(all(p.get(k) == v for k, v in point.items()) for p in present):
+            opt.enqueue_trial(point)
+            present.append(point)
+
+
+def next_trial(opt: optuna.Study, study: Study, storage: SweepStorage) -> tuple[optuna.Trial, dict] | None:
+    """Under the budget lock: a queued trial (grid point or retry), a newly sampled configuration the study
+    has not tried while the budget lasts, or None when the study is done."""
+    for _ in range(MAX_DRAWS):
+        trials = opt.get_trials(deepcopy=False)
+        if not any(t.state == TrialState.WAITING for t in trials) and budget_used(trials) >= study.n_trials:
+            return None
+        trial = opt.ask()
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        storage.record_heartbeat(trial._trial_id)
+        system = opt._storage.get_trial(trial._trial_id).system_attrs
+        params = study.suggest(trial)
+        if "fixed_params" in system or "failed_trial" in system:
+            return trial, params
+        twin = duplicate_of(trial.params, trial.number, trials, lineage)
+        if twin is None:
+            return trial, params
+        trial.set_user_attr(FAILURE, DUPLICATE)
+        trial.set_user_attr("fail_reason", f"the sampler proposed trial {twin}'s configuration again; discarded before it started")
+        opt.tell(trial, state=TrialState.FAIL)
+        log.info("trial %d: the sampler proposed trial %d's configuration again; drawing another", trial.number, twin)
+    log.warning("the sampler proposed only configurations the study has tried (%d draws in a row): the search space "
+                "looks exhausted; stopping", MAX_DRAWS)
+    return None
 
 
 class PruningReporter:
@@ -177,21 +243,15 @@ class PruningReporter:
 class TrialRunner:
     """Turns one Optuna trial into one training run and its outcome."""
 
-    def __init__(self, study: Study, study_dir: Path, storage: RDBStorage, *, use_wandb: bool):
+    def __init__(self, study: Study, study_dir: Path, storage: SweepStorage, *, use_wandb: bool):
         self.study, self.study_dir, self.storage, self.use_wandb = study, study_dir, storage, use_wandb
 
-    def __call__(self, trial: optuna.Trial) -> list[float] | float:
+    def train(self, trial: optuna.Trial, params: dict) -> list[float] | float:
         study = self.study
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        params = study.suggest(trial)
-        number = original_number(self.storage.get_trial(trial._trial_id))
+        number = lineage(self.storage.optuna.get_trial(trial._trial_id))
         run_name = f"trial-{number:04d}"
         run_dir = self.study_dir / "runs" / run_name
-        try:
-            cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
-        except ConfigError as err:
-            trial.set_user_attr("fail_reason", f"config error: {err}")
-            raise
+        cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
         cfg.run.wandb.group = cfg.run.wandb.group or study.name
         if not self.use_wandb:
             cfg.run.wandb.mode = "disabled"
@@ -200,48 +260,81 @@ class TrialRunner:
         log.info("trial %d (%s): %s", trial.number, run_name, params)
         tracker = WandbRun(cfg, run_dir, run_id=f"{study.name}-{run_name}", name=run_name,
                            extra_config={"trial": number, "study": study.name, "params": params})
-        exit_code = 1
+        outcome, reason = "failed", None
         try:
             results = train(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
-            exit_code = 0
+            outcome = "finished"
         except optuna.TrialPruned:
-            exit_code = 0
+            outcome = "pruned"
+            raise
+        except Interrupted:
+            outcome = "interrupted"
+            raise
+        except Exception as err:
+            reason = describe(err)
             raise
         finally:
-            tracker.finish(exit_code=exit_code)
+            tracker.finish(outcome, reason)
         trial.set_user_attr("summary", results["summary"])
         values = [results["summary"][o.metric] for o in study.objectives]
         return values if study.multi_objective else values[0]
 
-    def run(self, opt: optuna.Study, trial: optuna.Trial) -> None:
-        """Run and tell. A Ctrl-C or kill leaves the trial RUNNING: the next worker re-queues it."""
-        with heartbeat(self.storage, trial._trial_id):
+    def run(self, opt: optuna.Study, trial: optuna.Trial, params: dict) -> tuple[str, str | None]:
+        """Run and tell; returns ("complete" | "pruned" | TRIAL | ENVIRONMENT, the failure's reason)."""
+        with self.storage.heartbeat(trial._trial_id):
             try:
-                values = self(trial)
+                values = self.train(trial, params)
             except optuna.TrialPruned as err:
                 log.info("trial %d pruned: %s", trial.number, err)
                 opt.tell(trial, state=TrialState.PRUNED)
-                return
-            except Exception as err:  # recorded once, with the reason, and the worker moves on
-                trial.set_user_attr("fail_reason", trial.user_attrs.get("fail_reason") or f"{type(err).__name__}: {err}")
-                log.error("trial %d failed: %s\n%s", trial.number, err, traceback.format_exc())
-                opt.tell(trial, state=TrialState.FAIL)
-                return
-        opt.tell(trial, values)
+                return "pruned", None
+            except Interrupted as err:
+                mark_failed(opt, trial._trial_id, INTERRUPTED,
+                            f"interrupted by {err}; resumes from its last checkpoint when the sweep is re-run")
+                raise
+            except Exception as err:
+                kind, reason = failure_kind(err), describe(err)
+                if kind == ENVIRONMENT:
+                    reason += " (a problem of the environment: retried, not counted toward n_trials)"
+                log.error("trial %d failed: %s", trial.number, reason, exc_info=kind == ENVIRONMENT)
+                mark_failed(opt, trial._trial_id, kind, reason)
+                return kind, reason
+        try:
+            opt.tell(trial, values)
+        except UpdateFinishedTrialError:
+            log.warning("trial %d finished after another worker declared it dead; its retry reads the results "
+                        "from the run directory", trial.number)
+        return "complete", None
 
 
-def run_worker(study: Study, storage_url: str, study_dir: Path, *, use_wandb: bool = True) -> None:
-    storage = storage_for(storage_url)
+def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wandb: bool = True) -> int:
+    """Take trials until none is left; returns the process exit code (EXIT_ENVIRONMENT when a lasting
+    problem of the environment stopped it)."""
     opt = open_study(study, storage)
-    requeue_dead_local_trials(opt, storage)
     runner = TrialRunner(study, study_dir, storage, use_wandb=use_wandb)
+    in_a_row = 0
     while True:
-        optuna.storages.fail_stale_trials(opt)
-        with budget_lock(storage_url, study.name, study_dir):
-            if study.grid:
-                enqueue_grid(opt, study)
-            trial = next_trial(opt, study)
-        if trial is None:
-            break
-        runner.run(opt, trial)
+        try:
+            with storage.budget_lock(study.name):
+                reconcile(opt, storage)
+                if study.grid:
+                    enqueue_grid(opt, study)
+                picked = next_trial(opt, study, storage)
+            if picked is None:
+                break
+            outcome, reason = runner.run(opt, *picked)
+        except STORAGE_ERRORS as err:
+            outcome, reason = ENVIRONMENT, f"storage {storage.display}: {describe(err).splitlines()[0]}"
+            log.error("worker %d: %s", os.getpid(), reason)
+        if outcome != ENVIRONMENT:
+            in_a_row = 0
+            continue
+        in_a_row += 1
+        if in_a_row >= MAX_ENV_FAILURES:
+            log.error("worker %d: stopping after %d failures of the environment in a row; the last: %s. Fix the cause "
+                      "and re-run the same command: these trials did not use the budget and resume from their "
+                      "checkpoints", os.getpid(), in_a_row, reason)
+            return EXIT_ENVIRONMENT
+        time.sleep(BACKOFF_S * in_a_row)
     log.info("worker %d: no trials left in study '%s'", os.getpid(), study.name)
+    return 0

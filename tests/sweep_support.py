@@ -1,0 +1,124 @@
+"""What the sweep tests share: launching (in this process or as a real launcher process), reading a
+study back from its storage, run directories and offline W&B records, and a PostgreSQL server when CI has one."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from forde.sweep.launch import main
+from forde.sweep.storage import SweepStorage
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = REPO / "sweeps" / "studies"
+WANDB = str(Path(sys.executable).with_name("wandb"))  # the wandb CLI of this environment, activated or not
+FAST = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[none]"]
+
+
+def launch(tmp_path, *args, study="quickstart"):
+    return main(["--study", study, "--out", str(tmp_path / "studies"), *args], studies_dir=STUDIES)
+
+
+def launch_cmd(tmp_path, *args, study="quickstart"):
+    return [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", study, "--out", str(tmp_path / "studies"), *args]
+
+
+def env_for(tmp_path, **extra):
+    """A launcher's environment; without the W&B service an in-process test of this session may have started."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "FORDE_DATA": str(tmp_path / "data"), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def start(cmd, tmp_path, **kwargs) -> subprocess.Popen:
+    """A launcher process whose output goes to a file (a pipe nobody reads while we wait would fill and
+    block it); `output(proc)` reads it back once it has exited."""
+    log = open(tmp_path / f"launcher-{time.time_ns()}.log", "w")
+    proc = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+    proc.log_path = log.name
+    log.close()
+    return proc
+
+
+def output(proc: subprocess.Popen, timeout: float = 600) -> str:
+    proc.wait(timeout=timeout)
+    return Path(proc.log_path).read_text()
+
+
+def postgres_url() -> str:
+    url = os.environ.get("FORDE_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("FORDE_REQUIRE_POSTGRES"):
+            pytest.fail("FORDE_TEST_POSTGRES_URL is not set but PostgreSQL is required")
+        pytest.skip("no PostgreSQL server (bash .ci/run starts one)")
+    return url
+
+
+def named_study(tmp_path, name: str, extra: str = "") -> Path:
+    """A copy of the quickstart study under another name (a fresh study in a shared database)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text((STUDIES / "quickstart.yaml").read_text() + extra + f"\nname: {name}\n")
+    return path
+
+
+def backend_args(tmp_path, backend: str, name: str) -> tuple[str | None, list[str]]:
+    """(storage URL or None for the default SQLite file, launcher arguments) for a backend."""
+    if backend == "postgresql":
+        url = postgres_url()
+    elif backend == "journal":
+        url = f"journal:{tmp_path / 'shared' / 'journal.log'}"
+    else:
+        return None, []
+    return url, ["--storage", url]
+
+
+def load(tmp_path, name="quickstart", storage=None) -> optuna.Study:
+    url = storage or f"sqlite:///{tmp_path / 'studies' / name / 'study.db'}"
+    return optuna.load_study(study_name=name, storage=SweepStorage(url).optuna)
+
+
+def epochs_trained(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def logical(trials):
+    """Trials that are no retry and no discarded duplicate: one per configuration the study tried."""
+    return [t for t in trials if "failed_trial" not in t.system_attrs and t.user_attrs.get("failure") != "duplicate"]
+
+
+def configurations(trials) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in logical(trials)]
+
+
+def wandb_record(wandb_dir: Path) -> dict:
+    out = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def wandb_steps(wandb_dir: Path) -> list[int]:
+    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(wandb_dir)], capture_output=True, text=True, check=True)
+    records = [json.loads(line) for line in out.stdout.splitlines() if '"type":"history"' in line]
+    return [r["history"]["step"]["num"] for r in records if "epoch" in r["history"]["item"]]
+
+
+def wait_for(condition, timeout: float, what: str, proc=None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the launcher exited ({proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def trained_at_least(run_dir: Path, epochs: int) -> bool:
+    try:
+        return len(epochs_trained(run_dir)) >= epochs
+    except (OSError, ValueError):
+        return False

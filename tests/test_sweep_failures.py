@@ -1,0 +1,192 @@
+"""What failures cost a sweep, with faults injected on purpose: the environment (disk, a W&B server that does
+not answer, a database dropping its connections) never uses up the budget, and bad input stops the launcher
+before any data is prepared, in one line."""
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from forde.config import ConfigError, MissingDataError
+from forde.sweep.worker import ENVIRONMENT, EXIT_ENVIRONMENT, TRIAL, budget_used, failure_kind
+from forde.train import NonFiniteLossError
+from sweep_support import (FAST, epochs_trained, launch, launch_cmd, load, named_study, output, postgres_url, start,
+                           trained_at_least, wait_for, wandb_record, wandb_steps)
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_failures_are_told_apart():
+    import wandb
+
+    assert failure_kind(ConfigError("optim.batch_size = 4096 ...")) == TRIAL
+    assert failure_kind(NonFiniteLossError("training loss became nan")) == TRIAL
+    for err in (MissingDataError("data.name = 'cifar10': found neither ..."), PermissionError(13, "Permission denied"),
+                OSError(28, "No space left on device"), wandb.errors.CommError("timeout"), RuntimeError("anything else")):
+        assert failure_kind(err) == ENVIRONMENT, err
+
+
+def test_a_failing_environment_uses_no_budget_and_is_retried_once_fixed(tmp_path, caplog):
+    """A trial's run directory cannot be created (a file is in the way): the trial fails for the environment, is
+    retried, the worker stops after three failures in a row with a non-zero exit; fixed, the same command
+    finishes the study with every trial."""
+    blocker = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    args = ["--n-trials", "2", "--no-wandb", *FAST]
+    assert launch(tmp_path, *args) == EXIT_ENVIRONMENT
+    trials = load(tmp_path).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 3 and all(t.user_attrs["failure"] == "environment" for t in failed)
+    assert all("FileExistsError" in t.user_attrs["fail_reason"] for t in failed)
+    assert budget_used(trials) == 1  # the one configuration, queued again; nothing counted as failed
+    assert "stopping after 3 failures of the environment in a row" in caplog.text
+
+    blocker.unlink()
+    assert launch(tmp_path, *args) == 0
+    trials = load(tmp_path).get_trials()
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 2 and budget_used(trials) == 2
+    assert {Path(t.user_attrs["run_dir"]).name for t in done} == {"trial-0000", "trial-0004"}
+    assert epochs_trained(blocker) == [1, 2, 3]
+
+
+class SilentServer:
+    """A TCP server that accepts connections and never answers: a W&B server that hangs."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self):
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+def test_a_wandb_server_that_does_not_answer_costs_no_trial(tmp_path, monkeypatch, caplog):
+    server = SilentServer()
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", server.url)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    caplog.set_level(logging.INFO, logger="forde")
+    start = time.time()
+    try:
+        assert launch(tmp_path, "--n-trials", "1", *FAST, "run.wandb.init_timeout=3") == 0
+    finally:
+        server.close()
+    assert time.time() - start < 60  # the init wait is bounded (W&B's own default is 90 s)
+    [trial] = load(tmp_path).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert "did not start within 3s" in caplog.text and "logging offline instead" in caplog.text
+    [wandb_dir] = Path(trial.user_attrs["run_dir"]).glob("wandb/offline-run-*")
+    assert f"wandb sync {wandb_dir}" in caplog.text
+    record = wandb_record(wandb_dir)
+    assert record["state"] == "finished" and record["summary"]["val/nll"] == pytest.approx(trial.value)
+    assert wandb_steps(wandb_dir) == [1, 2, 3]
+
+
+def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
+    """PostgreSQL terminates every connection of the workers, again and again, while they train."""
+    url = postgres_url()
+    import sqlalchemy
+
+    name = f"hiccup_{os.getpid()}_{int(time.time())}"
+    args = ["--n-trials", "2", "--workers", "2", "--no-wandb", "optim.epochs=20", "model.hidden=[32]",
+            "eval.corruptions=[none]", "--storage", url]
+    proc = start(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), tmp_path)
+    wait_for(lambda: trained_at_least(tmp_path / "studies" / name / "runs" / "trial-0000", 1), 240, "training", proc)
+    admin = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    terminated = 0
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+        with admin.connect() as conn:
+            terminated += len(conn.execute(sqlalchemy.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
+    stderr = output(proc, timeout=60)
+    assert terminated > 0
+    assert proc.returncode == 0, stderr[-3000:]
+    trials = load(tmp_path, name, url).get_trials()
+    assert budget_used(trials) == 2
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
+    assert all(t.user_attrs.get("failure") in ("environment", "killed") for t in trials if t.state == TrialState.FAIL)
+
+
+def write(tmp_path, name, text) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["unreachable database", "journal on a file", "runs not writable",
+                                  "YAML syntax", "searched key overridden"])
+def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
+    args = []
+    if case == "unreachable database":
+        args = ["--storage", "postgresql://postgres@127.0.0.1:1/nothing"]
+        message = r"cannot use the storage postgresql://postgres@127.0.0.1:1/nothing: .*check that the server runs"
+    elif case == "journal on a file":
+        args = ["--storage", f"journal:{write(tmp_path, 'a_file', '')}/journal.log"]
+        message = r"storage journal:.*a_file/journal.log: cannot create .*a_file"
+    elif case == "runs not writable":
+        (tmp_path / "studies" / "quickstart").mkdir(parents=True)
+        write(tmp_path, "studies/quickstart/runs", "not a folder")
+        message = r"cannot write to .*studies/quickstart/runs"
+    elif case == "YAML syntax":
+        args = ["--study", write(tmp_path, "broken.yaml", "base: quickstart\nsearch_space:\n  a: {low: 1, high\n  b: 2\n")]
+        message = r"broken.yaml: YAML syntax error at line 4, column 4: did not find expected ',' or '}'; fix that line"
+    else:
+        args = ["optim.lr=0.05"]
+        message = r"the override optim.lr=0.05 sets optim.lr, which this study searches"
+    assert launch(tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    import re
+    assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--n-trials"])
+def test_worker_and_trial_counts_must_be_positive(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        launch(tmp_path, flag, "0")
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_relaunch_with_other_settings_says_what_changed(tmp_path, capsys, monkeypatch):
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST, "data.name=digitz") == 2  # stops before any trial
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0  # ... and binds the study to nothing
+    capsys.readouterr()
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST, "optim.epochs=4") == 2
+    err = capsys.readouterr().err
+    assert "study 'quickstart' was started with other settings; changed: optim.epochs: 3 -> 4" in err
+    monkeypatch.setenv("FORDE_DATA", str(tmp_path / "moved"))  # where the data lives is no setting of the study
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
+    assert len(load(tmp_path).get_trials()) == 1
