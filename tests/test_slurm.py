@@ -157,6 +157,7 @@ def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slur
     assert 3 <= resumed_at < epochs
     trials = study_trials(tmp_path, storage=sqlite)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the interrupted attempt, its retry
+    assert trials[0].user_attrs["failure"] == "interrupted"  # not a kill: time limits never use up the retries
     assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
     assert epochs_trained(run_dir) == list(range(1, epochs + 1))  # resumed, nothing trained twice
 

@@ -17,6 +17,7 @@ start more than n_trials between them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -137,6 +138,21 @@ def mark_failed(opt: optuna.Study, trial_id: int, kind: str, reason: str) -> boo
         return opt._storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGTERM and SIGINT wait while an interruption is recorded: Slurm's requeue sends SIGTERM right after
+    submitit's own exit request, and a record cut short would leave the trial RUNNING, counted as killed."""
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            log.info("%s arrived while the interruption was recorded; the worker stops", signal.Signals(held[0]).name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -267,7 +283,7 @@ class TrialRunner:
         except optuna.TrialPruned:
             outcome = "pruned"
             raise
-        except Interrupted:
+        except (Interrupted, SystemExit):
             outcome = "interrupted"
             raise
         except Exception as err:
@@ -288,9 +304,11 @@ class TrialRunner:
                 log.info("trial %d pruned: %s", trial.number, err)
                 opt.tell(trial, state=TrialState.PRUNED)
                 return "pruned", None
-            except Interrupted as err:
-                mark_failed(opt, trial._trial_id, INTERRUPTED,
-                            f"interrupted by {err}; resumes from its last checkpoint when the sweep is re-run")
+            except (Interrupted, SystemExit) as err:  # SystemExit: e.g. submitit requeueing a preempted Slurm job
+                cause = f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
+                with signals_held():
+                    mark_failed(opt, trial._trial_id, INTERRUPTED,
+                                f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run")
                 raise
             except Exception as err:
                 kind, reason = failure_kind(err), describe(err)
