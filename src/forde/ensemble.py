@@ -8,6 +8,7 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -16,7 +17,7 @@ from torch.func import functional_call, vmap
 
 from forde.config import Execution, ModelConfig
 from forde.models import build_model
-from forde.models.batchnorm import native_batch_norm_derivatives
+from forde.models.batchnorm import for_double_backward, native_batch_norm_derivatives
 
 
 class Ensemble(nn.Module):
@@ -71,7 +72,8 @@ class Ensemble(nn.Module):
         repulsion or penalty) backpropagates in the same backward pass as the data term.
         """
         xs = x.detach().unsqueeze(0).expand(len(self), *x.shape).clone().requires_grad_(True)
-        outputs = self.forward_each(xs)
+        with for_double_backward() if create_graph else contextlib.nullcontext():
+            outputs = self.forward_each(xs)
         (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
         return outputs, grads.flatten(2)
 

@@ -8,8 +8,12 @@ w.r.t. the output gradient g is batch norm's backward applied to q (one native c
 sum(q) and sum(q * xhat)), and the derivative w.r.t. x collapses to three terms in xhat, that result and gx.
 The values are the same as PyTorch's up to rounding (tests/test_batchnorm.py compares both in float64).
 
-`native_batch_norm_derivatives()` switches back to PyTorch's path, e.g. under torch.func.vmap, which
-does not run these autograd Functions.
+The hand-written path pays only where a second derivative is taken: a plain training step (DE, the
+repulsive ensembles in weight or function space) is faster with PyTorch's own batch norm on the CPU
+(benchmarks/README.md). So the layers take PyTorch's path unless a pass that will be differentiated twice asks
+for this one (`Ensemble.output_gradients` does, through `for_double_backward()`);
+`native_batch_norm_derivatives()` and `hand_written_batch_norm_derivatives()` force either path, e.g. PyTorch's
+under torch.func.vmap, which does not run these autograd Functions.
 """
 
 from __future__ import annotations
@@ -21,17 +25,34 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-_NATIVE = contextvars.ContextVar("native_batch_norm_derivatives", default=False)
+_PATH = contextvars.ContextVar("batch_norm_derivatives", default=None)  # None: not chosen, PyTorch's path
 
 
 @contextlib.contextmanager
-def native_batch_norm_derivatives():
-    """Within this block, batch norm layers built here use PyTorch's own derivatives."""
-    token = _NATIVE.set(True)
+def _use(path: str, force: bool = True):
+    if not force and _PATH.get() is not None:  # an outer block chose already
+        yield
+        return
+    token = _PATH.set(path)
     try:
         yield
     finally:
-        _NATIVE.reset(token)
+        _PATH.reset(token)
+
+
+def native_batch_norm_derivatives():
+    """Within this block, batch norm layers built here use PyTorch's own derivatives."""
+    return _use("native")
+
+
+def hand_written_batch_norm_derivatives():
+    """Within this block, training-mode batch norm records the hand-written second derivative."""
+    return _use("hand_written")
+
+
+def for_double_backward():
+    """The hand-written path for a pass that will be differentiated twice, unless an outer block chose a path."""
+    return _use("hand_written", force=False)
 
 
 def _backward(gy, x, weight, mean, invstd, eps):
@@ -95,10 +116,11 @@ class _BatchNormTrain(torch.autograd.Function):
 
 
 class _FastSecondDerivative:
-    """Training-mode forward through `_BatchNormTrain`; everything else is nn.BatchNorm's own path."""
+    """Training-mode forward through `_BatchNormTrain` where the hand-written path is chosen; everything else is
+    nn.BatchNorm's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.affine and torch.is_grad_enabled()) or _NATIVE.get():
+        if not (self.training and self.affine and torch.is_grad_enabled()) or _PATH.get() != "hand_written":
             return super().forward(x)
         self._check_input_dim(x)
         if not self.track_running_stats:  # batch statistics only, running statistics left alone
