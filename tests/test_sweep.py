@@ -10,10 +10,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from forde.config import ConfigError
+from forde.train import CHECKPOINT
+
+from conftest import CUDA
 from forde.sweep.launch import main
 from forde.sweep.study import load_study
 
@@ -50,6 +54,18 @@ def epochs_trained(run_dir: Path) -> list[int]:
 def data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@CUDA
+def test_quickstart_study_on_gpu_0(tmp_path):
+    """`--gpus 0`: one worker process on GPU 0 runs two trials; their weights were trained on the GPU."""
+    assert launch(tmp_path, "--gpus", "0", "--n-trials", "2", *FAST) == 0
+    trials = load(tmp_path).get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        state = torch.load(Path(t.user_attrs["run_dir"]) / CHECKPOINT, weights_only=False)
+        assert all(v.is_cuda for v in state["ensemble"].values())
+        assert epochs_trained(Path(t.user_attrs["run_dir"])) == [1, 2, 3]
 
 
 def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):

@@ -21,10 +21,10 @@ from forde.models.batchnorm import for_double_backward, native_batch_norm_deriva
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[nn.Module], execution: Execution = "loop"):
+    def __init__(self, members: list[nn.Module], execution: Execution | str = "loop"):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.execution = execution
+        self.execution = "loop" if execution == "auto" else execution  # a run sets its device's choice (forde.device)
 
     def __len__(self) -> int:
         return len(self.members)

@@ -45,9 +45,13 @@ class FoRDE:
             self._projections[dtype] = self.projection.to(dtype)
         return self._projections[dtype]
 
+    def step_kind(self, step: int) -> bool:
+        """Whether `step` is a repulsion step: the two kinds of step are two different computations."""
+        return step % self.cfg.repulsion_every == 0
+
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0):
         cfg, batch = self.cfg, len(y)
-        if step % cfg.repulsion_every:  # a plain data step between repulsion steps
+        if not self.step_kind(step):  # a plain data step between repulsion steps
             outputs = ensemble(x)
             nll = self.likelihood.nll(outputs, y)
             return nll, outputs, {self.likelihood.name: nll.detach()}
