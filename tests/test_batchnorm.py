@@ -13,8 +13,8 @@ from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.forde import FoRDE
 from forde.methods.de import DeepEnsemble
-from forde.models.batchnorm import (BatchNorm1d, BatchNorm2d, _BatchNormTrain, hand_written_batch_norm_derivatives,
-                                    native_batch_norm_derivatives)
+from forde.models.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNormTrain
+from forde.models.derivatives import hand_written_derivatives, native_derivatives
 
 from conftest import devices
 
@@ -55,9 +55,9 @@ def test_matches_pytorch_second_derivative(cls, terms, momentum):
     fast.track_running_stats = native.track_running_stats = not untracked
     x = torch.randn(SHAPES[cls], dtype=torch.float64) * 2 + 1
     for _ in range(2):  # two steps: running statistics and the step counter move alike
-        with hand_written_batch_norm_derivatives():
+        with hand_written_derivatives():
             got = second_order_grads(fast, x, terms)
-        with native_batch_norm_derivatives():
+        with native_derivatives():
             want = second_order_grads(native, x, terms)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
@@ -83,9 +83,9 @@ def test_float32_matches_pytorch(device, channels_last):
     fast, native = BatchNorm2d(8).to(device), BatchNorm2d(8).to(device)
     x = torch.randn(16, 8, 6, 6, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    with hand_written_batch_norm_derivatives():
+    with hand_written_derivatives():
         got = second_order_grads(fast, x, "xwb")
-    with native_batch_norm_derivatives():
+    with native_derivatives():
         want = second_order_grads(native, x, "xwb")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
@@ -119,7 +119,7 @@ def test_forde_step_matches_pytorch_derivatives(model, subset):
     results = []
     for native in (False, True):
         ens = build_ensemble(model, 3, shape, 5, seed=0).double().train()
-        with native_batch_norm_derivatives() if native else contextlib.nullcontext():
+        with native_derivatives() if native else contextlib.nullcontext():
             loss, _, _ = method.loss(ens, x, y, step=0)
             loss.backward()
         results.append((loss.detach(), [p.grad for p in ens.parameters()]))
@@ -142,7 +142,7 @@ def test_bfloat16_autocast_stays_close_to_float32(device, channels_last):
     def grads(native: bool, bf16: bool) -> list[torch.Tensor]:
         layer, x = BatchNorm2d(8).to(device), x0.clone().requires_grad_(True)
         with (torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
-              native_batch_norm_derivatives() if native else hand_written_batch_norm_derivatives()):
+              native_derivatives() if native else hand_written_derivatives()):
             y = layer(conv(x))
             assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
             (gx,) = torch.autograd.grad((y.float().tanh() * r).sum(), x, create_graph=True)
@@ -167,13 +167,15 @@ def _graph_nodes(t: torch.Tensor) -> set[str]:
 
 
 def test_only_a_pass_differentiated_twice_takes_the_hand_written_path():
-    """A DE step never differentiates twice: PyTorch's batch norm is faster there. FoRDE's input-gradient pass
-    records the hand-written derivative."""
+    """A DE step never differentiates twice: PyTorch's batch norm and convolution are faster there. FoRDE's
+    input-gradient pass records the hand-written derivatives."""
     ens = build_ensemble(ModelConfig(name="resnet18", width=4), 2, (3, 8, 8), 5, seed=0).train()
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
     de_nodes = _graph_nodes(DeepEnsemble().loss(ens, x, y)[0])
-    assert "NativeBatchNormBackward0" in de_nodes and "_BatchNormTrainBackward" not in de_nodes
+    assert {"NativeBatchNormBackward0", "ConvolutionBackward0"} <= de_nodes
+    assert not {"_BatchNormTrainBackward", "_ConvTrainBackward"} & de_nodes
     forde_nodes = _graph_nodes(FoRDE(MethodConfig(alpha=0.0), None).loss(ens, x, y)[0])
-    assert "_BatchNormTrainBackward" in forde_nodes and "NativeBatchNormBackward0" not in forde_nodes
-    with native_batch_norm_derivatives():  # an explicit choice wins
+    assert {"_BatchNormTrainBackward", "_ConvTrainBackward"} <= forde_nodes
+    assert not {"NativeBatchNormBackward0", "ConvolutionBackward0"} & forde_nodes
+    with native_derivatives():  # an explicit choice wins
         assert "_BatchNormTrainBackward" not in _graph_nodes(FoRDE(MethodConfig(alpha=0.0), None).loss(ens, x, y)[0])

@@ -17,7 +17,7 @@ from torch.func import functional_call, vmap
 
 from forde.config import Execution, ModelConfig
 from forde.models import build_model
-from forde.models.batchnorm import for_double_backward, native_batch_norm_derivatives
+from forde.models.derivatives import for_double_backward, native_derivatives
 
 
 class Ensemble(nn.Module):
@@ -54,7 +54,7 @@ class Ensemble(nn.Module):
         buffer_names = [n for n, _ in template.named_buffers()]
         buffers = {n: torch.stack(bs) for n, bs in zip(buffer_names, zip(*(m.buffers() for m in self.members)))}
         call = lambda p, b, xi: functional_call(template, (p, b), (xi,))
-        with native_batch_norm_derivatives():  # vmap does not run custom autograd Functions
+        with native_derivatives():  # vmap does not run custom autograd Functions
             out = vmap(call, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         if self.training and buffers:
             with torch.no_grad():

@@ -113,18 +113,19 @@ class Setup:
                             autocast=self.autocast, prepare=self.prepare)
 
 
-def build(cfg: TrainConfig) -> Setup:
+def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
+    """`dataset` and `method` replace the configured ones (benchmarks time synthetic data)."""
     settings = resolve_settings(cfg)
     settings.apply()
     device = settings.device
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data) if dataset is None else dataset
     ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(device)
     ensemble.execution = settings.execution
     prepare = lambda x: x
     if settings.channels_last and len(dataset.input_shape) == 3:
         ensemble = ensemble.to(memory_format=torch.channels_last)
         prepare = lambda x: x.contiguous(memory_format=torch.channels_last)
-    return Setup(cfg, settings, dataset, ensemble, build_method(cfg, dataset, device), prepare)
+    return Setup(cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare)
 
 
 def _json_default(x):

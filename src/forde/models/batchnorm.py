@@ -8,52 +8,16 @@ w.r.t. the output gradient g is batch norm's backward applied to q (one native c
 sum(q) and sum(q * xhat)), and the derivative w.r.t. x collapses to three terms in xhat, that result and gx.
 The values are the same as PyTorch's up to rounding (tests/test_batchnorm.py compares both in float64).
 
-The hand-written path pays only where a second derivative is taken: a plain training step (DE, the
-repulsive ensembles in weight or function space) is faster with PyTorch's own batch norm on the CPU
-(benchmarks/README.md). So the layers take PyTorch's path unless a pass that will be differentiated twice asks
-for this one (`Ensemble.output_gradients` does, through `for_double_backward()`);
-`native_batch_norm_derivatives()` and `hand_written_batch_norm_derivatives()` force either path, e.g. PyTorch's
-under torch.func.vmap, which does not run these autograd Functions.
+The layers take this path only in a pass that will be differentiated twice (see `forde.models.derivatives`).
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-_PATH = contextvars.ContextVar("batch_norm_derivatives", default=None)  # None: not chosen, PyTorch's path
-
-
-@contextlib.contextmanager
-def _use(path: str, force: bool = True):
-    if not force and _PATH.get() is not None:  # an outer block chose already
-        yield
-        return
-    token = _PATH.set(path)
-    try:
-        yield
-    finally:
-        _PATH.reset(token)
-
-
-def native_batch_norm_derivatives():
-    """Within this block, batch norm layers built here use PyTorch's own derivatives."""
-    return _use("native")
-
-
-def hand_written_batch_norm_derivatives():
-    """Within this block, training-mode batch norm records the hand-written second derivative."""
-    return _use("hand_written")
-
-
-def for_double_backward():
-    """The hand-written path for a pass that will be differentiated twice, unless an outer block chose a path."""
-    return _use("hand_written", force=False)
-
+from forde.models.derivatives import hand_written
 
 def _backward(gy, x, weight, mean, invstd, eps):
     """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat), sum(gy)), sums per channel."""
@@ -68,6 +32,7 @@ class _BatchNormBackward(torch.autograd.Function):
         gx, gw, gb = _backward(gy, x, weight, mean, invstd, eps)
         ctx.save_for_backward(gy, x, weight, mean, invstd, gx, gw, gb)
         ctx.eps = eps
+        ctx.set_materialize_grads(False)  # an output nothing used (gw, gb of the input-gradient pass) gets None, not zeros
         return gx, gw, gb
 
     @staticmethod
@@ -120,7 +85,7 @@ class _FastSecondDerivative:
     nn.BatchNorm's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.affine and torch.is_grad_enabled()) or _PATH.get() != "hand_written":
+        if not (self.training and self.affine and torch.is_grad_enabled() and hand_written()):
             return super().forward(x)
         self._check_input_dim(x)
         if not self.track_running_stats:  # batch statistics only, running statistics left alone
