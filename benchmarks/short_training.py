@@ -29,15 +29,17 @@ def main() -> None:
     p.add_argument("--root", default="data")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--runs", type=Path, default=None, help="keep the run directories here (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="config overrides for both methods")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        runs = args.runs or tmp
         for method in ("de", "forde"):
             cfg = load_config("cifar10", [f"data.root={args.root}", f"device={args.device}", f"optim.epochs={args.epochs}",
                                           f"method.name={method}", "eval.corruptions=[none]", "run.progress=false",
-                                          "run.wandb.mode=disabled", f"run.out_dir={tmp}", *args.overrides])
+                                          "run.wandb.mode=disabled", f"run.out_dir={runs}", *args.overrides])
             results = train(cfg)
             epoch = results["train_time_s"] / results["epochs"]  # training only; the first epoch includes warm-up
             rows.append((method, cfg, results, epoch))

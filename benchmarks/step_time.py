@@ -60,6 +60,24 @@ def parse_setting(text: str, device: torch.device) -> DeviceSettings:
                           cudnn_benchmark=cuda and "nobench" not in tokens, graphs="graphs" in tokens)
 
 
+def setting_overrides(text: str) -> list[str]:
+    """The config overrides that give a run the setting `text` (what `parse_setting` builds)."""
+    tokens = set(text.split("+"))
+    return [f"model.execution={'vmap' if 'vmap' in tokens else 'loop'}", f"precision={'bf16' if 'bf16' in tokens else 'fp32'}",
+            f"cuda.tf32={str(bool(tokens & {'tf32', 'bf16'})).lower()}", f"channels_last={str('cl' in tokens).lower()}",
+            f"cuda.graphs={str('graphs' in tokens).lower()}", f"cuda.cudnn_benchmark={str('nobench' not in tokens).lower()}"]
+
+
+def fastest_setting(table_file: Path, variant: str = "forde") -> str:
+    """The setting of the fastest `variant` step in a table this script wrote."""
+    rows = [[c.strip() for c in line.strip("|\n ").split("|")] for line in table_file.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]
+    timed = [(float(r[5]), r[3]) for r in rows if r[4] == variant]
+    if not timed:
+        raise SystemExit(f"{table_file} has no {variant} rows")
+    return min(timed)[1]
+
+
 def setting_name(s: DeviceSettings) -> str:
     parts = [s.execution, "bf16" if s.precision == "bf16" else ("tf32" if s.tf32 else "fp32")]
     parts += ["cl"] * s.channels_last + ["graphs"] * s.graphs
@@ -214,9 +232,16 @@ def main() -> None:
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or the CPU time of this process (all its threads): steadier on a shared CPU")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--fastest", type=Path, default=None, metavar="TABLE",
+                   help="print the config overrides of the fastest FoRDE setting in TABLE (a file this script wrote), and exit")
     args = p.parse_args()
+    if args.fastest:
+        print(" ".join(setting_overrides(fastest_setting(args.fastest))))
+        return
     device = torch.device(args.device)
     settings = [parse_setting(s, device) for s in args.settings.split(",")]
+    out = args.out or Path(__file__).parent / "results" / f"step_time-{device.type}.md"
+    title = f"Training step time{'' if args.clock == 'wall' else ' (CPU time of the process, all threads)'}, {device.type}"
     rows = []
     for model in args.models.split(","):
         for m in map(int, args.sizes.split(",")):
@@ -225,13 +250,12 @@ def main() -> None:
                               args.rounds, args.clock)
                 rows += new
                 print("\n".join(table(new).splitlines()[2:]), flush=True)
+                add_fastest_de_ratio(rows)
+                write_report(out, title, ["", *table(rows).splitlines()], echo=False)  # a run stopped early keeps its rows
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    add_fastest_de_ratio(rows)
-    out = args.out or Path(__file__).parent / "results" / f"step_time-{device.type}.md"
-    clock = "" if args.clock == "wall" else " (CPU time of the process, all threads)"
-    write_report(out, f"Training step time{clock}, {device.type}", ["", *table(rows).splitlines()])
+    write_report(out, title, ["", *table(rows).splitlines()])
 
 
 if __name__ == "__main__":
