@@ -87,7 +87,7 @@ if [ $QUICK = 1 ]; then  # toy sizes: every stage still runs its real code path
   WORKERS=2
 else
   STEP_ARGS=(--models resnet18 --sizes 10 --batch 128 --min-run-time 0.5 --rounds 3
-             --settings "${FORDE_STEP_SETTINGS:-loop+fp32,loop+tf32,loop+tf32+cl,loop+bf16,loop+bf16+cl,loop+bf16+cl+graphs,loop+tf32+cl+graphs,vmap+tf32+cl,vmap+bf16+cl}")
+             --settings "${FORDE_STEP_SETTINGS:-loop+fp32,loop+tf32,loop+tf32+nobench,loop+tf32+cl,loop+bf16,loop+bf16+cl,loop+bf16+cl+graphs,loop+tf32+cl+graphs,vmap+tf32+cl,vmap+bf16+cl}")
   EPOCH_ARGS=(--images 50000 --members 10 --warmup-steps 10)
   TRAIN_ARGS=(--epochs "${FORDE_TRAIN_EPOCHS:-2}")
   EVAL_ARGS=(eval.batch_size=1000 eval.grad_samples=1000)
@@ -128,7 +128,7 @@ fi
 # -- part 1: the cuda tests and the step-time table -------------------------------------------------------
 if [ "$PART" != 2 ]; then
   stage "pytest -m cuda" 150 $PY -m pytest -m cuda -q -p no:cacheprovider tests
-  stage "step times" 150 $PY benchmarks/step_time.py --device "$DEVICE" "${STEP_ARGS[@]}" --out "$RESULTS/step_time-$SUFFIX.md"
+  stage "step times" 180 $PY benchmarks/step_time.py --device "$DEVICE" "${STEP_ARGS[@]}" --out "$RESULTS/step_time-$SUFFIX.md"
 fi
 
 # -- part 2: real epochs, a short CIFAR-10 training, the whole CIFAR-10-C evaluation ----------------------

@@ -72,7 +72,7 @@ def fastest_setting(table_file: Path, variant: str = "forde") -> str:
     """The setting of the fastest `variant` step in a table this script wrote."""
     rows = [[c.strip() for c in line.strip("|\n ").split("|")] for line in table_file.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
-    timed = [(float(r[5]), r[3]) for r in rows if r[4] == variant]
+    timed = [(float(r[5]), r[3]) for r in rows if r[4] == variant and r[5]]
     if not timed:
         raise SystemExit(f"{table_file} has no {variant} rows")
     return min(timed)[1]
@@ -201,8 +201,9 @@ def measure(model: str, m: int, batch: int, classes: int, settings: DeviceSettin
 
 def add_fastest_de_ratio(rows: list[dict]) -> None:
     """FoRDE / the fastest DE step measured for the same network and M, over every setting and DE variant."""
-    for r in rows:
-        de = [o["step_s"] for o in rows if o["variant"].split(":")[0] == "de" and (o["model"], o["M"]) == (r["model"], r["M"])]
+    timed = [r for r in rows if "error" not in r]
+    for r in timed:
+        de = [o["step_s"] for o in timed if o["variant"].split(":")[0] == "de" and (o["model"], o["M"]) == (r["model"], r["M"])]
         r["vs_fastest_de"] = r["step_s"] / min(de) if de else None
 
 
@@ -211,6 +212,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | M | batch | setting | variant | step (ms) | img/s | / DE, same setting | / fastest DE | step peak MiB |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['setting']} | failed: {r['error']} | | | | | |")
+            continue
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
         lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['setting']} | {r['variant']} | {1e3 * r['step_s']:.1f} | "
                      f"{r['img_s']:.0f} | {ratio(r['vs_de'])} | {ratio(r.get('vs_fastest_de'))} | {peak} |")
@@ -246,8 +250,12 @@ def main() -> None:
     for model in args.models.split(","):
         for m in map(int, args.sizes.split(",")):
             for s in settings:
-                new = measure(model, m, args.batch, args.classes, s, args.variants.split(","), args.min_run_time,
-                              args.rounds, args.clock)
+                try:
+                    new = measure(model, m, args.batch, args.classes, s, args.variants.split(","), args.min_run_time,
+                                  args.rounds, args.clock)
+                except Exception as err:  # e.g. out of memory: the other settings are still measured
+                    new = [{"model": model, "M": m, "batch": args.batch, "setting": setting_name(s),
+                            "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}]
                 rows += new
                 print("\n".join(table(new).splitlines()[2:]), flush=True)
                 add_fastest_de_ratio(rows)
