@@ -78,7 +78,7 @@ def test_finite_differences():
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_float32_matches_pytorch(device, channels_last):
+def test_float32_matches_pytorch(device, channels_last, ieee_float32):
     torch.manual_seed(0)
     fast, native = BatchNorm2d(8).to(device), BatchNorm2d(8).to(device)
     x = torch.randn(16, 8, 6, 6, device=device)

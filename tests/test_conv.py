@@ -77,7 +77,7 @@ def test_input_gradient_pass_skips_the_weight_gradient(monkeypatch):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_float32_matches_pytorch(device, channels_last):
+def test_float32_matches_pytorch(device, channels_last, ieee_float32):
     fast, native = twin_layers("3x3 stride 2", device, torch.float32)
     x = torch.randn(8, 4, 12, 12, device=device)
     if channels_last:
