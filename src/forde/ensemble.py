@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from forde.config import Execution, ModelConfig
+from forde.config import ModelConfig
 from forde.models import build_model
 from forde.models.derivatives import for_double_backward, native_derivatives
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[nn.Module], execution: Execution | str = "loop"):
+    def __init__(self, members: list[nn.Module], execution: str = "loop"):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.execution = "loop" if execution == "auto" else execution  # a run sets its device's choice (forde.device)
