@@ -46,10 +46,12 @@ def machine(software: str = "") -> list[str]:
     ]
 
 
-def write_report(path: str | Path, title: str, body: list[str], software: str = "") -> None:
-    """Print `body` and write it, under a header describing the run, to the Markdown file `path`."""
-    print("\n".join(body))
+def write_report(path: str | Path, title: str, body: list[str], software: str = "", echo: bool = True) -> None:
+    """Print `body` (unless `echo` is false) and write it, under a header describing the run, to the Markdown file `path`."""
+    if echo:
+        print("\n".join(body))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([f"# {title}", "", *machine(software), "", *body]) + "\n")
-    print(f"written to {path}")
+    if echo:
+        print(f"written to {path}")

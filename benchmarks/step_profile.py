@@ -12,7 +12,6 @@ benchmarks/results/step_profile-<device>.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from report import write_report
 from step_time import make_step, synthetic_batch
 
 from forde.config import MethodConfig, ModelConfig
+from forde.device import DeviceSettings
 from forde.ensemble import build_ensemble
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
@@ -82,14 +82,15 @@ def main() -> None:
     cfg = MethodConfig(name="forde", alpha=0.5)
     if args.members == 1:
         cfg.bandwidth = 1.0  # one member has no median bandwidth
-    runs = {"DE": (DeepEnsemble(), False), "FoRDE": (FoRDE(cfg, proj), False)}
-    runs["FoRDE, PyTorch's batch norm derivatives"] = (runs["FoRDE"][0], True)
+    runs = {"DE": (DeepEnsemble(), "auto"), "FoRDE": (FoRDE(cfg, proj), "auto")}
+    runs["FoRDE, PyTorch's second derivatives"] = (runs["FoRDE"][0], "native")
+    settings = DeviceSettings(device, "fp32", channels_last=False, execution="loop")
     steps, flop_counts, times = {}, {}, defaultdict(list)
-    for name, (method, native_bn) in runs.items():
+    for name, (method, bn) in runs.items():
         ens = build_ensemble(ModelConfig(name="resnet18", width=args.width), args.members, (3, 32, 32), 100, seed=0)
         ens = ens.to(device).train()
         opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        steps[name] = make_step(method, ens, x, y, opt, contextlib.nullcontext, 1, native_bn)
+        steps[name] = make_step(method, ens, x, y, opt, settings, 1, bn)
         steps[name]()  # warm-up
         flop_counts[name] = step_flops(steps[name])
     for _ in range(args.rounds):  # alternate, so that drift in the machine's speed hits every method alike

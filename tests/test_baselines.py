@@ -12,9 +12,12 @@ from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.methods.forde import FoRDE
 from forde.methods.likelihoods import Categorical, Gaussian
-from forde.methods.lit import LIT
+from forde.kernels import projection, repulsion
+from forde.methods.lit import LIT, squared_cosine_penalty
 from forde.methods.rde_function import FunctionRDE
-from forde.methods.rde_weight import WeightRDE, parameter_sq_dists
+from forde.methods.rde_weight import WeightRDE, member_parameters
+
+from conftest import devices
 
 M, B, D_IN, C = 4, 6, 5, 3
 
@@ -87,14 +90,31 @@ def test_weight_rde_gradient_is_the_wgd_repulsion():
     torch.testing.assert_close(g_total - g_ce, torch.cat(expected), rtol=1e-6, atol=1e-10)
 
 
-def test_weight_distances_keep_full_precision_under_bf16_autocast():
-    ens, _, _ = make_problem(seed=6)
-    ens = ens.float()
-    exact = parameter_sq_dists(ens.double())[0]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        d = parameter_sq_dists(ens.float())[0]
-    assert d.dtype == torch.float32
-    torch.testing.assert_close(d.double(), exact, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("device", devices())
+def test_kernels_and_penalty_ignore_bf16_autocast(device):
+    """Under bf16 autocast every kernel (FoRDE's, the weight- and function-space ones) and LIT's penalty
+    computes exactly what it computes without autocast, value and gradient."""
+    ens = make_problem(seed=6)[0].float().to(device)
+    g = torch.Generator().manual_seed(0)
+    close = lambda *shape: (torch.randn(shape[1:], generator=g) + 0.05 * torch.randn(shape, generator=g)).to(device)
+    u, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    forde = FoRDE(MethodConfig(alpha=0.5), projection(u, torch.rand(16, generator=g) * 3, 0.5).to(device))
+    cases = {  # a loss of one leaf tensor
+        "rde_weight": (member_parameters(ens).detach(), lambda t: repulsion(t)[0]),
+        "rde_function": (close(M, 1, B * C).softmax(-1), lambda t: repulsion(t)[0]),
+        "forde": (close(M, B, 16), lambda t: repulsion(forde.features(t))[0]),
+        "lit": (close(M, B, 16), lambda t: squared_cosine_penalty(t, 1e-12)),
+    }
+    for name, (leaf, loss_of) in cases.items():
+        results = []
+        for bf16 in (False, True):
+            t = leaf.clone().requires_grad_(True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(t)
+            results.append((loss, *torch.autograd.grad(loss, t)))
+        (plain, g_plain), (auto, g_auto) = results
+        assert auto.dtype == torch.float32, name
+        assert torch.equal(auto, plain) and torch.equal(g_auto, g_plain), name
 
 
 @pytest.mark.parametrize("gaussian", [False, True])

@@ -12,7 +12,11 @@ from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.forde import FoRDE
-from forde.models.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNormTrain, native_batch_norm_derivatives
+from forde.methods.de import DeepEnsemble
+from forde.models.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNormTrain
+from forde.models.derivatives import hand_written_derivatives, native_derivatives
+
+from conftest import devices
 
 SHAPES = {BatchNorm2d: (6, 3, 5, 4), BatchNorm1d: (7, 3)}
 
@@ -21,7 +25,7 @@ def second_order_grads(layer: nn.Module, x: torch.Tensor, terms: str) -> list[to
     """Gradients w.r.t. (x, weight, bias) of a loss built from the layer's output and its first derivatives."""
     x = x.clone().requires_grad_(True)
     y = layer(x)
-    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
     out = (torch.tanh(y) * r).sum()
     gx, gw, gb = torch.autograd.grad(out, (x, layer.weight, layer.bias), create_graph=True)
     loss = out
@@ -51,8 +55,9 @@ def test_matches_pytorch_second_derivative(cls, terms, momentum):
     fast.track_running_stats = native.track_running_stats = not untracked
     x = torch.randn(SHAPES[cls], dtype=torch.float64) * 2 + 1
     for _ in range(2):  # two steps: running statistics and the step counter move alike
-        got = second_order_grads(fast, x, terms)
-        with native_batch_norm_derivatives():
+        with hand_written_derivatives():
+            got = second_order_grads(fast, x, terms)
+        with native_derivatives():
             want = second_order_grads(native, x, terms)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
@@ -71,15 +76,21 @@ def test_finite_differences():
     assert torch.autograd.gradgradcheck(bn, (x, w, b))
 
 
-def test_channels_last_and_float32_match_pytorch():
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_matches_pytorch(device, channels_last, ieee_float32):
     torch.manual_seed(0)
-    fast, native = BatchNorm2d(8), BatchNorm2d(8)
-    x = torch.randn(16, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    got = second_order_grads(fast, x, "x")
-    with native_batch_norm_derivatives():
-        want = second_order_grads(native, x, "x")
+    fast, native = BatchNorm2d(8).to(device), BatchNorm2d(8).to(device)
+    x = torch.randn(16, 8, 6, 6, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with hand_written_derivatives():
+        got = second_order_grads(fast, x, "xwb")
+    with native_derivatives():
+        want = second_order_grads(native, x, "xwb")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    for name, buffer in native.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name], buffer)
 
 
 def test_eval_mode_and_no_grad_use_running_statistics():
@@ -108,7 +119,7 @@ def test_forde_step_matches_pytorch_derivatives(model, subset):
     results = []
     for native in (False, True):
         ens = build_ensemble(model, 3, shape, 5, seed=0).double().train()
-        with native_batch_norm_derivatives() if native else contextlib.nullcontext():
+        with native_derivatives() if native else contextlib.nullcontext():
             loss, _, _ = method.loss(ens, x, y, step=0)
             loss.backward()
         results.append((loss.detach(), [p.grad for p in ens.parameters()]))
@@ -118,16 +129,20 @@ def test_forde_step_matches_pytorch_derivatives(model, subset):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
-def test_bfloat16_autocast_stays_close_to_float32():
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_autocast_stays_close_to_float32(device, channels_last):
     """Under bf16 autocast (inputs bf16, statistics and weights float32) both paths keep float32's answer."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 8, 3, padding=1)
-    x0, r = torch.randn(16, 3, 8, 8), torch.randn(16, 8, 8, 8)
+    conv = nn.Conv2d(3, 8, 3, padding=1).to(device)
+    x0, r = torch.randn(16, 3, 8, 8, device=device), torch.randn(16, 8, 8, 8, device=device)
+    if channels_last:
+        conv, x0 = conv.to(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
 
     def grads(native: bool, bf16: bool) -> list[torch.Tensor]:
-        layer, x = BatchNorm2d(8), x0.clone().requires_grad_(True)
-        with (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
-              native_batch_norm_derivatives() if native else contextlib.nullcontext()):
+        layer, x = BatchNorm2d(8).to(device), x0.clone().requires_grad_(True)
+        with (torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
+              native_derivatives() if native else hand_written_derivatives()):
             y = layer(conv(x))
             assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
             (gx,) = torch.autograd.grad((y.float().tanh() * r).sum(), x, create_graph=True)
@@ -137,3 +152,30 @@ def test_bfloat16_autocast_stays_close_to_float32():
     for native in (False, True):
         for g, want in zip(grads(native, bf16=True), reference):
             assert (g - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_only_a_pass_differentiated_twice_takes_the_hand_written_path():
+    """A DE step never differentiates twice: PyTorch's batch norm and convolution are faster there. FoRDE's
+    input-gradient pass records the hand-written derivatives."""
+    ens = build_ensemble(ModelConfig(name="resnet18", width=4), 2, (3, 8, 8), 5, seed=0).train()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    de_nodes = _graph_nodes(DeepEnsemble().loss(ens, x, y)[0])
+    assert {"NativeBatchNormBackward0", "ConvolutionBackward0"} <= de_nodes
+    assert not {"_BatchNormTrainBackward", "_ConvTrainBackward"} & de_nodes
+    forde_nodes = _graph_nodes(FoRDE(MethodConfig(alpha=0.0), None).loss(ens, x, y)[0])
+    assert {"_BatchNormTrainBackward", "_ConvTrainBackward"} <= forde_nodes
+    assert not {"NativeBatchNormBackward0", "ConvolutionBackward0"} & forde_nodes
+    with native_derivatives():  # an explicit choice wins
+        assert "_BatchNormTrainBackward" not in _graph_nodes(FoRDE(MethodConfig(alpha=0.0), None).loss(ens, x, y)[0])

@@ -4,9 +4,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from forde.cli import main
-from forde.config import ConfigError, builtin_config_names, load_config
+from forde.config import DEVICE_DEFAULTS, ConfigError, builtin_config_names, load_config
+from forde.device import resolve_settings
 
 
 @pytest.mark.parametrize("override,message", [
@@ -29,6 +31,8 @@ from forde.config import ConfigError, builtin_config_names, load_config
     ("method.repulsion_ramp_start=0", r"method.repulsion_ramp_start = 0.0: must be positive"),
     ("method.median=all", r"bad value for 'method.median'"),
     ("run.wandb.init_timeout=0", r"run.wandb.init_timeout = 0.0: must be positive"),
+    ("precision=fp16", r"bad value for 'precision'"),
+    ("model.execution=jit", r"bad value for 'model.execution'"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -76,3 +80,21 @@ def test_console_script_prints_resolved_config():
     out = subprocess.run([sys.executable, "-m", "forde.cli", "config", "quickstart", "method.alpha=0.2"],
                          capture_output=True, text=True, check=True).stdout
     assert "alpha: 0.2" in out and "ensemble_size: 5" in out
+
+
+def test_auto_settings_take_the_device_defaults_and_explicit_values_win():
+    auto = resolve_settings(load_config("quickstart", ["device=cpu"]))
+    assert {k: getattr(auto, k) for k in DEVICE_DEFAULTS["cpu"]} == DEVICE_DEFAULTS["cpu"]
+    assert not (auto.tf32 or auto.cudnn_benchmark or auto.graphs)  # CUDA switches mean nothing on the CPU
+    chosen = resolve_settings(load_config("quickstart", ["device=cpu", "channels_last=true", "model.execution=vmap"]))
+    assert chosen.channels_last and chosen.execution == "vmap"
+
+
+@pytest.mark.parametrize("override,message", [("precision=bf16", "bf16 autocast is for CUDA"),
+                                              ("cuda.graphs=true", "CUDA graphs need a CUDA device")])
+def test_cuda_only_settings_on_the_cpu_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("quickstart", ["device=cpu", override])
+    if not torch.cuda.is_available():  # device=auto resolves to the CPU here: refused when the run is built
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            resolve_settings(load_config("quickstart", [override]))

@@ -9,8 +9,9 @@ import torchvision.transforms.functional as TF
 from forde.data.base import Split
 from forde.data.pipeline import DeviceLoader, crop_flip, eval_batches, normalize, sample_crop_flip
 
+from conftest import CUDA, devices
+
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -66,7 +67,7 @@ def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.cpu(), y.cpu()) for x, y in loader]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_device_loader_matches_per_image_reference(device):
     """Two epochs of shuffled, augmented, normalised batches equal the reference built from the same draws."""
     loader = _loader(device=device)
@@ -122,3 +123,22 @@ def test_eval_batches_keep_order_and_cover_the_split():
     assert torch.equal(torch.cat([y for _, y in batches]), split.labels)
     expected = torch.stack([TF.normalize(TF.to_tensor(TF.to_pil_image(im)), MEAN, STD) for im in split.inputs])
     assert torch.equal(torch.cat([x for x, _ in batches]), expected)
+
+
+@CUDA
+def test_cuda_pipeline_gives_the_cpu_batches():
+    """The same draws give the same batches on CUDA as on the CPU: crop, flip, normalisation and evaluation
+    batches. (The generators differ between devices, so the draws are made once and shared.)"""
+    images = _images(64, seed=3)
+    dy, dx, flip = sample_crop_flip(64, 4, torch.Generator().manual_seed(4))
+    on = lambda device: normalize(crop_flip(images.to(device), dy.to(device), dx.to(device), flip.to(device), pad=4),
+                                  *_mean_std(device))
+    torch.testing.assert_close(on("cuda").cpu(), on("cpu"), rtol=0, atol=1e-6)
+    split = Split(images, torch.arange(64))
+    for (xc, yc), (xg, yg) in zip(eval_batches(split, 20, MEAN, STD, "cpu"), eval_batches(split, 20, MEAN, STD, "cuda")):
+        assert xg.is_cuda and torch.equal(yg.cpu(), yc)
+        torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
+    cpu_loader = _epoch(_loader(n=64, shuffle=False, augment=False))
+    for (xg, yg), (xc, yc) in zip(_epoch(_loader(n=64, device="cuda", shuffle=False, augment=False)), cpu_loader):
+        assert torch.equal(yg, yc)
+        torch.testing.assert_close(xg, xc, rtol=0, atol=1e-6)

@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from forde.config import ConfigError
 from forde.sweep.storage import SweepStorage
+from forde.train import CHECKPOINT
 from forde.sweep.study import load_study
 from forde.sweep.worker import budget_used, next_trial, open_study
 from sweep_support import (FAST, STUDIES, configurations, epochs_trained, launch, load, wandb_record)
+
+from conftest import CUDA
 
 SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
                     "eval.severities=[1,5]", "eval.grad_samples=100"]
@@ -22,6 +26,19 @@ SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[ga
 def data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@CUDA
+def test_quickstart_study_on_gpu_0(tmp_path):
+    """`--gpus 0`: one worker process on GPU 0 runs two trials; their weights were trained on the GPU (W&B is tested
+    on the CPU; the GPU machine need not have it)."""
+    assert launch(tmp_path, "--gpus", "0", "--n-trials", "2", "--no-wandb", *FAST) == 0
+    trials = load(tmp_path).get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        state = torch.load(Path(t.user_attrs["run_dir"]) / CHECKPOINT, weights_only=False)
+        assert all(v.is_cuda for v in state["ensemble"].values())
+        assert epochs_trained(Path(t.user_attrs["run_dir"])) == [1, 2, 3]
 
 
 def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):

@@ -9,6 +9,8 @@ from forde.config import ConfigError, OptimConfig, load_config
 from forde.train import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, RESULTS, NonFiniteLossError, RunDirError, evaluate_run,
                          lr_at, train)
 
+from conftest import CUDA, devices
+
 TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 
 
@@ -61,18 +63,43 @@ class Crash:
         pass
 
 
-def test_resume_continues_the_same_run(tmp_path):
-    straight = train(tiny(tmp_path, "optim.epochs=4", name="straight"))
+@pytest.mark.parametrize("device", devices())
+def test_resume_continues_the_same_run(tmp_path, device):
+    """Killed after epoch 2 and started again, a run ends exactly where the uninterrupted run ends: weights,
+    optimizer, data order and RNG states all come back (on CUDA the generator's state stays a CPU tensor)."""
+    opts = ["optim.epochs=4", f"device={device}"]
+    straight = train(tiny(tmp_path, *opts, name="straight"))
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path, "optim.epochs=4", name="resumed"), callbacks=[Crash(at=2)])
+        train(tiny(tmp_path, *opts, name="resumed"), callbacks=[Crash(at=2)])
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["epoch"] == 2
     assert not (tmp_path / "resumed" / RESULTS).exists()
-    resumed = train(tiny(tmp_path, "optim.epochs=4", name="resumed"))
+    resumed = train(tiny(tmp_path, *opts, name="resumed"))
     assert strip(resumed) == strip(straight)
     lines = (tmp_path / "resumed" / METRICS).read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
     for k, v in final_weights(tmp_path / "straight").items():
         assert torch.equal(v, final_weights(tmp_path / "resumed")[k]), k
+
+
+@CUDA
+def test_a_cuda_run_is_evaluated_on_the_cpu_from_its_checkpoint(tmp_path):
+    on_gpu = train(tiny(tmp_path, "device=cuda", "precision=bf16", "channels_last=true"))
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["ensemble"]["members.0.net.1.weight"].is_cuda
+    on_cpu = evaluate_run(tmp_path / "run", ["device=cpu", "precision=fp32"], out_name="cpu.json")
+    assert on_cpu["test"]["accuracy"] == pytest.approx(on_gpu["test"]["accuracy"], abs=0.02)
+
+
+@CUDA
+@pytest.mark.parametrize("method", ["forde", "de"])
+def test_cuda_graphs_train_as_the_eager_steps_do(tmp_path, method):
+    """Steps replayed from CUDA graphs (two kinds of step with repulsion_every=2) against eager steps."""
+    opts = ["device=cuda", f"method.name={method}", "method.repulsion_every=2", "optim.epochs=3"]
+    eager = train(tiny(tmp_path, *opts, name="eager"))
+    graphed = train(tiny(tmp_path, *opts, "cuda.graphs=true", name="graphed"))
+    assert graphed["test"]["nll"] == pytest.approx(eager["test"]["nll"], rel=1e-4)
+    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "graphed")
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_diverged_run_restarts_with_a_new_learning_rate(tmp_path):

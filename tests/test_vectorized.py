@@ -16,6 +16,7 @@ from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE
 from forde.train import train
 
+from conftest import devices
 from test_train import final_weights, tiny
 
 M, B, C = 3, 6, 5
@@ -54,15 +55,18 @@ def step(ens, method, x, y):
     return loss.detach(), outputs.detach(), [p.grad.clone() for p in ens.parameters()]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("model", ["resnet18", "mlp"])
 @pytest.mark.parametrize("method", list(methods()))
-def test_vmap_matches_the_loop_in_loss_gradients_and_running_stats(model, method):
-    loop, fast = twins(model)
+def test_vmap_matches_the_loop_in_loss_gradients_and_running_stats(model, method, device):
+    loop, fast = (e.to(device) for e in twins(model))
     meth = methods()[method]
+    if getattr(meth, "projection", None) is not None:
+        meth.projection = meth.projection.to(device)
     g = torch.Generator().manual_seed(2)
     for _ in range(2):  # the second step sees running statistics the first one updated
         x, y = torch.randn(B, *SHAPE, dtype=torch.float64, generator=g), torch.randint(0, C, (B,), generator=g)
-        x = x if model == "resnet18" else x.flatten(1)
+        x, y = (x if model == "resnet18" else x.flatten(1)).to(device), y.to(device)
         ref, got = step(loop, meth, x, y), step(fast, meth, x, y)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)

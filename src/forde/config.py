@@ -54,7 +54,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
     blocks: list[int] = field(default_factory=lambda: list(RESNET18_BLOCKS))  # residual blocks per stage ([1,1,1,1]: ResNet10)
     zero_init_classifier: bool = False  # the release's classifier layer starts at zero (weights and bias)
-    execution: Execution = "loop"  # members one after another, or vectorised (same results)
+    execution: Literal["auto", "loop", "vmap"] = "auto"  # members one after another, or vectorised (same results); auto: the device's default
 
 
 @dataclass
@@ -120,12 +120,32 @@ class RunConfig:
 
 
 @dataclass
+class CudaConfig:
+    """Speed settings that only CUDA devices have (ignored on the CPU)."""
+
+    tf32: bool = True  # TF32 tensor cores in convolutions (PyTorch's default); matrix products stay IEEE float32
+    cudnn_benchmark: bool = True  # cuDNN times its algorithms for each new input shape and keeps the fastest
+    graphs: bool = False  # capture each kind of training step (forward + backward) once as a CUDA graph and replay it
+
+
+# What `auto` means for precision, channels_last and model.execution on each kind of device: the fastest
+# measured setting that passes the equivalence tests. CPU: benchmarks/README.md. CUDA: to be set from the
+# table that benchmarks/gpu_check.sh writes (benchmarks/results/step_time-cuda.md); until GPU timings exist
+# it is PyTorch's plain setting.
+DEVICE_DEFAULTS = {
+    "cpu": {"precision": "fp32", "channels_last": False, "execution": "loop"},
+    "cuda": {"precision": "fp32", "channels_last": False, "execution": "loop"},
+}
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     ensemble_size: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast needs CUDA
-    channels_last: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast needs CUDA; auto: the device's default
+    channels_last: Optional[bool] = None  # channels-last memory format for convolutional nets; null: the device's default
+    cuda: CudaConfig = field(default_factory=CudaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -327,5 +347,10 @@ def validate(cfg: TrainConfig) -> None:
            f"unknown corruption(s) {unknown}", f"use all, benchmark, none or names from {', '.join(CORRUPTIONS)}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
            "must be auto, cpu, cuda or cuda:N", "set device=auto")
-    _check(cfg.precision == "fp32" or cfg.device != "cpu", "precision", cfg.precision,
-           "bf16 autocast is for CUDA devices", "set precision=fp32 on the CPU")
+    _check(cfg.precision != "bf16" or cfg.device != "cpu", "precision", cfg.precision,
+           "bf16 autocast is for CUDA devices", "set precision=fp32 (or auto) on the CPU")
+    _check(not cfg.cuda.graphs or cfg.device != "cpu", "cuda.graphs", cfg.cuda.graphs,
+           "CUDA graphs need a CUDA device", "set cuda.graphs=false on the CPU")
+    _check(not (cfg.cuda.graphs and ramped), "cuda.graphs", cfg.cuda.graphs,
+           "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
+           "set cuda.graphs=false, or method.repulsion_ramp_epochs=0")

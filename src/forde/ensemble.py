@@ -8,22 +8,23 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from forde.config import Execution, ModelConfig
+from forde.config import ModelConfig
 from forde.models import build_model
-from forde.models.batchnorm import native_batch_norm_derivatives
+from forde.models.derivatives import for_double_backward, native_derivatives
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[nn.Module], execution: Execution = "loop"):
+    def __init__(self, members: list[nn.Module], execution: str = "loop"):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.execution = execution
+        self.execution = "loop" if execution == "auto" else execution  # a run sets its device's choice (forde.device)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -53,7 +54,7 @@ class Ensemble(nn.Module):
         buffer_names = [n for n, _ in template.named_buffers()]
         buffers = {n: torch.stack(bs) for n, bs in zip(buffer_names, zip(*(m.buffers() for m in self.members)))}
         call = lambda p, b, xi: functional_call(template, (p, b), (xi,))
-        with native_batch_norm_derivatives():  # vmap does not run custom autograd Functions
+        with native_derivatives():  # vmap does not run custom autograd Functions
             out = vmap(call, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         if self.training and buffers:
             with torch.no_grad():
@@ -71,7 +72,8 @@ class Ensemble(nn.Module):
         repulsion or penalty) backpropagates in the same backward pass as the data term.
         """
         xs = x.detach().unsqueeze(0).expand(len(self), *x.shape).clone().requires_grad_(True)
-        outputs = self.forward_each(xs)
+        with for_double_backward() if create_graph else contextlib.nullcontext():
+            outputs = self.forward_each(xs)
         (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
         return outputs, grads.flatten(2)
 

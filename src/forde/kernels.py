@@ -9,15 +9,36 @@ Sigma^-1 = (1 - alpha) I + alpha Lambda, gives w_d = (1 - alpha) + alpha lambda_
 Both are the identity at alpha = 0 and the eigenvalues at alpha = 1, and differ in between.
 The repulsion loss (1/B) sum_i log sum_j k_ij holds the j side constant, so its gradient for
 member i is the Wasserstein-gradient-descent repulsion  sum_j grad_i k_ij / sum_j k_ij.
+
+Precision: the distances between members that agree closely are small differences of large numbers, so the
+kernel is computed in `kernel_dtype` (float32 at least) with autocast switched off, whatever precision the
+networks run in: under bf16 autocast the projection and the distances would otherwise run in bf16 and the
+repulsion's gradient would be off by tens of percent (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 MIN_BANDWIDTH = 1e-12  # guards h = 0 when every member has the same gradient at a sample
+
+
+def kernel_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel on `t` is computed in: t's own if wider, else float32, or float64 on CUDA while
+    PyTorch is set to round float32 matrix products to TF32 (`torch.backends.cuda.matmul.allow_tf32`, which this
+    project leaves off; float64 keeps the kernel exact if a user turns it on)."""
+    floor = torch.float64 if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else torch.float32
+    return torch.promote_types(t.dtype, floor)
+
+
+@contextlib.contextmanager
+def full_precision(t: torch.Tensor):
+    """Autocast off for the block: the kernel's operations run in the dtypes of their inputs."""
+    with torch.autocast(t.device.type, enabled=False):
+        yield
 
 
 def unit_normalize(g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,9 +75,11 @@ def pairwise_sq_dists(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """d[b, i, j] = |rows[i, b] - cols[j, b]|^2 for [M, B, D] inputs -> [B, M, M].
 
     Computed as |r|^2 + |c|^2 - 2 r.c with one batched matrix product, never forming the [B, M, M, D]
-    differences (157 MB at M = 10, B = 128, D = 3072). The gradient w.r.t. rows, 2 (r_i - c_j), is
-    exact; the value loses only rounding relative to |r|^2 (see `pairwise_sq_dists_direct`)."""
-    r, c = rows.transpose(0, 1), cols.transpose(0, 1)  # [B, M, D]
+    differences (157 MB at M = 10, B = 128, D = 3072). Both sides are first shifted by the mean of `cols`
+    over members (a constant: distances and gradients unchanged), so that |r|^2 is of the order of the
+    distances themselves and the formula does not cancel when the members are close."""
+    shift = cols.detach().mean(0, keepdim=True)
+    r, c = (rows - shift).transpose(0, 1), (cols - shift).transpose(0, 1)  # [B, M, D]
     d = torch.baddbmm((r.square().sum(-1)[:, :, None] + c.square().sum(-1)[:, None, :]), r, c.transpose(1, 2), alpha=-2.0)
     return d.clamp_min(0.0)
 
@@ -74,12 +97,16 @@ def median_bandwidth(d: torch.Tensor, mode: str = "all_pairs", scale: float = 1.
     per_column: h_jb = median over i of d_ijb / ln M (one per sample and kernel column j).
     """
     m = d.shape[-1]
-    # quantile(0.5) interpolates: the NumPy median (mean of the two middle values for even counts)
-    if mode == "all_pairs":
-        med = torch.quantile(d.flatten(1), 0.5, dim=1).view(-1, 1, 1)
-    else:
-        med = torch.quantile(d, 0.5, dim=1, keepdim=True)
+    med = median(d.flatten(1), dim=1).view(-1, 1, 1) if mode == "all_pairs" else median(d, dim=1).unsqueeze(1)
     return (scale * med / math.log(m)).clamp_min(MIN_BANDWIDTH)
+
+
+def median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The NumPy median along `dim` (the mean of the two middle values for even counts), by one sort: no
+    host synchronisation, so it can be captured in a CUDA graph."""
+    n = x.shape[dim]
+    ordered = x.sort(dim).values
+    return (ordered.select(dim, (n - 1) // 2) + ordered.select(dim, n // 2)) / 2
 
 
 def kernel_matrix(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -90,21 +117,16 @@ def kernel_matrix(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def repulsion(z: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
               bandwidth_scale: float = 1.0, weight: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """weight * sum_i log sum_j k_ij on features z [M, B, D], j side (and bandwidth) held constant;
-    weight defaults to 1/B."""
-    return distance_repulsion(pairwise_sq_dists(z, z.detach()), bandwidth=bandwidth, median_mode=median_mode,
-                              bandwidth_scale=bandwidth_scale, weight=weight)
-
-
-def distance_repulsion(d: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
-                       bandwidth_scale: float = 1.0, weight: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The same from squared distances d [B, M, M] whose row i alone carries member i's graph: for
-    features too large to difference pairwise (the weight-space kernel builds d from a Gram matrix)."""
-    weight = 1.0 / d.shape[0] if weight is None else weight
-    d_const = d.detach()
-    h = (torch.full_like(d_const[:, :1, :1], bandwidth) if bandwidth is not None
-         else median_bandwidth(d_const, median_mode, bandwidth_scale))
-    k = kernel_matrix(d, h)
-    loss = k.sum(1).log().sum() * weight
+    weight defaults to 1/B. Computed in `kernel_dtype(z)`, autocast off."""
+    weight = 1.0 / z.shape[1] if weight is None else weight
+    with full_precision(z):
+        z = z.to(kernel_dtype(z))
+        d = pairwise_sq_dists(z, z.detach())
+        d_const = d.detach()
+        h = (torch.full_like(d_const[:, :1, :1], bandwidth) if bandwidth is not None
+             else median_bandwidth(d_const, median_mode, bandwidth_scale))
+        k = kernel_matrix(d, h)
+        loss = k.sum(1).log().sum() * weight
     return loss, {"bandwidth": h.mean().detach(), "kernel_offdiag": _offdiag_mean(k.detach())}
 
 

@@ -11,7 +11,6 @@ A run directory is the record of a run:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,10 +28,12 @@ from forde.data.base import Dataset
 from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
 from forde.data.pipeline import DeviceLoader
 from forde.data.registry import load_dataset
+from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
 from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split, eval_context
 from forde.methods import Method, build_method
 from forde.provenance import run_provenance
+from forde.step import make_step
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,6 @@ def lr_at(epoch: float, cfg: OptimConfig) -> float:
     return cfg.lr * (1.0 - frac * (1.0 - cfg.lr_ratio))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device = {name!r} but CUDA is not available here; set device=auto or device=cpu")
-    return torch.device(name)
-
-
 def default_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.data.name}-{cfg.method.name}-M{cfg.ensemble_size}-seed{cfg.seed}"
 
@@ -112,15 +105,16 @@ def save_checkpoint(state: dict, run_dir: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(run_dir: Path, device: torch.device | str) -> dict | None:
+def load_checkpoint(run_dir: Path) -> dict | None:
     """The last checkpoint, or the one before when the last cannot be read (truncated by a copy, a full disk);
-    None when the run has none."""
+    None when the run has none. Loaded on the CPU: `load_state_dict` moves weights and optimizer state to
+    their device, while RNG and generator states must stay CPU ByteTensors."""
     unreadable = []
     for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT):
         if not path.exists():
             continue
         try:
-            state = torch.load(path, map_location=device, weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=False)
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
             unreadable.append(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
             continue
@@ -155,16 +149,18 @@ class Setup:
     """Everything built from a config before the first step: cheap to rebuild for `forde eval`."""
 
     cfg: TrainConfig
-    device: torch.device
+    settings: DeviceSettings
     dataset: Dataset
     ensemble: Ensemble
     method: Method
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
 
-    def autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @property
+    def device(self) -> torch.device:
+        return self.settings.device
+
+    def autocast(self, cache_enabled: bool = True):
+        return self.settings.autocast(cache_enabled)
 
     @property
     def eval_ctx(self) -> EvalContext:
@@ -172,15 +168,19 @@ class Setup:
                             autocast=self.autocast, prepare=self.prepare)
 
 
-def build(cfg: TrainConfig) -> Setup:
-    device = resolve_device(cfg.device)
-    dataset = load_dataset(cfg.data)
+def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
+    """`dataset` and `method` replace the configured ones (benchmarks time synthetic data)."""
+    settings = resolve_settings(cfg)
+    settings.apply()
+    device = settings.device
+    dataset = load_dataset(cfg.data) if dataset is None else dataset
     ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(device)
+    ensemble.execution = settings.execution
     prepare = lambda x: x
-    if cfg.channels_last and len(dataset.input_shape) == 3:
+    if settings.channels_last and len(dataset.input_shape) == 3:
         ensemble = ensemble.to(memory_format=torch.channels_last)
         prepare = lambda x: x.contiguous(memory_format=torch.channels_last)
-    return Setup(cfg, device, dataset, ensemble, build_method(cfg, dataset, device), prepare)
+    return Setup(cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare)
 
 
 def _json_default(x):
@@ -206,6 +206,7 @@ class Trainer:
         self.loader = DeviceLoader(setup.dataset.train, o.batch_size, setup.dataset.mean, setup.dataset.std,
                                    setup.device if self.cfg.data.on_device else "cpu", shuffle=True,
                                    augment=self.cfg.data.augment, seed=self.cfg.seed + 1, drop_last=True)
+        self.step = make_step(setup.method, setup.ensemble, setup.autocast, setup.settings.graphs)
         self.epoch = 0
         self.history: list[dict] = []
 
@@ -242,16 +243,13 @@ class Trainer:
             lr = lr_at(self.epoch + step / steps, o)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with s.autocast():
-                loss, logits, stats = s.method.loss(s.ensemble, s.prepare(x), y, step=self.epoch * steps + step,
-                                                    epoch=self.epoch + step / steps)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, logits, stats = self.step(s.prepare(x.to(s.device, non_blocking=True)), y.to(s.device, non_blocking=True),
+                                            step=self.epoch * steps + step, epoch=self.epoch + step / steps)
             self.optimizer.step()
-            for k, v in {"loss": loss.detach(), **stats}.items():  # some statistics exist on some steps only
+            for k, v in {"loss": loss, **stats}.items():  # some statistics exist on some steps only
                 sums[k] = sums.get(k, 0) + v.float()
                 counts[k] = counts.get(k, 0) + 1
-            correct += (logits.detach().float().softmax(-1).mean(0).argmax(-1) == y).sum()
+            correct += (logits.float().softmax(-1).mean(0).argmax(-1) == y.to(s.device)).sum()
             seen += len(y)
             if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps:
                 self._check_finite(sums["loss"], step)
@@ -385,14 +383,14 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     trainer = Trainer(setup, run_dir, callbacks)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / CONFIG, to_yaml(cfg))
-    state = load_checkpoint(run_dir, setup.device)
+    state = load_checkpoint(run_dir)
     if state is not None:
         trainer.load_state_dict(state)
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
         tell_history(callbacks, trainer.history)
-    log.info("training %s: %s, M=%d, %s on %s (%d train images), device %s",
+    log.info("training %s: %s, M=%d, %s on %s (%d train images), %s",
              run_dir, cfg.method.name, cfg.ensemble_size, cfg.model.name, setup.dataset.name,
-             len(setup.dataset.train), setup.device)
+             len(setup.dataset.train), setup.settings.describe())
     start = time.perf_counter()
     trainer.fit()
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
@@ -414,7 +412,7 @@ def _brief_summary(summary: dict) -> str:
     return "  ".join(f"{k} {summary[k]:.4f}" for k in keys if k in summary)
 
 
-EVAL_OVERRIDABLE = ("eval.", "device", "precision", "run.progress", "data.root")
+EVAL_OVERRIDABLE = ("eval.", "device", "precision", "channels_last", "cuda.", "model.execution", "run.progress", "data.root")
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS) -> dict:
@@ -429,7 +427,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
         raise ConfigError(f"{run_dir / CONFIG} does not exist; is {run_dir} a run directory of `forde train`?")
     cfg = load_config(run_dir / CONFIG, overrides)
     setup = build(cfg)
-    state = load_checkpoint(run_dir, setup.device)
+    state = load_checkpoint(run_dir)
     if state is None:
         raise ConfigError(f"{run_dir / CHECKPOINT} does not exist; is {run_dir} a run directory of `forde train`?")
     setup.ensemble.load_state_dict(state["ensemble"])

@@ -9,7 +9,7 @@ import torch
 
 from forde.config import MethodConfig
 from forde.ensemble import Ensemble
-from forde.kernels import repulsion, unit_normalize
+from forde.kernels import full_precision, kernel_dtype, repulsion, unit_normalize
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
@@ -25,6 +25,7 @@ class FoRDE:
 
     `projection` is U diag(sqrt(w)) from the training data's PCA ([D, D]), or None for the identity
     kernel (alpha = 0). The likelihood (default: classification) picks the differentiated output.
+    Features and kernel are computed in `kernels.kernel_dtype` with autocast off, whatever the networks' precision.
     """
 
     name = "forde"
@@ -33,15 +34,28 @@ class FoRDE:
         self.cfg = cfg
         self.projection = projection
         self.likelihood = likelihood or Categorical(cfg.grad_target)
+        self._projections: dict[torch.dtype, torch.Tensor] = {}
 
     def features(self, grads: torch.Tensor) -> torch.Tensor:
         """Unit-normalised gradients in the lengthscale-weighted PCA coordinates: [M, B, D] -> [M, B, D]."""
-        s = unit_normalize(grads, self.cfg.eps)
-        return s if self.projection is None else s @ self.projection
+        with full_precision(grads):
+            s = unit_normalize(grads.to(kernel_dtype(grads)), self.cfg.eps)
+            return s if self.projection is None else s @ self._projection(s.dtype)
+
+    def _projection(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.projection.dtype == dtype:
+            return self.projection
+        if dtype not in self._projections:  # one copy per dtype asked for, e.g. float64 under TF32
+            self._projections[dtype] = self.projection.to(dtype)
+        return self._projections[dtype]
+
+    def step_kind(self, step: int) -> bool:
+        """Whether `step` is a repulsion step: the two kinds of step are two different computations."""
+        return step % self.cfg.repulsion_every == 0
 
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
         cfg, batch = self.cfg, len(y)
-        if step % cfg.repulsion_every:  # a plain data step between repulsion steps
+        if not self.step_kind(step):  # a plain data step between repulsion steps
             outputs = ensemble(x)
             nll = self.likelihood.nll(outputs, y)
             return nll, outputs, {self.likelihood.name: nll.detach()}

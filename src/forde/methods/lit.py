@@ -7,7 +7,8 @@ Unlike the repulsive methods this is a plain penalty (both members of a pair rec
 and its weight `method.lit_weight` is a hyperparameter to tune. The input gradient is the one FoRDE
 uses (the true-class output chosen by `method.grad_target`), so the two methods differ only in how
 they push the gradients apart; cosines are taken of gradients normalised as FoRDE normalises them,
-g / sqrt(|g|^2 + eps^2), which keeps the penalty finite where a gradient vanishes.
+g / sqrt(|g|^2 + eps^2), which keeps the penalty finite where a gradient vanishes. Like FoRDE's kernel,
+the penalty is computed in `kernels.kernel_dtype` with autocast off.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import torch
 
 from forde.config import MethodConfig
 from forde.ensemble import Ensemble
-from forde.kernels import unit_normalize
+from forde.kernels import full_precision, kernel_dtype, unit_normalize
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
 def squared_cosine_penalty(grads: torch.Tensor, eps: float) -> torch.Tensor:
     """mean over samples of sum over member pairs i < j of cos^2(g_ib, g_jb), grads [M, B, D]."""
     m = grads.shape[0]
-    s = unit_normalize(grads, eps)
-    cos = torch.einsum("ibd,jbd->bij", s, s)
-    i, j = torch.triu_indices(m, m, offset=1, device=grads.device)
-    return cos[:, i, j].square().sum(1).mean()
+    with full_precision(grads):
+        s = unit_normalize(grads.to(kernel_dtype(grads)), eps)
+        cos = torch.einsum("ibd,jbd->bij", s, s)
+        i, j = torch.triu_indices(m, m, offset=1, device=grads.device)
+        return cos[:, i, j].square().sum(1).mean()
 
 
 class LIT:

@@ -18,24 +18,15 @@ import torch
 
 from forde.config import MethodConfig
 from forde.ensemble import Ensemble
-from forde.kernels import distance_repulsion
+from forde.kernels import repulsion
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
-def parameter_sq_dists(ensemble: Ensemble) -> torch.Tensor:
-    """d[0, i, j] = |theta_i - theta_j|^2 with the j side constant: [1, M, M].
-
-    Built from the Gram matrix (|a|^2 + |b|^2 - 2 a.b) so that no [M, M, P] difference tensor is
-    formed: P is millions for a ResNet. The Gram matrix stays in the parameters' precision even under
-    bf16 autocast, where the cancellation in that formula would cost the distances their digits.
-    Only the members' trainable parameters count (buffers such as batch-norm statistics are not the
-    particles' coordinates).
-    """
-    theta = torch.stack([torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members])
-    with torch.autocast(theta.device.type, enabled=False):
-        sq = theta.square().sum(1)
-        d = sq[:, None] + sq.detach()[None, :] - 2.0 * theta @ theta.detach().T
-    return d.clamp_min(0.0).unsqueeze(0)
+def member_parameters(ensemble: Ensemble) -> torch.Tensor:
+    """[M, 1, P]: each member's trainable parameters as one vector (one "sample" for the kernel). Buffers such
+    as batch-norm statistics are not the particles' coordinates."""
+    return torch.stack([torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members]
+                       ).unsqueeze(1)
 
 
 class WeightRDE:
@@ -48,7 +39,6 @@ class WeightRDE:
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
-        rep, stats = distance_repulsion(parameter_sq_dists(ensemble), bandwidth=self.cfg.bandwidth,
-                                        bandwidth_scale=self.cfg.bandwidth_scale,
-                                        weight=1.0 / len(y))
+        rep, stats = repulsion(member_parameters(ensemble), bandwidth=self.cfg.bandwidth,
+                               bandwidth_scale=self.cfg.bandwidth_scale, weight=1.0 / len(y))
         return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}

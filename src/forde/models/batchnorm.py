@@ -8,31 +8,16 @@ w.r.t. the output gradient g is batch norm's backward applied to q (one native c
 sum(q) and sum(q * xhat)), and the derivative w.r.t. x collapses to three terms in xhat, that result and gx.
 The values are the same as PyTorch's up to rounding (tests/test_batchnorm.py compares both in float64).
 
-`native_batch_norm_derivatives()` switches back to PyTorch's path, e.g. under torch.func.vmap, which
-does not run these autograd Functions.
+The layers take this path only in a pass that will be differentiated twice (see `forde.models.derivatives`).
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-_NATIVE = contextvars.ContextVar("native_batch_norm_derivatives", default=False)
-
-
-@contextlib.contextmanager
-def native_batch_norm_derivatives():
-    """Within this block, batch norm layers built here use PyTorch's own derivatives."""
-    token = _NATIVE.set(True)
-    try:
-        yield
-    finally:
-        _NATIVE.reset(token)
-
+from forde.models.derivatives import hand_written
 
 def _backward(gy, x, weight, mean, invstd, eps):
     """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat), sum(gy)), sums per channel."""
@@ -47,6 +32,7 @@ class _BatchNormBackward(torch.autograd.Function):
         gx, gw, gb = _backward(gy, x, weight, mean, invstd, eps)
         ctx.save_for_backward(gy, x, weight, mean, invstd, gx, gw, gb)
         ctx.eps = eps
+        ctx.set_materialize_grads(False)  # an output nothing used (gw, gb of the input-gradient pass) gets None, not zeros
         return gx, gw, gb
 
     @staticmethod
@@ -95,10 +81,11 @@ class _BatchNormTrain(torch.autograd.Function):
 
 
 class _FastSecondDerivative:
-    """Training-mode forward through `_BatchNormTrain`; everything else is nn.BatchNorm's own path."""
+    """Training-mode forward through `_BatchNormTrain` where the hand-written path is chosen; everything else is
+    nn.BatchNorm's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.affine and torch.is_grad_enabled()) or _NATIVE.get():
+        if not (self.training and self.affine and torch.is_grad_enabled() and hand_written()):
             return super().forward(x)
         self._check_input_dim(x)
         if not self.track_running_stats:  # batch statistics only, running statistics left alone

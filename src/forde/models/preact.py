@@ -7,18 +7,19 @@ from torch import nn
 import torch.nn.functional as F
 
 from forde.models.batchnorm import BatchNorm2d
+from forde.models.conv import Conv2d
 
 
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1 = BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut = Conv2d(cin, cout, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -31,7 +32,7 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, blocks=(2, 2, 2, 2)):
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.stem = Conv2d(in_channels, width, 3, 1, 1, bias=False)
         layers, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * 2**i

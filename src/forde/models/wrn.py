@@ -7,16 +7,17 @@ from torch import nn
 import torch.nn.functional as F
 
 from forde.models.batchnorm import BatchNorm2d
+from forde.models.conv import Conv2d
 
 
 class WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1 = BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
+        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -32,7 +33,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         widths = [base * widen, 2 * base * widen, 4 * base * widen]
-        self.stem = nn.Conv2d(in_channels, base, 3, 1, 1, bias=False)
+        self.stem = Conv2d(in_channels, base, 3, 1, 1, bias=False)
         layers, cin = [], base
         for i, cout in enumerate(widths):
             for j in range(n):

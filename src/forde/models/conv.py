@@ -1,0 +1,105 @@
+"""2-D convolution whose second derivative calls the backend's own convolution kernels.
+
+FoRDE differentiates each convolution's input gradient gx = conv_transpose(gy, W) once more. PyTorch's
+generic double backward computes the weight term of that derivative as a convolution over batch-transposed
+copies of the tensors, slower per FLOP than the weight-gradient kernel (benchmarks/README.md). Here that
+derivative is written out: for q the incoming gradient of gx, d<q, gx>/dgy = conv(q, W) and d<q, gx>/dW is
+the weight gradient of a convolution with input q and output gradient gy, each one native call.
+
+The input-gradient pass asks only for gx: the convolution's own backward skips the weight gradient when the
+autograd engine will not use it (PyTorch's `ConvolutionBackward0` does the same). The layers take this path
+only in a pass that will be differentiated twice (see `forde.models.derivatives`); values are PyTorch's up to
+rounding (tests/test_conv.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from forde.models.derivatives import hand_written
+
+
+def _backward(gy, x, w, conv, mask):
+    """PyTorch's convolution backward: (gx, gw) where `mask` asks for them."""
+    stride, padding, dilation, groups = conv
+    gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                                    [mask[0], mask[1], False])
+    return gx, gw
+
+
+def _weight_grad_used(ctx) -> bool:
+    """Whether the engine will use the gradient of the weight (input 1) in this backward pass. The weight enters
+    through a view, so that its node is no leaf, which autograd.grad() could not be asked about."""
+    try:
+        node = torch._C._current_autograd_node()
+        return bool(torch._C._will_engine_execute_node(node.next_functions[1][0]))
+    except (AttributeError, RuntimeError):  # an older PyTorch without these: compute it, as its own backward would
+        return ctx.needs_input_grad[1]
+
+
+def _cast_for_autocast(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dtype autocast would run the convolution in (inside an autograd Function, autocast does not cast)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return x.to(dtype), w.to(dtype)
+    return x, w
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """gx = conv_transpose(gy, W) as a function of (gy, W), with its derivative by hand."""
+
+    @staticmethod
+    def forward(ctx, gy, x, w, conv):
+        ctx.save_for_backward(gy, w)
+        ctx.conv = conv
+        return _backward(gy, x, w, conv, (True, False))[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, q):
+        gy, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        d_gy = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_gy = torch.ops.aten.convolution(q, w, None, stride, padding, dilation, False, [0, 0], groups)
+        if ctx.needs_input_grad[2]:
+            d_w = _backward(gy, q, w, ctx.conv, (False, True))[1]
+        return d_gy, None, d_w, None
+
+
+class _ConvTrain(torch.autograd.Function):
+    """y = conv(x, W); the input gradient goes through `_ConvInputGrad` when it is differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x, w, conv):
+        x, w_run = _cast_for_autocast(x, w)
+        ctx.save_for_backward(x, w)
+        ctx.conv = conv
+        stride, padding, dilation, groups = conv
+        return torch.ops.aten.convolution(x, w_run, None, stride, padding, dilation, False, [0, 0], groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], _weight_grad_used(ctx)
+        w = w.to(gy.dtype)  # the dtype of the forward's arithmetic; differentiable, so gradients reach the weight
+        if torch.is_grad_enabled():  # create_graph: this backward will be differentiated
+            gx = _ConvInputGrad.apply(gy, x, w, ctx.conv) if need_x else None
+            gw = _backward(gy, x, w, ctx.conv, (False, True))[1] if need_w else None  # PyTorch differentiates this
+            return gx, gw, None
+        gx, gw = _backward(gy, x, w, ctx.conv, (need_x, need_w))
+        return gx, gw, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (no bias, zero padding) with the hand-written second derivative where it is chosen."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = self.bias is not None or self.padding_mode != "zeros" or isinstance(self.padding, str)
+        if plain or not (torch.is_grad_enabled() and hand_written()):
+            return super().forward(x)
+        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        return _ConvTrain.apply(x, self.weight.view_as(self.weight), conv)
