@@ -150,6 +150,13 @@ def stop_when_orphaned(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def worker_argv(args: argparse.Namespace, storage_url: str) -> list[str]:
+    """The launcher's arguments that run one worker of this study: a local process or a Slurm array task."""
+    return ["--worker", "--study", str(args.study_file), "--storage", storage_url, "--out", str(args.out),
+            *(["--no-wandb"] if args.no_wandb else []),
+            *(["--n-trials", str(args.n_trials)] if args.n_trials else []), *args.overrides]
+
+
 def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optuna.Study,
                   storage: SweepStorage, study: Study) -> int:
     """One worker process per device (GPU id, or None for a CPU worker) until all have exited. SIGTERM or
@@ -173,10 +180,7 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optu
             env["CUDA_VISIBLE_DEVICES"] = dev
         else:  # CPU workers split the cores instead of each taking all of them
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-        cmd = [sys.executable, "-m", "forde.sweep.launch", "--worker", "--parent-pid", str(os.getpid()),
-               "--study", str(args.study_file), "--storage", storage.url, "--out", str(args.out),
-               *(["--no-wandb"] if args.no_wandb else []),
-               *(["--n-trials", str(args.n_trials)] if args.n_trials else []), *args.overrides]
+        cmd = [sys.executable, "-m", "forde.sweep.launch", "--parent-pid", str(os.getpid()), *worker_argv(args, storage.url)]
         p = subprocess.Popen(cmd, env=env)
         procs[p] = dev
         log.info("started worker pid %d%s", p.pid, f" on GPU {dev}" if dev is not None else "")

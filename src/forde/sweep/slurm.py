@@ -10,6 +10,7 @@ and the requeued worker's study re-queues the interrupted trial, which resumes f
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -151,15 +152,10 @@ class SlurmWorker(submitit.helpers.Checkpointable):
     `checkpoint()` resubmits this same worker on timeout or preemption; its state lives in the storage
     and the run directories, so a restart is a continuation."""
 
-    def __init__(self, study_file: Path, storage: str, out: Path, study_dir: Path, overrides: list[str],
-                 n_trials: int | None, use_wandb: bool):
-        self.study_file, self.storage, self.out, self.study_dir = study_file, storage, out, study_dir
-        self.overrides, self.n_trials, self.use_wandb = overrides, n_trials, use_wandb
-
-    def launch_argv(self) -> list[str]:
-        return ["--worker", "--study", str(self.study_file), "--storage", self.storage, "--out", str(self.out),
-                *([] if self.use_wandb else ["--no-wandb"]),
-                *(["--n-trials", str(self.n_trials)] if self.n_trials else []), *self.overrides]
+    def __init__(self, argv: list[str], study_file: Path, storage: str, study_dir: Path, overrides: list[str],
+                 n_trials: int | None):
+        self.argv, self.study_file, self.storage, self.study_dir = argv, study_file, storage, study_dir
+        self.overrides, self.n_trials = overrides, n_trials
 
     def __call__(self, task: int) -> int:
         from forde.sweep.launch import main
@@ -174,7 +170,7 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         logging.getLogger("submitit").propagate = False  # it has its own handler; once is enough
         log.info("Slurm job %s (array task %d, restart %s) on %s, CUDA_VISIBLE_DEVICES=%s", env.job_id, task,
                  os.environ.get("SLURM_RESTART_COUNT", "0"), env.hostname, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-        code = main(self.launch_argv())
+        code = main(self.argv)
         self.write_best()
         return code
 
@@ -194,8 +190,11 @@ class SlurmWorker(submitit.helpers.Checkpointable):
 def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path, storage: SweepStorage) -> int:
     """Submit the array (after the launcher's checks and preparation), say how to follow it; the exit code."""
     out, study_dir = Path(args.out).resolve(), study_dir.resolve()
-    worker = SlurmWorker(Path(args.study_file).resolve(), storage.url, out, study_dir, list(args.overrides),
-                         args.n_trials, not args.no_wandb)
+    from forde.sweep.launch import worker_argv
+
+    study_file = Path(args.study_file).resolve()
+    argv = worker_argv(argparse.Namespace(**{**vars(args), "study_file": study_file, "out": out}), storage.url)
+    worker = SlurmWorker(argv, study_file, storage.url, study_dir, list(args.overrides), args.n_trials)
     executor = submitit.SlurmExecutor(folder=study_dir / "slurm", max_num_timeout=spec.resubmits)
     executor.update_parameters(**executor_parameters(spec, f"forde-{study_name}"))
     try:
