@@ -151,8 +151,9 @@ def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slur
 
     folder = tmp_path / "studies" / "quickstart" / "slurm"
     log = (folder / f"{job}_0_log.err").read_text()
+    # submitit logs "Requeued job" after `scontrol requeue` has begun to stop the job, so that line may be lost;
+    # the restart count Slurm gives the second start is the proof that the same job was requeued
     assert "this job is preempted" in log and "(array task 0, restart 1)" in log
-    assert f"Requeued job {job}" in (folder / f"{job}_0_log.out").read_text()
     resumed_at = int(re.search(r"resuming \S+ from epoch (\d+)", log).group(1))
     assert 3 <= resumed_at < epochs
     trials = study_trials(tmp_path, storage=sqlite)
