@@ -15,6 +15,7 @@ from sweep_support import (backend_args, configurations, env_for, epochs_trained
                            named_study, output, start, trained_at_least, wait_for, wandb_record, wandb_steps)
 
 SMALL = ["model.hidden=[32]", "eval.corruptions=[none]"]
+EPOCHS = 40  # a few tenths of a second each: long enough that no trial ends before the other is stopped
 
 
 def alive(pid: int) -> bool:
@@ -36,7 +37,7 @@ def test_killed_launcher_and_workers_resume_without_racing_or_repeating(tmp_path
     """kill -9 of the launcher's whole process group with two workers mid-trial; re-running with two workers
     re-queues each dead trial exactly once, resumes both from their checkpoints into the same W&B runs, and
     samples a configuration no earlier trial had."""
-    args = ["--workers", "2", "--n-trials", "3", "optim.epochs=12", *SMALL]
+    args = ["--workers", "2", "--n-trials", "3", f"optim.epochs={EPOCHS}", *SMALL]
     runs = tmp_path / "studies" / "quickstart" / "runs"
     proc = subprocess.Popen(launch_cmd(tmp_path, *args), env=env_for(tmp_path), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -45,7 +46,7 @@ def test_killed_launcher_and_workers_resume_without_racing_or_repeating(tmp_path
     proc.wait()
     import torch
     killed_at = {i: torch.load(runs / f"trial-000{i}" / "checkpoint.pt", weights_only=False)["epoch"] for i in (0, 1)}
-    assert all(2 <= e < 12 for e in killed_at.values())
+    assert all(2 <= e < EPOCHS for e in killed_at.values())
     assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.RUNNING] * 2
 
     out = subprocess.run(launch_cmd(tmp_path, *args), env=env_for(tmp_path), capture_output=True, text=True)
@@ -64,9 +65,9 @@ def test_killed_launcher_and_workers_resume_without_racing_or_repeating(tmp_path
     assert len(set(configurations(trials))) == 3  # the re-launch drew a new configuration
     for t in retries:
         run_dir = Path(t.user_attrs["run_dir"])
-        assert epochs_trained(run_dir) == list(range(1, 13))
+        assert epochs_trained(run_dir) == list(range(1, EPOCHS + 1))
         [wandb_dir] = run_dir.glob("wandb/offline-run-*")  # one W&B run per trial, with every epoch
-        assert wandb_steps(wandb_dir) == list(range(1, 13))
+        assert wandb_steps(wandb_dir) == list(range(1, EPOCHS + 1))
         assert wandb_record(wandb_dir)["state"] == "finished"
     for i in (0, 1):  # the killed session's partial copy, kept out of `wandb sync`'s way
         assert len(list((runs / f"trial-000{i}" / "wandb" / "replaced").glob("offline-run-*"))) == 1
@@ -127,7 +128,7 @@ def test_two_workers_share_one_study(tmp_path, backend):
 def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp_path, how):
     """SIGTERM to the launcher, Ctrl-C (SIGINT to the terminal's process group) or kill -9 of the launcher
     alone: both workers stop (no orphans), mark their trials interrupted, and nothing prints a traceback."""
-    args = ["--workers", "2", "--n-trials", "2", "--no-wandb", "optim.epochs=30", *SMALL]  # long enough to be stopped
+    args = ["--workers", "2", "--n-trials", "2", "--no-wandb", f"optim.epochs={EPOCHS}", *SMALL]  # long enough to be stopped
     runs = tmp_path / "studies" / "quickstart" / "runs"
     proc = start(launch_cmd(tmp_path, *args), tmp_path, start_new_session=True)
     wait_for(lambda: all(trained_at_least(runs / f"trial-000{i}", 1) for i in (0, 1)), 240, "two trials at epoch 1", proc)
@@ -156,5 +157,5 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     assert budget_used(trials) == 2 and sum(t.state == TrialState.COMPLETE for t in trials) == 2
     for i in (0, 1):
         assert f"resuming {runs / f'trial-000{i}'} from epoch" in out.stderr
-        assert epochs_trained(runs / f"trial-000{i}") == list(range(1, 31))
+        assert epochs_trained(runs / f"trial-000{i}") == list(range(1, EPOCHS + 1))
     assert len(logical(trials)) == 2
