@@ -16,7 +16,7 @@ import torch
 from forde.analysis import figures
 from forde.analysis.aggregate import Setting, setting_of
 from forde.analysis.results import architecture, find_runs, load_optuna, load_run_dir, load_study
-from forde.analysis.tables import benchmark_table, to_latex, to_markdown
+from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
 from forde.cli import main as cli
 from forde.config import load_config
 from forde.data.base import Split
@@ -88,6 +88,26 @@ def test_table_cells_are_means_and_stds_over_seeds(study, variant, pattern, key)
     assert cell.std == pytest.approx(statistics.stdev(values), abs=1e-12)
     column = next(c for c in table.columns if c.key == key)
     assert f"{column.fmt(cell.mean)} ± {column.fmt(cell.std)}" in to_markdown(table)
+
+
+@pytest.mark.parametrize("variant,pattern,key,column", [
+    ("FoRDE-PCA", "forde-a1.0-M3", "corrupted/accuracy", "Δ cA (%) ↑"),
+    ("LIT", "lit-M3", "test/nll", "Δ NLL ↓"),
+])
+def test_differences_to_de_are_paired_by_seed(study, variant, pattern, key, column):
+    runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
+    text = difference_table(runs, SETTING)
+    diffs = [raw_results(study, f"{pattern}-s{seed}")[0]["summary"][key] - raw_results(study, f"de-M3-s{seed}")[0]["summary"][key]
+             for seed in (0, 1)]
+    scale = 100.0 if "%" in column else 1.0
+    digits = 1 if "%" in column else 3
+    mean, std = statistics.fmean(diffs) * scale, statistics.stdev(diffs) * scale
+    better = sum(d > 0 if key == "corrupted/accuracy" else d < 0 for d in diffs)
+    head, *_, row = [l for l in text.splitlines() if l.startswith(("| Method", f"| {variant} |"))]
+    cell = row.split(" | ")[head.split(" | ").index(column)]
+    assert cell == f"{'+' if mean >= 0 else '−'}{abs(mean):.{digits}f} ± {std:.{digits}f} ({better}/2)"
+    assert "| DE |" not in text  # the baseline is not compared with itself
+    assert difference_table([r for r in runs if r.variant != "DE"], SETTING) is None
 
 
 def test_best_mean_is_bold_and_latex_escapes(study):
@@ -176,7 +196,8 @@ def test_report_script_writes_every_table_and_figure(study, tmp_path, monkeypatc
     assert exit_.value.code == 0
     expected = [f"digits-mlp-M3/{name}.{ext}" for name in ("benchmark", "severity", "corruptions", "diversity", "lengthscale")
                 for ext in ("png", "pdf")]
-    expected += ["digits-mlp-M3/benchmark.md", "digits-mlp-M3/benchmark.tex", "digits-mlp-M2/benchmark.md",
+    expected += ["digits-mlp-M3/benchmark.md", "digits-mlp-M3/benchmark.tex", "digits-mlp-M3/differences.md",
+                 "digits-mlp-M2/benchmark.md",
                  "digits-mlp/ensemble_size.png", "digits-mlp/ensemble_size.pdf", "index.md"]
     for name in expected:
         assert (out / name).stat().st_size > 0, name

@@ -1,7 +1,7 @@
 """Everything the runs of a study support, in one command: tables (Markdown + LaTeX) and figures
 (PNG + PDF) per setting, and an index.md that lists them and says which figures were skipped and why.
 
-Layout:  OUT/<dataset>-<model>-M<size>/{benchmark.md, benchmark.tex, benchmark, severity, corruptions,
+Layout:  OUT/<dataset>-<model>-M<size>/{benchmark.md, benchmark.tex, differences.md, benchmark, severity, corruptions,
          diversity, lengthscale}.{png,pdf}   OUT/<dataset>-<model>/ensemble_size.{png,pdf}
          OUT/optuna/<study>/{history, importances, parallel, slice, intermediate | pareto, timeline}.{png,pdf}
          OUT/index.md
@@ -21,7 +21,7 @@ from forde.analysis import figures, style
 from forde.analysis.aggregate import Setting, group, setting_of
 from forde.analysis.results import Run, load_study, load_wandb, optuna_studies
 from forde.analysis.study_figures import study_figures
-from forde.analysis.tables import benchmark_table, to_latex, to_markdown
+from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: list[o
         table = benchmark_table(runs_here, setting, paper)
         report.text(folder / "benchmark.md", to_markdown(table))
         report.text(folder / "benchmark.tex", to_latex(table))
+        differences = difference_table(runs_here, setting)
+        if differences:
+            report.text(folder / "differences.md", differences)
         report.figure(folder / "benchmark", figures.benchmark_figure, table)
         for name, draw in SETTING_FIGURES.items():
             report.figure(folder / name, draw, runs_here, setting)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from forde.analysis import paper as paper_numbers
-from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat
+from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, stat
 from forde.analysis.results import Run
 from forde.analysis.variants import sort_key, tuned_alpha
 
@@ -167,6 +167,50 @@ def _note(table: Table) -> str:
         note += f" (paper): the numbers reported by Trinh et al. (2024), {table.paper_source}"
         note += f", for the paper's full-size network ({table.setting.arch} here)." if table.setting.arch else "."
     return note
+
+
+def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") -> str | None:
+    """Each variant minus `baseline` on the seeds both ran, as Markdown: whether a difference between methods
+    outruns the noise between seeds, which the benchmark table's separate standard deviations cannot say.
+    None when no variant shares a seed with the baseline."""
+    variants = by_variant(runs)
+    base = _by_seed(variants.get(baseline, []))
+    columns = CLEAN + (CORRUPTED if any(r.has_corrupted for r in runs) else ())
+    rows = []
+    for name, runs_here in variants.items():
+        mine = _by_seed(runs_here)
+        seeds = sorted(set(mine) & set(base)) if name != baseline else []
+        if seeds:
+            rows.append([name, str(len(seeds)), *(_difference(c, [(mine[s], base[s]) for s in seeds]) for c in columns)])
+    if not rows:
+        return None
+    head = ["Method", "Seeds", *(f"Δ {c.label} {c.arrow}" for c in columns)]
+    lines = [f"### {setting.title}: difference to {baseline}, paired by seed", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
+             *("| " + " | ".join(r) + " |" for r in rows), "",
+             f"Each variant's value minus {baseline}'s on the same seed: mean ± standard deviation over the seeds both "
+             f"ran; (k/n): on k of the n seeds the variant did better than {baseline}. A mean within about its "
+             "standard deviation of zero is inside seed noise."]
+    return "\n".join(lines) + "\n"
+
+
+def _by_seed(runs: list[Run]) -> dict[int, list[Run]]:
+    out: dict[int, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.seed, []).append(r)
+    return out
+
+
+def _difference(column: Column, pairs: list[tuple[list[Run], list[Run]]]) -> str:
+    """mean ± std of (variant - baseline) over paired seeds, each side averaged over its runs of that seed."""
+    diffs = [mine.mean - base.mean for mine, base in
+             ((metric_stat(m, column.key), metric_stat(b, column.key)) for m, b in pairs) if mine and base]
+    if not diffs:
+        return "—"
+    s = stat(diffs)
+    better = sum((d > 0) == column.higher_is_better and d != 0 for d in diffs)
+    sign = "+" if s.mean >= 0 else "−"
+    return f"{sign}{column.fmt(abs(s.mean))} ± {column.fmt(s.std)} ({better}/{len(diffs)})"
 
 
 def _tex(text: str) -> str:
