@@ -128,15 +128,17 @@ def check_settings(opt: optuna.Study, study: Study) -> None:
                           "a new study (a copy of the study file with another `name:`)")
 
 
-def raise_on_signals(ignore_sigint: bool = False) -> None:
-    """SIGTERM (and SIGINT) raise Interrupted in the main thread, once; a second signal ends the process at once."""
+def raise_on_signals(worker: bool = False) -> None:
+    """SIGTERM (and SIGINT) raise Interrupted in the main thread, once. A second signal ends the launcher at once;
+    a worker ignores it: `timeout`, systemd or a signal to the process group reach a worker both directly and
+    through its launcher, and the launcher's second Ctrl-C sends SIGKILL. Workers leave Ctrl-C to the launcher."""
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_DFL)
+            signal.signal(s, signal.SIG_IGN if worker else signal.SIG_DFL)
         raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if worker else handler)
 
 
 def stop_when_orphaned(parent_pid: int) -> None:
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    raise_on_signals(ignore_sigint=args.worker)
+    raise_on_signals(worker=args.worker)
     if args.worker and args.parent_pid:
         stop_when_orphaned(args.parent_pid)
     try:
