@@ -190,3 +190,21 @@ def test_a_relaunch_with_other_settings_says_what_changed(tmp_path, capsys, monk
     monkeypatch.setenv("FORDE_DATA", str(tmp_path / "moved"))  # where the data lives is no setting of the study
     assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
     assert len(load(tmp_path).get_trials()) == 1
+
+
+def test_a_folder_serves_one_study(tmp_path, capsys):
+    """Another storage's study of the same name in the same folder would take over its run directories: refused
+    before any trial, naming the storage the folder belongs to; the folder's own study goes on."""
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
+    capsys.readouterr()
+    other = f"journal:{tmp_path / 'other.log'}"
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", "--storage", other, *FAST) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'studies' / 'quickstart'} holds the runs of another study of this name (storage sqlite:///" in err
+    assert "continue that study with its --storage, or give this one its own folder with another --out" in err
+    assert load(tmp_path, storage=other).get_trials() == []
+    assert launch(tmp_path, "--n-trials", "2", "--no-wandb", *FAST) == 0
+    assert len(load(tmp_path).get_trials()) == 2
+    (tmp_path / "studies" / "quickstart" / "study.id").unlink()  # a folder from before ids: its runs still bind it
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", "--storage", other, *FAST) == 2
+    assert launch(tmp_path, "--n-trials", "3", "--no-wandb", *FAST) == 0  # ... to the study whose trials they are

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -41,6 +42,8 @@ from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, Interrupted, budget_u
 log = logging.getLogger("forde.sweep")
 
 SETTINGS = "settings"  # study user attribute: what every trial shares (see Study.settings)
+STUDY_ID = "forde_study_id"  # study user attribute, and the first line of STUDY_DIR/OWNER: which study owns the folder
+OWNER = "study.id"
 
 
 def find_study_file(name_or_path: str, studies_dir: Path) -> Path:
@@ -126,6 +129,27 @@ def check_settings(opt: optuna.Study, study: Study) -> None:
         raise ConfigError(f"study '{study.name}' was started with other settings; changed: {'; '.join(changes)}. "
                           "Re-run with the overrides it was started with to continue it, or run the new settings as "
                           "a new study (a copy of the study file with another `name:`)")
+
+
+def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> None:
+    """A study directory serves one study: trial N of another storage of the same name would take over (or fail
+    on) the run directory of this one's trial N. The folder records the study's id, which lives in the storage
+    (so moving either keeps them paired); a study started before ids adopts the folder its trials use."""
+    marker = study_dir / OWNER
+    held = marker.read_text().split("\n", 2) if marker.exists() else None
+    mine = opt.user_attrs.get(STUDY_ID)
+    runs = study_dir / "runs"
+    if held and held[0] != mine or (mine is None and not held and not opt.get_trials(deepcopy=False)
+                                    and runs.is_dir() and any(runs.iterdir())):
+        where = f" (storage {held[1]})" if held and len(held) > 1 else ""
+        raise ConfigError(f"{study_dir} holds the runs of another study of this name{where}, not of the one in "
+                          f"{storage.display}; continue that study with its --storage, or give this one its own "
+                          "folder with another --out")
+    if mine is None:
+        mine = uuid.uuid4().hex
+        opt.set_user_attr(STUDY_ID, mine)
+    if not held:
+        marker.write_text(f"{mine}\n{storage.display}\n")
 
 
 def raise_on_signals(worker: bool = False) -> None:
@@ -290,6 +314,8 @@ def launch(args: argparse.Namespace) -> int:
     check_writable(study_dir)
     opt = open_study(study, storage)  # create it once, before workers race to
     check_settings(opt, study)
+    with storage.budget_lock(study.name):
+        check_owner(opt, storage, study_dir)
     shutil.copyfile(args.study_file, study_dir / "study.yaml")
     log.info("study '%s': %d trials, storage %s, directory %s", study.name, study.n_trials, storage.display, study_dir)
     try:
