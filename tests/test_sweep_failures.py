@@ -4,6 +4,7 @@ before any data is prepared, in one line."""
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from forde.config import ConfigError, MissingDataError
+from forde.sweep.launch import gpu_devices
 from forde.sweep.worker import ENVIRONMENT, EXIT_ENVIRONMENT, TRIAL, budget_used, failure_kind
 from forde.train import NonFiniteLossError
 from sweep_support import (FAST, epochs_trained, launch, launch_cmd, load, named_study, output, postgres_url, start,
@@ -144,7 +146,7 @@ def write(tmp_path, name, text) -> str:
 
 
 @pytest.mark.parametrize("case", ["unreachable database", "journal on a file", "runs not writable",
-                                  "YAML syntax", "searched key overridden"])
+                                  "YAML syntax", "searched key overridden", "a GPU that is not there"])
 def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
     args = []
     if case == "unreachable database":
@@ -160,15 +162,28 @@ def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
     elif case == "YAML syntax":
         args = ["--study", write(tmp_path, "broken.yaml", "base: quickstart\nsearch_space:\n  a: {low: 1, high\n  b: 2\n")]
         message = r"broken.yaml: YAML syntax error at line 4, column 4: did not find expected ',' or '}'; fix that line"
-    else:
+    elif case == "searched key overridden":
         args = ["optim.lr=0.05"]
         message = r"the override optim.lr=0.05 sets optim.lr, which this study searches"
+    else:  # without CUDA, --gpus must not quietly train on the CPU
+        args = ["--gpus", "64"]
+        message = r"--gpus 64: (torch sees no CUDA device on this machine; drop --gpus|no GPU 64; this machine shows)"
     assert launch(tmp_path, *args) == 2
     err = capsys.readouterr().err
-    import re
     assert re.search(message, err), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "data").exists()
+
+
+def test_gpu_ids_count_among_the_visible_gpus():
+    assert gpu_devices("0,1", None, 4) == ["0", "1"]
+    assert gpu_devices("0, 1", "2,3", 2) == ["2", "3"]  # Slurm or the user narrowed what this process sees
+    assert gpu_devices("1", "GPU-5d0c,GPU-77a1", 2) == ["GPU-77a1"]
+    for gpus, visible, count, message in [("0,0", None, 2, "expected distinct GPU ids"), ("a", None, 2, "expected distinct"),
+                                          ("2", "0,1", 2, "no GPU 2; this machine shows 2 (ids 0-1, after CUDA_VISIBLE_DEVICES=0,1)"),
+                                          ("0", None, 0, "torch sees no CUDA device")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            gpu_devices(gpus, visible, count)
 
 
 @pytest.mark.parametrize("flag", ["--workers", "--n-trials"])

@@ -131,6 +131,23 @@ def check_settings(opt: optuna.Study, study: Study) -> None:
                           "a new study (a copy of the study file with another `name:`)")
 
 
+def gpu_devices(gpus: str, visible: str | None, count: int) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each worker for `--gpus`: ids count among the GPUs this process sees
+    (CUDA_VISIBLE_DEVICES, e.g. from Slurm, renumbers them), and each must exist; no GPU is not a CPU run."""
+    ids = [i.strip() for i in gpus.split(",")]
+    if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpus {gpus}: expected distinct GPU ids separated by commas, e.g. --gpus 0,1")
+    if count == 0:
+        raise ConfigError(f"--gpus {gpus}: torch sees no CUDA device on this machine; drop --gpus to train on the "
+                          "CPU (--workers N), or install a CUDA build of torch")
+    missing = [i for i in ids if int(i) >= count]
+    if missing:
+        raise ConfigError(f"--gpus {gpus}: no GPU {', '.join(missing)}; this machine shows {count} (ids 0-{count - 1}"
+                          f"{', after CUDA_VISIBLE_DEVICES=' + visible if visible else ''})")
+    names = visible.split(",") if visible else ids
+    return [names[int(i)].strip() if visible else i for i in ids]
+
+
 def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> None:
     """A study directory serves one study: trial N of another storage of the same name would take over (or fail
     on) the run directory of this one's trial N. The folder records the study's id, which lives in the storage
@@ -266,6 +283,8 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.slurm and (args.gpus or args.workers != 1):
         p.error("--slurm places the workers itself (nodes, gpus_per_node); drop --gpus and --workers")
+    if args.gpus and args.workers != 1:
+        p.error("--gpus starts one worker per GPU; drop --workers")
     args.studies_dir = studies_dir
     return args
 
@@ -312,6 +331,10 @@ def launch(args: argparse.Namespace) -> int:
         return run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
 
     check_writable(study_dir)
+    devices = [None] * args.workers
+    if args.gpus:
+        import torch
+        devices = gpu_devices(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
     opt = open_study(study, storage)  # create it once, before workers race to
     check_settings(opt, study)
     with storage.budget_lock(study.name):
@@ -327,7 +350,6 @@ def launch(args: argparse.Namespace) -> int:
     if args.prepare:
         print(f"study '{study.name}' is checked, its inputs prepared and it exists in {storage.display}")
         return 0
-    devices = args.gpus.split(",") if args.gpus else [None] * args.workers
     if len(devices) == 1 and devices[0] is None:
         code = run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
         with storage.budget_lock(study.name):
