@@ -117,7 +117,7 @@ def test_two_workers_share_one_study(tmp_path, backend):
         assert len(finished) == 2  # two worker processes served the study to its end
         return
     assert proc.returncode == 1
-    assert f"was killed by SIGKILL during trial {victim}" in stderr
+    assert f"was killed by SIGKILL during trial {victim}; another worker finished it from its checkpoint" in stderr
     [failed] = [t for t in trials if t.state == TrialState.FAIL]
     assert failed.number == victim and failed.user_attrs["failure"] == "killed"
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == victim]

@@ -36,8 +36,8 @@ from optuna.trial import TrialState
 from forde.config import ConfigError, identity_changes
 from forde.sweep.storage import SweepStorage, default_url
 from forde.sweep.study import Study, load_study
-from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, Interrupted, budget_used, open_study, reconcile,
-                                run_worker)
+from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, Interrupted, budget_used, lineage, lineages, open_study,
+                                reconcile, run_worker)
 
 log = logging.getLogger("forde.sweep")
 
@@ -231,27 +231,36 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optu
         time.sleep(0.2)
     host = socket.gethostname()
     # the trial each worker was on when it died: still running, or already failed by another worker's check
-    last_trial = {t.user_attrs.get("worker"): t.number for t in opt.get_trials(deepcopy=False)
+    last_trial = {t.user_attrs.get("worker"): t for t in opt.get_trials(deepcopy=False)
                   if t.state == TrialState.RUNNING or t.user_attrs.get(FAILURE) in ("killed", "given_up")}
+    with storage.budget_lock(study.name):
+        reconcile(opt, storage)  # a dead worker's trial: failed with its reason, queued again
+    attempts = lineages(opt.get_trials(deepcopy=False))
     code = 0
     for p, dev in procs.items():
         where = f" (GPU {dev})" if dev is not None else ""
         if p.returncode < 0 and not interrupted:
             trial = last_trial.get(f"{host}:{p.pid}")
-            log.error("worker %d%s was killed by %s%s; its trial resumes from its checkpoint when a worker takes it "
-                      "up again (re-run this command)", p.pid, where, signal.Signals(-p.returncode).name,
-                      f" during trial {trial}" if trial is not None else "")
+            log.error("worker %d%s was killed by %s%s", p.pid, where, signal.Signals(-p.returncode).name,
+                      "" if trial is None else f" during trial {trial.number}; " + fate(attempts[lineage(trial)]))
             code = max(code, 1)
         elif p.returncode == EXIT_ENVIRONMENT:
             code = EXIT_ENVIRONMENT
         elif p.returncode != 0 and not interrupted:
             log.error("worker %d%s exited with code %d", p.pid, where, p.returncode)
             code = max(code, 1)
-    with storage.budget_lock(study.name):
-        reconcile(opt, storage)  # a dead worker's trial: failed with its reason, queued again
     if interrupted:
         raise Interrupted(interrupted[0])
     return code
+
+
+def fate(attempts: list[optuna.trial.FrozenTrial]) -> str:
+    """What became of a killed worker's trial, from all its attempts."""
+    if any(a.state in (TrialState.COMPLETE, TrialState.PRUNED) for a in attempts):
+        return "another worker finished it from its checkpoint"
+    if any(a.user_attrs.get(FAILURE) == "given_up" for a in attempts):
+        return "it is given up (see its fail_reason)"
+    return "it resumes from its checkpoint when the sweep is re-run (re-run this command)"
 
 
 def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:

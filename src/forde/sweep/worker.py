@@ -126,7 +126,8 @@ def requeue(opt: optuna.Study, failed: FrozenTrial) -> None:
         state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
         user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED_ATTRS}, system_attrs=system,
         intermediate_values=failed.intermediate_values))
-    log.info("trial %d (%s) queued again after: %s", lineage(failed), failed.user_attrs.get(FAILURE),
+    retry = f" (a retry of trial {lineage(failed)})" if lineage(failed) != failed.number else ""
+    log.info("trial %d%s (%s) queued again after: %s", failed.number, retry, failed.user_attrs.get(FAILURE),
              failed.user_attrs.get("fail_reason", "?"))
 
 
