@@ -209,6 +209,13 @@ def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
     assert not (tmp_path / "studies" / "bad" / "runs").exists()
 
 
+def test_a_bad_override_is_blamed_on_the_config_not_on_a_searched_key(tmp_path, capsys):
+    assert launch(tmp_path, "optim.epochs=0") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("launch.py: study 'quickstart': config: optim.epochs = 0: must be at least 1; set a positive number, "
+                   "e.g. optim.epochs=300 (the paper's)")
+
+
 def test_missing_dataset_fails_before_training(tmp_path, capsys):
     path = write_study(tmp_path, "config: {data: {name: cifar10, root: %s}, model: {name: resnet18}}\n" % (tmp_path / "empty"))
     assert launch(tmp_path, study=str(path)) == 2

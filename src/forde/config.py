@@ -212,7 +212,9 @@ def _explain(err: OmegaConfBaseException) -> str:
         hint = f"; did you mean '{guess[0]}'?" if guess else ""
         return f"unknown config key '{key}'{hint} (`forde config` prints every key)"
     if isinstance(err, ValidationError):
-        return f"bad value for '{key}': {str(err).splitlines()[0]}"
+        default = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=None)
+        hint = f"; e.g. {key}={default}" if isinstance(default, (bool, int, float, str)) else ""
+        return f"bad value for '{key}': {str(err).splitlines()[0]}{hint}"
     return f"config error at '{key}': {str(err).splitlines()[0]}"
 
 
@@ -223,6 +225,9 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
         merged = OmegaConf.merge(schema, base or {})
         for layer in layers:
             if isinstance(layer, list):
+                for item in layer:
+                    if "=" not in item:
+                        raise ConfigError(f"override '{item}' has no value; write it as {item}=VALUE")
                 layer = OmegaConf.from_dotlist(layer)
             merged = OmegaConf.merge(merged, layer)
     except OmegaConfBaseException as err:
@@ -318,7 +323,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0", "set optim.momentum=0.9 or optim.nesterov=false")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be non-negative", "set optim.weight_decay=5e-4")
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "must be at least 1", "set optim.batch_size=128")
-    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be at least 1", "set optim.epochs=300")
+    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be at least 1", "set a positive number, e.g. optim.epochs=300 (the paper's)")
     _check(0 < o.lr_ratio <= 1, "optim.lr_ratio", o.lr_ratio, "must lie in (0, 1]", "set optim.lr_ratio=0.01")
     _check(0 <= o.decay_start <= o.decay_end <= 1, "optim.decay_start/decay_end", (o.decay_start, o.decay_end),
            "need 0 <= decay_start <= decay_end <= 1", "set optim.decay_start=0.5 optim.decay_end=0.9")

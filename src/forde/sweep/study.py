@@ -240,7 +240,7 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     try:
         base = merge(read_config_yaml(base_src) if base_src is not None else None, raw.get("config") or {}, overrides or [])
     except ConfigError as err:
-        _fail(name, f"base config: {err}")
+        _fail(name, f"config: {err}")
 
     params = [_parse_param(name, k, v) for k, v in (raw.get("search_space") or {}).items()]
     searched = {p.key for p in params}
@@ -284,6 +284,11 @@ def check_study(study: Study) -> None:
         for k, v in p.when.items():
             if k not in by_key:
                 _fail(study.name, f"search_space.{p.key}: condition on '{k}', which is not in the search space")
+    try:  # what the search space does not touch: base config, study and command-line overrides
+        study.trial_config(probe)
+    except ConfigError as err:
+        named = [k for k in by_key if f"{k} " in str(err) or f"'{k}'" in str(err)]
+        _fail(study.name, f"search_space.{named[0]}: {err}" if named else f"config: {err}")
     for p in study.params:
         for value in p.extremes():
             try:
