@@ -110,6 +110,14 @@ def test_differences_to_de_are_paired_by_seed(study, variant, pattern, key, colu
     assert difference_table([r for r in runs if r.variant != "DE"], SETTING) is None
 
 
+def test_one_seed_shows_its_value_without_a_spread(study):
+    runs = [r for r in find_runs(study) if setting_of(r) == SETTING and r.seed == 0]
+    [nll] = raw_results(study, "de-M3-s0")
+    line = next(l for l in to_markdown(benchmark_table(runs, SETTING)).splitlines() if l.startswith("| DE |"))
+    assert line.startswith(f"| DE | 1 | {nll['summary']['test/nll']:.3f} |") or f"| **{nll['summary']['test/nll']:.3f}** |" in line
+    assert "±" not in line and "±" not in difference_table(runs, SETTING).split("\n\n")[1]
+
+
 def test_best_mean_is_bold_and_latex_escapes(study):
     runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
     table = benchmark_table(runs, SETTING)

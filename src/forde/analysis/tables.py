@@ -110,7 +110,7 @@ def _cell(table: Table, row: Row, column: Column, pm: str, bold: str) -> str:
     if s is None:
         return "—"
     mean = column.fmt(s.mean)
-    text = f"{mean} {pm} {column.fmt(s.std)}"
+    text = f"{mean} {pm} {column.fmt(s.std)}" if s.n > 1 else mean  # one seed has no spread to show
     return (bold.format(text) if mean == table.best(column) else text) + row.marks.get(column.key, "")
 
 
@@ -157,7 +157,7 @@ def to_latex(table: Table) -> str:
 
 
 def _note(table: Table) -> str:
-    note = "Mean ± standard deviation over seeds; best mean in bold."
+    note = "Mean ± standard deviation over seeds (the value alone for one seed); best mean in bold."
     if any(c in table.columns for c in CORRUPTED):
         note += (" cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"
                  " set, averaged over the severities (as the paper's release computes them).")
@@ -210,7 +210,8 @@ def _difference(column: Column, pairs: list[tuple[list[Run], list[Run]]]) -> str
     s = stat(diffs)
     better = sum((d > 0) == column.higher_is_better and d != 0 for d in diffs)
     sign = "+" if s.mean >= 0 else "−"
-    return f"{sign}{column.fmt(abs(s.mean))} ± {column.fmt(s.std)} ({better}/{len(diffs)})"
+    spread = f" ± {column.fmt(s.std)}" if s.n > 1 else ""
+    return f"{sign}{column.fmt(abs(s.mean))}{spread} ({better}/{len(diffs)})"
 
 
 def _tex(text: str) -> str:
