@@ -42,7 +42,7 @@ from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, Interrupted, budget_u
 log = logging.getLogger("forde.sweep")
 
 SETTINGS = "settings"  # study user attribute: what every trial shares (see Study.settings)
-STUDY_ID = "forde_study_id"  # study user attribute, and the first line of STUDY_DIR/OWNER: which study owns the folder
+STUDY_ID = "forde_study_id"  # study user attribute, and the first line of STUDY_DIR/study.id: the folder's study
 OWNER = "study.id"
 
 
@@ -156,8 +156,10 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
     held = marker.read_text().split("\n", 2) if marker.exists() else None
     mine = opt.user_attrs.get(STUDY_ID)
     runs = study_dir / "runs"
-    if held and held[0] != mine or (mine is None and not held and not opt.get_trials(deepcopy=False)
-                                    and runs.is_dir() and any(runs.iterdir())):
+    claimed_by_another = held is not None and held[0] != mine
+    runs_of_another = (mine is None and held is None and not opt.get_trials(deepcopy=False)
+                       and runs.is_dir() and any(runs.iterdir()))
+    if claimed_by_another or runs_of_another:
         where = f" (storage {held[1]})" if held and len(held) > 1 else ""
         raise ConfigError(f"{study_dir} holds the runs of another study of this name{where}, not of the one in "
                           f"{storage.display}; continue that study with its --storage, or give this one its own "
@@ -165,7 +167,7 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
     if mine is None:
         mine = uuid.uuid4().hex
         opt.set_user_attr(STUDY_ID, mine)
-    if not held:
+    if held is None:
         marker.write_text(f"{mine}\n{storage.display}\n")
 
 
