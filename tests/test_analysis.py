@@ -15,6 +15,7 @@ import torch
 
 from forde.analysis import figures
 from forde.analysis.aggregate import Setting, setting_of
+from forde.analysis.report import duration
 from forde.analysis.results import architecture, find_runs, load_optuna, load_run_dir, load_study
 from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
 from forde.cli import main as cli
@@ -211,6 +212,10 @@ def test_report_script_writes_every_table_and_figure(study, tmp_path, monkeypatc
         assert (out / name).stat().st_size > 0, name
     index = (out / "index.md").read_text()
     assert "digits-mlp-M2/lengthscale: needs FoRDE runs at two or more values of method.alpha" in index
+    results = raw_results(study, "*")
+    train, evaluate = (duration(sum(r[f"{k}_time_s"] for r in results)) for k in ("train", "eval"))
+    assert f"Compute: 16 runs trained for {train} and were evaluated in {evaluate}, summed over runs" in index
+    assert [duration(s) for s in (42.0, 90.0, 5400.0)] == ["42.0 s", "1.5 min", "1.50 h"]
 
 
 def test_forde_report_on_a_study_without_corruptions_skips_instead_of_crashing(study, tmp_path, capsys):

@@ -76,12 +76,22 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: list[o
     for opt in studies:
         for name, draw, args in study_figures(opt):
             report.figure(out / "optuna" / opt.study_name / name, draw, *args)
-    report.text(out / "index.md", _index(report, out, len(runs)))
+    report.text(out / "index.md", _index(report, out, runs))
     return report
 
 
-def _index(report: Report, out: Path, n_runs: int) -> str:
-    lines = [f"# Report ({n_runs} runs)", "", "## Written", ""]
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def _index(report: Report, out: Path, runs: list[Run]) -> str:
+    lines = [f"# Report ({len(runs)} runs)", ""]
+    timed = [r for r in runs if "train" in r.seconds and "eval" in r.seconds]
+    if timed:
+        train, evaluate = (duration(sum(r.seconds[k] for r in timed)) for k in ("train", "eval"))
+        lines += [f"Compute: {len(timed)} runs trained for {train} and were evaluated in {evaluate}, summed over "
+                  "runs (each run's train_time_s and eval_time_s in results.json).", ""]
+    lines += ["## Written", ""]
     lines += [f"- {p.relative_to(out)}" for p in report.written]
     if report.skipped:
         lines += ["", "## Skipped", ""]

@@ -37,6 +37,7 @@ class Run:
     per_set: list[dict] = field(default_factory=list)  # one row per corruption x severity, when known
     source: str = ""  # run directory, optuna:<study>#<trial>, or wandb:<path>
     arch: str = ""  # what sets the network apart from the paper's of the same name, e.g. "width 16, blocks 1-1-1-1"
+    seconds: dict[str, float] = field(default_factory=dict)  # "train", "eval": what the run took, when recorded
 
     @property
     def variant(self) -> str:
@@ -106,7 +107,9 @@ def load_run_dir(path: str | Path) -> Run:
     for key in ("seed", "ensemble_size"):
         config.setdefault(key, results.get(key))
     per_set = results.get("corrupted", {}).get("per_set", [])
-    return make_run(config, results.get("summary", {}), per_set, source=str(path))
+    run = make_run(config, results.get("summary", {}), per_set, source=str(path))
+    run.seconds = {k: float(results[f"{k}_time_s"]) for k in ("train", "eval") if f"{k}_time_s" in results}
+    return run
 
 
 def find_runs(folder: str | Path) -> list[Run]:
