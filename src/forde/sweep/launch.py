@@ -158,7 +158,7 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
     runs = study_dir / "runs"
     claimed_by_another = held is not None and held[0] != mine
     runs_of_another = (mine is None and held is None and not opt.get_trials(deepcopy=False)
-                       and runs.is_dir() and any(runs.iterdir()))
+                       and any(runs.glob("*/config.yaml")))
     if claimed_by_another or runs_of_another:
         where = f" (storage {held[1]})" if held and len(held) > 1 else ""
         raise ConfigError(f"{study_dir} holds the runs of another study of this name{where}, not of the one in "
