@@ -57,7 +57,7 @@ class DeviceSettings:
 def resolve_settings(cfg: TrainConfig) -> DeviceSettings:
     """The settings `cfg` asks for on its device, `auto` values filled in from config.DEVICE_DEFAULTS."""
     device = resolve_device(cfg.device)
-    defaults = DEVICE_DEFAULTS[device.type] if device.type in DEVICE_DEFAULTS else DEVICE_DEFAULTS["cpu"]
+    defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
     pick = lambda value, key: defaults[key] if value in ("auto", None) else value
     precision = pick(cfg.precision, "precision")
     if precision == "bf16" and device.type != "cuda":

@@ -53,7 +53,8 @@ class GraphedStep:
     """
 
     def __init__(self, method: Method, ensemble: Ensemble, autocast: Callable[..., contextlib.AbstractContextManager]):
-        self.method, self.ensemble, self.autocast = method, ensemble, autocast
+        self.method, self.ensemble = method, ensemble
+        self._eager = EagerStep(method, ensemble, lambda: autocast(cache_enabled=False))  # no cast cache in graphs
         self.params = list(ensemble.parameters())
         self.graphs: dict[object, _Graph] = {}
         self.eager_steps: dict[object, int] = {}
@@ -80,13 +81,6 @@ class GraphedStep:
                 p.grad = g
             self.grads_of = graph
         return graph.result
-
-    def _eager(self, x, y, step) -> StepResult:
-        with self.autocast(cache_enabled=False):
-            loss, logits, stats = self.method.loss(self.ensemble, x, y, step=step)
-        self.ensemble.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach(), logits.detach(), {k: v.detach() for k, v in stats.items()}
 
     def _on_side_stream(self, fn):
         """Warm-up as PyTorch's CUDA graph notes prescribe: on a side stream, ordered against the current one."""

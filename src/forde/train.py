@@ -243,13 +243,14 @@ class Trainer:
             lr = lr_at(self.epoch + step / steps, o)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, logits, stats = self.step(s.prepare(x.to(s.device, non_blocking=True)), y.to(s.device, non_blocking=True),
+            y = y.to(s.device, non_blocking=True)
+            loss, logits, stats = self.step(s.prepare(x.to(s.device, non_blocking=True)), y,
                                             step=self.epoch * steps + step, epoch=self.epoch + step / steps)
             self.optimizer.step()
             for k, v in {"loss": loss, **stats}.items():  # some statistics exist on some steps only
                 sums[k] = sums.get(k, 0) + v.float()
                 counts[k] = counts.get(k, 0) + 1
-            correct += (logits.float().softmax(-1).mean(0).argmax(-1) == y.to(s.device)).sum()
+            correct += (logits.float().softmax(-1).mean(0).argmax(-1) == y).sum()
             seen += len(y)
             if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps:
                 self._check_finite(sums["loss"], step)

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from forde.models.derivatives import hand_written
 
+
 def _backward(gy, x, weight, mean, invstd, eps):
     """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat), sum(gy)), sums per channel."""
     return torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
