@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from forde import interrupts
 from forde.config import EvalConfig
 from forde.data.base import Dataset, Split, subset_split
 from forde.data.corrupted import CorruptedSet
@@ -36,6 +37,7 @@ class EvalContext:
 
     def batches(self, split: Split) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in eval_batches(split, self.batch_size, self.mean, self.std, self.device):
+            interrupts.check()
             yield self.prepare(x), y
 
 

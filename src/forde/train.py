@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from forde import interrupts
 from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
 from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
@@ -240,6 +241,7 @@ class Trainer:
         bar = tqdm(self.loader, total=steps, desc=f"epoch {self.epoch + 1}/{o.epochs}", leave=False,
                    disable=not self.cfg.run.progress, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
+            interrupts.check()
             lr = lr_at(self.epoch + step / steps, o)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr

@@ -33,6 +33,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from forde import interrupts
 from forde.config import ConfigError, identity_changes
 from forde.sweep.storage import SweepStorage, default_url
 from forde.sweep.study import Study, load_study
@@ -182,6 +183,12 @@ def raise_on_signals(worker: bool = False) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, signal.SIG_IGN if worker else handler)
+
+
+def signals_between_steps(worker: bool):
+    """While trials run, a signal is acted on at the next training step (see forde.interrupts). A repeated
+    one is ignored by a worker process (see raise_on_signals) and ends a launcher at once."""
+    return interrupts.deferred(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, repeat_kills=not worker)
 
 
 def stop_when_orphaned(parent_pid: int) -> None:
@@ -339,7 +346,8 @@ def launch(args: argparse.Namespace) -> int:
     storage = SweepStorage(args.storage or default_url(study_dir, "journal" if args.slurm else "sqlite"))
     storage.check(patient=args.worker)
     if args.worker:
-        return run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+        with signals_between_steps(worker=True):
+            return run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
 
     check_writable(study_dir)
     devices = [None] * args.workers
@@ -362,7 +370,8 @@ def launch(args: argparse.Namespace) -> int:
         print(f"study '{study.name}' is checked, its inputs prepared and it exists in {storage.display}")
         return 0
     if len(devices) == 1 and devices[0] is None:
-        code = run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+        with signals_between_steps(worker=False):
+            code = run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
         with storage.budget_lock(study.name):
             reconcile(opt, storage)  # a trial its last failure left un-queued: queued, and counted below
     else:

@@ -17,7 +17,6 @@ start more than n_trials between them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from forde import interrupts
 from forde.config import ConfigError, MissingDataError
 from forde.sweep.sampling import duplicate_of
 from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage
@@ -139,21 +139,6 @@ def mark_failed(opt: optuna.Study, trial_id: int, kind: str, reason: str) -> boo
         return opt._storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGTERM and SIGINT wait while an interruption is recorded: Slurm's requeue sends SIGTERM right after
-    submitit's own exit request, and a record cut short would leave the trial RUNNING, counted as killed."""
-    held: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if held:
-            log.info("%s arrived while the interruption was recorded; the worker stops", signal.Signals(held[0]).name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -307,9 +292,8 @@ class TrialRunner:
                 return "pruned", None
             except (Interrupted, SystemExit) as err:  # SystemExit: e.g. submitit requeueing a preempted Slurm job
                 cause = f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
-                with signals_held():
-                    mark_failed(opt, trial._trial_id, INTERRUPTED,
-                                f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run")
+                mark_failed(opt, trial._trial_id, INTERRUPTED,
+                            f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run")
                 raise
             except Exception as err:
                 kind, reason = failure_kind(err), describe(err)
@@ -333,6 +317,7 @@ def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wand
     runner = TrialRunner(study, study_dir, storage, use_wandb=use_wandb)
     in_a_row = 0
     while True:
+        interrupts.check()
         try:
             with storage.budget_lock(study.name):
                 reconcile(opt, storage)
@@ -354,6 +339,6 @@ def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wand
                       "and re-run the same command: these trials did not use the budget and resume from their "
                       "checkpoints", os.getpid(), in_a_row, reason)
             return EXIT_ENVIRONMENT
-        time.sleep(BACKOFF_S * in_a_row)
+        interrupts.sleep(BACKOFF_S * in_a_row)
     log.info("worker %d: no trials left in study '%s'", os.getpid(), study.name)
     return 0

@@ -1,0 +1,89 @@
+"""Signals are acted on where the run expects them: a SIGTERM landing inside a checkpoint write (or inside
+OmegaConf, which once turned it into an AttributeError) lets that code finish and stops the trial at the
+next step."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from optuna.trial import TrialState
+
+import forde.train
+from forde import interrupts
+from sweep_support import FAST, epochs_trained, launch, load
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def raising_on_sigterm():
+    """SIGTERM raises Stop (what a worker's handler does with Interrupted); the old handler afterwards."""
+    def handler(signum, frame):
+        raise Stop(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_is_acted_on_at_the_next_check_only_once(raising_on_sigterm):
+    finished = []
+    with interrupts.deferred(signal.SIGTERM):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same signal again, through the launcher
+        finished.append("the work in progress")
+        with pytest.raises(Stop):
+            interrupts.check()
+        interrupts.check()  # the second one was dropped
+    assert finished == ["the work in progress"]
+    with pytest.raises(Stop):  # outside, the handler acts at once again
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+
+
+def test_leaving_forgets_a_signal_nobody_checked(raising_on_sigterm):
+    with interrupts.deferred(signal.SIGTERM):
+        os.kill(os.getpid(), signal.SIGTERM)
+    interrupts.check()
+
+
+def test_a_recorded_signal_ends_a_sleep(raising_on_sigterm):
+    start = time.monotonic()
+    with interrupts.deferred(signal.SIGTERM), pytest.raises(Stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        interrupts.sleep(30)
+    assert time.monotonic() - start < 5
+
+
+def test_a_repeated_signal_kills_a_launcher_where_nothing_checks():
+    """A launcher running its only worker in-process: the second Ctrl-C ends it even if no step comes."""
+    script = ("import os, signal, time\n"
+              "from forde import interrupts\n"
+              "with interrupts.deferred(signal.SIGINT, repeat_kills=True):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == -signal.SIGINT
+
+
+def test_sigterm_during_a_checkpoint_write_lets_it_finish_and_stops_the_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
+    real_save = forde.train.save_checkpoint
+
+    def save_while_signalled(state, run_dir):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_save(state, run_dir)
+
+    monkeypatch.setattr(forde.train, "save_checkpoint", save_while_signalled)
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 128 + signal.SIGTERM
+    trial, = load(tmp_path).get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "interrupted"
+    run_dir = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
+    assert epochs_trained(run_dir) == [1]
+    assert forde.train.load_checkpoint(run_dir)["epoch"] == 1
