@@ -3,12 +3,15 @@ Worker processes, kills and signals are in test_sweep_processes.py; failures and
 test_sweep_failures.py."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from optuna.trial import TrialState
 
+import forde.train
 from forde.config import ConfigError
 from forde.sweep.storage import SweepStorage
 from forde.train import CHECKPOINT
@@ -264,6 +267,38 @@ grid:
     assert sorted((t.params["method.name"], t.params.get("method.alpha")) for t in trials) == [
         ("de", None), ("forde", 0.0), ("forde", 1.0)]
     assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_a_stopped_grid_trial_resumes_before_the_points_nobody_started(tmp_path, monkeypatch):
+    """Grid points are queued one at a time, so the retry of a stopped trial (a partly trained run) is taken
+    before the points nobody started, not after all of them."""
+    path = tmp_path / "grid.yaml"
+    path.write_text("""
+base: quickstart
+objectives: [{metric: test/accuracy, direction: maximize}]
+sampler: {name: grid}
+search_space:
+  seed: {choices: [0, 1, 2]}
+grid:
+  - {seed: [0, 1, 2]}
+""")
+    real_save, stopped = forde.train.save_checkpoint, []
+
+    def stop_after_the_first_save(state, run_dir):
+        real_save(state, run_dir)
+        if not stopped:
+            stopped.append(run_dir)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(forde.train, "save_checkpoint", stop_after_the_first_save)
+    args = ["--no-wandb", "optim.epochs=2", "model.hidden=[16]", "eval.corruptions=[none]"]
+    assert launch(tmp_path, *args, study=str(path)) == 128 + signal.SIGTERM
+    assert launch(tmp_path, *args, study=str(path)) == 0
+    done = sorted((t for t in load(tmp_path, "grid").get_trials() if t.state == TrialState.COMPLETE),
+                  key=lambda t: t.datetime_start)
+    assert [(Path(t.user_attrs["run_dir"]).name, t.params["seed"]) for t in done] == [
+        ("trial-0000", 0), ("trial-0002", 1), ("trial-0003", 2)]
+    assert epochs_trained(stopped[0]) == [1, 2]
 
 
 def test_shipped_studies_are_valid():

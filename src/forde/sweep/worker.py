@@ -190,13 +190,17 @@ def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
 
 
 def enqueue_grid(opt: optuna.Study, study: Study) -> None:
-    """Queue every grid point not already in the study (idempotent across re-runs and workers)."""
-    present = [t.params or t.system_attrs.get("fixed_params", {}) for t in opt.get_trials(deepcopy=False)
+    """Queue the next grid point not already in the study, when no trial waits: a retry, which resumes a
+    partly trained run, goes before the points nobody started (Optuna takes waiting trials in order)."""
+    trials = opt.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return
+    present = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials
                if "failed_trial" not in t.system_attrs and t.user_attrs.get(FAILURE) != DUPLICATE]
     for point in study.grid:
         if not any(all(p.get(k) == v for k, v in point.items()) for p in present):
             opt.enqueue_trial(point)
-            present.append(point)
+            return
 
 
 def next_trial(opt: optuna.Study, study: Study, storage: SweepStorage) -> tuple[optuna.Trial, dict] | None:
