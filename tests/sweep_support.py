@@ -13,6 +13,7 @@ import pytest
 
 from forde.sweep.launch import main
 from forde.sweep.storage import SweepStorage
+from forde.sweep.worker import DISCARDED
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "sweeps" / "studies"
@@ -86,8 +87,8 @@ def epochs_trained(run_dir: Path) -> list[int]:
 
 
 def logical(trials):
-    """Trials that are no retry and no discarded duplicate: one per configuration the study tried."""
-    return [t for t in trials if "failed_trial" not in t.system_attrs and t.user_attrs.get("failure") != "duplicate"]
+    """Trials that are no retry and no discarded attempt: one per configuration the study tried."""
+    return [t for t in trials if "failed_trial" not in t.system_attrs and t.user_attrs.get("failure") not in DISCARDED]
 
 
 def configurations(trials) -> list[tuple]:

@@ -5,7 +5,10 @@ before any data is prepared, in one line."""
 import logging
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ from forde.config import ConfigError, MissingDataError
 from forde.sweep.launch import gpu_devices
 from forde.sweep.worker import ENVIRONMENT, EXIT_ENVIRONMENT, TRIAL, budget_used, failure_kind
 from forde.train import NonFiniteLossError
-from sweep_support import (FAST, epochs_trained, launch, launch_cmd, load, named_study, output, postgres_url, start,
+from sweep_support import (FAST, STUDIES, epochs_trained, launch, launch_cmd, load, named_study, output, postgres_url, start,
                            trained_at_least, wait_for, wandb_record, wandb_steps)
 
 
@@ -137,6 +140,51 @@ def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
     assert budget_used(trials) == 2
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
     assert all(t.user_attrs.get("failure") in ("environment", "killed") for t in trials if t.state == TrialState.FAIL)
+
+
+GRID = """
+base: quickstart
+objectives: [{metric: test/accuracy, direction: maximize}]
+sampler: {name: grid}
+search_space:
+  seed: {choices: [0, 1]}
+grid:
+  - {seed: [0, 1]}
+"""
+
+
+@pytest.mark.parametrize("kind", ["sampled", "grid point"])
+def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
+    """kill -9 between Optuna's ask (the trial exists, RUNNING) and the worker's tag on it: the next worker
+    discards that attempt instead of leaving it running for ever in a slot of the budget."""
+    study_arg = str(STUDIES / "quickstart.yaml") if kind == "sampled" else write(tmp_path, "grid.yaml", GRID)
+    name = "quickstart" if kind == "sampled" else "grid"
+    args = ["--n-trials", "2", "--no-wandb", *FAST]
+    assert launch(tmp_path, "--prepare", *args, study=study_arg) == 0
+    url = f"sqlite:///{tmp_path / 'studies' / name / 'study.db'}"
+    dies_taking_a_trial = (
+        "import os, signal\n"
+        "from forde.sweep.storage import SweepStorage\n"
+        "from forde.sweep.study import load_study\n"
+        "from forde.sweep.worker import enqueue_grid, open_study\n"
+        f"study, storage = load_study({study_arg!r}), SweepStorage({url!r})\n"
+        "opt = open_study(study, storage)\n"
+        "with storage.budget_lock(study.name):\n"
+        "    if study.grid:\n"
+        "        enqueue_grid(opt, study)\n"
+        "    opt.ask()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", dies_taking_a_trial]).returncode == -signal.SIGKILL
+    ghost, = load(tmp_path, name).get_trials()
+    assert ghost.state == TrialState.RUNNING and "worker" not in ghost.user_attrs
+
+    assert launch(tmp_path, *args, study=study_arg) == 0
+    trials = load(tmp_path, name).get_trials()
+    assert trials[0].user_attrs["failure"] == "not_started"
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 2 and budget_used(trials) == 2
+    if kind == "grid point":
+        assert sorted(t.params["seed"] for t in done) == [0, 1]
 
 
 def write(tmp_path, name, text) -> str:

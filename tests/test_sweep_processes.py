@@ -135,11 +135,36 @@ def term_group(pgid: int, workers) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGTERM to the group", "Ctrl-C", "kill -9"])
+def test_a_launcher_running_its_own_trial_stops_it_on_two_quick_signals(tmp_path):
+    """One worker runs inside the launcher: SIGTERM twice, 10 ms apart (before or while the first is acted
+    on), stops the trial, which is recorded interrupted (not left running, to be taken for killed)."""
+    args = ["--n-trials", "1", "--no-wandb", f"optim.epochs={EPOCHS}", *SMALL]
+    proc = start(launch_cmd(tmp_path, *args), tmp_path)
+    wait_for(lambda: trained_at_least(tmp_path / "studies" / "quickstart" / "runs" / "trial-0000", 1), 240,
+             "epoch 1", proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stderr = output(proc, timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    trial = load(tmp_path).get_trials()[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "interrupted"
+
+
+def ctrl_c_twice(pgid: int) -> None:
+    """An impatient user: the second Ctrl-C comes while the workers are still stopping, and kills them."""
+    os.killpg(pgid, signal.SIGINT)
+    time.sleep(0.01)
+    os.killpg(pgid, signal.SIGINT)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGTERM to the group", "Ctrl-C", "Ctrl-C twice", "kill -9"])
 def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp_path, how):
     """SIGTERM to the launcher, SIGTERM to its process group (`timeout`, systemd: each worker gets it twice, directly
-    and from the launcher), Ctrl-C (SIGINT to the terminal's process group) or kill -9 of the launcher alone: both
-    workers stop (no orphans), mark their trials interrupted, and nothing prints a traceback."""
+    and from the launcher), Ctrl-C (SIGINT to the terminal's process group), twice, or kill -9 of the launcher
+    alone: both workers stop (no orphans), mark their trials interrupted (never killed: that counts toward
+    giving a configuration up), and nothing prints a traceback."""
     args = ["--workers", "2", "--n-trials", "2", "--no-wandb", f"optim.epochs={EPOCHS}", *SMALL]  # long enough to be stopped
     runs = tmp_path / "studies" / "quickstart" / "runs"
     proc = start(launch_cmd(tmp_path, *args), tmp_path, start_new_session=True)
@@ -147,9 +172,11 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     workers = running_workers(load(tmp_path))
     assert len(workers) == 2
     {"SIGTERM": lambda: proc.send_signal(signal.SIGTERM), "SIGTERM to the group": lambda: term_group(proc.pid, workers.values()),
-     "Ctrl-C": lambda: os.killpg(proc.pid, signal.SIGINT), "kill -9": proc.kill}[how]()
+     "Ctrl-C": lambda: os.killpg(proc.pid, signal.SIGINT), "Ctrl-C twice": lambda: ctrl_c_twice(proc.pid),
+     "kill -9": proc.kill}[how]()
     stderr = output(proc, timeout=120)
-    assert proc.returncode == {"SIGTERM": 143, "SIGTERM to the group": 143, "Ctrl-C": 130, "kill -9": -9}[how]
+    assert proc.returncode == {"SIGTERM": 143, "SIGTERM to the group": 143, "Ctrl-C": 130, "Ctrl-C twice": 130,
+                               "kill -9": -9}[how]
     wait_for(lambda: not any(alive(pid) for pid in workers.values()), 60, "the workers to exit")
     assert "Traceback" not in stderr
     if how != "kill -9":
@@ -157,7 +184,8 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     trials = load(tmp_path).get_trials()
     stopped = [t for t in trials if t.number in (0, 1)]
     assert all(t.state == TrialState.FAIL and t.user_attrs["failure"] == "interrupted" for t in stopped)
-    assert all("interrupted by SIGTERM" in t.user_attrs["fail_reason"] for t in stopped)
+    reasons = ("interrupted by SIGTERM", "a second SIGINT to the launcher killed its worker")
+    assert all(any(r in t.user_attrs["fail_reason"] for r in reasons[:1 + (how == "Ctrl-C twice")]) for t in stopped)
     assert len(logical(trials)) == 2
     if how != "kill -9":  # the launcher queued them to resume; after kill -9 the next launch does
         assert [t.system_attrs["failed_trial"] for t in trials if t.state == TrialState.WAITING] == [0, 1]

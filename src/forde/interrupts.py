@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import time
 from typing import Callable, Iterator
 
-_pending: list[Callable[[], None]] = []
+_pending: list[Callable[[], None]] = []  # the signal recorded, not acted on yet
+_acted: list[Callable[[], None]] = []    # the signal acted on
 
 
 @contextlib.contextmanager
-def deferred(*signums: int, repeat_kills: bool = False) -> Iterator[None]:
+def deferred(*signums: int, repeat_acts_now: bool = False) -> Iterator[None]:
     """Inside, each of these signals' current handlers runs at the next `check()`. Of signals arriving before
-    it, only the first is acted on; a second is ignored (a worker gets SIGTERM both directly and through its
-    launcher), or with `repeat_kills` ends the process at once (a second Ctrl-C where nothing checks)."""
-    wrapped = {s: (h, functools.partial(_record, h, repeat_kills)) for s in signums if callable(h := signal.getsignal(s))}
+    it, only the first is acted on: a second is ignored (a worker gets SIGTERM both directly and through its
+    launcher), or with `repeat_acts_now` makes the first act at once, wherever it lands (a second Ctrl-C)."""
+    wrapped = {s: (h, functools.partial(_record, h, repeat_acts_now)) for s in signums if callable(h := signal.getsignal(s))}
     for signum, (_, wrapper) in wrapped.items():
         signal.signal(signum, wrapper)
     try:
@@ -36,20 +36,23 @@ def deferred(*signums: int, repeat_kills: bool = False) -> Iterator[None]:
             if signal.getsignal(signum) is wrapper:  # not where a handler has moved on (e.g. to ignore repeats)
                 signal.signal(signum, handler)
         _pending.clear()
+        _acted.clear()
 
 
-def _record(handler: Callable, repeat_kills: bool, signum: int, frame) -> None:
+def _record(handler: Callable, repeat_acts_now: bool, signum: int, frame) -> None:
     if not _pending:
         _pending.append(functools.partial(handler, signum, None))
-    elif repeat_kills:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+    elif repeat_acts_now:
+        check()
 
 
 def check() -> None:
-    """Run the handler of the signal recorded since the last check, if one was."""
+    """Run the handler of the signal recorded since the last check; once one has run, run it again at every
+    check, so that its exception, should some library catch and replace it, still stops the run."""
     if _pending:
-        _pending.pop()()
+        _acted[:] = [_pending.pop()]
+    if _acted:
+        _acted[0]()
 
 
 def sleep(seconds: float) -> None:

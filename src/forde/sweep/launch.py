@@ -16,6 +16,7 @@ by itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -37,8 +38,8 @@ from forde import interrupts
 from forde.config import ConfigError, identity_changes
 from forde.sweep.storage import SweepStorage, default_url
 from forde.sweep.study import Study, load_study
-from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, Interrupted, budget_used, lineage, lineages, open_study,
-                                reconcile, run_worker)
+from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, INTERRUPTED, Interrupted, budget_used, lineage, lineages,
+                                mark_failed, open_study, reconcile, run_worker)
 
 log = logging.getLogger("forde.sweep")
 
@@ -172,23 +173,30 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
         marker.write_text(f"{mine}\n{storage.display}\n")
 
 
-def raise_on_signals(worker: bool = False) -> None:
+def raise_on_signals(worker: bool = False, ignore_repeats: bool = False) -> None:
     """SIGTERM (and SIGINT) raise Interrupted in the main thread, once. A second signal ends the launcher at once;
     a worker ignores it: `timeout`, systemd or a signal to the process group reach a worker both directly and
     through its launcher, and the launcher's second Ctrl-C sends SIGKILL. Workers leave Ctrl-C to the launcher."""
+    then = signal.SIG_IGN if worker or ignore_repeats else signal.SIG_DFL
+
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_IGN if worker else signal.SIG_DFL)
+            signal.signal(s, then)
         raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, signal.SIG_IGN if worker else handler)
 
 
+@contextlib.contextmanager
 def signals_between_steps(worker: bool):
-    """While trials run, a signal is acted on at the next training step (see forde.interrupts). A repeated
-    one is ignored by a worker process (see raise_on_signals) and ends a launcher at once."""
-    return interrupts.deferred(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, repeat_kills=not worker)
+    """While trials run, a signal is acted on at the next training step (see forde.interrupts); a repeated one
+    is ignored by a worker process and stops a launcher's own trial at once. Once acted on, more signals are
+    ignored: a stopped trial whose record is cut short would be taken for one killed by the machine."""
+    raise_on_signals(worker, ignore_repeats=True)
+    with interrupts.deferred(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, repeat_acts_now=not worker):
+        yield
+    raise_on_signals(worker)
 
 
 def stop_when_orphaned(parent_pid: int) -> None:
@@ -239,6 +247,12 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optu
     while [p for p in procs if p.poll() is None]:  # poll every one: a dead worker is reaped at once
         time.sleep(0.2)
     host = socket.gethostname()
+    if len(interrupted) > 1:  # killed by its launcher on request: stopped, not lost to the machine's memory
+        killed = {f"{host}:{p.pid}" for p in procs if p.returncode == -signal.SIGKILL}
+        for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker") in killed:
+                mark_failed(opt, t._trial_id, INTERRUPTED, f"interrupted: a second {signal.Signals(interrupted[1]).name} "
+                            "to the launcher killed its worker; resumes from its last checkpoint when the sweep is re-run")
     # the trial each worker was on when it died: still running, or already failed by another worker's check
     last_trial = {t.user_attrs.get("worker"): t for t in opt.get_trials(deepcopy=False)
                   if t.state == TrialState.RUNNING or t.user_attrs.get(FAILURE) in ("killed", "given_up")}

@@ -8,7 +8,8 @@ How a trial ends, and what it costs (user attributes `failure` and `fail_reason`
   trial's last checkpoint in the same run directory. A worker stops after MAX_ENV_FAILURES environment
   failures in a row (the cause is lasting: fix it and re-run); a configuration whose worker is killed more
   than MAX_KILLS times is given up, and then counts (it likely exhausts the machine's memory).
-- a configuration the sampler proposes again is discarded before it starts (`duplicate`) and redrawn.
+- a configuration the sampler proposes again is discarded before it starts (`duplicate`) and redrawn; a
+  trial whose worker died while taking it is discarded too (`not_started`) and drawn or queued again.
 
 Everything that touches other workers' trials (failing dead ones, queueing retries) and taking a trial
 happens under the budget lock (see forde.sweep.storage), so workers never race for a trial and never
@@ -46,9 +47,10 @@ MAX_DRAWS = 10
 EXIT_ENVIRONMENT = 3
 
 FAILURE = "failure"
-TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, DUPLICATE, GIVEN_UP = (
-    "trial", "environment", "killed", "interrupted", "duplicate", "given_up")
+TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, DUPLICATE, NOT_STARTED, GIVEN_UP = (
+    "trial", "environment", "killed", "interrupted", "duplicate", "not_started", "given_up")
 RETRIED = (ENVIRONMENT, KILLED, INTERRUPTED)
+DISCARDED = (DUPLICATE, NOT_STARTED)  # attempts that are no part of any configuration's history
 CARRIED_ATTRS = ("run_dir", "config_params")  # what a retry inherits from the attempt it retries
 
 
@@ -103,7 +105,7 @@ def lineages(trials: list[FrozenTrial]) -> dict[int, list[FrozenTrial]]:
     """Attempts grouped by the trial they retry; discarded duplicates belong to none."""
     out: dict[int, list[FrozenTrial]] = defaultdict(list)
     for t in trials:
-        if t.user_attrs.get(FAILURE) != DUPLICATE:
+        if t.user_attrs.get(FAILURE) not in DISCARDED:
             out[lineage(t)].append(t)
     return out
 
@@ -158,7 +160,7 @@ def _pid_alive(pid: int) -> bool:
 
 def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
     """Under the budget lock: fail the running trials of dead workers (gone from this host, or silent for
-    GRACE_S seconds), then queue one retry for every lineage whose last attempt failed for a reason
+    GRACE_S seconds, or gone before they tagged the trial they took), then queue one retry for every lineage whose last attempt failed for a reason
     outside itself."""
     host = socket.gethostname()
     stale = set(storage.stale_trial_ids(opt))
@@ -168,6 +170,11 @@ def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
         if t.state != TrialState.RUNNING:
             continue
         worker = t.user_attrs.get("worker", "")
+        if not worker:  # under the budget lock, only a worker that died inside next_trial leaves one untagged
+            why = "its worker died while taking it, before it started; discarded (the study draws or queues it again)"
+            if mark_failed(opt, t._trial_id, NOT_STARTED, why):
+                log.warning("trial %d: %s", t.number, why)
+            continue
         w_host, _, pid = worker.rpartition(":")
         if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
             why = f"its worker {worker} died during the trial (killed, or out of memory)"
@@ -196,7 +203,7 @@ def enqueue_grid(opt: optuna.Study, study: Study) -> None:
     if any(t.state == TrialState.WAITING for t in trials):
         return
     present = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials
-               if "failed_trial" not in t.system_attrs and t.user_attrs.get(FAILURE) != DUPLICATE]
+               if "failed_trial" not in t.system_attrs and t.user_attrs.get(FAILURE) not in DISCARDED]
     for point in study.grid:
         if not any(all(p.get(k) == v for k, v in point.items()) for p in present):
             opt.enqueue_trial(point)
@@ -211,8 +218,8 @@ def next_trial(opt: optuna.Study, study: Study, storage: SweepStorage) -> tuple[
         if not any(t.state == TrialState.WAITING for t in trials) and budget_used(trials) >= study.n_trials:
             return None
         trial = opt.ask()
+        storage.record_heartbeat(trial._trial_id)  # then tag it: a tagged trial is one a dead worker's check sees
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        storage.record_heartbeat(trial._trial_id)
         system = opt._storage.get_trial(trial._trial_id).system_attrs
         params = study.suggest(trial)
         if "fixed_params" in system or "failed_trial" in system:
