@@ -391,8 +391,8 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
         trainer.load_state_dict(state)
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
         tell_history(callbacks, trainer.history)
-    log.info("training %s: %s, M=%d, %s on %s (%d train images), %s",
-             run_dir, cfg.method.name, cfg.ensemble_size, cfg.model.name, setup.dataset.name,
+    log.info("%s %s: %s, M=%d, %s on %s (%d train images), %s",
+             "training" if trainer.epoch < cfg.optim.epochs else "trained; evaluating", run_dir, cfg.method.name, cfg.ensemble_size, cfg.model.name, setup.dataset.name,
              len(setup.dataset.train), setup.settings.describe())
     start = time.perf_counter()
     trainer.fit()

@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,8 +138,10 @@ class SweepStorage:
                 kwargs = ({"connect_args": {"timeout": 60}} if self.kind == "sqlite" else
                           {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}})
                 # Heartbeats on, stale-trial callback off: the worker re-queues stale trials itself, under the budget lock.
-                self._optuna = Retrying(RDBStorage(self.url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                   grace_period=GRACE_S))
+                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and known to be here
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self._optuna = Retrying(RDBStorage(self.url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                       grace_period=GRACE_S))
         return self._optuna
 
     def check(self, patient: bool = False) -> None:

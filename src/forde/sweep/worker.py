@@ -160,8 +160,8 @@ def _pid_alive(pid: int) -> bool:
 
 def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
     """Under the budget lock: fail the running trials of dead workers (gone from this host, or silent for
-    GRACE_S seconds, or gone before they tagged the trial they took), then queue one retry for every lineage whose last attempt failed for a reason
-    outside itself."""
+    GRACE_S seconds, or gone before they tagged the trial they took), then queue one retry for every lineage
+    whose last attempt failed for a reason outside itself."""
     host = socket.gethostname()
     stale = set(storage.stale_trial_ids(opt))
     trials = opt.get_trials(deepcopy=False)
@@ -170,17 +170,19 @@ def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
         if t.state != TrialState.RUNNING:
             continue
         worker = t.user_attrs.get("worker", "")
-        if not worker:  # under the budget lock, only a worker that died inside next_trial leaves one untagged
-            why = "its worker died while taking it, before it started; discarded (the study draws or queues it again)"
-            if mark_failed(opt, t._trial_id, NOT_STARTED, why):
-                log.warning("trial %d: %s", t.number, why)
-            continue
         w_host, _, pid = worker.rpartition(":")
-        if w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if not worker:  # under the budget lock, only a worker that died inside next_trial leaves one untagged
+            why = "its worker died while taking it"
+        elif w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
             why = f"its worker {worker} died during the trial (killed, or out of memory)"
         elif t._trial_id in stale:
-            why = f"its worker {worker or '?'} sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
+            why = f"its worker {worker} sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
         else:
+            continue
+        if "run_dir" not in t.user_attrs:  # no run began: nothing to resume, and no kill to hold against it
+            why = f"{why}; no run had begun, so it is discarded (the study draws or queues it again)"
+            if mark_failed(opt, t._trial_id, NOT_STARTED, why):
+                log.warning("trial %d: %s", t.number, why)
             continue
         kills = 1 + sum(a.user_attrs.get(FAILURE) == KILLED for a in by_lineage[lineage(t)])
         if kills > MAX_KILLS:
