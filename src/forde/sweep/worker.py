@@ -102,7 +102,7 @@ def lineage(trial: FrozenTrial) -> int:
 
 
 def lineages(trials: list[FrozenTrial]) -> dict[int, list[FrozenTrial]]:
-    """Attempts grouped by the trial they retry; discarded duplicates belong to none."""
+    """Attempts grouped by the trial they retry; discarded attempts (duplicate, not_started) belong to none."""
     out: dict[int, list[FrozenTrial]] = defaultdict(list)
     for t in trials:
         if t.user_attrs.get(FAILURE) not in DISCARDED:
