@@ -161,10 +161,13 @@ def test_optuna_storage_loader(study, tmp_path):
                     "config_params": {"method.name": "forde", "method.alpha": 0.3, "seed": 4}}))
     opt.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"method.alpha": 0.9},
                                             distributions=dist, intermediate_values={1: 0.1}))
+    opt.add_trial(optuna.trial.create_trial(  # an interrupted attempt, whose retry finished in the same directory
+        state=optuna.trial.TrialState.FAIL, params={"method.alpha": load_run_dir(dirs[0]).alpha}, distributions=dist,
+        user_attrs={"run_dir": str(dirs[0]), "failure": "interrupted"}))
     opt.set_user_attr("data.name", "digits")
 
     runs = load_optuna(storage)
-    assert len(runs) == 4  # three run directories, one summary-only trial; the pruned trial has no results
+    assert len(runs) == 4  # three run directories (each once), one summary-only trial; the pruned has no results
     from_dirs = {r.source: r for r in find_runs(study)}
     for r in runs[:3]:
         assert r.summary == from_dirs[r.source].summary and r.per_set == from_dirs[r.source].per_set

@@ -136,11 +136,13 @@ def load_optuna(storage: str, study_name: str | None = None, base: Path | None =
     runs = []
     for study in _studies(storage, study_name):
         name = study.study_name
-        skipped = 0
+        skipped, loaded = 0, set()
         for trial in study.get_trials(deepcopy=False):
             run_dir = _existing_run_dir(trial.user_attrs.get("run_dir"), base)
             if run_dir is not None:
-                runs.append(load_run_dir(run_dir))
+                if run_dir.resolve() not in loaded:  # a stopped trial and its retries share one run directory
+                    loaded.add(run_dir.resolve())
+                    runs.append(load_run_dir(run_dir))
             elif isinstance(trial.user_attrs.get("summary"), dict):
                 config = {**study.user_attrs, **study.user_attrs.get("settings", {}),
                           **trial.user_attrs.get("config_params", {}), **trial.params}
