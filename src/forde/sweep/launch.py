@@ -38,8 +38,8 @@ from forde import interrupts
 from forde.config import ConfigError, identity_changes
 from forde.sweep.storage import SweepStorage, default_url
 from forde.sweep.study import Study, load_study
-from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, INTERRUPTED, Interrupted, budget_used, lineage, lineages,
-                                mark_failed, open_study, reconcile, run_worker)
+from forde.sweep.worker import (EXIT_ENVIRONMENT, FAILURE, GIVEN_UP, INTERRUPTED, KILLED, Interrupted, budget_used,
+                                lineage, lineages, mark_failed, open_study, reconcile, run_worker)
 
 log = logging.getLogger("forde.sweep")
 
@@ -247,16 +247,17 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], opt: optu
     while [p for p in procs if p.poll() is None]:  # poll every one: a dead worker is reaped at once
         time.sleep(0.2)
     host = socket.gethostname()
-    if len(interrupted) > 1:  # killed by its launcher on request: stopped, not lost to the machine's memory
-        killed = {f"{host}:{p.pid}" for p in procs if p.returncode == -signal.SIGKILL}
-        for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker") in killed:
-                mark_failed(opt, t._trial_id, INTERRUPTED, f"interrupted: a second {signal.Signals(interrupted[1]).name} "
-                            "to the launcher killed its worker; resumes from its last checkpoint when the sweep is re-run")
     # the trial each worker was on when it died: still running, or already failed by another worker's check
     last_trial = {t.user_attrs.get("worker"): t for t in opt.get_trials(deepcopy=False)
-                  if t.state == TrialState.RUNNING or t.user_attrs.get(FAILURE) in ("killed", "given_up")}
+                  if t.state == TrialState.RUNNING or t.user_attrs.get(FAILURE) in (KILLED, GIVEN_UP)}
     with storage.budget_lock(study.name):
+        if len(interrupted) > 1:  # killed by their launcher on request: stopped, not lost to the machine's memory
+            killed = {f"{host}:{p.pid}" for p in procs if p.returncode == -signal.SIGKILL}
+            for worker, t in last_trial.items():
+                if worker in killed and t.state == TrialState.RUNNING:
+                    mark_failed(opt, t._trial_id, INTERRUPTED,
+                                f"interrupted: a second {signal.Signals(interrupted[1]).name} to the launcher killed its "
+                                "worker; resumes from its last checkpoint when the sweep is re-run")
         reconcile(opt, storage)  # a dead worker's trial: failed with its reason, queued again
     attempts = lineages(opt.get_trials(deepcopy=False))
     code = 0
