@@ -66,6 +66,14 @@ def named_study(tmp_path, name: str, extra: str = "") -> Path:
     return path
 
 
+def grid_study(tmp_path, search_space_and_grid: str) -> Path:
+    """grid.yaml: a study named `grid` on the quickstart config that runs the points of its grid."""
+    path = tmp_path / "grid.yaml"
+    path.write_text("base: quickstart\nobjectives: [{metric: test/accuracy, direction: maximize}]\nsampler: {name: grid}\n"
+                    + search_space_and_grid)
+    return path
+
+
 def backend_args(tmp_path, backend: str, name: str) -> tuple[str | None, list[str]]:
     """(storage URL or None for the default SQLite file, launcher arguments) for a backend."""
     if backend == "postgresql":

@@ -17,7 +17,7 @@ from forde.sweep.storage import SweepStorage
 from forde.train import CHECKPOINT
 from forde.sweep.study import load_study
 from forde.sweep.worker import budget_used, next_trial, open_study
-from sweep_support import (FAST, STUDIES, configurations, epochs_trained, launch, load, wandb_record)
+from sweep_support import (FAST, STUDIES, configurations, epochs_trained, grid_study, launch, load, wandb_record)
 
 from conftest import CUDA
 
@@ -227,11 +227,7 @@ def test_missing_dataset_fails_before_training(tmp_path, capsys):
 
 
 def test_conditional_parameters_and_grid_expansion(tmp_path):
-    path = tmp_path / "grid.yaml"
-    path.write_text("""
-base: quickstart
-objectives: [{metric: test/accuracy, direction: maximize}]
-sampler: {name: grid}
+    path = grid_study(tmp_path, """
 search_space:
   method.name: {choices: [forde, de]}
   method.alpha: {low: 0.0, high: 1.0, when: {method.name: forde}}
@@ -249,11 +245,7 @@ grid:
 
 
 def test_grid_study_runs_each_point_once(tmp_path):
-    path = tmp_path / "grid.yaml"
-    path.write_text("""
-base: quickstart
-objectives: [{metric: test/accuracy, direction: maximize}]
-sampler: {name: grid}
+    path = grid_study(tmp_path, """
 search_space:
   method.name: {choices: [forde, de]}
   method.alpha: {choices: [0.0, 1.0], when: {method.name: forde}}
@@ -272,11 +264,7 @@ grid:
 def test_a_stopped_grid_trial_resumes_before_the_points_nobody_started(tmp_path, monkeypatch):
     """Grid points are queued one at a time, so the retry of a stopped trial (a partly trained run) is taken
     before the points nobody started, not after all of them."""
-    path = tmp_path / "grid.yaml"
-    path.write_text("""
-base: quickstart
-objectives: [{metric: test/accuracy, direction: maximize}]
-sampler: {name: grid}
+    path = grid_study(tmp_path, """
 search_space:
   seed: {choices: [0, 1, 2]}
 grid:

@@ -20,8 +20,8 @@ from forde.config import ConfigError, MissingDataError
 from forde.sweep.launch import gpu_devices
 from forde.sweep.worker import ENVIRONMENT, EXIT_ENVIRONMENT, TRIAL, budget_used, failure_kind
 from forde.train import NonFiniteLossError
-from sweep_support import (FAST, STUDIES, epochs_trained, launch, launch_cmd, load, named_study, output, postgres_url, start,
-                           trained_at_least, wait_for, wandb_record, wandb_steps)
+from sweep_support import (FAST, STUDIES, epochs_trained, grid_study, launch, launch_cmd, load, named_study, output,
+                           postgres_url, start, trained_at_least, wait_for, wandb_record, wandb_steps)
 
 
 @pytest.fixture(autouse=True)
@@ -142,10 +142,7 @@ def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
     assert all(t.user_attrs.get("failure") in ("environment", "killed") for t in trials if t.state == TrialState.FAIL)
 
 
-GRID = """
-base: quickstart
-objectives: [{metric: test/accuracy, direction: maximize}]
-sampler: {name: grid}
+SEED_GRID = """
 search_space:
   seed: {choices: [0, 1]}
 grid:
@@ -157,7 +154,7 @@ grid:
 def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
     """kill -9 between Optuna's ask (the trial exists, RUNNING) and the worker's tag on it: the next worker
     discards that attempt instead of leaving it running for ever in a slot of the budget."""
-    study_arg = str(STUDIES / "quickstart.yaml") if kind == "sampled" else write(tmp_path, "grid.yaml", GRID)
+    study_arg = str(STUDIES / "quickstart.yaml" if kind == "sampled" else grid_study(tmp_path, SEED_GRID))
     name = "quickstart" if kind == "sampled" else "grid"
     args = ["--n-trials", "2", "--no-wandb", *FAST]
     assert launch(tmp_path, "--prepare", *args, study=study_arg) == 0
