@@ -392,8 +392,8 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
         tell_history(callbacks, trainer.history)
     log.info("%s %s: %s, M=%d, %s on %s (%d train images), %s",
-             "training" if trainer.epoch < cfg.optim.epochs else "trained; evaluating", run_dir, cfg.method.name, cfg.ensemble_size, cfg.model.name, setup.dataset.name,
-             len(setup.dataset.train), setup.settings.describe())
+             "training" if trainer.epoch < cfg.optim.epochs else "trained; evaluating", run_dir, cfg.method.name,
+             cfg.ensemble_size, cfg.model.name, setup.dataset.name, len(setup.dataset.train), setup.settings.describe())
     start = time.perf_counter()
     trainer.fit()
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
