@@ -13,7 +13,7 @@ import pytest
 
 from forde.sweep.launch import main
 from forde.sweep.storage import SweepStorage
-from forde.sweep.worker import DISCARDED
+from forde.sweep.lifecycle import DISCARDED, Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "sweeps" / "studies"
@@ -88,6 +88,10 @@ def backend_args(tmp_path, backend: str, name: str) -> tuple[str | None, list[st
 def load(tmp_path, name="quickstart", storage=None) -> optuna.Study:
     url = storage or f"sqlite:///{tmp_path / 'studies' / name / 'study.db'}"
     return optuna.load_study(study_name=name, storage=SweepStorage(url).optuna)
+
+
+def budget_used(trials) -> int:
+    return Ledger(trials).budget_used
 
 
 def epochs_trained(run_dir: Path) -> list[int]:

@@ -47,7 +47,8 @@ def test_a_signal_is_acted_on_at_the_next_check_once_for_two(raising_on_sigterm)
         time.sleep(1)
 
 
-def test_a_stop_some_library_swallowed_is_acted_on_again(raising_on_sigterm):
+def test_a_stop_some_library_swallowed_is_acted_on_again_without_running_its_handler_twice(raising_on_sigterm):
+    """What the handler raised is raised again; the handler itself runs once (submitit's requeues the job)."""
     with interrupts.deferred(signal.SIGTERM):
         os.kill(os.getpid(), signal.SIGTERM)
         try:
@@ -56,6 +57,22 @@ def test_a_stop_some_library_swallowed_is_acted_on_again(raising_on_sigterm):
             pass  # e.g. turned into an error of its own by the code it landed in
         with pytest.raises(Stop):
             interrupts.check()
+        with pytest.raises(Stop):
+            interrupts.check()
+    assert raising_on_sigterm == [signal.SIGTERM]
+
+
+def test_a_repeated_signal_after_the_stop_was_acted_on_is_ignored(raising_on_sigterm):
+    """A launcher's own trial, already stopping: a late second signal must not cut short the trial's record."""
+    recorded = []
+    with interrupts.deferred(signal.SIGTERM, repeat_acts_now=True):
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Stop):
+            interrupts.check()
+        os.kill(os.getpid(), signal.SIGTERM)  # while the stopped trial is being recorded
+        time.sleep(0.1)
+        recorded.append("the record")
+    assert recorded == ["the record"] and raising_on_sigterm == [signal.SIGTERM]
 
 
 def test_leaving_forgets_a_signal_nobody_checked(raising_on_sigterm):

@@ -16,8 +16,9 @@ from forde.config import ConfigError
 from forde.sweep.storage import SweepStorage
 from forde.train import CHECKPOINT
 from forde.sweep.study import load_study
-from forde.sweep.worker import budget_used, next_trial, open_study
-from sweep_support import (FAST, STUDIES, configurations, epochs_trained, grid_study, launch, load, wandb_record)
+from forde.sweep.worker import Sweep, open_study
+from sweep_support import (FAST, STUDIES, budget_used, configurations, epochs_trained, grid_study, launch, load,
+                           wandb_record)
 
 from conftest import CUDA
 
@@ -80,36 +81,35 @@ def synthetic_study(tmp_path, name: str, body: str = "", workers: int = 1) -> tu
     path.write_text(body or (STUDIES / "quickstart.yaml").read_text())
     study = load_study(path)
     storage = SweepStorage(f"sqlite:///{tmp_path / name}.db")
-    return study, storage, [open_study(study, storage) for _ in range(workers)]
+    return study, storage, [Sweep(study, storage) for _ in range(workers)]
 
 
-def take(opt, study, storage):
+def take(sweep: Sweep):
     """What a worker does between two trainings: take a trial under the budget lock, then report a value."""
-    with storage.budget_lock(study.name):
-        picked = next_trial(opt, study, storage)
+    picked = sweep.take()
     if picked is None:
         return None
     trial, params = picked
-    opt.tell(trial, sum(float(v) for v in params.values() if not isinstance(v, str)))
+    sweep.opt.tell(trial, sum(float(v) for v in params.values() if not isinstance(v, str)))
     return params
 
 
 def test_one_worker_with_a_seed_draws_the_same_configurations_every_time(tmp_path):
     runs = []
     for name in ("first", "second"):
-        study, storage, [opt] = synthetic_study(tmp_path, name)
-        runs.append([take(opt, study, storage) for _ in range(6)])
+        study, storage, [sweep] = synthetic_study(tmp_path, name)
+        runs.append([take(sweep) for _ in range(6)])
     assert runs[0] == runs[1]  # TPE's start-up draws and its model-based ones
     assert len({tuple(sorted(p.items())) for p in runs[0]}) == 6
 
 
 def test_workers_and_relaunches_never_draw_the_same_configuration(tmp_path):
     study, storage, (a, b) = synthetic_study(tmp_path, "shared", workers=2)  # two workers, same seed
-    drawn = [take(a, study, storage), take(b, study, storage), take(b, study, storage), take(a, study, storage)]
-    relaunched = open_study(study, storage)  # a later launch of the same study
-    drawn += [take(relaunched, study, storage) for _ in range(2)]
+    drawn = [take(a), take(b), take(b), take(a)]
+    relaunched = Sweep(study, storage)  # a later launch of the same study
+    drawn += [take(relaunched) for _ in range(2)]
     assert None not in drawn and len({tuple(sorted(p.items())) for p in drawn}) == 6
-    assert take(relaunched, study, storage) is None  # n_trials = 6 reached
+    assert take(relaunched) is None  # n_trials = 6 reached
 
 
 def test_a_configuration_drawn_again_is_discarded_and_an_exhausted_space_stops(tmp_path, caplog):
@@ -122,13 +122,13 @@ search_space:
   ensemble_size: {choices: [3, 4]}
   seed: {choices: [0, 1]}
 """
-    study, storage, [opt] = synthetic_study(tmp_path, "small", body)
+    study, storage, [sweep] = synthetic_study(tmp_path, "small", body)
     drawn = []
-    while (params := take(opt, study, storage)) is not None:
+    while (params := take(sweep)) is not None:
         drawn.append(params)
     assert sorted(tuple(sorted(p.items())) for p in drawn) == [
         (("ensemble_size", m), ("seed", s)) for m in (3, 4) for s in (0, 1)]
-    trials = opt.get_trials()
+    trials = sweep.opt.get_trials()
     duplicates = [t for t in trials if t.user_attrs.get("failure") == "duplicate"]
     assert duplicates and all(t.state == TrialState.FAIL and "discarded" in t.user_attrs["fail_reason"] for t in duplicates)
     assert budget_used(trials) == 4  # duplicates use no budget

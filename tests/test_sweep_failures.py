@@ -18,10 +18,12 @@ from optuna.trial import TrialState
 
 from forde.config import ConfigError, MissingDataError
 from forde.sweep.launch import gpu_devices
-from forde.sweep.worker import ENVIRONMENT, EXIT_ENVIRONMENT, TRIAL, budget_used, failure_kind
+from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
+from forde.sweep.worker import EXIT_ENVIRONMENT
 from forde.train import NonFiniteLossError
-from sweep_support import (FAST, STUDIES, epochs_trained, grid_study, launch, launch_cmd, load, named_study, output,
-                           postgres_url, start, trained_at_least, wait_for, wandb_record, wandb_steps)
+from sweep_support import (FAST, STUDIES, budget_used, epochs_trained, grid_study, launch, launch_cmd, load,
+                           named_study, output, postgres_url, start, trained_at_least, wait_for, wandb_record,
+                           wandb_steps)
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +32,27 @@ def data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
 
 
-def test_failures_are_told_apart():
+def test_failures_are_told_apart_the_right_way_round(tmp_path):
+    """What is not positively known to be the environment is the trial's own failure (it fails once and counts):
+    a bug in a model or a metric must not be retried for ever as if the machine were at fault."""
+    import optuna
+    import sqlalchemy.exc
     import wandb
 
-    assert failure_kind(ConfigError("optim.batch_size = 4096 ...")) == TRIAL
-    assert failure_kind(NonFiniteLossError("training loss became nan")) == TRIAL
+    run_dir = tmp_path / "runs" / "trial-0000"
+    for err in (ConfigError("optim.batch_size = 4096 ..."), NonFiniteLossError("training loss became nan"),
+                RuntimeError("anything else"), KeyError("test/grad_cosine_distance"), ValueError("a bug"),
+                FileNotFoundError(2, "No such file or directory", "/elsewhere/weights.pt")):
+        assert classify(err, [tmp_path]) == TRIAL, err
+    refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError(111, "Connection refused"))
+    storage = optuna.exceptions.StorageInternalError("An exception is raised during the commit. This typically "
+                                                     "happens due to invalid data in the commit, e.g. exceeding max length.")
+    storage.__cause__ = refused
     for err in (MissingDataError("data.name = 'cifar10': found neither ..."), PermissionError(13, "Permission denied"),
-                OSError(28, "No space left on device"), wandb.errors.CommError("timeout"), RuntimeError("anything else")):
-        assert failure_kind(err) == ENVIRONMENT, err
+                OSError(28, "No space left on device"), wandb.errors.CommError("timeout"), refused, storage,
+                ConnectionResetError(104, "Connection reset by peer"),
+                FileExistsError(17, "File exists", str(run_dir))):  # a file in the way of the run directory
+        assert classify(err, [tmp_path]) == ENVIRONMENT, err
 
 
 def test_a_failing_environment_uses_no_budget_and_is_retried_once_fixed(tmp_path, caplog):
@@ -163,13 +178,12 @@ def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
         "import os, signal\n"
         "from forde.sweep.storage import SweepStorage\n"
         "from forde.sweep.study import load_study\n"
-        "from forde.sweep.worker import enqueue_grid, open_study\n"
+        "from forde.sweep.worker import Sweep\n"
         f"study, storage = load_study({study_arg!r}), SweepStorage({url!r})\n"
-        "opt = open_study(study, storage)\n"
+        "sweep = Sweep(study, storage)\n"
         "with storage.budget_lock(study.name):\n"
-        "    if study.grid:\n"
-        "        enqueue_grid(opt, study)\n"
-        "    opt.ask()\n"
+        "    sweep.carry_out(sweep.decide())\n"
+        "    sweep.opt.ask()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n")
     assert subprocess.run([sys.executable, "-c", dies_taking_a_trial]).returncode == -signal.SIGKILL
     ghost, = load(tmp_path, name).get_trials()

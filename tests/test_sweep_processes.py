@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from forde.sweep.worker import budget_used
-from sweep_support import (backend_args, configurations, env_for, epochs_trained, launch_cmd, load, logical,
+from sweep_support import (backend_args, budget_used, configurations, env_for, epochs_trained, launch_cmd, load, logical,
                            named_study, output, start, trained_at_least, wait_for, wandb_record, wandb_steps)
 
 SMALL = ["model.hidden=[32]", "eval.corruptions=[none]"]

@@ -1,58 +1,121 @@
-"""Signals acted on at known points of a run instead of wherever they land.
+"""Signals, in one module: what SIGTERM, Ctrl-C and Slurm's USR2 do to a sweep's launcher and its workers, and
+where a run acts on them.
 
-A Python signal handler runs between two bytecodes of whatever the main thread is doing, and an exception
-it raises there can be swallowed or replaced by library code caught half-way: OmegaConf, interrupted while
-it built a checkpoint's config, raised an AttributeError of its own instead, and the sweep took a stopped
-trial for a failure of the environment and went on. A sweep worker therefore only records a signal; the
-training loop, the evaluation loop and the worker's own loop call `check()`, where the signal's handler
-then runs (raising `Interrupted`, or submitit's SystemExit on preemption) from a place that expects it.
-Where nothing was deferred, `check()` does nothing.
+A Python signal handler runs between two bytecodes of whatever the main thread is doing, and an exception it
+raises there can be swallowed or replaced by library code caught half-way: OmegaConf, interrupted while it
+built a checkpoint's config, raised an AttributeError of its own, and a stopped trial was taken for a failure.
+So while a trial runs (`deferred`), a signal is only recorded; the training loop, the evaluation loop and the
+worker's loop call `check()`, where the signal's handler runs, once, from a place that expects it (raising
+`Interrupted`, or submitit's SystemExit once it has requeued a Slurm job). What the handler raised is raised
+again at every later check, so a stop that some library swallows still stops the run, and no handler (such as
+submitit's requeue) runs twice.
+
+Who does what:
+- a launcher, outside trials (`install(worker=False)`): SIGTERM or Ctrl-C raises Interrupted at once; a second
+  one ends the process;
+- a launcher running its one trial itself: the first signal stops the trial at the next check; a second stops it
+  at once, wherever it lands; more are ignored while the stopped trial is recorded;
+- a launcher with worker processes (`forwarding`): passes SIGTERM on to them; a second signal kills them;
+- a worker process (`install(worker=True)`): SIGTERM stops its trial at the next check, and repeats are ignored
+  (`timeout`, systemd or a signal to the process group reach it both directly and through its launcher);
+  Ctrl-C is left to the launcher; Slurm's USR2 runs submitit's handler at the next check; a worker whose
+  launcher died stops by itself (`stop_when_orphaned`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import signal
+import subprocess
+import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+STOPS = (signal.SIGTERM, signal.SIGINT)
 
 _pending: list[Callable[[], None]] = []  # the signal recorded, not acted on yet
-_acted: list[Callable[[], None]] = []    # the signal acted on
+_raised: list[BaseException] = []  # what acting on it raised: raised again at every later check
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT: stop the trial (it resumes when the sweep is re-run) and the process."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def install(worker: bool) -> dict[int, object]:
+    """The handlers outside trials (see the module's docstring); returns the previous ones for `restore`."""
+    previous = {s: signal.getsignal(s) for s in STOPS}
+    then = signal.SIG_IGN if worker else signal.SIG_DFL
+
+    def handler(signum, frame):
+        for s in STOPS:
+            signal.signal(s, then)
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if worker else handler)
+    return previous
+
+
+def restore(previous: dict[int, object]) -> None:
+    for s, h in previous.items():
+        signal.signal(s, h)
 
 
 @contextlib.contextmanager
 def deferred(*signums: int, repeat_acts_now: bool = False) -> Iterator[None]:
-    """Inside, each of these signals' current handlers runs at the next `check()`. Of signals arriving before
-    it, only the first is acted on: a second is ignored (a worker gets SIGTERM both directly and through its
-    launcher), or with `repeat_acts_now` makes the first act at once, wherever it lands (a second Ctrl-C)."""
+    """Inside, each of these signals' current handlers runs at the next `check()`. Of signals arriving before it,
+    only the first is acted on: a second is ignored, or with `repeat_acts_now` acts at once, wherever it lands
+    (a second Ctrl-C), and then stop signals are ignored until the block is left. Signals arriving after it are
+    ignored."""
     wrapped = {s: (h, functools.partial(_record, h, repeat_acts_now)) for s in signums if callable(h := signal.getsignal(s))}
     for signum, (_, wrapper) in wrapped.items():
         signal.signal(signum, wrapper)
+    stopped = False
     try:
         yield
+    except BaseException:
+        stopped = bool(_raised)
+        raise
     finally:
         for signum, (handler, wrapper) in wrapped.items():
-            if signal.getsignal(signum) is wrapper:  # not where a handler has moved on (e.g. to ignore repeats)
-                signal.signal(signum, handler)
+            if signal.getsignal(signum) is wrapper:  # not where a repeat has moved on to ignoring signals
+                signal.signal(signum, signal.SIG_IGN if stopped and signum in STOPS else handler)
         _pending.clear()
-        _acted.clear()
+        _raised.clear()
 
 
 def _record(handler: Callable, repeat_acts_now: bool, signum: int, frame) -> None:
+    if _raised:  # acted on already: the run is stopping, and its record must not be cut short
+        return
     if not _pending:
         _pending.append(functools.partial(handler, signum, None))
     elif repeat_acts_now:
+        for s in STOPS:
+            signal.signal(s, signal.SIG_IGN)
         check()
 
 
 def check() -> None:
-    """Run the handler of the signal recorded since the last check; once one has run, run it again at every
-    check, so that its exception, should some library catch and replace it, still stops the run."""
+    """Act on the signal recorded since the last check (run its handler); once a handler has raised, raise the
+    same again at every check."""
     if _pending:
-        _acted[:] = [_pending.pop()]
-    if _acted:
-        _acted[0]()
+        act = _pending.pop()
+        try:
+            act()
+        except BaseException as err:
+            _raised.append(err)
+            raise
+    if _raised:
+        raise _raised[0]
 
 
 def sleep(seconds: float) -> None:
@@ -62,3 +125,42 @@ def sleep(seconds: float) -> None:
         check()
         time.sleep(min(left, 0.1))
     check()
+
+
+@contextlib.contextmanager
+def between_steps(worker: bool) -> Iterator[None]:
+    """While trials run: stop signals (and Slurm's USR2) are acted on at the next check; a repeated one is
+    ignored by a worker process and stops a launcher's own trial at once."""
+    with deferred(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, repeat_acts_now=not worker):
+        yield
+
+
+@contextlib.contextmanager
+def forwarding(children: Callable[[], Iterable[subprocess.Popen]]) -> Iterator[list[int]]:
+    """A launcher with worker processes: SIGTERM or Ctrl-C is passed on to them as SIGTERM, a second one kills
+    them. Yields the signals received, in order."""
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for p in children():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    previous = {s: signal.signal(s, forward) for s in STOPS}
+    try:
+        yield received
+    finally:
+        restore(previous)
+
+
+def stop_when_orphaned(parent_pid: int) -> None:
+    """A worker whose launcher died (even by kill -9) stops like on SIGTERM instead of running on unattended."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        log.warning("worker %d: the launcher (pid %d) is gone; stopping", os.getpid(), parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()

@@ -26,7 +26,11 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from forde.config import ConfigError
+from forde.sweep import worker
+from forde.sweep.options import worker_argv
 from forde.sweep.storage import SweepStorage
+from forde.sweep.study import load_study
+from forde.sweep.summary import best_table
 
 log = logging.getLogger("forde.sweep")
 
@@ -158,8 +162,6 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         self.overrides, self.n_trials = overrides, n_trials
 
     def __call__(self, task: int) -> int:
-        from forde.sweep.launch import main
-
         env = submitit.JobEnvironment()
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:  # CPU workers use the cores Slurm gave them, not every core of the node
@@ -170,28 +172,21 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         logging.getLogger("submitit").propagate = False  # it has its own handler; once is enough
         log.info("Slurm job %s (array task %d, restart %s) on %s, CUDA_VISIBLE_DEVICES=%s", env.job_id, task,
                  os.environ.get("SLURM_RESTART_COUNT", "0"), env.hostname, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-        code = main(self.argv)
+        code = worker.main(self.argv)
         self.write_best()
         return code
 
     def write_best(self) -> None:
         """best.md as it stands when this worker finds nothing left to start (the last worker's is final)."""
-        from forde.sweep.launch import best_table
-        from forde.sweep.study import load_study
-        from forde.sweep.storage import SweepStorage
-        from forde.sweep.worker import open_study
-
         study = load_study(self.study_file, self.overrides)
         study.n_trials = self.n_trials or study.n_trials
-        opt = open_study(study, SweepStorage(self.storage))
+        opt = worker.open_study(study, SweepStorage(self.storage))
         (self.study_dir / "best.md").write_text(best_table(opt, study))
 
 
 def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path, storage: SweepStorage) -> int:
     """Submit the array (after the launcher's checks and preparation), say how to follow it; the exit code."""
     out, study_dir = Path(args.out).resolve(), study_dir.resolve()
-    from forde.sweep.launch import worker_argv
-
     study_file = Path(args.study_file).resolve()
     argv = worker_argv(argparse.Namespace(**{**vars(args), "study_file": study_file, "out": out}), storage.url)
     worker = SlurmWorker(argv, study_file, storage.url, study_dir, list(args.overrides), args.n_trials)

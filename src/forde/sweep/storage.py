@@ -1,15 +1,21 @@
 """Where a study lives. One `--storage` value becomes an Optuna storage, with its reachability check, the
-lock that holds the trial budget, and the heartbeats that tell a dead worker's trial from a running one.
+lock that holds the trial budget, the heartbeats that tell a dead worker's trial from a running one, and the
+patience that rides out an outage.
 
     sqlite:///PATH                    one machine (the default: study.db in the study directory)
     postgresql://USER@HOST:PORT/DB    many machines sharing a database server (`pip install -e .[postgres]`)
     journal:PATH                      many machines sharing a filesystem, no server (Optuna's JournalStorage,
                                       an append-only log; what Optuna recommends for clusters without a database)
 
-Heartbeats: a running trial's worker records one every HEARTBEAT_S seconds; a trial without one for
-GRACE_S seconds is stale (its worker was killed, or its machine lost). PostgreSQL and SQLite use Optuna's
-heartbeat table, timed by the database's clock; the journal records them as trial system attributes,
-timed by the workers' clocks (keep them in sync, e.g. with NTP).
+Outages: a call that fails because the database or the filesystem is unavailable is made again, with pauses,
+for up to OUTAGE_S seconds (`patiently`); only reads and writes that may be repeated are retried (a decision of
+the worker as a whole, which reads the study again; setting an attribute, a reported value, a final state).
+
+Heartbeats: a running trial's worker records one every HEARTBEAT_S seconds; a trial without one for GRACE_S
+seconds is stale (its worker was killed, or its machine lost). In a database they are a system attribute of
+the trial (one row, updated); beside a journal, one file per running trial whose modification time is the beat
+(the journal itself does not grow with them). Both are timed by the clocks of the machines (keep them in sync,
+e.g. with NTP).
 """
 
 from __future__ import annotations
@@ -17,43 +23,100 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-from optuna.trial import TrialState
-import sqlalchemy.exc
+from optuna.trial import FrozenTrial
 
+from forde import interrupts
 from forde.config import ConfigError
+from forde.sweep.leases import FileLease
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 20
 GRACE_S = 60
+OUTAGE_S = 300  # how long a storage may be unavailable before a worker counts it as a failure of the environment
+LEASE_REFRESH_S = 5
 CONNECT_TIMEOUT_S = 10
-RETRY_PAUSES_S = (1, 2, 4, 8, 16)  # a dropped database connection: tried again for half a minute
 JOURNAL_PREFIX = "journal:"
-JOURNAL_HEARTBEAT = "forde:heartbeat"
+HEARTBEAT = "forde:heartbeat"
 DEFAULT_SQLITE, DEFAULT_JOURNAL = "study.db", "journal.log"
+T = TypeVar("T")
 
-# What the storage raises when the database or the filesystem under it is unavailable.
-STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, OSError, TimeoutError, sqlalchemy.exc.SQLAlchemyError)
-# ... and of those, what a new connection may cure: the server restarted, failed over, or dropped the connection.
-TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+# What a storage raises when the database or the filesystem under it fails.
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
+# ... and of those, what passes: a dropped or refused connection, a locked database, a filesystem that stalled.
+TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNREFUSED, errno.ECONNRESET,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+LASTING = ("no space left", "disk is full", "diskfull", "read-only", "readonly", "permission denied", "quota")
 
 
 class StorageError(ConfigError):
     """The storage cannot be used; raised before any data is prepared, with the fix."""
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """`err` and the errors under it: a wrapper's cause, a database driver's own error (SQLAlchemy's `orig`)."""
+    chain = [err]
+    while (inner := getattr(chain[-1], "orig", None) or chain[-1].__cause__) is not None and inner not in chain:
+        chain.append(inner)
+    return chain
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The driver's or the system's own error (Optuna's StorageInternalError says "invalid data in the commit"
+    for a refused connection and for a full disk alike)."""
+    return causes(err)[-1]
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """An error of the database layer (an OSError of the journal's file is judged by its errno, as any OSError)."""
+    return isinstance(err, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether waiting may cure it: a connection or a filesystem that comes back, not a full disk or a denied write."""
+    cause = root_cause(err)
+    if any(word in f"{type(cause).__name__}: {cause}".lower() for word in LASTING):
+        return False
+    if isinstance(cause, OSError):
+        return cause.errno in TRANSIENT_ERRNOS or isinstance(cause, (ConnectionError, TimeoutError))
+    return any(isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) for e in causes(err))
+
+
+def patiently(call: Callable[..., T], *args, what: str = "", **kwargs) -> T:
+    """`call(*args, **kwargs)`, made again with growing pauses while the storage is unavailable for a transient
+    reason, up to OUTAGE_S seconds; `call` must be safe to repeat. A signal ends the wait."""
+    deadline, pause = time.monotonic() + OUTAGE_S, 1.0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except STORAGE_ERRORS as err:
+            if not is_transient(err) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("storage unavailable%s (%s); trying again in %d s (for up to %d s in all)",
+                        f" while {what}" if what else "", describe(err), pause, OUTAGE_S)
+            interrupts.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
+
+def describe(err: BaseException) -> str:
+    """'Type: first line of the message', of the root cause."""
+    cause = root_cause(err)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
 def default_url(study_dir: Path, kind: str = "sqlite") -> str:
@@ -70,36 +133,16 @@ def find_url(study_dir: Path) -> str | None:
     return None
 
 
-class Retrying:
-    """A database storage whose calls are made again, after a pause, when the connection dropped: each call
-    is one transaction, rolled back when it fails, so a worker rides out a database restart or failover."""
-
-    def __init__(self, inner: RDBStorage):
-        self.inner = inner
-
-    def __getattr__(self, name: str):
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def call(*args, **kwargs):
-            for pause in (*RETRY_PAUSES_S, None):
-                try:
-                    return attr(*args, **kwargs)
-                except STORAGE_ERRORS as err:
-                    if pause is None or not isinstance(err if isinstance(err, TRANSIENT) else err.__cause__, TRANSIENT):
-                        raise
-                    log.warning("storage: %s; trying again in %d s", str(err).strip().splitlines()[0], pause)
-                    time.sleep(pause)
-
-        return call
+def driver_url(url: str) -> str:
+    """`postgresql://` with the driver the `postgres` extra installs (psycopg 3): SQLAlchemy before 2.1 would
+    pick psycopg2, which is not installed."""
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
 @dataclass
 class SweepStorage:
     url: str
-    _optuna: BaseStorage | Retrying | None = field(default=None, repr=False)
+    _optuna: BaseStorage | None = field(default=None, repr=False)
     _lock_engine: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -129,24 +172,21 @@ class SweepStorage:
         return None
 
     @property
-    def optuna(self) -> BaseStorage | Retrying:
-        """What Optuna's functions take as `storage`."""
+    def optuna(self) -> BaseStorage:
+        """What Optuna's functions take as `storage` (a database storage, which Optuna then reads through its
+        cache of finished trials, or the journal)."""
         if self._optuna is None:
             if self.kind == "journal":
                 self._optuna = JournalStorage(JournalFileBackend(str(self.path), JournalFileOpenLock(str(self.path))))
             else:
                 kwargs = ({"connect_args": {"timeout": 60}} if self.kind == "sqlite" else
                           {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}})
-                # Heartbeats on, stale-trial callback off: the worker re-queues stale trials itself, under the budget lock.
-                with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and known to be here
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    self._optuna = Retrying(RDBStorage(self.url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                       grace_period=GRACE_S))
+                self._optuna = RDBStorage(driver_url(self.url), engine_kwargs=kwargs)
         return self._optuna
 
     def check(self, patient: bool = False) -> None:
         """Open the storage and read it once: an unreachable server or an unwritable file fails here, at once
-        (`patient`: after the retry pauses, for workers of a launcher that has checked it already)."""
+        (`patient`: after waiting out an outage, for workers of a launcher that has checked it already)."""
         if self.path is not None:
             folder = self.path.parent
             try:
@@ -155,44 +195,46 @@ class SweepStorage:
                 raise StorageError(f"storage {self.display}: cannot create {folder} ({err.strerror}); choose another path") from None
             if not os.access(folder, os.W_OK):
                 raise StorageError(f"storage {self.display}: {folder} is not writable; choose a writable path")
-        for pause in (*(RETRY_PAUSES_S if patient else ()), None):
-            try:
-                backend = self.optuna
-                (backend.inner if isinstance(backend, Retrying) else backend).get_all_studies()
-                return
-            except Exception as err:  # whatever the driver raises: say what and how to fix it, in one line
-                self._optuna = None
-                if pause is not None:
-                    time.sleep(pause)
-                    continue
-                hint = {"postgresql": "check that the server runs, the host, port, user and database, and that the "
-                                      "driver is installed (`pip install -e .[postgres]`)",
-                        "sqlite": "check the path and that no other program holds the file locked",
-                        "journal": "check that the path is on a shared, writable filesystem"}[self.kind]
-                cause = str(getattr(err, "orig", None) or err.__cause__ or err).strip().splitlines()
-                raise StorageError(f"cannot use the storage {self.display}: {cause[0] if cause else type(err).__name__}; "
-                                   f"{hint}") from None
+        try:
+            if patient:
+                patiently(self._read_once, what="opening the study")
+            else:
+                self._read_once()
+        except Exception as err:  # whatever the driver raises: say what and how to fix it, in one line
+            self._optuna = None
+            hint = {"postgresql": "check that the server runs, the host, port, user and database, and that the "
+                                  "driver is installed (`pip install -e .[postgres]`)",
+                    "sqlite": "check the path and that no other program holds the file locked",
+                    "journal": "check that the path is on a shared, writable filesystem"}[self.kind]
+            raise StorageError(f"cannot use the storage {self.display}: {describe(err)}; {hint}") from None
+
+    def _read_once(self) -> None:
+        try:
+            self.optuna.get_all_studies()
+        except Exception:
+            self._optuna = None  # a storage that never opened is built again on the next try
+            raise
 
     # -- the budget lock -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def budget_lock(self, study_name: str):
-        """Serialise 'count the trials, start one' across every worker of the study, on every machine."""
+    def budget_lock(self, study_name: str) -> Iterator[None]:
+        """Serialise 'read the study, decide, take a trial' across every worker of the study, on every machine."""
         if self.kind == "postgresql":
             with self._advisory_lock(study_name):
                 yield
         elif self.kind == "sqlite":
-            with _flock(self.path.with_name(f".{self.path.name}.{study_name}.lock")):
+            with _flock(self.path.with_name(f".{self.path.name}.{_key(study_name)}.lock")):
                 yield
         else:
-            with _ExclusiveFile(Path(f"{self.path}.{study_name}.budget.lock")):
+            with FileLease(Path(f"{self.path}.{_key(study_name)}.budget"), ttl_s=GRACE_S, refresh_s=LEASE_REFRESH_S):
                 yield
 
     @contextlib.contextmanager
-    def _advisory_lock(self, study_name: str):
+    def _advisory_lock(self, study_name: str) -> Iterator[None]:
         from sqlalchemy import create_engine, text
 
         if self._lock_engine is None:
-            self._lock_engine = create_engine(self.url, pool_pre_ping=True, pool_size=1,
+            self._lock_engine = create_engine(driver_url(self.url), pool_pre_ping=True, pool_size=1,
                                               connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
         key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)
         with self._lock_engine.connect() as conn:  # a session lock: the server drops it if this process dies
@@ -204,23 +246,53 @@ class SweepStorage:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
 
     # -- heartbeats ----------------------------------------------------------------------------------
-    def record_heartbeat(self, trial_id: int) -> None:
-        if self.kind == "journal":
-            self.optuna.set_trial_system_attr(trial_id, JOURNAL_HEARTBEAT, time.time())
-        else:
-            self.optuna.record_heartbeat(trial_id)
+    def heartbeats(self, study_name: str) -> Heartbeats:
+        return Heartbeats(self, study_name)
+
+
+class Heartbeats:
+    """The heartbeats of one study's running trials."""
+
+    def __init__(self, storage: SweepStorage, study_name: str):
+        self.storage = storage
+        self.folder = Path(f"{storage.path}.heartbeats") if storage.kind == "journal" else None
+        self.prefix = _key(study_name)
+
+    def _file(self, number: int) -> Path:
+        return self.folder / f"{self.prefix}-{number}"
+
+    def beat(self, number: int, trial_id: int) -> None:
+        if self.folder is None:
+            self.storage.optuna.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._file(number).touch()
+
+    def last(self, t: FrozenTrial) -> float:
+        """When the trial's worker last showed it was alive (its start, before a first beat)."""
+        started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+        if self.folder is None:
+            return t.system_attrs.get(HEARTBEAT, started)
+        try:
+            return os.stat(self._file(t.number)).st_mtime
+        except FileNotFoundError:
+            return started
+
+    def forget(self, number: int) -> None:
+        if self.folder is not None:
+            self._file(number).unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def heartbeat(self, trial_id: int):
-        """Record the trial's heartbeat every HEARTBEAT_S seconds while it runs; a storage hiccup skips a beat."""
+    def running(self, number: int, trial_id: int) -> Iterator[None]:
+        """Beat every HEARTBEAT_S seconds while the trial runs; a storage hiccup skips a beat (GRACE_S allows two)."""
         stop = threading.Event()
 
-        def beat():
+        def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
                 try:
-                    self.record_heartbeat(trial_id)
-                except Exception as err:  # the next beat may get through; GRACE_S allows for two misses
-                    log.warning("heartbeat of trial id %d not recorded: %s", trial_id, str(err).splitlines()[0])
+                    self.beat(number, trial_id)
+                except Exception as err:
+                    log.warning("heartbeat of trial %d not recorded: %s", number, describe(err))
 
         thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
         thread.start()
@@ -230,17 +302,14 @@ class SweepStorage:
             stop.set()
             thread.join()
 
-    def stale_trial_ids(self, study: optuna.Study) -> list[int]:
-        """RUNNING trials whose worker stopped recording heartbeats GRACE_S seconds ago or more."""
-        if self.kind != "journal":
-            return self.optuna._get_stale_trial_ids(study._study_id)
-        now = time.time()
-        return [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if now - t.system_attrs.get(JOURNAL_HEARTBEAT, now) > GRACE_S]
+
+def _key(study_name: str) -> str:
+    """A study's name as a file-name part: any name, no path."""
+    return hashlib.sha1(study_name.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
-def _flock(path: Path):
+def _flock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -248,47 +317,3 @@ def _flock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-class _ExclusiveFile:
-    """A lock that works on shared filesystems (NFS included): whoever creates the file with O_EXCL holds it.
-    A holder that died leaves the file behind; after GRACE_S seconds without change it is taken over."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.held = False
-
-    def __enter__(self):
-        waited_since, seen = time.monotonic(), None
-        delay = 0.01
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
-                os.close(fd)
-                self.held = True
-                return self
-            except FileExistsError:
-                pass
-            try:
-                stamp = self.path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if stamp != seen:
-                seen, waited_since = stamp, time.monotonic()
-            elif time.monotonic() - waited_since > GRACE_S:
-                log.warning("taking over the budget lock %s, unchanged for %d s (its holder died?)", self.path, GRACE_S)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-                continue
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-    def __exit__(self, *exc):
-        if self.held:
-            self.held = False
-            try:
-                os.unlink(self.path)
-            except OSError as err:
-                if err.errno != errno.ENOENT:
-                    raise

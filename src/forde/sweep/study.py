@@ -113,6 +113,16 @@ class Study:
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    @property
+    def samples(self) -> bool:
+        """Whether new configurations are sampled once the grid (if any) is started; a grid study only runs its grid."""
+        return self.sampler.get("name", "tpe") != "grid"
+
+    @property
+    def size(self) -> int:
+        """How many configurations the study runs: n_trials, or fewer when a grid study's grid is smaller."""
+        return self.n_trials if self.samples else min(self.n_trials, len(self.grid))
+
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sampled (or enqueued) values for every active key, conditions resolved in file order."""
         chosen: dict[str, Any] = {}
@@ -134,7 +144,7 @@ class Study:
             make = lambda seed: optuna.samplers.TPESampler(seed=seed, **kw)
         elif name == "nsga2":
             make = lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **kw)
-        else:  # random; grid: every trial comes from the study's `grid` (enqueued), this sampler is never consulted
+        else:  # random; grid: every trial comes from the study's `grid` (queued), this sampler is never consulted
             make = lambda seed: optuna.samplers.RandomSampler(seed=seed, **kw)
         return TrialSeededSampler(make, self.sampler.get("seed"))
 
@@ -308,6 +318,8 @@ def check_study(study: Study) -> None:
     cfg = study.trial_config(probe)
     for o in study.objectives:
         _check_metric(study.name, o.metric, cfg)
+        if o.metric.endswith("grad_cosine_distance"):
+            _check_gradient_diversity(study, o.metric, cfg)
     if study.prune_metric:
         _check_metric(study.name, study.prune_metric, cfg, per_epoch=True)
 
@@ -327,3 +339,15 @@ def _check_metric(name: str, metric: str, cfg: TrainConfig, per_epoch: bool = Fa
         _fail(name, f"metric '{metric}' must start with val/, test/ or corrupted/")
     if leaf not in leaves:
         _fail(name, f"metric '{metric}': unknown metric '{leaf}'; known: {', '.join(leaves)}")
+
+
+def _check_gradient_diversity(study: Study, metric: str, cfg: TrainConfig) -> None:
+    """Gradient diversity needs two members and gradient samples in every trial."""
+    if cfg.eval.grad_samples <= 0:
+        _fail(study.name, f"objective '{metric}' needs eval.grad_samples > 0 (input gradients to compare)")
+    searched = next((p for p in study.params if p.key == "ensemble_size"), None)
+    smallest = min(searched.extremes()) if searched else cfg.ensemble_size
+    if smallest < 2:
+        where = "search_space.ensemble_size" if searched else "ensemble_size"
+        _fail(study.name, f"{where}: an ensemble of {smallest} member has no gradient diversity, which objective "
+                          f"'{metric}' measures; use ensembles of 2 or more members")

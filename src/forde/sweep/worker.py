@@ -1,81 +1,46 @@
 """One sweep worker: takes trials from the shared Optuna study until the budget is spent.
 
-How a trial ends, and what it costs (user attributes `failure` and `fail_reason` say which and why):
-- complete or pruned: counts toward n_trials.
-- failed because of the trial itself (a config error, divergence, out of device memory): counts, once.
-- failed because of the environment (W&B, disk, permissions, storage, missing data, any other error), its
-  worker killed, or interrupted (SIGTERM, Ctrl-C): does not count. A retry is queued that resumes from the
-  trial's last checkpoint in the same run directory. A worker stops after MAX_ENV_FAILURES environment
-  failures in a row (the cause is lasting: fix it and re-run); a configuration whose worker is killed more
-  than MAX_KILLS times is given up, and then counts (it likely exhausts the machine's memory).
-- a configuration the sampler proposes again is discarded before it starts (`duplicate`) and redrawn; a
-  trial whose worker died while taking it is discarded too (`not_started`) and drawn or queued again.
+The rules (what an attempt can become, what the budget counts, what is retried) are in forde.sweep.lifecycle;
+this module carries them out against the storage: it reads the study once per decision under the budget lock
+(see forde.sweep.storage), fails the attempts of dead workers, queues retries and grid points, takes a trial,
+trains it, and records how it ended, the storage first and the tracker after.
 
-Everything that touches other workers' trials (failing dead ones, queueing retries) and taking a trial
-happens under the budget lock (see forde.sweep.storage), so workers never race for a trial and never
-start more than n_trials between them.
+A worker stops after MAX_ENV_FAILURES failures of the environment in a row (the cause is lasting: fix it and
+re-run), with exit code EXIT_ENVIRONMENT; a storage that is unavailable for a while (up to OUTAGE_S) is waited
+for, not counted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from forde import interrupts
-from forde.config import ConfigError, MissingDataError
-from forde.sweep.sampling import duplicate_of
-from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage
+from forde.config import ConfigError
+from forde.interrupts import Interrupted
+from forde.sweep.lifecycle import (CARRIED, DONE, DUPLICATE, ENVIRONMENT, FAILURE, GIVEN_UP, INTERRUPTED, REASON,
+                                   STARTED, TRIAL, WORKER, Decision, Ledger, classify, decide, lineage)
+from forde.sweep.options import parse_args, resolve, run_command
+from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage, describe, patiently
 from forde.sweep.study import Study
 from forde.tracking import WandbRun
-from forde.train import NonFiniteLossError, train
 
 log = logging.getLogger(__name__)
 
-MAX_KILLS = 3
 MAX_ENV_FAILURES = 3
 BACKOFF_S = 2.0
 MAX_DRAWS = 10
 EXIT_ENVIRONMENT = 3
-
-FAILURE = "failure"
-TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, DUPLICATE, NOT_STARTED, GIVEN_UP = (
-    "trial", "environment", "killed", "interrupted", "duplicate", "not_started", "given_up")
-RETRIED = (ENVIRONMENT, KILLED, INTERRUPTED)
-DISCARDED = (DUPLICATE, NOT_STARTED)  # attempts that are no part of any configuration's history
-CARRIED_ATTRS = ("run_dir", "config_params")  # what a retry inherits from the attempt it retries
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT: stop the trial (it resumes when the sweep is re-run) and the worker."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-def failure_kind(err: BaseException) -> str:
-    """TRIAL for what this configuration caused (fails once, counts), ENVIRONMENT for the rest (retried)."""
-    import torch
-
-    if isinstance(err, MissingDataError):
-        return ENVIRONMENT
-    if isinstance(err, (ConfigError, NonFiniteLossError, torch.OutOfMemoryError, MemoryError)):
-        return TRIAL
-    return ENVIRONMENT
-
-
-def describe(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+PRUNED = "pruned"
 
 
 def open_study(study: Study, storage: SweepStorage) -> optuna.Study:
@@ -95,55 +60,7 @@ def open_study(study: Study, storage: SweepStorage) -> optuna.Study:
     return opt
 
 
-# -- lineages: a trial and its retries ---------------------------------------------------------------
-def lineage(trial: FrozenTrial) -> int:
-    """The number of the trial this one retries (itself when it is no retry)."""
-    return trial.system_attrs.get("failed_trial", trial.number)
-
-
-def lineages(trials: list[FrozenTrial]) -> dict[int, list[FrozenTrial]]:
-    """Attempts grouped by the trial they retry; discarded attempts (duplicate, not_started) belong to none."""
-    out: dict[int, list[FrozenTrial]] = defaultdict(list)
-    for t in trials:
-        if t.user_attrs.get(FAILURE) not in DISCARDED:
-            out[lineage(t)].append(t)
-    return out
-
-
-def counts(attempts: list[FrozenTrial]) -> bool:
-    """Whether a lineage uses a slot of the budget: finished, running or queued, or failed by its own doing."""
-    return any(a.state != TrialState.FAIL or a.user_attrs.get(FAILURE, TRIAL) not in RETRIED for a in attempts)
-
-
-def budget_used(trials: list[FrozenTrial]) -> int:
-    return sum(counts(attempts) for attempts in lineages(trials).values())
-
-
-def requeue(opt: optuna.Study, failed: FrozenTrial) -> None:
-    """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint."""
-    system = {"failed_trial": lineage(failed), "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number]}
-    if "fixed_params" in failed.system_attrs:
-        system["fixed_params"] = failed.system_attrs["fixed_params"]
-    opt.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
-        user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED_ATTRS}, system_attrs=system,
-        intermediate_values=failed.intermediate_values))
-    retry = f" (a retry of trial {lineage(failed)})" if lineage(failed) != failed.number else ""
-    log.info("trial %d%s (%s) queued again after: %s", failed.number, retry, failed.user_attrs.get(FAILURE),
-             failed.user_attrs.get("fail_reason", "?"))
-
-
-def mark_failed(opt: optuna.Study, trial_id: int, kind: str, reason: str) -> bool:
-    """Record why, then FAIL the trial; False when it had finished meanwhile."""
-    try:
-        opt._storage.set_trial_user_attr(trial_id, FAILURE, kind)
-        opt._storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-        return opt._storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    except UpdateFinishedTrialError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process of this host still runs (a zombie whose parent has not reaped it yet does not)."""
     try:
         os.kill(pid, 0)
@@ -158,84 +75,110 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def reconcile(opt: optuna.Study, storage: SweepStorage) -> None:
-    """Under the budget lock: fail the running trials of dead workers (gone from this host, or silent for
-    GRACE_S seconds, or gone before they tagged the trial they took), then queue one retry for every lineage
-    whose last attempt failed for a reason outside itself."""
-    host = socket.gethostname()
-    stale = set(storage.stale_trial_ids(opt))
-    trials = opt.get_trials(deepcopy=False)
-    by_lineage = lineages(trials)
-    for t in trials:
-        if t.state != TrialState.RUNNING:
-            continue
-        worker = t.user_attrs.get("worker", "")
-        w_host, _, pid = worker.rpartition(":")
-        if not worker:  # under the budget lock, only a worker that died inside next_trial leaves one untagged
-            why = "its worker died while taking it"
-        elif w_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            why = f"its worker {worker} died during the trial (killed, or out of memory)"
-        elif t._trial_id in stale:
-            why = f"its worker {worker} sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
-        else:
-            continue
-        if "run_dir" not in t.user_attrs:  # no run began: nothing to resume, and no kill to hold against it
-            why = f"{why}; no run had begun, so it is discarded (the study draws or queues it again)"
-            if mark_failed(opt, t._trial_id, NOT_STARTED, why):
-                log.warning("trial %d: %s", t.number, why)
-            continue
-        kills = 1 + sum(a.user_attrs.get(FAILURE) == KILLED for a in by_lineage[lineage(t)])
-        if kills > MAX_KILLS:
-            kind, why = GIVEN_UP, f"{why}; its worker was killed {kills} times running it, so it is not retried again " \
-                                  "(does this configuration exhaust the machine's memory?)"
-        else:
-            kind, why = KILLED, f"{why}; retried from its last checkpoint"
-        if mark_failed(opt, t._trial_id, kind, why):
-            log.warning("trial %d: %s", t.number, why)
-    for attempts in lineages(opt.get_trials(deepcopy=False)).values():
-        last = max(attempts, key=lambda a: a.number)
-        if all(a.state == TrialState.FAIL for a in attempts) and last.user_attrs.get(FAILURE) in RETRIED:
-            requeue(opt, last)
+class Sweep:
+    """One process's hold on the study: the reads, the decisions of forde.sweep.lifecycle, and the writes that
+    carry them out."""
 
+    def __init__(self, study: Study, storage: SweepStorage):
+        self.study, self.storage = study, storage
+        self.opt = open_study(study, storage)
+        self.backend = storage.optuna
+        self.study_id = self.backend.get_study_id_from_name(study.name)
+        self.heartbeats = storage.heartbeats(study.name)
+        self.host = socket.gethostname()
+        self.tag = f"{self.host}:{os.getpid()}"
+        self._ids: dict[int, int] = {}
 
-def enqueue_grid(opt: optuna.Study, study: Study) -> None:
-    """Queue the next grid point not already in the study, when no trial waits: a retry, which resumes a
-    partly trained run, goes before the points nobody started (Optuna takes waiting trials in order)."""
-    trials = opt.get_trials(deepcopy=False)
-    if any(t.state == TrialState.WAITING for t in trials):
-        return
-    present = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials
-               if "failed_trial" not in t.system_attrs and t.user_attrs.get(FAILURE) not in DISCARDED]
-    for point in study.grid:
-        if not any(all(p.get(k) == v for k, v in point.items()) for p in present):
-            opt.enqueue_trial(point)
-            return
+    def trials(self) -> list[FrozenTrial]:
+        return self.opt.get_trials(deepcopy=False)
 
+    def trial_id(self, number: int) -> int:
+        if number not in self._ids:
+            self._ids[number] = self.backend.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self._ids[number]
 
-def next_trial(opt: optuna.Study, study: Study, storage: SweepStorage) -> tuple[optuna.Trial, dict] | None:
-    """Under the budget lock: a queued trial (grid point or retry), a newly sampled configuration the study
-    has not tried while the budget lasts, or None when the study is done."""
-    for _ in range(MAX_DRAWS):
-        trials = opt.get_trials(deepcopy=False)
-        if not any(t.state == TrialState.WAITING for t in trials) and budget_used(trials) >= study.n_trials:
-            return None
-        trial = opt.ask()
-        storage.record_heartbeat(trial._trial_id)  # then tag it: a tagged trial is one a dead worker's check sees
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        system = opt._storage.get_trial(trial._trial_id).system_attrs
-        params = study.suggest(trial)
-        if "fixed_params" in system or "failed_trial" in system:
-            return trial, params
-        twin = duplicate_of(trial.params, trial.number, trials, lineage)
-        if twin is None:
-            return trial, params
-        trial.set_user_attr(FAILURE, DUPLICATE)
-        trial.set_user_attr("fail_reason", f"the sampler proposed trial {twin}'s configuration again; discarded before it started")
-        opt.tell(trial, state=TrialState.FAIL)
-        log.info("trial %d: the sampler proposed trial %d's configuration again; drawing another", trial.number, twin)
-    log.warning("the sampler proposed only configurations the study has tried (%d draws in a row): the search space "
-                "looks exhausted; stopping", MAX_DRAWS)
-    return None
+    def gone(self, t: FrozenTrial) -> str | None:
+        """Why a running attempt's worker is gone; None while it lives. Asked under the budget lock, where a
+        worker takes and tags a trial in one go, and while this process runs no trial of its own."""
+        tag = t.user_attrs.get(WORKER, "")
+        if not tag or tag == self.tag:
+            return "its worker stopped while taking it (it died, or lost the storage)"
+        host, _, pid = tag.rpartition(":")
+        if host == self.host and pid.isdigit() and not pid_alive(int(pid)):
+            return f"its worker {tag} died during the trial (killed, or out of memory)"
+        if time.time() - self.heartbeats.last(t) > GRACE_S:
+            return f"its worker {tag} sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
+        return None
+
+    def decide(self) -> Decision:
+        s = self.study
+        return decide(self.trials(), s.n_trials, s.grid, s.samples, self.gone)
+
+    def fail(self, number: int, kind: str, reason: str) -> bool:
+        """Record why, then FAIL the attempt; False when it had finished meanwhile."""
+        trial_id = self.trial_id(number)
+        try:
+            self.backend.set_trial_user_attr(trial_id, FAILURE, kind)
+            self.backend.set_trial_user_attr(trial_id, REASON, reason)
+            return self.backend.set_trial_state_values(trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return False
+
+    def carry_out(self, d: Decision) -> None:
+        for f in d.fail:
+            if self.fail(f.attempt.number, f.kind, f.reason):
+                log.warning("trial %d: %s", f.attempt.number, f.reason)
+        for failed in d.requeue:
+            self.requeue(failed)
+        if d.enqueue is not None:
+            self.opt.enqueue_trial(d.enqueue)
+
+    def requeue(self, failed: FrozenTrial) -> None:
+        """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint."""
+        system = {"failed_trial": lineage(failed),
+                  "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number]}
+        if "fixed_params" in failed.system_attrs:
+            system["fixed_params"] = failed.system_attrs["fixed_params"]
+        self.opt.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+            user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED}, system_attrs=system,
+            intermediate_values=failed.intermediate_values))
+        retry = f" (a retry of trial {lineage(failed)})" if lineage(failed) != failed.number else ""
+        log.info("trial %d%s (%s) queued again after: %s", failed.number, retry, failed.user_attrs.get(FAILURE),
+                 failed.user_attrs.get(REASON, "?"))
+
+    def settle(self) -> Decision:
+        """Under the budget lock: fail dead workers' attempts and queue their retries, taking nothing."""
+        with self.storage.budget_lock(self.study.name):
+            d = self.decide()
+            d.enqueue = None
+            self.carry_out(d)
+            return d
+
+    def take(self) -> tuple[optuna.Trial, dict[str, Any]] | None:
+        """Under the budget lock: decide, carry it out, and take what it says (a queued trial, or a new sample
+        the study has not tried); None when nothing is left to start."""
+        with self.storage.budget_lock(self.study.name):
+            d = self.decide()
+            self.carry_out(d)
+            if d.take is None:
+                log.info("worker %d: nothing left to start in study '%s': %s", os.getpid(), self.study.name, d.done)
+                return None
+            for _ in range(MAX_DRAWS):
+                trial = self.opt.ask()
+                self.heartbeats.beat(trial.number, self.trial_id(trial.number))  # then the tag: see `gone`
+                trial.set_user_attr(WORKER, self.tag)
+                params = self.study.suggest(trial)
+                twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
+                if twin is None:
+                    return trial, params
+                self.fail(trial.number, DUPLICATE,
+                          f"the sampler proposed trial {twin}'s configuration again; discarded before it started")
+                log.info("trial %d: the sampler proposed trial %d's configuration again; drawing another",
+                         trial.number, twin)
+        log.warning("the sampler proposed only configurations the study has tried (%d draws in a row): the search "
+                    "space looks exhausted; stopping", MAX_DRAWS)
+        return None
 
 
 class PruningReporter:
@@ -247,111 +190,162 @@ class PruningReporter:
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         if self.metric is None or self.metric not in metrics:
             return
-        self.trial.report(metrics[self.metric], epoch)
-        if self.trial.should_prune():
+        patiently(self.trial.report, metrics[self.metric], epoch, what="reporting an epoch")
+        if patiently(self.trial.should_prune, what="asking the pruner"):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.metric} = {metrics[self.metric]:.4f})")
 
     def on_train_end(self, results: dict) -> None:
         pass
 
 
+@dataclass
+class Ending:
+    """How an attempt ended: `cause` is DONE, PRUNED, INTERRUPTED, TRIAL or ENVIRONMENT."""
+
+    cause: str
+    reason: str | None = None
+    values: list[float] | None = None
+    summary: dict | None = None
+    stop: BaseException | None = None  # a signal's exception, raised on once the attempt is recorded
+
+    @property
+    def tracker_outcome(self) -> str:
+        return {DONE: "finished", PRUNED: "pruned", INTERRUPTED: "interrupted"}.get(self.cause, "failed")
+
+
+# the errors a trial is expected to end with now and then: one line in the log, no traceback
+EXPECTED = (ConfigError, MemoryError)
+
+
+def _expected(err: BaseException) -> bool:
+    import torch
+
+    from forde.train import NonFiniteLossError
+
+    return isinstance(err, (*EXPECTED, NonFiniteLossError, torch.OutOfMemoryError)) or classify(err) == ENVIRONMENT
+
+
 class TrialRunner:
-    """Turns one Optuna trial into one training run and its outcome."""
+    """Turns one attempt into one training run, and records how it ended."""
 
-    def __init__(self, study: Study, study_dir: Path, storage: SweepStorage, *, use_wandb: bool):
-        self.study, self.study_dir, self.storage, self.use_wandb = study, study_dir, storage, use_wandb
+    def __init__(self, sweep: Sweep, study_dir: Path, *, use_wandb: bool, train_fn: Callable | None = None):
+        from forde.train import train
 
-    def train(self, trial: optuna.Trial, params: dict) -> list[float] | float:
-        study = self.study
-        number = lineage(self.storage.optuna.get_trial(trial._trial_id))
+        self.sweep, self.study_dir, self.use_wandb = sweep, study_dir, use_wandb
+        self.train_fn = train_fn or train
+
+    def run(self, trial: optuna.Trial, params: dict[str, Any]) -> tuple[str, str | None]:
+        """Train and record; returns the cause (DONE, PRUNED, TRIAL or ENVIRONMENT) and the failure's reason.
+        A signal's Interrupted (or submitit's SystemExit) is raised on once the attempt is recorded."""
+        sweep, study = self.sweep, self.sweep.study
+        number = lineage(sweep.backend.get_trial(sweep.trial_id(trial.number)))
         run_name = f"trial-{number:04d}"
         run_dir = self.study_dir / "runs" / run_name
         cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
         cfg.run.wandb.group = cfg.run.wandb.group or study.name
         if not self.use_wandb:
             cfg.run.wandb.mode = "disabled"
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("config_params", params)
+        for key, value in {"run_dir": str(run_dir), "config_params": params, STARTED: time.time()}.items():
+            patiently(trial.set_user_attr, key, value, what="starting a trial")
         log.info("trial %d (%s): %s", trial.number, run_name, params)
-        tracker = WandbRun(cfg, run_dir, run_id=f"{study.name}-{run_name}", name=run_name,
-                           extra_config={"trial": number, "study": study.name, "params": params})
-        outcome, reason = "failed", None
-        try:
-            results = train(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
-            outcome = "finished"
-        except optuna.TrialPruned:
-            outcome = "pruned"
-            raise
-        except (Interrupted, SystemExit):
-            outcome = "interrupted"
-            raise
-        except Exception as err:
-            reason = describe(err)
-            raise
-        finally:
-            tracker.finish(outcome, reason)
-        trial.set_user_attr("summary", results["summary"])
-        values = [results["summary"][o.metric] for o in study.objectives]
-        return values if study.multi_objective else values[0]
-
-    def run(self, opt: optuna.Study, trial: optuna.Trial, params: dict) -> tuple[str, str | None]:
-        """Run and tell; returns ("complete" | "pruned" | TRIAL | ENVIRONMENT, the failure's reason)."""
-        with self.storage.heartbeat(trial._trial_id):
+        own_paths = [self.study_dir, Path(cfg.data.root)] + ([sweep.storage.path.parent] if sweep.storage.path else [])
+        tracker = None
+        with sweep.heartbeats.running(trial.number, sweep.trial_id(trial.number)):
             try:
-                values = self.train(trial, params)
+                tracker = WandbRun(cfg, run_dir, run_id=f"{study.name}-{run_name}", name=run_name,
+                                   extra_config={"trial": number, "study": study.name, "params": params})
+                results = self.train_fn(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
+                ending = Ending(DONE, values=[results["summary"][o.metric] for o in study.objectives],
+                                summary=results["summary"])
             except optuna.TrialPruned as err:
-                log.info("trial %d pruned: %s", trial.number, err)
-                opt.tell(trial, state=TrialState.PRUNED)
-                return "pruned", None
-            except (Interrupted, SystemExit) as err:  # SystemExit: e.g. submitit requeueing a preempted Slurm job
+                ending = Ending(PRUNED, reason=str(err))
+            except (Interrupted, SystemExit) as err:  # SystemExit: submitit requeueing a preempted Slurm job
                 cause = f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
-                mark_failed(opt, trial._trial_id, INTERRUPTED,
-                            f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run")
-                raise
+                ending = Ending(INTERRUPTED, f"interrupted {cause}; resumes from its last checkpoint when the sweep "
+                                             "is re-run", stop=err)
             except Exception as err:
-                kind, reason = failure_kind(err), describe(err)
-                if kind == ENVIRONMENT:
-                    reason += " (a problem of the environment: retried, not counted toward n_trials)"
-                log.error("trial %d failed: %s", trial.number, reason, exc_info=kind == ENVIRONMENT)
-                mark_failed(opt, trial._trial_id, kind, reason)
-                return kind, reason
+                cause = classify(err, own_paths)
+                ending = Ending(cause, describe(err))
+                log.error("trial %d failed (%s): %s", trial.number, "the environment" if cause == ENVIRONMENT
+                          else "the trial itself", ending.reason, exc_info=not _expected(err))
         try:
-            opt.tell(trial, values)
-        except UpdateFinishedTrialError:
-            log.warning("trial %d finished after another worker declared it dead; its retry reads the results "
-                        "from the run directory", trial.number)
-        return "complete", None
+            patiently(self.record, trial, ending, what="recording a trial")  # the storage first ...
+        finally:
+            if tracker is not None:  # ... then the tracker: a slow W&B never leaves the attempt running
+                tracker.finish(ending.tracker_outcome, ending.reason)
+            sweep.heartbeats.forget(trial.number)
+        if ending.stop is not None:
+            raise ending.stop
+        return ending.cause, ending.reason
+
+    def record(self, trial: optuna.Trial, ending: Ending) -> None:
+        sweep, opt = self.sweep, self.sweep.opt
+        if ending.cause in (DONE, PRUNED):
+            try:
+                if ending.summary is not None:
+                    trial.set_user_attr("summary", ending.summary)
+                opt.tell(trial, ending.values, state=TrialState.PRUNED if ending.cause == PRUNED else None,
+                         skip_if_finished=True)
+            except UpdateFinishedTrialError:
+                pass
+            if sweep.backend.get_trial(sweep.trial_id(trial.number)).state == TrialState.FAIL:
+                log.warning("trial %d finished after another worker declared it dead; its retry reads the results "
+                            "from the run directory", trial.number)
+            return
+        kind, reason = ending.cause, ending.reason or ending.cause
+        if kind in (TRIAL, ENVIRONMENT):
+            config = Ledger(sweep.trials()).of(sweep.backend.get_trial(sweep.trial_id(trial.number)))
+            kind = config.failure_kind(kind)
+            if kind == GIVEN_UP:
+                reason = config.given_up_reason(reason)
+                log.error("trial %d: %s", trial.number, reason)
+            elif kind == ENVIRONMENT:
+                reason += " (a failure of the environment: retried from its checkpoint, not counted again)"
+        sweep.fail(trial.number, kind, reason)
 
 
-def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wandb: bool = True) -> int:
+def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wandb: bool = True,
+               train_fn: Callable | None = None) -> int:
     """Take trials until none is left; returns the process exit code (EXIT_ENVIRONMENT when a lasting
-    problem of the environment stopped it)."""
-    opt = open_study(study, storage)
-    runner = TrialRunner(study, study_dir, storage, use_wandb=use_wandb)
+    problem of the environment stopped it). `train_fn` replaces forde.train.train (benchmarks, tests)."""
+    sweep = patiently(Sweep, study, storage, what="opening the study")
+    runner = TrialRunner(sweep, study_dir, use_wandb=use_wandb, train_fn=train_fn)
     in_a_row = 0
     while True:
         interrupts.check()
         try:
-            with storage.budget_lock(study.name):
-                reconcile(opt, storage)
-                if study.grid:
-                    enqueue_grid(opt, study)
-                picked = next_trial(opt, study, storage)
+            picked = patiently(sweep.take, what="taking a trial")
             if picked is None:
                 break
-            outcome, reason = runner.run(opt, *picked)
+            cause, reason = runner.run(*picked)
         except STORAGE_ERRORS as err:
-            outcome, reason = ENVIRONMENT, f"storage {storage.display}: {describe(err).splitlines()[0]}"
+            cause, reason = ENVIRONMENT, f"storage {storage.display}: {describe(err)}"
             log.error("worker %d: %s", os.getpid(), reason)
-        if outcome != ENVIRONMENT:
+        if cause != ENVIRONMENT:
             in_a_row = 0
             continue
         in_a_row += 1
         if in_a_row >= MAX_ENV_FAILURES:
             log.error("worker %d: stopping after %d failures of the environment in a row; the last: %s. Fix the cause "
-                      "and re-run the same command: these trials did not use the budget and resume from their "
-                      "checkpoints", os.getpid(), in_a_row, reason)
+                      "and re-run the same command: these trials resume from their checkpoints",
+                      os.getpid(), in_a_row, reason)
             return EXIT_ENVIRONMENT
         interrupts.sleep(BACKOFF_S * in_a_row)
     log.info("worker %d: no trials left in study '%s'", os.getpid(), study.name)
     return 0
+
+
+def serve(args) -> int:
+    """A worker process (`launch.py --worker ...`: started by a launcher, or a Slurm array task): the storage is
+    waited for, not checked at once, since its launcher has checked it."""
+    study, study_dir, storage = resolve(args)
+    storage.check(patient=True)
+    if args.parent_pid:
+        interrupts.stop_when_orphaned(args.parent_pid)
+    with interrupts.between_steps(worker=True):
+        return run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+
+
+def main(argv: list[str]) -> int:
+    """A worker process from its command line (the launcher's arguments with --worker and the study file's path)."""
+    return run_command(parse_args(argv, Path.cwd()), serve)

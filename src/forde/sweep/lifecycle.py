@@ -1,0 +1,237 @@
+"""The life of a trial attempt and the rules of the budget, in one module and without I/O.
+
+A *configuration* is what the budget counts: one set of parameters, tried by one or more *attempts*, each an
+Optuna trial. The first attempt's number names the configuration and its run directory (runs/trial-NNNN); a
+retry is a new Optuna trial with the same parameters (system attribute `failed_trial`, as Optuna's
+RetryFailedTrialCallback writes it) that resumes from the run directory's checkpoint.
+
+What became of an attempt (`fate`: its Optuna state, and for a failed one its user attribute `failure`):
+
+    queued       WAITING: a grid point or a retry
+    running      RUNNING: a worker trains it and records its heartbeat
+    done         COMPLETE or PRUNED
+    trial        failed by its own doing: any error not known to come from the environment (a bug in a model or
+                 a metric, a config error, divergence, out of memory). Counts, never retried
+    environment  failed by the environment: the storage, the disk, permissions, the network, W&B, a missing dataset
+    killed       its worker died: killed, out of memory, its machine lost
+    interrupted  stopped by a signal: Ctrl-C, SIGTERM, a Slurm time limit or preemption
+    given_up     the failure that used up its configuration's retries: counts, not retried
+    duplicate    discarded: the sampler proposed a configuration the study has
+    not_started  discarded: its worker died before its run began
+
+environment, killed and interrupted are retried from the checkpoint; discarded attempts are part of no
+configuration. The rules (`decide`, asked under the budget lock):
+- a configuration counts once, however many attempts it takes: the budget is spent on configurations, never
+  on failures of the environment;
+- a queued attempt is taken before anything new starts (its configuration is counted already);
+- a new configuration starts only while the study has fewer than n_trials: the next grid point (queued one at
+  a time), else a sampled one; a grid study (`sampler: grid`) never samples and ends with its grid;
+- an environment failure or a kill is retried at most MAX_RETRIES times; the next one gives the configuration
+  up, listing every reason. Interruptions are free;
+- a running attempt whose worker is gone is failed as killed (discarded when its run had not begun) and retried.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from optuna.trial import FrozenTrial, TrialState
+
+from forde.sweep.storage import is_storage_error
+
+FAILURE, REASON = "failure", "fail_reason"  # user attributes of a failed attempt
+STARTED = "run_started"  # user attribute: the attempt's run began (a retry does not inherit it)
+WORKER = "worker"  # user attribute: host:pid of the worker that took the attempt
+CARRIED = ("run_dir", "config_params")  # user attributes a retry inherits from the attempt it retries
+
+QUEUED, RUNNING, DONE = "queued", "running", "done"
+TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, GIVEN_UP = "trial", "environment", "killed", "interrupted", "given_up"
+DUPLICATE, NOT_STARTED = "duplicate", "not_started"
+RETRIED = (ENVIRONMENT, KILLED, INTERRUPTED)
+DISCARDED = (DUPLICATE, NOT_STARTED)
+MAX_RETRIES = 3  # failures of the environment or kills of one configuration that are retried
+
+# errno values that say the environment failed, whatever the path
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE,
+                      errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
+                      errno.ENETUNREACH, errno.EMFILE, errno.ENFILE}
+
+
+def fate(t: FrozenTrial) -> str:
+    if t.state == TrialState.WAITING:
+        return QUEUED
+    if t.state == TrialState.RUNNING:
+        return RUNNING
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return DONE
+    return t.user_attrs.get(FAILURE, TRIAL)
+
+
+def lineage(t: FrozenTrial) -> int:
+    """The number of the configuration an attempt belongs to: its first attempt's."""
+    return t.system_attrs.get("failed_trial", t.number)
+
+
+def params_of(t: FrozenTrial) -> dict[str, Any]:
+    """The parameters an attempt runs with: sampled, or fixed when it was queued as a grid point."""
+    return t.params or t.system_attrs.get("fixed_params", {})
+
+
+# -- what failed: the configuration, or the environment ------------------------------------------------------
+def classify(err: BaseException, own_paths: Iterable[Path] = ()) -> str:
+    """ENVIRONMENT only for what is positively known to come from outside the configuration; TRIAL for the rest
+    (Optuna's default: an error nobody classified is the trial's own, fails once and counts).
+
+    The environment: the storage, a missing dataset, W&B, the network, and an OSError whose errno says the
+    system failed (disk full, read-only, permission denied, ...) or whose path is one of the run's own
+    (`own_paths`: the run and study directories, the data root)."""
+    from forde.config import MissingDataError
+
+    if isinstance(err, MissingDataError) or is_storage_error(err) or _is_wandb_error(err):
+        return ENVIRONMENT
+    if isinstance(err, OSError):
+        if err.errno in ENVIRONMENT_ERRNOS or isinstance(err, (ConnectionError, TimeoutError)):
+            return ENVIRONMENT
+        paths = [Path(p).resolve() for p in own_paths]
+        for name in (err.filename, err.filename2):
+            if name and any(Path(name).resolve().is_relative_to(p) for p in paths):
+                return ENVIRONMENT
+    return TRIAL
+
+
+def _is_wandb_error(err: BaseException) -> bool:
+    import sys
+
+    wandb = sys.modules.get("wandb")  # W&B raised it only if it is loaded
+    return wandb is not None and isinstance(err, wandb.errors.Error)
+
+
+# -- configurations ------------------------------------------------------------------------------------------
+@dataclass
+class Configuration:
+    number: int
+    attempts: list[FrozenTrial]  # in order, discarded ones left out
+    fates: list[str]
+
+    @property
+    def last(self) -> FrozenTrial:
+        return self.attempts[-1]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return params_of(self.attempts[0])
+
+    @property
+    def awaiting_retry(self) -> bool:
+        return self.fates[-1] in RETRIED
+
+    def failed_outside(self) -> list[tuple[FrozenTrial, str]]:
+        """The attempts lost to the environment or a kill: what the retry bound counts."""
+        return [(a, f) for a, f in zip(self.attempts, self.fates) if f in (ENVIRONMENT, KILLED)]
+
+    def failure_kind(self, cause: str) -> str:
+        """What an attempt failing now for `cause` is recorded as: GIVEN_UP once the retries are used up."""
+        if cause in (ENVIRONMENT, KILLED) and len(self.failed_outside()) >= MAX_RETRIES:
+            return GIVEN_UP
+        return cause
+
+    def given_up_reason(self, reason: str) -> str:
+        earlier = "; ".join(f"attempt {a.number}: {a.user_attrs.get(REASON, f)}" for a, f in self.failed_outside())
+        return (f"given up after {MAX_RETRIES + 1} failures outside the configuration (the last: {reason}; before: "
+                f"{earlier}). Fix the cause; the configuration counts toward n_trials")
+
+
+class Ledger:
+    """One read of a study's trials as configurations; `fates` overrides what some attempts became (a decision
+    made but not written yet)."""
+
+    def __init__(self, trials: list[FrozenTrial], fates: dict[int, str] | None = None):
+        self.trials = trials
+        self.fates = {t.number: fate(t) for t in trials} | (fates or {})
+        groups: dict[int, list[FrozenTrial]] = defaultdict(list)
+        for t in trials:
+            if self.fates[t.number] not in DISCARDED:
+                groups[lineage(t)].append(t)
+        self.configurations = {n: Configuration(n, a, [self.fates[t.number] for t in a])
+                               for n, a in sorted(groups.items())}
+
+    @property
+    def budget_used(self) -> int:
+        return len(self.configurations)
+
+    def of(self, attempt: FrozenTrial) -> Configuration:
+        return self.configurations[lineage(attempt)]
+
+    def queued(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if self.fates[t.number] == QUEUED]
+
+    def running(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if self.fates[t.number] == RUNNING]
+
+    def duplicate_of(self, params: dict[str, Any], number: int) -> int | None:
+        """Another configuration with exactly these parameters, if any."""
+        return next((c.number for c in self.configurations.values() if c.number != number and params
+                     and c.params == params), None)
+
+    def has_point(self, point: dict[str, Any]) -> bool:
+        return any(all(c.params.get(k) == v for k, v in point.items()) for c in self.configurations.values())
+
+    def given_up(self) -> list[Configuration]:
+        return [c for c in self.configurations.values() if GIVEN_UP in c.fates]
+
+
+# -- the decision --------------------------------------------------------------------------------------------
+@dataclass
+class Failure:
+    attempt: FrozenTrial
+    kind: str
+    reason: str
+
+
+@dataclass
+class Decision:
+    """What a worker does next, under the budget lock: fail dead workers' attempts, queue retries, queue the next
+    grid point, then take a queued attempt or sample a new one; or nothing, and why."""
+
+    fail: list[Failure] = field(default_factory=list)
+    requeue: list[FrozenTrial] = field(default_factory=list)  # the last failed attempt of each configuration
+    enqueue: dict[str, Any] | None = None
+    take: str | None = None  # "queued" | "sample"; None: nothing to start
+    done: str = ""
+    ledger: Ledger | None = None  # the trials as they are once this decision is carried out
+
+
+def decide(trials: list[FrozenTrial], n_trials: int, grid: list[dict[str, Any]], samples: bool,
+           gone: Callable[[FrozenTrial], str | None]) -> Decision:
+    """The one answer to "may a worker start something now, and what?". `gone(attempt)` says why a running
+    attempt's worker is gone (None while it lives); `samples` is False for a grid study."""
+    before, d = Ledger(trials), Decision()
+    for t in before.running():
+        why = gone(t)
+        if why is None:
+            continue
+        if STARTED not in t.user_attrs:
+            d.fail.append(Failure(t, NOT_STARTED, f"{why}; its run had not begun, so it is discarded (the study "
+                                                  "draws or queues it again)"))
+            continue
+        config = before.of(t)
+        kind = config.failure_kind(KILLED)
+        why = f"{why}; retried from its last checkpoint" if kind == KILLED else config.given_up_reason(why)
+        d.fail.append(Failure(t, kind, why))
+    ledger = d.ledger = Ledger(trials, {f.attempt.number: f.kind for f in d.fail})
+    d.requeue = [c.last for c in ledger.configurations.values() if c.awaiting_retry]
+    if d.requeue or ledger.queued():
+        d.take = "queued"
+    elif ledger.budget_used >= n_trials:
+        d.done = f"the budget of {n_trials} configurations is used"
+    elif (point := next((p for p in grid if not ledger.has_point(p)), None)) is not None:
+        d.enqueue, d.take = point, "queued"
+    elif not samples:
+        d.done = f"every point of the grid ({len(grid)}) has been started"
+    else:
+        d.take = "sample"
+    return d
