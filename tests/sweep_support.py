@@ -1,10 +1,14 @@
 """What the sweep tests share: launching (in this process or as a real launcher process), reading a
 study back from its storage, run directories and offline W&B records, and a PostgreSQL server when CI has one."""
 
+import contextlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,3 +139,86 @@ def trained_at_least(run_dir: Path, epochs: int) -> bool:
         return len(epochs_trained(run_dir)) >= epochs
     except (OSError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A small filesystem of its own at `path` (a tmpfs, mounted as root): a disk that fills up for real. Skipped
+    where mounting is not permitted, unless FORDE_REQUIRE_TMPFS is set (CI)."""
+    path.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        if os.environ.get("FORDE_REQUIRE_TMPFS"):
+            pytest.fail(f"cannot mount a tmpfs ({out.stderr.strip()}) but FORDE_REQUIRE_TMPFS is set")
+        pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """A file that takes all the free space of `disk` but `leave_bytes`."""
+    free = shutil.disk_usage(disk).free - leave_bytes
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        fh.truncate(0)
+        fh.write(b"\0" * max(free, 0))
+    return filler
+
+
+class FlakyProxy:
+    """A TCP proxy to a real server that can go away: `outage(s)` drops every connection and refuses new ones for
+    s seconds (the port is closed), as a database server that restarts or a network that fails."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.port = 0
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self._listen()
+
+    def _listen(self) -> None:
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", self.port))
+        self.port = self.server.getsockname()[1]
+        self.server.listen(64)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client = server.accept()[0]
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def outage(self, seconds: float) -> None:
+        self.server.close()
+        with self.lock:
+            for s in self.conns:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.conns.clear()
+        time.sleep(seconds)
+        self._listen()
+
+    def url(self, real_url: str) -> str:
+        return real_url.replace(f":{self.target[1]}/", f":{self.port}/")

@@ -91,18 +91,53 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    _replace_with(path, lambda fh: fh.write(data.encode() if isinstance(data, str) else data))
 
 
 def save_checkpoint(state: dict, run_dir: Path) -> None:
     """Write checkpoint.pt atomically and keep the one before as checkpoint.prev.pt."""
     path = run_dir / CHECKPOINT
+    had_one = path.exists()
+    _replace_with(path, lambda fh: torch.save(state, fh), keep=run_dir / PREVIOUS_CHECKPOINT if had_one else None)
+
+
+class _RecordingFile:
+    """A file whose first write error is kept: torch.save reports a full disk as 'unexpected pos'."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _replace_with(path: Path, write: Callable, keep: Path | None = None) -> None:
+    """Write `path` through a temporary file and move it into place (the old file to `keep`, if given). A write
+    that fails (a full disk, a quota) leaves no partial file behind and raises an OSError naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    if path.exists():
-        os.replace(path, run_dir / PREVIOUS_CHECKPOINT)
+    try:
+        with open(tmp, "wb") as fh:
+            recording = _RecordingFile(fh)
+            try:
+                write(recording)
+            except Exception as err:
+                if recording.error is None:
+                    raise
+                raise OSError(recording.error.errno, recording.error.strerror, str(path)) from None
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and err.errno:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+    if keep is not None:
+        os.replace(path, keep)
     os.replace(tmp, path)
 
 

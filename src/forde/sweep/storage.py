@@ -68,9 +68,11 @@ class StorageError(ConfigError):
 
 
 def causes(err: BaseException) -> list[BaseException]:
-    """`err` and the errors under it: a wrapper's cause, a database driver's own error (SQLAlchemy's `orig`)."""
+    """`err` and the errors the database layer wrapped in it: Optuna's StorageInternalError around SQLAlchemy's
+    error, around the driver's own (`orig`)."""
     chain = [err]
-    while (inner := getattr(chain[-1], "orig", None) or chain[-1].__cause__) is not None and inner not in chain:
+    while is_storage_error(chain[-1]) and (inner := getattr(chain[-1], "orig", None) or chain[-1].__cause__) \
+            is not None and inner not in chain:
         chain.append(inner)
     return chain
 
