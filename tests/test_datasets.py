@@ -50,7 +50,7 @@ def write_cifar100(root: Path, n: int = 4) -> dict:
     _pickle(folder / "meta", {"fine_label_names": fine, "coarse_label_names": [f"coarse{i}" for i in range(20)]})
     out = {"names": fine}
     for s, split in enumerate(("train", "test")):
-        data, y = _cifar_rows(n, 10 + s), [97 - 7 * i - s for i in range(n)]
+        data, y = _cifar_rows(n, 10 + s), [(97 - 7 * i - s) % 100 for i in range(n)]
         _pickle(folder / split, {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split,
                                  "fine_labels": y, "coarse_labels": [v // 5 for v in y], "data": data})
         out[split] = (data, y)
@@ -242,7 +242,7 @@ def test_import_folder_layout_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         import_folder(tmp_path / "src" / "train", "x", tmp_path)
     (tmp_path / "cifar-10-batches-py").mkdir()  # never replaced: it is not an imported dataset
-    with pytest.raises(FileExistsError, match="holds no imported dataset"):
+    with pytest.raises(ConfigError, match="holds no imported dataset"):
         import_folder(tmp_path / "src", "cifar-10-batches-py", tmp_path)
     (tmp_path / "src" / "test" / "gamma").mkdir()
     with pytest.raises(ValueError, match="class 'gamma' has no folder in the train split"):
