@@ -64,10 +64,10 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
     if missing:
         from forde.data.corrupted_sets import generate_corrupted_set
 
-        todo = tuple(n for n in names if any(m == n for m, _ in missing))
         log.info("building %d missing corrupted set(s) in %s (seed %d)", len(missing), root, GENERATION_SEED)
         test = dataset.full.test  # the whole test set, whatever data.test_subset: the files are shared by every run
-        generate_corrupted_set(test.inputs, test.labels, root, seed=GENERATION_SEED, corruptions=todo,
+        # every name, not only those with missing sets: blocks left by a stopped run are joined into files too
+        generate_corrupted_set(test.inputs, test.labels, root, seed=GENERATION_SEED, corruptions=names,
                                severities=cfg.eval.severities, layout=layout_for(dataset),
                                class_dirs=dataset.class_names or None, progress=cfg.run.progress,
                                on_commit=source_recorder(root, dataset, GENERATION_SEED))
