@@ -178,7 +178,10 @@ def read_config_yaml(source: str | Path) -> DictConfig:
         )
     if not path.exists():
         raise ConfigError(f"config file '{source}' does not exist")
-    return load_yaml(path)
+    cfg = load_yaml(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} holds a list; a config file is a mapping of keys, e.g. `optim: {{lr: 0.1}}`")
+    return cfg
 
 
 def load_yaml(path: Path) -> DictConfig:
