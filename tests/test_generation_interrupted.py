@@ -127,11 +127,11 @@ def test_ctrl_c_ends_the_worker_pool_at_once_and_leaves_only_resumable_state(tmp
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / SOURCE_FILE).exists():  # the first set is being committed
+        while not list(out.glob("parts/*.npy")):  # the first set is committed
             assert process.poll() is None and time.monotonic() < deadline, "no set was generated"
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: every process of the terminal's group gets it
-        stopped = time.monotonic()
+        stopped, done_then = time.monotonic(), len(list(out.glob("parts/*.npy")))
         _, err = process.communicate(timeout=30)
         took = time.monotonic() - stopped
     finally:
@@ -144,7 +144,7 @@ def test_ctrl_c_ends_the_worker_pool_at_once_and_leaves_only_resumable_state(tmp
     assert not temporary_files(out)
     recorded = set(json.loads((out / SOURCE_FILE).read_text())["generated"])
     committed = {f"{p.stem.rsplit('_s', 1)[0]}/{p.stem.rsplit('_s', 1)[1]}" for p in (out / "parts").glob("*.npy")}
-    assert committed and committed <= recorded and len(committed) < 95
+    assert committed <= recorded and len(committed) <= done_then + 2  # at most the 2 workers' jobs were finishing
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
