@@ -118,7 +118,7 @@ def group_ends(group: int, within: float) -> bool:
 
 
 def test_ctrl_c_ends_the_worker_pool_at_once_and_leaves_only_resumable_state(tmp_path):
-    write_synthetic_dataset(tmp_path / "data", "synth", 1000)
+    write_synthetic_dataset(tmp_path / "data", "synth", 500)
     out = tmp_path / "synth-C"
     command = [sys.executable, "-m", "forde.cli", "data", "corrupt", "--dataset", "synth", "--root",
                str(tmp_path / "data"), "--out", str(out), "--workers", "2"]
