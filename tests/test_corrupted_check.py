@@ -41,11 +41,11 @@ def place(root, dataset, images=None, labels=None):
 
 
 def config(tmp_path, root, *extra):
-    return load_config("quickstart", [f"data.root={tmp_path / 'data'}", "data.name=synth", f"run.out_dir={tmp_path / 'runs'}",
-                                      "run.name=run", "run.progress=false", "optim.epochs=1", "ensemble_size=2",
-                                      "model.hidden=[8]", "eval.corruptions=[fog]", "eval.generate_corrupted=false",
-                                      f"eval.corrupted_root={root}", "eval.grad_samples=0", "optim.batch_size=8",
-                                      *extra])
+    return load_config("quickstart", [
+        f"data.root={tmp_path / 'data'}", "data.name=synth", f"run.out_dir={tmp_path / 'runs'}", "run.name=run",
+        "run.progress=false", "optim.epochs=1", "ensemble_size=2", "model.hidden=[8]", "optim.batch_size=8",
+        "eval.corruptions=[fog]", "eval.generate_corrupted=false", f"eval.corrupted_root={root}", "eval.grad_samples=0",
+        *extra])
 
 
 def truncated(root, ds):
@@ -54,20 +54,19 @@ def truncated(root, ds):
     (root / "fog.npy").write_bytes(data[: len(data) - 100])
 
 
-def damage(**kwargs):
+def damaged(images=None, labels=None):
+    """`place` with the test images (5N, H, W, C) and labels (5N,) changed by `images(x)` and `labels(y)`."""
     def write(root, ds):
         test = ds.full.test
-        hwc = np.concatenate([test.inputs.permute(0, 2, 3, 1).numpy()] * 5)
-        labels = np.tile(test.labels.numpy(), 5).astype(np.uint8)
-        images = {"channels_first": lambda: hwc.transpose(0, 3, 1, 2).copy(), "float": lambda: hwc.astype(np.float32),
-                  "size": lambda: np.zeros((5 * N_TEST, 10, 10, 3), np.uint8), "rows": lambda: hwc[:-1],
-                  "objects": lambda: np.array([None] * 3, dtype=object)}
-        label_sets = {"count": lambda: labels[:-5], "range": lambda: labels + 3, "order": lambda: labels[::-1].copy(),
-                      "float": lambda: labels.astype(np.float64)}
-        place(root, ds, images.get(kwargs.get("images"), lambda: None)(), label_sets.get(kwargs.get("labels"), lambda: None)())
-        if kwargs.get("images") == "objects":
-            np.save(root / "fog.npy", np.array([None] * 3, dtype=object), allow_pickle=True)
+        x = np.concatenate([test.inputs.permute(0, 2, 3, 1).numpy()] * 5)
+        y = np.tile(test.labels.numpy(), 5).astype(np.uint8)
+        place(root, ds, images(x) if images else None, labels(y) if labels else None)
     return write
+
+
+def pickled_objects(root, ds):
+    place(root, ds)
+    np.save(root / "fog.npy", np.array([None] * 3, dtype=object), allow_pickle=True)
 
 
 def no_labels(root, ds):
@@ -84,16 +83,18 @@ def bad_part(root, ds):
 
 DEFECTS = {  # what is wrong -> (how to make it, what the line says, which file it names)
     "truncated": (truncated, "is unreadable or cut short", "fog.npy"),
-    "channels-first": (damage(images="channels_first"), "is channels-first (60, 3, 8, 8), but the layout is channels-last",
-                       "fog.npy"),
-    "float pixels": (damage(images="float"), "is float32, expected uint8", "fog.npy"),
-    "image size": (damage(images="size"), "holds 10x10 images, but the test images are 8x8", "fog.npy"),
-    "row count": (damage(images="rows"), "has shape (59, 8, 8, 3), expected (60, 8, 8, 3)", "fog.npy"),
-    "pickled objects": (damage(images="objects"), "is unreadable or cut short", "fog.npy"),
-    "label count": (damage(labels="count"), "has 55 labels, expected 60", "labels.npy"),
-    "label range": (damage(labels="range"), "holds labels 3..5, but the dataset has 3 classes", "labels.npy"),
-    "label order": (damage(labels="order"), "differ from the test labels in the test set's order", "labels.npy"),
-    "float labels": (damage(labels="float"), "expected integer labels", "labels.npy"),
+    "channels-first": (damaged(images=lambda x: x.transpose(0, 3, 1, 2).copy()),
+                       "is channels-first (60, 3, 8, 8), but the layout is channels-last", "fog.npy"),
+    "float pixels": (damaged(images=lambda x: x.astype(np.float32)), "is float32, expected uint8", "fog.npy"),
+    "image size": (damaged(images=lambda x: np.zeros((len(x), 10, 10, 3), np.uint8)),
+                   "holds 10x10 images, but the test images are 8x8", "fog.npy"),
+    "row count": (damaged(images=lambda x: x[:-1]), "has shape (59, 8, 8, 3), expected (60, 8, 8, 3)", "fog.npy"),
+    "pickled objects": (pickled_objects, "is unreadable or cut short", "fog.npy"),
+    "label count": (damaged(labels=lambda y: y[:-5]), "has 55 labels, expected 60", "labels.npy"),
+    "label range": (damaged(labels=lambda y: y + 3), "holds labels 3..5, but the dataset has 3 classes", "labels.npy"),
+    "label order": (damaged(labels=lambda y: y[::-1].copy()), "differ from the test labels in the test set's order",
+                    "labels.npy"),
+    "float labels": (damaged(labels=lambda y: y.astype(np.float64)), "expected integer labels", "labels.npy"),
     "labels missing": (no_labels, "is missing", "labels.npy"),
     "one severity's block": (bad_part, "has shape (12, 8, 8, 1), expected (12, 8, 8, 3)", "parts/fog_s1.npy"),
 }
@@ -145,11 +146,11 @@ def test_a_good_set_passes_and_missing_sets_are_named(tmp_path, capsys):
 def test_every_problem_is_one_line(tmp_path):
     ds = write_synthetic(tmp_path / "data")
     root = tmp_path / "synth-C"
-    damage(images="channels_first", labels="range")(root, ds)
+    damaged(images=lambda x: x.transpose(0, 3, 1, 2).copy(), labels=lambda y: y + 3)(root, ds)
     truncated_snow = np.concatenate([ds.full.test.inputs.permute(0, 2, 3, 1).numpy()] * 5)
     np.save(root / "snow.npy", truncated_snow[:, :4])
     problems = check_corrupted(root, ds, ["fog", "snow"], [1, 2, 3, 4, 5])
-    assert [p.split(" ")[0] for p in problems] == [str(root / "labels.npy"), str(root / "fog.npy"), str(root / "snow.npy")]
+    assert [p.split(" ")[0] for p in problems] == [str(root / f) for f in ("labels.npy", "fog.npy", "snow.npy")]
 
 
 # ---------------------------------------------------------------------------------------------- folder layout

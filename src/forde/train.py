@@ -144,6 +144,8 @@ def _check_state(path: Path, state: Any) -> None:
         raise RunDirError(f"{path} holds a {type(state).__name__}, not a checkpoint of `forde train`; "
                           "move it aside and run again")
     wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
+    if "history" not in wrong and not all(isinstance(h, dict) and "train/epoch_time_s" in h for h in state["history"]):
+        wrong.append("history")
     if wrong:
         raise RunDirError(f"{path} is not a checkpoint of `forde train` (missing or malformed: {', '.join(wrong)}); "
                           "move it aside and run again")
@@ -470,7 +472,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     from forde.config import load_config
 
     if not is_path_component(out_name):
-        raise ConfigError(f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; e.g. --out results-c.json")
+        raise ConfigError(f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; "
+                          "e.g. --out results-c.json")
     overrides = overrides or []
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:

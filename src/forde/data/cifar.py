@@ -36,7 +36,8 @@ def read_batch(path: Path) -> dict:
     except Exception as err:  # cut short, or not a pickle at all
         raise DataError(f"{path} is unreadable ({first_line(err)}); replace it with the release's file") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch (a dict); replace it with the release's file")
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch (a dict); replace it with the "
+                        "release's file")
     return batch
 
 
@@ -55,7 +56,8 @@ def _batch_arrays(path: Path, batch: dict, num_classes: int) -> tuple[np.ndarray
     if labels is None or labels.shape != (len(data),):
         raise DataError(f"{path}: expected {len(data)} integer labels under 'labels' (or 'fine_labels'); {fix}")
     if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
-        raise DataError(f"{path}: labels range over {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}; {fix}")
+        raise DataError(f"{path}: labels range over {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}; "
+                        f"{fix}")
     return data, labels
 
 

@@ -108,8 +108,7 @@ def source_recorder(root: Path, dataset: Dataset, seed: int) -> Callable[[str, i
 
     fingerprint = test_fingerprint(dataset)
 
-    def record(name: str, severity: int) -> None:
-        path = root / SOURCE_FILE
+    def add(name: str, severity: int) -> None:
         record = read_source_record(root)
         generated = record.get("generated", {})
         if record and "generated" not in record:  # an older record, for a folder of generated sets only
@@ -120,8 +119,8 @@ def source_recorder(root: Path, dataset: Dataset, seed: int) -> Callable[[str, i
                          for n in CORRUPTIONS for k in SEVERITIES if (n, k) not in absent}
         generated[f"{name}/{severity}"] = {"generator": GENERATOR_VERSION, "seed": seed, "code": code_version()}
         record.update({"test_fingerprint": fingerprint, "seed": seed, "generated": generated})
-        write_atomic(path, json.dumps(record, indent=1))
-    return record
+        write_atomic(root / SOURCE_FILE, json.dumps(record, indent=1))
+    return add
 
 
 def set_provenance(root: Path) -> Callable[[str, int], dict]:

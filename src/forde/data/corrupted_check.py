@@ -88,7 +88,8 @@ def _check_labels(path: Path, e: Expected) -> list[str]:
     if labels is None:
         return [f"{path} is unreadable or cut short ({why}); {fix}"]
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        return [f"{path} is {labels.dtype} {labels.shape}, expected integer labels of shape ({len(SEVERITIES) * e.n},); {fix}"]
+        return [f"{path} is {labels.dtype} {labels.shape}, expected integer labels of shape "
+                f"({len(SEVERITIES) * e.n},); {fix}"]
     if len(labels) != len(SEVERITIES) * e.n:
         return [f"{path} has {len(labels)} labels, expected {len(SEVERITIES) * e.n} (the {e.n} test labels for each of "
                 f"the {len(SEVERITIES)} severities): it belongs to another test set or is incomplete; {fix}"]
@@ -125,7 +126,7 @@ def _check_array(path: Path, rows: int, e: Expected) -> list[str]:
 
 
 def _check_folder(folder: Path, e: Expected) -> list[str]:
-    fix = f"extract the release's {folder.relative_to(folder.parent.parent.parent)} again, or delete it and {e.regenerate}"
+    fix = f"extract the set from the release again, or delete {folder} and {e.regenerate}"
     present = sorted(d.name for d in folder.iterdir() if d.is_dir())
     unknown = sorted(set(present) - set(e.class_dirs))
     if unknown:

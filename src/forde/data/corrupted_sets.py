@@ -211,9 +211,7 @@ def _run_job(job: _Job, name: str, severity: int) -> None:
     tmp, target = _output_paths(job, name, severity)
     with removed_on_failure(tmp, target):
         if job.layout == "npy":
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.save(f, out)
+            _save_npy(tmp, out)
         else:
             _save_folder(job, out, tmp)
 
@@ -259,12 +257,16 @@ def _prepare_npy(job: _Job, names: Sequence[str]) -> None:
             raise ValueError(f"{full} has shape {shape}, expected {expected}")
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with removed_on_failure(tmp, path):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+        _save_npy(tmp, array)
         os.replace(tmp, path)
 
 

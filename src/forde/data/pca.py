@@ -137,8 +137,9 @@ def read_cache(path: Path, dim: int) -> PCA | None:
     try:
         data = torch_load(path)
         values, vectors = data["eigenvalues"], data["eigenvectors"]
-        if not (isinstance(values, torch.Tensor) and isinstance(vectors, torch.Tensor)
-                and values.shape == (dim,) and vectors.shape == (dim, dim) and values.dtype == vectors.dtype == torch.float64):
+        tensors = isinstance(values, torch.Tensor) and isinstance(vectors, torch.Tensor)
+        if not (tensors and values.shape == (dim,) and vectors.shape == (dim, dim)
+                and values.dtype == vectors.dtype == torch.float64):
             raise ValueError(f"expected float64 eigenvalues [{dim}] and eigenvectors [{dim}, {dim}]")
     except Exception as err:  # a cut-short file, a file of another kind, or one that would run code when unpickled
         log.warning("PCA: the cache %s is unusable (%s); computing it again", path, first_line(err))

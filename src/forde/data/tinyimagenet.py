@@ -33,9 +33,11 @@ def list_release(folder: Path) -> tuple[dict[str, tuple[list[Path], list[int]]],
     fix = f"unpack the release again (data.download=true, or {URL})"
     wnids_file, annotations = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
     wnids = sorted({line.strip() for line in _read_text(wnids_file, fix).splitlines() if line.strip()})
+    if not wnids:
+        raise DataError(f"{wnids_file} lists no wnids; {fix}")
     bad = [w for w in wnids if not is_path_component(w)]
-    if bad or not wnids:
-        raise DataError(f"{wnids_file}: {'wnid ' + repr(bad[0]) + ' is not a plain folder name' if bad else 'no wnids'}; {fix}")
+    if bad:
+        raise DataError(f"{wnids_file}: wnid {bad[0]!r} is not a plain folder name; {fix}")
     index = {w: i for i, w in enumerate(wnids)}
     train = []
     for w in wnids:
