@@ -1,6 +1,10 @@
-"""The `cuda` marker: tests that need a CUDA device run where one is present and are skipped elsewhere.
+"""Shared fixtures. The `cuda` marker: tests that need a CUDA device run where one is present and are skipped
+elsewhere (`python -m pytest -m cuda` runs only them; benchmarks/gpu_check.sh does, on a GPU machine).
+`small_disk`: a tiny filesystem that fills up, for tests of what a full disk does."""
 
-`python -m pytest -m cuda` runs only them (benchmarks/gpu_check.sh does, on a GPU machine)."""
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,41 @@ def ieee_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def small_disk_factory(tmp_path):
+    """`mount(size_bytes)` -> the Path of a fresh tmpfs of that size, unmounted at teardown. Mounting needs root
+    (or CAP_SYS_ADMIN): where it is not permitted the test is skipped, or fails when $FORDE_REQUIRE_TMPFS is set."""
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        target = tmp_path / f"small-disk-{len(mounted)}"
+        target.mkdir()
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(target)],
+                                  capture_output=True, text=True, timeout=30)
+            why = done.stderr.strip() if done.returncode else None
+        except (OSError, subprocess.SubprocessError) as err:
+            why = str(err)
+        if why is not None:
+            reason = f"cannot mount a {size_bytes}-byte tmpfs for a full-disk test ({why}); needs root or CAP_SYS_ADMIN"
+            if os.environ.get("FORDE_REQUIRE_TMPFS"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)  # still busy: detach it
+
+
+@pytest.fixture
+def small_disk(small_disk_factory) -> Path:
+    """A 2 MiB tmpfs (see small_disk_factory)."""
+    return small_disk_factory(2 * 2**20)
 
 
 def pytest_configure(config):

@@ -141,22 +141,6 @@ def trained_at_least(run_dir: Path, epochs: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A small filesystem of its own at `path` (a tmpfs, mounted as root): a disk that fills up for real. Skipped
-    where mounting is not permitted, unless FORDE_REQUIRE_TMPFS is set (CI)."""
-    path.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if out.returncode != 0:
-        if os.environ.get("FORDE_REQUIRE_TMPFS"):
-            pytest.fail(f"cannot mount a tmpfs ({out.stderr.strip()}) but FORDE_REQUIRE_TMPFS is set")
-        pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()}): needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def fill(disk: Path, leave_bytes: int) -> Path:
     """A file that takes all the free space of `disk` but `leave_bytes`."""
     free = shutil.disk_usage(disk).free - leave_bytes

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from forde.cli import main
 from forde.config import ConfigError, DataConfig
 from forde.data import cifar, images, tinyimagenet
 from forde.data.base import Split, channel_stats, split_train_val
@@ -50,7 +51,7 @@ def write_cifar100(root: Path, n: int = 4) -> dict:
     _pickle(folder / "meta", {"fine_label_names": fine, "coarse_label_names": [f"coarse{i}" for i in range(20)]})
     out = {"names": fine}
     for s, split in enumerate(("train", "test")):
-        data, y = _cifar_rows(n, 10 + s), [97 - 7 * i - s for i in range(n)]
+        data, y = _cifar_rows(n, 10 + s), [(97 - 7 * i - s) % 100 for i in range(n)]
         _pickle(folder / split, {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split,
                                  "fine_labels": y, "coarse_labels": [v // 5 for v in y], "data": data})
         out[split] = (data, y)
@@ -242,11 +243,52 @@ def test_import_folder_layout_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         import_folder(tmp_path / "src" / "train", "x", tmp_path)
     (tmp_path / "cifar-10-batches-py").mkdir()  # never replaced: it is not an imported dataset
-    with pytest.raises(FileExistsError, match="holds no imported dataset"):
+    with pytest.raises(ConfigError, match="holds no imported dataset"):
         import_folder(tmp_path / "src", "cifar-10-batches-py", tmp_path)
     (tmp_path / "src" / "test" / "gamma").mkdir()
     with pytest.raises(ValueError, match="class 'gamma' has no folder in the train split"):
         import_folder(tmp_path / "src", "x", tmp_path)
+
+
+def cut_short(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+IMPORT_DEFECTS = {  # what is wrong -> (how to make it in a tree of write_folder, what the one line says)
+    "a truncated image": (lambda src: cut_short(src / "train" / "beta" / "2.png"), "is not a readable image"),
+    "a text file named .png": (lambda src: (src / "test" / "alpha" / "x.png").write_text("hello") and src / "test" /
+                               "alpha" / "x.png", "is not a readable image"),
+    "a test class missing from train": (lambda src: (src / "test" / "gamma").mkdir() or src / "test" / "gamma",
+                                        "class 'gamma' has no folder in the train split"),
+    "an empty class folder": (lambda src: (src / "train" / "gamma").mkdir() or src / "train" / "gamma",
+                              "holds no images"),
+}
+
+
+@pytest.mark.parametrize("defect", IMPORT_DEFECTS)
+def test_import_folder_problems_are_one_line_naming_the_file_or_folder(tmp_path, capsys, defect):
+    write_folder(tmp_path / "src")
+    make, says = IMPORT_DEFECTS[defect]
+    named = make(tmp_path / "src")
+    assert main(["data", "import-folder", str(tmp_path / "src"), "mine", "--root", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    [line] = [l for l in err.splitlines() if l.startswith("forde:")]
+    assert "Traceback" not in err and line.startswith(f"forde: {named}") and says in line
+    assert not (tmp_path / "data" / "mine").exists()
+
+
+def test_an_empty_class_is_imported_only_when_asked_for(tmp_path, capsys, caplog):
+    write_folder(tmp_path / "src")
+    (tmp_path / "src" / "train" / "gamma").mkdir()
+    args = ["data", "import-folder", str(tmp_path / "src"), "mine", "--root", str(tmp_path / "data")]
+    assert main(args) == 2
+    assert "pass --allow-empty-classes" in capsys.readouterr().err
+    assert main([*args, "--allow-empty-classes"]) == 0
+    assert f"{tmp_path / 'src' / 'train' / 'gamma'} holds no images; its class is kept" in caplog.text
+    ds = load_dataset(DataConfig(name="mine", root=str(tmp_path / "data")))
+    assert ds.class_names == ("alpha", "beta", "gamma") and ds.num_classes == 3 and len(ds.train) == 6
 
 
 def test_imported_cifar10_wins_over_python_batches(tmp_path):

@@ -22,7 +22,7 @@ import forde.train
 from forde.sweep.storage import SweepStorage, describe, driver_url
 from forde.sweep.worker import EXIT_ENVIRONMENT
 from sweep_support import (FAST, REPO, STUDIES, FlakyProxy, budget_used, env_for, epochs_trained, fill, grid_study,
-                           launch, launch_cmd, load, named_study, output, postgres_url, start, tmpfs, wait_for)
+                           launch, launch_cmd, load, named_study, output, postgres_url, start, wait_for)
 
 SEEDS = """
 search_space:
@@ -231,33 +231,33 @@ def test_a_database_outage_between_trials_is_waited_out(tmp_path):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and budget_used(trials) == 3
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_costs_no_budget(tmp_path):
+def test_a_full_disk_is_one_line_naming_the_file_and_costs_no_budget(tmp_path, small_disk_factory):
     """The disk of the study fills up while a checkpoint is written: the partial file is removed (which lets the
     study's own database record the failure), the trial is a failure of the environment (not a kill), the worker
     stops after three in a row with exit code 3 and one line naming the cause and the file; once space is freed,
     the same command finishes the study."""
-    with tmpfs(tmp_path / "disk", "4m") as disk:
-        cmd = [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", "quickstart", "--out", str(disk),
-               "--no-wandb", "optim.epochs=2", "model.hidden=[256]", "eval.corruptions=[none]"]
-        first = subprocess.run([*cmd, "--n-trials", "1"], env=env_for(tmp_path), capture_output=True, text=True)
-        assert first.returncode == 0, first.stderr[-3000:]
-        filler = fill(disk, leave_bytes=96 * 1024)  # room for the database, not for a checkpoint
-        out = subprocess.run([*cmd, "--n-trials", "2"], env=env_for(tmp_path), capture_output=True, text=True)
-        assert out.returncode == EXIT_ENVIRONMENT, out.stderr[-3000:]
-        assert "Traceback" not in out.stderr
-        run_dir = disk / "quickstart" / "runs" / "trial-0001"
-        assert re.search(rf"OSError: \[Errno 28\] No space left on device.*{run_dir}", out.stderr)
-        assert "stopping after 3 failures of the environment in a row" in out.stderr
-        assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
-        trials = load(tmp_path, storage=f"sqlite:///{disk / 'quickstart' / 'study.db'}").get_trials()
-        assert [t.user_attrs.get("failure") for t in trials[1:4]] == ["environment"] * 3
-        assert trials[4].state == TrialState.WAITING  # its retry, queued to resume
-        assert budget_used(trials) == 2
-        filler.unlink()
-        again = subprocess.run([*cmd, "--n-trials", "2"], env=env_for(tmp_path), capture_output=True, text=True)
-        assert again.returncode == 0, again.stderr[-3000:]
-        trials = load(tmp_path, storage=f"sqlite:///{disk / 'quickstart' / 'study.db'}").get_trials()
-        assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and budget_used(trials) == 2
+    disk = small_disk_factory(4 << 20)
+    cmd = [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", "quickstart", "--out", str(disk),
+           "--no-wandb", "optim.epochs=2", "model.hidden=[256]", "eval.corruptions=[none]"]
+    first = subprocess.run([*cmd, "--n-trials", "1"], env=env_for(tmp_path), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    filler = fill(disk, leave_bytes=96 * 1024)  # room for the database, not for a checkpoint
+    out = subprocess.run([*cmd, "--n-trials", "2"], env=env_for(tmp_path), capture_output=True, text=True)
+    assert out.returncode == EXIT_ENVIRONMENT, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    run_dir = disk / "quickstart" / "runs" / "trial-0001"
+    assert re.search(rf"OSError: \[Errno 28\] No space left on device.*{run_dir}", out.stderr)
+    assert "stopping after 3 failures of the environment in a row" in out.stderr
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+    trials = load(tmp_path, storage=f"sqlite:///{disk / 'quickstart' / 'study.db'}").get_trials()
+    assert [t.user_attrs.get("failure") for t in trials[1:4]] == ["environment"] * 3
+    assert trials[4].state == TrialState.WAITING  # its retry, queued to resume
+    assert budget_used(trials) == 2
+    filler.unlink()
+    again = subprocess.run([*cmd, "--n-trials", "2"], env=env_for(tmp_path), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = load(tmp_path, storage=f"sqlite:///{disk / 'quickstart' / 'study.db'}").get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and budget_used(trials) == 2
 
 
 def test_heartbeats_do_not_grow_the_journal(tmp_path, monkeypatch):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from pathlib import Path
 
-from forde.config import ConfigError, builtin_config_names, load_config, to_yaml
+from forde.config import ConfigError, MissingDataError, builtin_config_names, load_config, to_yaml
 
 log = logging.getLogger("forde")
 
@@ -33,12 +34,12 @@ def headline(summary: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from forde.train import train
+    from forde.train import run_dir_of, train
 
     cfg = load_config(args.config, args.overrides)
     results = train(cfg)
     print(headline(results["summary"]))
-    print(f"run directory: {results['run_dir']} (results.json holds every metric)")
+    print(f"run directory: {run_dir_of(cfg)} (results.json holds every metric)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -57,23 +58,41 @@ def _dataset(args: argparse.Namespace):
 
 def cmd_data_corrupt(args: argparse.Namespace) -> None:
     from forde.config import TrainConfig
-    from forde.data.corrupted import GENERATION_SEED, check_source, corrupted_root, layout_for, record_source
+    from forde.data.corrupted import (GENERATION_SEED, check_source, corrupted_root, layout_for, raise_problems,
+                                      source_recorder)
+    from forde.data.corrupted_loader import missing_corrupted
     from forde.data.corrupted_sets import run_corrupt_command
+    from forde.data.corruption_names import select
 
     ds = _dataset(args)
     cfg = TrainConfig()
-    cfg.data.root, cfg.eval.corrupted_root = args.root, args.out
+    cfg.data.root, cfg.eval.corrupted_root = args.root, args.check or args.out
     out = corrupted_root(cfg, ds)
+    try:
+        names = select(args.corruptions)
+    except ValueError as err:
+        raise ConfigError(f"--corruptions: {err}") from None
     check_source(out, ds)
-    report = run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, args.corruptions,
-                                 args.severities, layout_for(ds), args.workers, class_dirs=ds.class_names or None)
-    record_source(out, ds, report.written, GENERATION_SEED)
+    raise_problems(out, ds, names, args.severities)  # before generating: what is there must fit the test set
+    if args.check:
+        missing = missing_corrupted(out, names, args.severities)
+        if missing:
+            shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise MissingDataError(f"{out} lacks {len(missing)} of the {len(names) * len(args.severities)} sets "
+                                   f"asked for ({shown}); `forde data corrupt --dataset {args.dataset} --out {out}` "
+                                   "generates them")
+        print(f"{out}: all {len(names) * len(args.severities)} sets fit the {ds.name} test set "
+              f"({len(ds.full.test)} images of {'x'.join(map(str, ds.input_shape[1:]))}, {ds.num_classes} classes)")
+        return
+    run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, names, args.severities,
+                        layout_for(ds), args.workers, class_dirs=ds.class_names or None,
+                        on_commit=source_recorder(out, ds, GENERATION_SEED))
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
     from forde.data.imagefolder import import_folder
 
-    out = import_folder(args.src, args.name, args.root)
+    out = import_folder(args.src, args.name, args.root, allow_empty_classes=args.allow_empty_classes)
     print(f"imported {args.src} as '{args.name}' into {out}; train on it with data.name={args.name}")
 
 
@@ -126,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("name")
     p.add_argument("--root", default=root_default, help="data root (default: $FORDE_DATA or ./data)")
+    p.add_argument("--allow-empty-classes", action="store_true",
+                   help="keep class folders that hold no images (default: refuse them)")
     p.set_defaults(func=cmd_data_import)
     p = data.add_parser("pca", help="compute (or reuse) the PCA cache of a dataset's training split")
     p.add_argument("--dataset", required=True)
@@ -136,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=root_default, help="data root (default: $FORDE_DATA or ./data)")
     p.add_argument("--out", default=None, help="default: <root>/<dataset>-C, where training looks for it")
     p.add_argument("--corruptions", nargs="+", default=["all"], help="all, benchmark, or names")
-    p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--check", metavar="DIR", default=None,
+                   help="generate nothing: check the sets in DIR (an official release, a copy) against the test set, "
+                        "as training does before its first epoch")
     p.set_defaults(func=cmd_data_corrupt)
     p = data.add_parser("grid", help="picture of one test image under every corruption x severity")
     p.add_argument("--dataset", required=True)
@@ -167,8 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         args.func(args)
+    except MissingDataError as err:  # a dataset or prepared input missing or unusable: names the file and the fix
+        print(f"forde: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"forde: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forde: interrupted; what was finished is kept, and the same command continues from there",
+              file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk: one line naming the file; finished work stays and resumes
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"forde: no space left on the device{where}; free space there (or write elsewhere) and run the same "
+              "command again: what was finished is kept", file=sys.stderr)
         return 2
     except Exception as err:  # a run directory that cannot be read back: one line with the fix, no traceback
         train = sys.modules.get("forde.train")  # (only commands that imported it can raise it)

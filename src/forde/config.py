@@ -25,6 +25,11 @@ class MissingDataError(ConfigError):
     such trials instead of counting them as failed)."""
 
 
+class DataError(MissingDataError):
+    """A dataset or prepared input on disk that cannot be used as it is (unreadable, cut short, of the wrong
+    shape, or refused as unsafe): like a missing one, a problem of the machine, found before any training."""
+
+
 CORRUPTION_SELECTIONS = ("all", "benchmark", "none")
 KERNEL_METHODS = ("forde", "rde_weight", "rde_function")  # methods with a median-heuristic kernel
 
@@ -173,7 +178,10 @@ def read_config_yaml(source: str | Path) -> DictConfig:
         )
     if not path.exists():
         raise ConfigError(f"config file '{source}' does not exist")
-    return load_yaml(path)
+    cfg = load_yaml(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} holds a list; a config file is a mapping of keys, e.g. `optim: {{lr: 0.1}}`")
+    return cfg
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -296,8 +304,13 @@ def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks that types alone cannot express."""
     from forde.data.corruption_names import CORRUPTIONS  # names only: cheap, no image libraries
+    from forde.names import RULE, is_path_component
 
     m, o, d, e = cfg.method, cfg.optim, cfg.data, cfg.eval
+    _check(is_path_component(d.name), "data.name", d.name, f"{RULE}: it names a folder under data.root",
+           "set e.g. data.name=cifar10")
+    _check(cfg.run.name is None or is_path_component(cfg.run.name), "run.name", cfg.run.name,
+           f"{RULE}: it names the run directory inside run.out_dir", "set e.g. run.name=my-run (or leave it unset)")
     _check(cfg.ensemble_size >= 1, "ensemble_size", cfg.ensemble_size, "must be at least 1", "set ensemble_size=10 (the paper's size)")
     _check(0.0 <= m.alpha <= 1.0, "method.alpha", m.alpha, "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)", "set e.g. method.alpha=0.4")
     _check(m.bandwidth_scale > 0, "method.bandwidth_scale", m.bandwidth_scale, "must be positive", "set method.bandwidth_scale=1.0")

@@ -9,6 +9,7 @@ whole training and test splits, and per corrupted set whether it is a file read 
 from __future__ import annotations
 
 import functools
+import hashlib
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -49,10 +50,17 @@ def _dirty() -> bool | None:
     return None if status is None else bool(status)
 
 
+def test_fingerprint(dataset) -> str:
+    """Hash of the whole test split's images and labels: which test images corrupted sets were made from."""
+    test = dataset.full.test
+    h = hashlib.sha1(test.inputs.contiguous().numpy().tobytes())
+    h.update(test.labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def dataset_provenance(dataset) -> dict:
     """Fingerprints of the whole training split (the PCA cache's key: inputs and normalisation) and test
     split (the corrupted sets' key), and the sizes of the splits a run actually used."""
-    from forde.data.corrupted import test_fingerprint
     from forde.data.pca import fingerprint
 
     full = dataset.full

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from forde import interrupts
+from forde.atomic import replace_atomic, write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
 from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
@@ -33,7 +33,9 @@ from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
 from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split, eval_context
 from forde.methods import Method, build_method
+from forde.names import RULE, is_path_component
 from forde.provenance import run_provenance
+from forde.safe_load import UnsafePickleError, first_line, torch_load
 from forde.step import make_step
 
 log = logging.getLogger(__name__)
@@ -90,70 +92,34 @@ def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(cfg.run.out_dir) / (cfg.run.name or default_run_name(cfg))
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    _replace_with(path, lambda fh: fh.write(data.encode() if isinstance(data, str) else data))
-
-
 def save_checkpoint(state: dict, run_dir: Path) -> None:
     """Write checkpoint.pt atomically and keep the one before as checkpoint.prev.pt."""
-    path = run_dir / CHECKPOINT
-    had_one = path.exists()
-    _replace_with(path, lambda fh: torch.save(state, fh), keep=run_dir / PREVIOUS_CHECKPOINT if had_one else None)
-
-
-class _RecordingFile:
-    """A file whose first write error is kept: torch.save reports a full disk as 'unexpected pos'."""
-
-    def __init__(self, fh):
-        self.fh, self.error = fh, None
-
-    def write(self, data) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as err:
-            self.error = self.error or err
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def _replace_with(path: Path, write: Callable, keep: Path | None = None) -> None:
-    """Write `path` through a temporary file and move it into place (the old file to `keep`, if given). A write
-    that fails (a full disk, a quota) leaves no partial file behind and raises an OSError naming `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            recording = _RecordingFile(fh)
-            try:
-                write(recording)
-            except Exception as err:
-                if recording.error is None:
-                    raise
-                raise OSError(recording.error.errno, recording.error.strerror, str(path)) from None
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None and err.errno:
-            raise OSError(err.errno, err.strerror, str(path)) from None
-        raise
-    if keep is not None:
-        os.replace(path, keep)
-    os.replace(tmp, path)
+    replace_atomic(run_dir / CHECKPOINT, lambda fh: torch.save(state, fh), keep=run_dir / PREVIOUS_CHECKPOINT)
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
     """The last checkpoint, or the one before when the last cannot be read (truncated by a copy, a full disk);
     None when the run has none. Loaded on the CPU: `load_state_dict` moves weights and optimizer state to
-    their device, while RNG and generator states must stay CPU ByteTensors."""
+    their device, while RNG and generator states must stay CPU ByteTensors.
+
+    Loaded with `weights_only=True`: a checkpoint holds tensors and plain values only (every format this
+    project has written), so unpickling one never runs code. A file that holds anything else (a class, a
+    function call) is refused, with no fallback to the checkpoint before: it was not written by a run."""
     unreadable = []
     for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT):
         if not path.exists():
             continue
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-            unreadable.append(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            state = torch_load(path)
+        except UnsafePickleError as err:
+            raise RunDirError(
+                f"{path} was not loaded: it holds {err.name or 'an object'}, not only tensors and plain values, and "
+                "unpickling it could run code (checkpoints of forde runs never hold such objects). Delete it unless "
+                f"you trust its origin; the run then resumes from {PREVIOUS_CHECKPOINT} or starts over") from None
+        except Exception as err:  # a cut-short zip, a file of another kind: torch raises many types here
+            unreadable.append(f"{path} is unreadable ({first_line(err)})")
             continue
+        _check_state(path, state)
         if unreadable:
             log.warning("%s; resuming from %s (epoch %d)", unreadable[0], path.name, state["epoch"])
         return state
@@ -163,21 +129,64 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     return None
 
 
+CHECKPOINT_KEYS = {"epoch": int, "ensemble": dict, "optimizer": dict, "loader": dict, "torch_rng": torch.Tensor,
+                   "history": list}
+
+
+def _check_state(path: Path, state: Any) -> None:
+    """A loaded checkpoint has the entries `Trainer.state_dict` writes, of their types."""
+    if not isinstance(state, dict):
+        raise RunDirError(f"{path} holds a {type(state).__name__}, not a checkpoint of `forde train`; "
+                          "move it aside and run again")
+    wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
+    if "history" not in wrong and not all(isinstance(h, dict) and "train/epoch_time_s" in h for h in state["history"]):
+        wrong.append("history")
+    if wrong:
+        raise RunDirError(f"{path} is not a checkpoint of `forde train` (missing or malformed: {', '.join(wrong)}); "
+                          "move it aside and run again")
+
+
+def restore(run_dir: Path, load: Callable[[Any], Any], state: Any) -> None:
+    """`load(state)`; a checkpoint whose tensors do not fit the model and optimizer of config.yaml is one line."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"the checkpoint in {run_dir} does not fit the model of {run_dir / CONFIG} "
+                          f"({first_line(err)}); move it aside and run again") from None
+
+
 def read_results(run_dir: Path) -> dict | None:
     """results.json of a finished run; None when absent, or unreadable (then the final evaluation reruns)."""
     path = run_dir / RESULTS
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except ValueError as err:
         log.warning("%s is unreadable (%s); evaluating the last checkpoint again to rewrite it", path, err)
         return None
+    summary = results.get("summary") if isinstance(results, dict) else None
+    if not (isinstance(summary, dict) and all(isinstance(v, (int, float)) for v in summary.values())):
+        log.warning("%s holds no results of `forde train` (no summary of numbers); evaluating the last checkpoint "
+                    "again to rewrite it", path)
+        return None
+    return results
 
 
 def read_history(run_dir: Path) -> list[dict]:
+    """metrics.jsonl: the epochs a finished run replays to its W&B run. A damaged file costs that replay only."""
     path = run_dir / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        history = [json.loads(line) for line in path.read_text().splitlines()]
+    except ValueError as err:
+        log.warning("%s is unreadable (%s); its epochs are not replayed to W&B", path, err)
+        return []
+    if not all(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history):
+        log.warning("%s holds lines that are not epochs of `forde train`; its epochs are not replayed to W&B", path)
+        return []
+    return history
 
 
 @dataclass
@@ -423,7 +432,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     write_atomic(run_dir / CONFIG, to_yaml(cfg))
     state = load_checkpoint(run_dir)
     if state is not None:
-        trainer.load_state_dict(state)
+        restore(run_dir, trainer.load_state_dict, state)
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
         tell_history(callbacks, trainer.history)
     log.info("%s %s: %s, M=%d, %s on %s (%d train images), %s",
@@ -457,6 +466,9 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     """Re-evaluate a run directory's checkpoint (e.g. on more corruptions) and write `out_name` there."""
     from forde.config import load_config
 
+    if not is_path_component(out_name):
+        raise ConfigError(f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; "
+                          "e.g. --out results-c.json")
     overrides = overrides or []
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
@@ -464,11 +476,11 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     if not (run_dir / CONFIG).exists():
         raise ConfigError(f"{run_dir / CONFIG} does not exist; is {run_dir} a run directory of `forde train`?")
     cfg = load_config(run_dir / CONFIG, overrides)
-    setup = build(cfg)
     state = load_checkpoint(run_dir)
     if state is None:
         raise ConfigError(f"{run_dir / CHECKPOINT} does not exist; is {run_dir} a run directory of `forde train`?")
-    setup.ensemble.load_state_dict(state["ensemble"])
+    setup = build(cfg)
+    restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
     results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
                "ensemble_size": cfg.ensemble_size, "epochs": state["epoch"],

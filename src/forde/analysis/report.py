@@ -22,6 +22,7 @@ from forde.analysis.aggregate import Setting, group, setting_of
 from forde.analysis.results import Run, load_study, load_wandb, optuna_studies
 from forde.analysis.study_figures import study_figures
 from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
+from forde.names import RULE, is_path_component
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,29 @@ def _index(report: Report, out: Path, runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def named_safely(runs: list[Run], studies: list[optuna.Study]) -> tuple[list[Run], list[optuna.Study]]:
+    """The runs and studies whose names can become folders of the report: dataset, model and study names
+    come from run directories and storages others may have written, and must stay inside OUT."""
+    kept_runs, kept_studies = [], []
+    for r in runs:
+        if is_path_component(setting_of(r).slug):
+            kept_runs.append(r)
+        else:
+            log.warning("skipping %s: its dataset and model name %r %s", r.source, setting_of(r).slug, RULE)
+    for s in studies:
+        if is_path_component(s.study_name):
+            kept_studies.append(s)
+        else:
+            log.warning("skipping the figures of Optuna study %r: its name %s", s.study_name, RULE)
+    return kept_runs, kept_studies
+
+
 def run(args: argparse.Namespace) -> Report:
     runs = load_study(args.study_dir, args.storage, args.study_name)
     if args.wandb:
         runs += load_wandb(args.wandb)
     out = args.out or args.study_dir / "report"
-    report = make_report(runs, out, args.paper, optuna_studies(args.study_dir, args.storage, args.study_name))
+    runs, studies = named_safely(runs, optuna_studies(args.study_dir, args.storage, args.study_name))
+    report = make_report(runs, out, args.paper, studies)
     print(f"{len(report.written)} files written to {out}; {len(report.skipped)} figures skipped (see {out / 'index.md'})")
     return report

@@ -3,16 +3,18 @@ recording which of them were generated here (`forde-source.json` beside them).""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from forde.config import ConfigError, MissingDataError, TrainConfig
+from forde.atomic import write_atomic
+from forde.config import ConfigError, DataError, MissingDataError, TrainConfig
 from forde.data.base import Dataset, Split, subset_split
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES, select
+from forde.provenance import code_version, test_fingerprint
+from forde.safe_load import first_line
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ def layout_for(dataset: Dataset) -> str:
 
 
 def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
-    """Make sure every requested corruption x severity exists, generating what is missing when allowed."""
+    """Make sure every requested corruption x severity exists and fits the test set, before any training:
+    the sets present are checked (forde.data.corrupted_check), the missing ones generated when allowed."""
     names = select(cfg.eval.corruptions)
     if not names:
         return None
@@ -52,6 +55,7 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
                           "set eval.corruptions=[none]")
     root = corrupted_root(cfg, dataset)
     check_source(root, dataset)
+    raise_problems(root, dataset, names, cfg.eval.severities)
     missing = missing_corrupted(root, names, cfg.eval.severities)
     if missing and not cfg.eval.generate_corrupted:
         shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -60,34 +64,63 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
     if missing:
         from forde.data.corrupted_sets import generate_corrupted_set
 
-        todo = tuple(n for n in names if any(m == n for m, _ in missing))
         log.info("building %d missing corrupted set(s) in %s (seed %d)", len(missing), root, GENERATION_SEED)
         test = dataset.full.test  # the whole test set, whatever data.test_subset: the files are shared by every run
-        report = generate_corrupted_set(test.inputs, test.labels, root, seed=GENERATION_SEED, corruptions=todo,
-                                        severities=cfg.eval.severities, layout=layout_for(dataset),
-                                        class_dirs=dataset.class_names or None, progress=cfg.run.progress)
-        record_source(root, dataset, report.written, GENERATION_SEED)
+        # every name, not only those with missing sets: blocks left by a stopped run are joined into files too
+        generate_corrupted_set(test.inputs, test.labels, root, seed=GENERATION_SEED, corruptions=names,
+                               severities=cfg.eval.severities, layout=layout_for(dataset),
+                               class_dirs=dataset.class_names or None, progress=cfg.run.progress,
+                               on_commit=source_recorder(root, dataset, GENERATION_SEED))
     return root
 
 
-def record_source(root: Path, dataset: Dataset, written: Iterable[tuple[str, int]], seed: int) -> None:
-    """Add the sets just generated to the root's record (with the generator version, seed and code version)."""
-    from forde.data.corrupted_sets import GENERATOR_VERSION
-    from forde.provenance import code_version
+def raise_problems(root: Path, dataset: Dataset, names: Iterable[str], severities: Iterable[int]) -> None:
+    """A DataError with one line per problem of the sets present (see forde.data.corrupted_check)."""
+    from forde.data.corrupted_check import check_corrupted
 
+    problems = check_corrupted(root, dataset, names, severities)
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def read_source_record(root: Path) -> dict:
+    """`forde-source.json` under root ({} when absent), checked: which of the sets there were generated here."""
     path = root / SOURCE_FILE
-    record = json.loads(path.read_text()) if path.exists() else {}
-    generated = record.get("generated", {})
-    if record and "generated" not in record:  # an older record, for a folder of generated sets only
-        from forde.data.corrupted_loader import missing_corrupted
+    if not path.exists():
+        return {}
+    fix = (f"restore it, or delete {root} and generate the sets again (without it, the sets generated there "
+           "would be reported as official)")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+    generated = record.get("generated", {}) if isinstance(record, dict) else None
+    if not (isinstance(record, dict) and isinstance(record.get("test_fingerprint"), str) and isinstance(generated, dict)
+            and all(isinstance(v, dict) for v in generated.values())):
+        raise DataError(f"{path} is not a record of generated sets (test_fingerprint, generated); {fix}")
+    return record
 
-        absent = set(missing_corrupted(root))
-        generated = {f"{n}/{k}": {"generator": None, "seed": record.get("seed")}
-                     for n in CORRUPTIONS for k in SEVERITIES if (n, k) not in absent}
-    for name, severity in written:
+
+def source_recorder(root: Path, dataset: Dataset, seed: int) -> Callable[[str, int], None]:
+    """What the generator calls as it commits each set: adds the set to the root's record (generator version,
+    seed, code version) first, so that a stopped generation never leaves a generated set unrecorded."""
+    from forde.data.corrupted_sets import GENERATOR_VERSION
+
+    fingerprint = test_fingerprint(dataset)
+
+    def add(name: str, severity: int) -> None:
+        record = read_source_record(root)
+        generated = record.get("generated", {})
+        if record and "generated" not in record:  # an older record, for a folder of generated sets only
+            from forde.data.corrupted_loader import missing_corrupted
+
+            absent = set(missing_corrupted(root))
+            generated = {f"{n}/{k}": {"generator": None, "seed": record.get("seed")}
+                         for n in CORRUPTIONS for k in SEVERITIES if (n, k) not in absent}
         generated[f"{name}/{severity}"] = {"generator": GENERATOR_VERSION, "seed": seed, "code": code_version()}
-    record.update({"test_fingerprint": test_fingerprint(dataset), "seed": seed, "generated": generated})
-    path.write_text(json.dumps(record, indent=1))
+        record.update({"test_fingerprint": fingerprint, "seed": seed, "generated": generated})
+        write_atomic(root / SOURCE_FILE, json.dumps(record, indent=1))
+    return add
 
 
 def set_provenance(root: Path) -> Callable[[str, int], dict]:
@@ -96,8 +129,7 @@ def set_provenance(root: Path) -> Callable[[str, int], dict]:
     presumably the released set). A record written before per-set entries existed (no "generated" key)
     was written for a folder of generated sets only: every set under it counts as generated, generator
     version unknown."""
-    path = root / SOURCE_FILE
-    record = json.loads(path.read_text()) if path.exists() else {}
+    record = read_source_record(root)
     if record and "generated" not in record:
         return lambda name, severity: {"source": "generated", "generator": None, "seed": record.get("seed")}
     generated = record.get("generated", {})
@@ -108,18 +140,10 @@ def set_provenance(root: Path) -> Callable[[str, int], dict]:
     return lookup
 
 
-def test_fingerprint(dataset: Dataset) -> str:
-    """Hash of the whole test split's images and labels: which test images corrupted sets were made from."""
-    test = dataset.full.test
-    h = hashlib.sha1(test.inputs.contiguous().numpy().tobytes())
-    h.update(test.labels.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def check_source(root: Path, dataset: Dataset) -> None:
     """Sets generated here from other test images (an older import, another split) must not be reused."""
-    source = root / SOURCE_FILE
-    if source.exists() and json.loads(source.read_text())["test_fingerprint"] != test_fingerprint(dataset):
+    record = read_source_record(root)
+    if record and record["test_fingerprint"] != test_fingerprint(dataset):
         raise ConfigError(f"the corrupted sets in {root} were generated from other {dataset.name} test images; "
                           f"remove {root} to rebuild them, or set eval.corrupted_root elsewhere")
 

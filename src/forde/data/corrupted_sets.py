@@ -8,8 +8,10 @@ Layouts:
 
 Generation works in (corruption, severity) jobs. Each job draws from its own generator, seeded by
 (seed, corruption, severity), so its output does not depend on job order, on worker count or on what already
-exists. Each job's output appears atomically (temporary name, then rename), so an interrupted run resumes by
-skipping finished jobs. In the npy layout a job's block goes to `<root>/parts/<name>_s<k>.npy` and the five blocks
+exists. Each job's output appears atomically (written under a temporary name by a worker, renamed into place by
+the calling process, which first tells `on_commit`: the provenance record lists a set before it exists), so an
+interrupted run (Ctrl-C, a full disk, a kill) leaves finished sets and no temporary files, and resumes by skipping
+finished jobs. In the npy layout a job's block goes to `<root>/parts/<name>_s<k>.npy` and the five blocks
 are joined into `<name>.npy` once all exist; asking for some severities only leaves their blocks in `parts/`,
 which the loader (`forde.data.corrupted_loader`) reads as well.
 """
@@ -19,19 +21,22 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from forde.atomic import removed_on_failure
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES, select
 from forde.data.corruptions import corrupt, default_table
+from forde.names import RULE, is_path_component
 
 LAYOUTS = ("npy", "folder")
 LABELS_FILE = "labels.npy"
@@ -72,12 +77,14 @@ class _Job:
 def generate_corrupted_set(split_images, labels, out_dir, *, table: str | None = None, seed: int = 0,
                            corruptions: Iterable[str] = CORRUPTIONS, severities: Iterable[int] = SEVERITIES,
                            layout: str = "npy", progress: bool = True, class_dirs: Sequence[str] | None = None,
-                           file_names: Sequence[str] | None = None, workers: int | None = None) -> GenerationReport:
+                           file_names: Sequence[str] | None = None, workers: int | None = None,
+                           on_commit: Callable[[str, int], None] | None = None) -> GenerationReport:
     """Write a -C set for uint8 [N, C, H, W] images (torch or NumPy) and their labels; see the module docstring.
 
     `class_dirs[label]` and `file_names[i]` name the folder layout's paths (default: zero-padded class index and
     running index). `workers` processes share the jobs (default: CPU count; 1 runs in this process); they are
-    spawned, so a calling script needs the usual `if __name__ == "__main__":` guard.
+    spawned, so a calling script needs the usual `if __name__ == "__main__":` guard. `on_commit(name, severity)`
+    is called just before each finished (corruption, severity) output is renamed into place.
     """
     started = time.perf_counter()
     job = _make_job(split_images, labels, out_dir, table, seed, layout, class_dirs, file_names)
@@ -92,7 +99,11 @@ def generate_corrupted_set(split_images, labels, out_dir, *, table: str | None =
     tasks = [(name, s) for name in names for s in severities]
     pending = [task for task in tasks if not _is_done(job, *task)]
     report = GenerationReport(job.out_dir, layout, written=pending, skipped=[t for t in tasks if t not in pending])
-    _run_jobs(job, pending, workers or os.cpu_count() or 1, progress, len(report.skipped))
+    try:
+        _run_jobs(job, pending, workers or os.cpu_count() or 1, progress, len(report.skipped), on_commit)
+    except BaseException:  # stopped or failed: only finished sets stay
+        _remove_leftovers(job.out_dir)
+        raise
     if layout == "npy":
         report.assembled = [name for name in names if _assemble_npy(job, name)]
     report.seconds = time.perf_counter() - started
@@ -114,6 +125,9 @@ def _make_job(split_images, labels, out_dir, table, seed, layout, class_dirs, fi
     file_names = tuple(file_names) if file_names is not None else _numbered(len(images), ".JPEG")
     if len(class_dirs) < n_classes or len(file_names) != len(images):
         raise ValueError(f"need a class dir per class ({n_classes}) and a file name per image ({len(images)})")
+    escaping = [n for n in (*class_dirs, *file_names) if not is_path_component(n)]
+    if escaping:
+        raise ValueError(f"class dir or file name {escaping[0]!r} {RULE}")
     return _Job(images, labels, Path(out_dir), table or default_table(images.shape[1]), seed, layout,
                 class_dirs, file_names)
 
@@ -124,30 +138,55 @@ def _numbered(count: int, suffix: str) -> tuple[str, ...]:
     return tuple(f"{i:0{width}d}{suffix}" for i in range(count))
 
 
-def _run_jobs(job: _Job, pending: list[tuple[str, int]], workers: int, progress: bool, done: int) -> None:
+def _run_jobs(job: _Job, pending: list[tuple[str, int]], workers: int, progress: bool, done: int,
+              on_commit: Callable[[str, int], None] | None) -> None:
     bar = tqdm(total=done + len(pending), initial=done, desc="corrupting", unit="job", disable=not progress)
+
+    def commit(name: str, severity: int) -> None:
+        if on_commit is not None:
+            on_commit(name, severity)
+        tmp, target = _output_paths(job, name, severity)
+        os.replace(tmp, target)
+        bar.set_postfix_str(f"{name} s{severity} done")
+        bar.update()
+
     with bar:
         if min(workers, len(pending)) <= 1:
             for name, severity in pending:
                 bar.set_postfix_str(f"{name} s{severity}")
                 _run_job(job, name, severity)
-                bar.update()
+                commit(name, severity)
             return
         # spawn, not fork: a forked child can inherit OpenCV's/OpenMP's thread-pool locks held and hang
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(pending)), mp_context=context, initializer=_init_worker,
-                                 initargs=(job,)) as pool:
+        pool = ProcessPoolExecutor(min(workers, len(pending)), mp_context=context, initializer=_init_worker,
+                                   initargs=(job,))
+        try:
             futures = [pool.submit(_pool_job, name, severity) for name, severity in pending]
             for future in as_completed(futures):
-                name, severity = future.result()
-                bar.set_postfix_str(f"{name} s{severity} done")
-                bar.update()
+                commit(*future.result())
+        except BaseException:  # Ctrl-C, a full disk, a failed job: stop the other jobs now, not after them all
+            _stop(pool)
+            raise
+        pool.shutdown()
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End a pool's workers at once. `shutdown` alone would wait for the jobs they are running (Python before
+    3.14 has no `terminate_workers`); the workers ignore SIGINT, so only this process decides when they stop."""
+    workers = list((pool._processes or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join(timeout=10)
 
 
 _WORKER_JOB: list[_Job] = []  # set once per worker process, so the images are sent once, not per task
 
 
 def _init_worker(job: _Job) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the caller stops the pool
     cv2.setNumThreads(1)  # the processes are the parallelism
     _WORKER_JOB.append(job)
 
@@ -157,17 +196,30 @@ def _pool_job(name: str, severity: int) -> tuple[str, int]:
     return name, severity
 
 
-def _run_job(job: _Job, name: str, severity: int) -> None:
-    out = corrupt(job.images, name, severity, corruption_rng(job.seed, name, severity), job.table)
+def _output_paths(job: _Job, name: str, severity: int) -> tuple[Path, Path]:
+    """Where one job's output is written, and where it is renamed to when it is complete."""
     if job.layout == "npy":
-        _save_npy_atomic(part_path(job.out_dir, name, severity), out)
-    else:
-        _save_folder_atomic(job, out, job.out_dir / name / str(severity))
+        target = part_path(job.out_dir, name, severity)
+        return target.with_name(target.name + ".tmp"), target
+    target = job.out_dir / name / str(severity)
+    return target.with_name(f".{target.name}.tmp"), target
+
+
+def _run_job(job: _Job, name: str, severity: int) -> None:
+    """Compute one (corruption, severity) and write it under its temporary name (committed by the caller)."""
+    out = corrupt(job.images, name, severity, corruption_rng(job.seed, name, severity), job.table)
+    tmp, target = _output_paths(job, name, severity)
+    with removed_on_failure(tmp, target):
+        if job.layout == "npy":
+            _save_npy(tmp, out)
+        else:
+            _save_folder(job, out, tmp)
 
 
 def _remove_leftovers(out_dir: Path) -> None:
     """Temporary files and folders of an interrupted run (every output is renamed into place when complete)."""
-    for path in [*out_dir.glob("*.tmp"), *out_dir.glob(f"{PARTS_DIR}/*.tmp"), *out_dir.glob("*/.*.tmp")]:
+    for path in [*out_dir.glob("*.tmp"), *out_dir.glob(".*.tmp*"), *out_dir.glob(f"{PARTS_DIR}/*.tmp"),
+                 *out_dir.glob("*/.*.tmp")]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -205,12 +257,17 @@ def _prepare_npy(job: _Job, names: Sequence[str]) -> None:
             raise ValueError(f"{full} has shape {shape}, expected {expected}")
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with removed_on_failure(tmp, path):
+        _save_npy(tmp, array)
+        os.replace(tmp, path)
 
 
 def _assemble_npy(job: _Job, name: str) -> bool:
@@ -227,13 +284,15 @@ def _assemble_npy(job: _Job, name: str) -> bool:
         return False
     blocks = [np.load(p, mmap_mode="r") for p in parts]
     tmp = final.with_name(final.name + ".tmp")
-    n = len(blocks[0])
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(blocks) * n,) + blocks[0].shape[1:])
-    for i, block in enumerate(blocks):
-        out[i * n:(i + 1) * n] = block
-    out.flush()
-    del out, blocks
-    os.replace(tmp, final)
+    shape = (sum(len(b) for b in blocks),) + blocks[0].shape[1:]
+    with removed_on_failure(tmp, final):  # written in order, not through a memory map: a full disk is an OSError
+        with open(tmp, "wb") as f:  # (a memory-mapped page that cannot be stored kills the process with SIGBUS)
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                     "fortran_order": False, "shape": shape})
+            for block in blocks:
+                f.write(np.ascontiguousarray(block, dtype=np.uint8).data)
+        del blocks
+        os.replace(tmp, final)
     _remove_parts(parts)
     return True
 
@@ -247,16 +306,14 @@ def _remove_parts(parts: list[Path]) -> None:
 
 # ---------------------------------------------------------------------------------------------- folder layout
 
-def _save_folder_atomic(job: _Job, images: np.ndarray, target: Path) -> None:
-    """One severity's JPEGs, written under a temporary name and renamed into place when complete."""
-    tmp = target.with_name(f".{target.name}.tmp")  # a stale one was removed by _remove_leftovers
+def _save_folder(job: _Job, images: np.ndarray, tmp: Path) -> None:
+    """One severity's JPEGs, in the folder `tmp` (a stale one was removed by _remove_leftovers)."""
     for label in np.unique(job.labels):
         (tmp / job.class_dirs[label]).mkdir(parents=True)
     for img, label, file_name in zip(images, job.labels, job.file_names):
         pixels = img[..., 0] if img.shape[-1] == 1 else img
         Image.fromarray(pixels).save(tmp / job.class_dirs[label] / file_name, format="JPEG",
                                      quality=JPEG_QUALITY, optimize=True)
-    os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------- preview, command
@@ -307,8 +364,8 @@ def _tile(rows: list[list[np.ndarray]]) -> tuple[np.ndarray, list[float], list[f
 
 def run_corrupt_command(images, labels, out_dir, table: str | None, seed: int, corruptions: Iterable[str],
                         severities: Iterable[int], layout: str, workers: int | None, *,
-                        class_dirs: Sequence[str] | None = None,
-                        file_names: Sequence[str] | None = None) -> GenerationReport:
+                        class_dirs: Sequence[str] | None = None, file_names: Sequence[str] | None = None,
+                        on_commit: Callable[[str, int], None] | None = None) -> GenerationReport:
     """What `forde data corrupt` runs: generate the set and say what was done and where."""
     names = select(list(corruptions))
     severities = sorted(set(severities))
@@ -318,7 +375,7 @@ def run_corrupt_command(images, labels, out_dir, table: str | None, seed: int, c
           f"{workers or os.cpu_count()} workers -> {Path(out_dir).resolve()}")
     report = generate_corrupted_set(images, labels, out_dir, table=table, seed=seed, corruptions=names,
                                     severities=severities, layout=layout, class_dirs=class_dirs,
-                                    file_names=file_names, workers=workers)
+                                    file_names=file_names, workers=workers, on_commit=on_commit)
     print(f"{len(report.written)} (corruption, severity) outputs written, {len(report.skipped)} already there, "
           f"in {report.seconds:.1f} s")
     if layout == "npy":

@@ -9,9 +9,9 @@ import logging
 import re
 from pathlib import Path
 
-from forde.config import MissingDataError
+from forde.config import ConfigError, DataError, MissingDataError
 from forde.data.base import Dataset
-from forde.data.images import decode_splits, is_image_file
+from forde.data.images import IMAGE_SUFFIXES, decode_splits, is_image_file
 from forde.data.store import is_store, load_store, save_store
 
 log = logging.getLogger(__name__)
@@ -53,33 +53,42 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _list_split(split_dir: Path, class_index: dict[str, int]) -> tuple[list[Path], list[int]]:
+def _list_split(split_dir: Path, class_index: dict[str, int], allow_empty: bool) -> tuple[list[Path], list[int]]:
     """Image paths of one split (sorted class dirs, sorted file names within) and their labels."""
     paths, labels = [], []
     for cls in _subdirs(split_dir):
         if cls not in class_index:
-            raise ValueError(f"{split_dir / cls}: class '{cls}' has no folder in the train split")
+            raise DataError(f"{split_dir / cls}: class '{cls}' has no folder in the train split; add "
+                            f"{split_dir.parent / 'train' / cls} with its training images, or remove {split_dir / cls}")
         files = sorted(p for p in (split_dir / cls).iterdir() if is_image_file(p))
+        if not files and not allow_empty:
+            raise DataError(f"{split_dir / cls} holds no images (files ending in {', '.join(IMAGE_SUFFIXES)}); add "
+                            "them, remove the folder, or pass --allow-empty-classes to keep the class without images")
+        if not files:
+            log.warning("%s holds no images; its class is kept without %s images (--allow-empty-classes)",
+                        split_dir / cls, split_dir.name)
         paths += files
         labels += [class_index[cls]] * len(files)
     if not paths:
-        raise ValueError(f"{split_dir} holds no images; expected {LAYOUT}")
+        raise DataError(f"{split_dir} holds no images; expected {LAYOUT}")
     return paths, labels
 
 
-def import_folder(src: str | Path, name: str, root: str | Path) -> Path:
+def import_folder(src: str | Path, name: str, root: str | Path, allow_empty_classes: bool = False) -> Path:
     """Decode an ImageFolder tree into <root>/<name>/ and return that path. Class index = position of
-    the class folder in the sorted train class folders; all images must share one size."""
+    the class folder in the sorted train class folders; all images must share one size. A class folder
+    without images is refused unless `allow_empty_classes` (a model would silently learn fewer classes)."""
     if not NAME_PATTERN.fullmatch(name) or name in RESERVED:
-        raise ValueError(f"dataset name {name!r}: use letters, digits, '_', '.', '-' (not starting with a "
-                         f"symbol), and not {', '.join(RESERVED)}")
+        raise ConfigError(f"dataset name {name!r}: use letters, digits, '_', '.', '-' (not starting with a "
+                          f"symbol), and not {', '.join(RESERVED)}")
     src = Path(src)
     for required in ("train", "test"):
         if not (src / required).is_dir():
-            raise ValueError(f"{src / required} is not a folder; import-folder expects {LAYOUT}")
+            raise MissingDataError(f"{src / required} is not a folder; import-folder expects {LAYOUT}")
     class_names = _subdirs(src / "train")
     class_index = {c: i for i, c in enumerate(class_names)}
-    listed = {s: _list_split(src / s, class_index) for s in ("train", "val", "test") if (src / s).is_dir()}
+    listed = {s: _list_split(src / s, class_index, allow_empty_classes)
+              for s in ("train", "val", "test") if (src / s).is_dir()}
     splits = decode_splits(listed, desc=f"importing {name}")
     dest = imported_dir(root, name)
     save_store(dest, splits, class_names)

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from forde.config import DataError
 from forde.data.base import Split
+from forde.safe_load import first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -22,9 +24,13 @@ def is_image_file(path: Path) -> bool:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """One image as uint8 [3, H, W]; grey, palette and RGBA files are converted to RGB."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    """One image as uint8 [3, H, W]; grey, palette and RGBA files are converted to RGB. A file PIL cannot
+    decode to the end (cut short, not an image) is a DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path} is not a readable image ({first_line(err)}); replace or remove it") from None
 
 
 def decode_images(paths: Sequence[Path], desc: str = "decoding images", chunk: int = 256) -> np.ndarray:
@@ -44,7 +50,7 @@ def decode_images(paths: Sequence[Path], desc: str = "decoding images", chunk: i
         for i in range(start, end):
             image = read_rgb(paths[i])
             if image.shape != first.shape:
-                raise ValueError(
+                raise DataError(
                     f"all images must share one size, but {paths[i]} is {image.shape[2]}x{image.shape[1]} while "
                     f"{paths[0]} is {first.shape[2]}x{first.shape[1]}; resize them to one size first")
             out[i] = image

@@ -29,6 +29,7 @@ from forde.config import DataConfig
 from forde.data.base import Dataset
 from forde.data.pipeline import normalize
 from forde.data.registry import load_dataset
+from forde.safe_load import first_line, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,10 @@ def cached_pca(inputs: torch.Tensor, mean, std, cache_dir: str | Path, name: str
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
+        cached = read_cache(path, inputs[0].numel()) if path.exists() else None
+        if cached is not None:
             log.info("PCA: reusing %s", path)
-            data = torch.load(path, map_location="cpu")
-            return PCA(data["eigenvalues"], data["eigenvectors"])
+            return cached
         log.info("PCA: computing the %d-dim covariance of %d training inputs", inputs[0].numel(), len(inputs))
         pca = compute_pca(inputs, mean, std)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -128,6 +129,22 @@ def cached_pca(inputs: torch.Tensor, mean, std, cache_dir: str | Path, name: str
         os.replace(tmp, path)
         log.info("PCA: saved %s", path)
         return pca
+
+
+def read_cache(path: Path, dim: int) -> PCA | None:
+    """A cached PCA, loaded without running code (tensors only); None, with a warning, when the file is
+    damaged or holds anything else, so that it is computed again and replaced."""
+    try:
+        data = torch_load(path)
+        values, vectors = data["eigenvalues"], data["eigenvectors"]
+        tensors = isinstance(values, torch.Tensor) and isinstance(vectors, torch.Tensor)
+        if not (tensors and values.shape == (dim,) and vectors.shape == (dim, dim)
+                and values.dtype == vectors.dtype == torch.float64):
+            raise ValueError(f"expected float64 eigenvalues [{dim}] and eigenvectors [{dim}, {dim}]")
+    except Exception as err:  # a cut-short file, a file of another kind, or one that would run code when unpickled
+        log.warning("PCA: the cache %s is unusable (%s); computing it again", path, first_line(err))
+        return None
+    return PCA(values, vectors)
 
 
 def dataset_pca(ds: Dataset, root: str | Path) -> PCA:

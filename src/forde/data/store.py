@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from forde.config import ConfigError, DataError
 from forde.data.base import Dataset, Split, image_dataset
+from forde.names import is_path_component
+from forde.safe_load import first_line
 
 META = "meta.json"
 FORMAT = 1
@@ -29,7 +32,7 @@ def save_store(directory: str | Path, splits: dict[str, Split], class_names: lis
     """Write the splits into `directory`, replacing an earlier store there only once everything is written."""
     directory = Path(directory)
     if directory.exists() and not is_store(directory):
-        raise FileExistsError(f"{directory} exists and holds no imported dataset; choose another name or move it away")
+        raise ConfigError(f"{directory} exists and holds no imported dataset; choose another name or move it away")
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -48,12 +51,46 @@ def save_store(directory: str | Path, splits: dict[str, Split], class_names: lis
 
 
 def load_store(directory: str | Path, name: str) -> Dataset:
+    """The dataset in `directory`, its meta.json and arrays checked (NumPy arrays only, no pickles)."""
     directory = Path(directory)
-    meta = json.loads((directory / META).read_text())
+    meta = _read_meta(directory / META)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} holds format {meta.get('format')}, this version reads {FORMAT}: delete it and "
-                         "import (or load) the dataset again")
-    splits = {s: Split(torch.from_numpy(np.load(directory / f"{s}_images.npy")),
-                       torch.from_numpy(np.load(directory / f"{s}_labels.npy")))
-              for s in meta["splits"]}
+        raise DataError(f"{directory} holds format {meta.get('format')}, this version reads {FORMAT}: delete it and "
+                        "import (or load) the dataset again")
+    splits = {s: _read_split(directory, s, len(meta["class_names"])) for s in meta["splits"]}
     return image_dataset(name, splits["train"], splits["test"], meta["class_names"], val=splits.get("val"))
+
+
+def _read_meta(path: Path) -> dict:
+    fix = f"delete {path.parent} and import (or load) the dataset again"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+    names, splits = (meta.get("class_names"), meta.get("splits")) if isinstance(meta, dict) else (None, None)
+    if not (isinstance(names, list) and names and all(is_path_component(n) for n in names)):
+        raise DataError(f"{path}: class_names must be a non-empty list of plain file names; {fix}")
+    if not (isinstance(splits, list) and {"train", "test"} <= set(splits) <= set(SPLITS)):
+        raise DataError(f"{path}: splits must list train and test (and optionally val); {fix}")
+    return meta
+
+
+def _read_split(directory: Path, split: str, num_classes: int) -> Split:
+    """One split's uint8 [N, C, H, W] images and int64 labels in 0..num_classes-1."""
+    fix = f"delete {directory} and import (or load) the dataset again"
+    arrays = []
+    for kind in ("images", "labels"):
+        path = directory / f"{split}_{kind}.npy"
+        try:
+            arrays.append(np.load(path, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+    images, labels = arrays
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"{directory / f'{split}_images.npy'} is {images.dtype} {images.shape}, expected uint8 "
+                        f"[N, C, H, W] with C = 1 or 3; {fix}")
+    if labels.dtype != np.int64 or labels.shape != (len(images),) or (
+            len(labels) and not (0 <= labels.min() and labels.max() < num_classes)):
+        raise DataError(f"{directory / f'{split}_labels.npy'} must hold {len(images)} int64 labels in "
+                        f"0..{num_classes - 1}; {fix}")
+    return Split(torch.from_numpy(images), torch.from_numpy(labels))

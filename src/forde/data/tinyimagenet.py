@@ -11,11 +11,13 @@ from pathlib import Path
 
 from torchvision.datasets.utils import download_and_extract_archive
 
-from forde.config import DataConfig
+from forde.config import DataConfig, DataError
 from forde.data.base import Dataset
 from forde.data.imagefolder import missing_data_error
 from forde.data.images import decode_splits, is_image_file
 from forde.data.store import is_store, load_store, save_store
+from forde.names import is_path_component
+from forde.safe_load import first_line
 
 FOLDER = "tiny-imagenet-200"
 CACHE = "forde-cache"
@@ -24,21 +26,49 @@ MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
 def list_release(folder: Path) -> tuple[dict[str, tuple[list[Path], list[int]]], list[str]]:
-    """{split: (paths, labels)} in a fixed order (sorted wnids, sorted file names), and the sorted wnids."""
-    wnids = sorted({line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip()})
+    """{split: (paths, labels)} in a fixed order (sorted wnids, sorted file names), and the sorted wnids.
+
+    The listing files are checked as they are read: every wnid and file name is a plain file name inside the
+    release folder, every class has its training images, every validation image exists."""
+    fix = f"unpack the release again (data.download=true, or {URL})"
+    wnids_file, annotations = folder / "wnids.txt", folder / "val" / "val_annotations.txt"
+    wnids = sorted({line.strip() for line in _read_text(wnids_file, fix).splitlines() if line.strip()})
+    if not wnids:
+        raise DataError(f"{wnids_file} lists no wnids; {fix}")
+    bad = [w for w in wnids if not is_path_component(w)]
+    if bad:
+        raise DataError(f"{wnids_file}: wnid {bad[0]!r} is not a plain folder name; {fix}")
     index = {w: i for i, w in enumerate(wnids)}
-    train = [(p, index[w]) for w in wnids for p in sorted((folder / "train" / w / "images").iterdir()) if is_image_file(p)]
+    train = []
+    for w in wnids:
+        images = folder / "train" / w / "images"
+        files = sorted(p for p in images.iterdir() if is_image_file(p)) if images.is_dir() else []
+        if not files:
+            raise DataError(f"{images} holds no images, but {wnids_file} lists {w}; {fix}")
+        train += [(p, index[w]) for p in files]
     test = []
-    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+    for number, line in enumerate(_read_text(annotations, fix).splitlines(), start=1):
         fields = line.split("\t")
         if len(fields) < 2:
             continue
         if fields[1] not in index:
-            raise ValueError(f"{folder / 'val' / 'val_annotations.txt'}: wnid {fields[1]!r} is not in wnids.txt")
-        test.append((folder / "val" / "images" / fields[0], index[fields[1]]))
+            raise DataError(f"{annotations} line {number}: wnid {fields[1]!r} is not in wnids.txt; {fix}")
+        image = folder / "val" / "images" / fields[0]
+        if not (is_path_component(fields[0]) and image.is_file()):
+            raise DataError(f"{annotations} line {number}: no image {image}; {fix}")
+        test.append((image, index[fields[1]]))
+    if not test:
+        raise DataError(f"{annotations} lists no validation images; {fix}")
     test.sort()
     listed = {split: ([p for p, _ in pairs], [y for _, y in pairs]) for split, pairs in (("train", train), ("test", test))}
     return listed, wnids
+
+
+def _read_text(path: Path, fix: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
 
 
 def load_tinyimagenet(cfg: DataConfig) -> Dataset:

@@ -33,6 +33,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from forde.config import ConfigError, TrainConfig, identity, load_yaml, merge, read_config_yaml, to_train_config
+from forde.names import RULE, is_path_component
 from forde.sweep.sampling import TrialSeededSampler
 
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
@@ -238,6 +239,8 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     if not isinstance(raw, dict):
         _fail(str(source), f"{path} must be a mapping of study keys (base, search_space, objectives, ...)")
     name = raw.pop("name", path.stem)
+    if not is_path_component(name):
+        _fail(str(source), f"name = {name!r} {RULE}: it names the study's folder under --out; set e.g. name: my_study")
     known = {"base", "config", "n_trials", "objectives", "sampler", "pruner", "search_space", "grid", "description"}
     unknown = set(raw) - known
     if unknown:
