@@ -271,3 +271,13 @@ def test_heartbeats_do_not_grow_the_journal(tmp_path, monkeypatch):
                       "eval.corruptions=[none]") == 0
         sizes[beat_s] = journal.stat().st_size
     assert abs(sizes[0.05] - sizes[3600]) < 2048, sizes
+
+
+def test_a_full_disk_while_the_inputs_are_prepared_is_one_line(tmp_path, monkeypatch, capsys, small_disk_factory):
+    disk = small_disk_factory(64 << 10)  # the data root: the digits and their corrupted sets do not fit
+    monkeypatch.setenv("FORDE_DATA", str(disk))
+    assert launch(tmp_path, "--n-trials", "1", *QUICK[:-1]) == EXIT_ENVIRONMENT
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert "Traceback" not in err and last.startswith("launch.py: OSError: [Errno 28] No space left on device")
+    assert str(disk) in last and last.endswith("fix it and re-run the same command")

@@ -14,7 +14,7 @@ import optuna
 
 from forde import interrupts
 from forde.config import ConfigError
-from forde.sweep.storage import SweepStorage, default_url
+from forde.sweep.storage import SweepStorage, default_url, describe
 from forde.sweep.study import Study, load_study
 
 
@@ -82,6 +82,9 @@ def worker_argv(args: argparse.Namespace, storage_url: str) -> list[str]:
             *(["--n-trials", str(args.n_trials)] if args.n_trials else []), *args.overrides]
 
 
+EXIT_ENVIRONMENT = 3  # a lasting failure of the environment stopped the launcher or a worker
+
+
 def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
     """Run a launcher or a worker: logging, signal handlers, and one line (not a traceback) for bad input or a stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -93,6 +96,9 @@ def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], i
     except ConfigError as err:
         print(f"launch.py: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment outside any trial (a full disk while inputs are prepared): one line
+        print(f"launch.py: {describe(err)}; fix it and re-run the same command", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except interrupts.Interrupted as err:
         who = f"worker {os.getpid()}" if args.worker else "launch.py"
         print(f"{who}: interrupted by {err}; the trials it stopped resume from their checkpoints when you re-run "

@@ -29,7 +29,7 @@ from forde.config import ConfigError
 from forde.interrupts import Interrupted
 from forde.sweep.lifecycle import (CARRIED, DONE, DUPLICATE, ENVIRONMENT, FAILURE, GIVEN_UP, INTERRUPTED, REASON,
                                    STARTED, TRIAL, WORKER, Decision, Ledger, classify, decide, lineage)
-from forde.sweep.options import parse_args, resolve, run_command
+from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_command
 from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage, describe, patiently
 from forde.sweep.study import Study
 from forde.tracking import WandbRun
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 MAX_ENV_FAILURES = 3
 BACKOFF_S = 2.0
 MAX_DRAWS = 10
-EXIT_ENVIRONMENT = 3
 PRUNED = "pruned"
 
 
