@@ -236,12 +236,17 @@ def test_a_full_disk_is_one_line_naming_the_file_and_costs_no_budget(tmp_path, s
     study's own database record the failure), the trial is a failure of the environment (not a kill), the worker
     stops after three in a row with exit code 3 and one line naming the cause and the file; once space is freed,
     the same command finishes the study."""
-    disk = small_disk_factory(4 << 20)
+    disk = small_disk_factory(16 << 20)
     cmd = [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", "quickstart", "--out", str(disk),
-           "--no-wandb", "optim.epochs=2", "model.hidden=[256]", "eval.corruptions=[none]"]
+           "--no-wandb", "optim.epochs=2", "model.hidden=[512]", "eval.corruptions=[none]"]
     first = subprocess.run([*cmd, "--n-trials", "1"], env=env_for(tmp_path), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    filler = fill(disk, leave_bytes=96 * 1024)  # room for the database, not for a checkpoint
+    filler = fill(disk, leave_bytes=0)  # not even room for the database: the launcher says so
+    out = subprocess.run([*cmd, "--n-trials", "2"], env=env_for(tmp_path), capture_output=True, text=True)
+    assert out.returncode in (2, EXIT_ENVIRONMENT) and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("launch.py: ") and "full" in out.stderr.splitlines()[-1]
+    filler.unlink()
+    filler = fill(disk, leave_bytes=512 << 10)  # room for the database and its log, not for a checkpoint
     out = subprocess.run([*cmd, "--n-trials", "2"], env=env_for(tmp_path), capture_output=True, text=True)
     assert out.returncode == EXIT_ENVIRONMENT, out.stderr[-3000:]
     assert "Traceback" not in out.stderr

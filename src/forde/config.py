@@ -228,9 +228,9 @@ def _explain(err: OmegaConfBaseException) -> str:
 
 def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]) -> DictConfig:
     """Schema <- base <- layers (dicts, DictConfigs or dotted `key=value` lists), type-checked."""
-    schema = OmegaConf.structured(TrainConfig)
+    typed = isinstance(base, DictConfig) and OmegaConf.get_type(base) is TrainConfig  # merged with the schema already
     try:
-        merged = OmegaConf.merge(schema, base or {})
+        merged = base if typed else OmegaConf.merge(OmegaConf.structured(TrainConfig), base or {})
         for layer in layers:
             if isinstance(layer, list):
                 for item in layer:
@@ -240,7 +240,7 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
             merged = OmegaConf.merge(merged, layer)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
-    return merged
+    return base.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -44,9 +44,9 @@ from optuna.trial import FrozenTrial, TrialState
 from forde.sweep.storage import is_storage_error
 
 FAILURE, REASON = "failure", "fail_reason"  # user attributes of a failed attempt
-STARTED = "run_started"  # user attribute: the attempt's run began (a retry does not inherit it)
+STARTED = "run_dir"  # user attribute set as the attempt's run begins (each attempt sets it: a retry does not inherit it)
 WORKER = "worker"  # user attribute: host:pid of the worker that took the attempt
-CARRIED = ("run_dir", "config_params")  # user attributes a retry inherits from the attempt it retries
+CARRIED = ("config_params",)  # user attributes a retry inherits from the attempt it retries
 
 QUEUED, RUNNING, DONE = "queued", "running", "done"
 TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, GIVEN_UP = "trial", "environment", "killed", "interrupted", "given_up"

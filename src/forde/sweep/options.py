@@ -14,7 +14,7 @@ import optuna
 
 from forde import interrupts
 from forde.config import ConfigError
-from forde.sweep.storage import SweepStorage, default_url, describe
+from forde.sweep.storage import STORAGE_ERRORS, SweepStorage, default_url, describe
 from forde.sweep.study import Study, load_study
 
 
@@ -96,7 +96,7 @@ def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], i
     except ConfigError as err:
         print(f"launch.py: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the environment outside any trial (a full disk while inputs are prepared): one line
+    except STORAGE_ERRORS as err:  # the environment outside any trial (a full disk, the database gone): one line
         print(f"launch.py: {describe(err)}; fix it and re-run the same command", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except interrupts.Interrupted as err:

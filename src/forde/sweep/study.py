@@ -134,7 +134,7 @@ class Study:
 
     def trial_config(self, params: dict[str, Any], extra: list[str] | None = None) -> TrainConfig:
         dotted = [f"{k}={_yaml_value(v)}" for k, v in params.items()]
-        return to_train_config(merge(self.base, dotted, extra or []))
+        return to_train_config(merge(self.base, dotted + (extra or [])))
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
         """The study's sampler, drawing each trial with a seed of its own (see forde.sweep.sampling)."""

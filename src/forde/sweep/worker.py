@@ -165,7 +165,6 @@ class Sweep:
                 return None
             for _ in range(MAX_DRAWS):
                 trial = self.opt.ask()
-                self.heartbeats.beat(trial.number, self.trial_id(trial.number))  # then the tag: see `gone`
                 trial.set_user_attr(WORKER, self.tag)
                 params = self.study.suggest(trial)
                 twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
@@ -237,15 +236,17 @@ class TrialRunner:
         """Train and record; returns the cause (DONE, PRUNED, TRIAL or ENVIRONMENT) and the failure's reason.
         A signal's Interrupted (or submitit's SystemExit) is raised on once the attempt is recorded."""
         sweep, study = self.sweep, self.sweep.study
-        number = lineage(sweep.backend.get_trial(sweep.trial_id(trial.number)))
+        frozen = sweep.backend.get_trial(sweep.trial_id(trial.number))
+        number = lineage(frozen)
         run_name = f"trial-{number:04d}"
         run_dir = self.study_dir / "runs" / run_name
         cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
         cfg.run.wandb.group = cfg.run.wandb.group or study.name
         if not self.use_wandb:
             cfg.run.wandb.mode = "disabled"
-        for key, value in {"run_dir": str(run_dir), "config_params": params, STARTED: time.time()}.items():
-            patiently(trial.set_user_attr, key, value, what="starting a trial")
+        patiently(trial.set_user_attr, STARTED, str(run_dir), what="starting a trial")  # the run begins
+        if "config_params" not in frozen.user_attrs:  # a retry inherits them
+            patiently(trial.set_user_attr, "config_params", params, what="starting a trial")
         log.info("trial %d (%s): %s", trial.number, run_name, params)
         own_paths = [self.study_dir, Path(cfg.data.root)] + ([sweep.storage.path.parent] if sweep.storage.path else [])
         tracker = None
@@ -283,11 +284,11 @@ class TrialRunner:
             try:
                 if ending.summary is not None:
                     trial.set_user_attr("summary", ending.summary)
-                opt.tell(trial, ending.values, state=TrialState.PRUNED if ending.cause == PRUNED else None,
-                         skip_if_finished=True)
-            except UpdateFinishedTrialError:
-                pass
-            if sweep.backend.get_trial(sweep.trial_id(trial.number)).state == TrialState.FAIL:
+                told = opt.tell(trial, ending.values, state=TrialState.PRUNED if ending.cause == PRUNED else None,
+                                skip_if_finished=True)
+            except UpdateFinishedTrialError:  # failed by another worker between the two writes, or during tell
+                told = sweep.backend.get_trial(sweep.trial_id(trial.number))
+            if told.state == TrialState.FAIL:
                 log.warning("trial %d finished after another worker declared it dead; its retry reads the results "
                             "from the run directory", trial.number)
             return
