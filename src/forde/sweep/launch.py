@@ -233,10 +233,10 @@ def launch(args: argparse.Namespace) -> int:
     if len(devices) == 1 and devices[0] is None:
         with interrupts.between_steps(worker=False):
             code = run_worker(study, storage, study_dir, use_wandb=not args.no_wandb)
+        sweep.settle()  # a trial its last failure left unqueued: queued, so the summary shows it waiting
     else:
         sweep.settle()  # before the workers start: dead trials are queued again once, not raced for
         code = spawn_workers(args, devices, sweep)
-    sweep.settle()  # a trial its last failure left unqueued: queued, so the summary shows it waiting
     return finish(sweep, study_dir, code)
 
 

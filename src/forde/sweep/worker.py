@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
@@ -33,6 +34,7 @@ from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_comma
 from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage, describe, patiently
 from forde.sweep.study import Study
 from forde.tracking import WandbRun
+from forde.train import NonFiniteLossError, train
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +148,11 @@ class Sweep:
         log.info("trial %d%s (%s) queued again after: %s", failed.number, retry, failed.user_attrs.get(FAILURE),
                  failed.user_attrs.get(REASON, "?"))
 
-    def settle(self) -> Decision:
+    def settle(self) -> None:
         """Under the budget lock: fail dead workers' attempts and queue their retries, taking nothing."""
         with self.storage.budget_lock(self.study.name):
             d = self.decide()
-            d.enqueue = None
-            self.carry_out(d)
-            return d
+            self.carry_out(Decision(fail=d.fail, requeue=d.requeue))
 
     def take(self) -> tuple[optuna.Trial, dict[str, Any]] | None:
         """Under the budget lock: decide, carry it out, and take what it says (a queued trial, or a new sample
@@ -211,24 +211,17 @@ class Ending:
         return {DONE: "finished", PRUNED: "pruned", INTERRUPTED: "interrupted"}.get(self.cause, "failed")
 
 
-# the errors a trial is expected to end with now and then: one line in the log, no traceback
-EXPECTED = (ConfigError, MemoryError)
-
-
 def _expected(err: BaseException) -> bool:
-    import torch
-
-    from forde.train import NonFiniteLossError
-
-    return isinstance(err, (*EXPECTED, NonFiniteLossError, torch.OutOfMemoryError)) or classify(err) == ENVIRONMENT
+    """An error trials end with now and then (a bad config, divergence, out of memory, the environment): one line
+    in the log; anything else comes with its traceback, to find the bug."""
+    return isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError)) or \
+        classify(err) == ENVIRONMENT
 
 
 class TrialRunner:
     """Turns one attempt into one training run, and records how it ended."""
 
     def __init__(self, sweep: Sweep, study_dir: Path, *, use_wandb: bool, train_fn: Callable | None = None):
-        from forde.train import train
-
         self.sweep, self.study_dir, self.use_wandb = sweep, study_dir, use_wandb
         self.train_fn = train_fn or train
 
