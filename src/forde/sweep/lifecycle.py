@@ -222,7 +222,7 @@ def decide(trials: list[FrozenTrial], n_trials: int, grid: list[dict[str, Any]],
         kind = config.failure_kind(KILLED)
         why = f"{why}; retried from its last checkpoint" if kind == KILLED else config.given_up_reason(why)
         d.fail.append(Failure(t, kind, why))
-    ledger = d.ledger = Ledger(trials, {f.attempt.number: f.kind for f in d.fail})
+    ledger = d.ledger = Ledger(trials, {f.attempt.number: f.kind for f in d.fail}) if d.fail else before
     d.requeue = [c.last for c in ledger.configurations.values() if c.awaiting_retry]
     if d.requeue or ledger.queued():
         d.take = "queued"
