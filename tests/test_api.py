@@ -270,3 +270,19 @@ def test_example_runs_a_few_steps(tmp_path, script):
     assert {"accuracy", "nll", "ece", "epistemic"} <= keys
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
     assert list(tmp_path.iterdir()) == []  # nothing written beside the caller
+
+
+def test_the_python_blocks_of_docs_api_md_run():
+    """Every ```python block of docs/api.md, in order, in one namespace that provides the names it leaves to you."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 3, (64,))
+    ensemble = forde.Ensemble([mlp(3) for _ in range(3)])
+    with torch.no_grad():
+        corrupted_sets = [(f"c{c}", k, ensemble(x).log_softmax(-1), y) for c in range(2) for k in (1, 2)]
+    namespace = {"MyNet": lambda: mlp(3), "train_x": x, "train_loader": DataLoader(TensorDataset(x, y), batch_size=16),
+                 "ensemble": ensemble, "x_test": x, "y_test": y, "my_corrupted_sets": corrupted_sets}
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)
+    assert isinstance(namespace["out"], forde.LossOutput) and set(namespace["projections"]) == {0.1, 0.4, 1.0}
