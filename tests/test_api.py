@@ -26,6 +26,8 @@ from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split
 from forde.methods import build_method
 from forde.train import Trainer, build
 
+from conftest import devices
+
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = {"de": forde.DeepEnsembleLoss, "forde": forde.FoRDELoss, "rde_weight": forde.WeightRDELoss,
           "rde_function": forde.FunctionRDELoss, "lit": forde.LITLoss}
@@ -96,6 +98,19 @@ def test_pca_projection_from_inputs_is_the_pipelines(tmp_path, alpha, mix):
         assert p.dtype == torch.float32 and p.shape == pipeline.shape
         torch.testing.assert_close(p @ p.T, pipeline @ pipeline.T, rtol=1e-4, atol=1e-5)
     assert forde.pca_projection(x, 0.0) is None  # the identity kernel
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_float32_cpu_projection_follows_the_gradients_device_and_dtype(device):
+    """pca_projection returns float32 on the CPU; members in float64 on `device` get the kernel in float64 there,
+    as if the projection had been passed on that device in that dtype."""
+    torch.manual_seed(0)
+    members = [mlp(3).double().to(device) for _ in range(3)]
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64, device=device), torch.randint(0, 3, (6,), device=device)
+    projection = forde.pca_projection(torch.randn(80, 1, 6, 6), alpha=0.5)
+    moved = forde.FoRDELoss(projection.to(device, torch.float64))(members, x, y)
+    assert projection.device.type == "cpu" and projection.dtype == torch.float32
+    torch.testing.assert_close(forde.FoRDELoss(projection)(members, x, y).loss, moved.loss, rtol=0, atol=0)
 
 
 class ConvGELU(nn.Module):
