@@ -93,7 +93,8 @@ def test_pca_projection_from_inputs_is_the_pipelines(tmp_path, alpha, mix):
     x = normalize(ds.train.inputs, torch.tensor(ds.mean), torch.tensor(ds.std))
     pca = forde.input_pca(x)
     data = TensorDataset(x, ds.train.labels)
-    for source in (x, data, DataLoader(data, batch_size=100), pca):
+    stream = type("Stream", (torch.utils.data.IterableDataset,), {"__iter__": lambda self: iter(data)})()
+    for source in (x, data, stream, DataLoader(data, batch_size=100), pca):
         p = forde.pca_projection(source, alpha, mix)
         assert p.dtype == torch.float32 and p.shape == pipeline.shape
         torch.testing.assert_close(p @ p.T, pipeline @ pipeline.T, rtol=1e-4, atol=1e-5)

@@ -356,10 +356,14 @@ def validate(cfg: TrainConfig) -> None:
            "bf16 autocast is for CUDA devices", "set precision=fp32 (or auto) on the CPU")
     _check(not cfg.cuda.graphs or cfg.device != "cpu", "cuda.graphs", cfg.cuda.graphs,
            "CUDA graphs need a CUDA device", "set cuda.graphs=false on the CPU")
-    ramped = m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
-    _check(not (cfg.cuda.graphs and ramped), "cuda.graphs", cfg.cuda.graphs,
+    _check(not (cfg.cuda.graphs and ramped(m)), "cuda.graphs", cfg.cuda.graphs,
            "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
            "set cuda.graphs=false, or method.repulsion_ramp_epochs=0")
+
+
+def ramped(m: MethodConfig) -> bool:
+    """Whether the repulsion weight changes over epochs."""
+    return m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
 
 
 def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "method.") -> None:
@@ -387,7 +391,6 @@ def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "m
           "set {p}repulsion_ramp_start=1.0 (no ramp) or e.g. 100")
     check(m.repulsion_ramp_epochs >= 0, "repulsion_ramp_epochs", m.repulsion_ramp_epochs, "must be non-negative",
           "set {p}repulsion_ramp_epochs=0 (no ramp) or e.g. 80")
-    ramped = m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
-    check(not ramped or m.name == "forde", "repulsion_ramp_epochs", m.repulsion_ramp_epochs,
+    check(not ramped(m) or m.name == "forde", "repulsion_ramp_epochs", m.repulsion_ramp_epochs,
           f"the repulsion ramp is a FoRDE option, but method.name = {m.name}", "set {p}repulsion_ramp_epochs=0")
     check(m.lit_weight >= 0, "lit_weight", m.lit_weight, "must be non-negative", "set {p}lit_weight=1.0")

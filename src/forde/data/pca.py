@@ -116,8 +116,8 @@ def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None =
     """The PCA of the training inputs as the members see them, computed as `forde train` computes it.
 
     Args:
-        inputs: The training inputs: a tensor `[N, ...]`, a map-style `torch.utils.data.Dataset` whose items are
-            inputs or `(input, target, ...)` tuples, or an iterable of such batches (a `DataLoader`). Float inputs
+        inputs: The training inputs: a tensor `[N, ...]`, a `torch.utils.data.Dataset` whose samples are inputs
+            or `(input, target, ...)` tuples, or any other iterable of such batches (a `DataLoader`). Float inputs
             are used as they are: pass them exactly as the members receive them (normalised, not augmented).
             uint8 images `[N, C, H, W]` take the training pipeline's exact fast path and need `mean` and `std`.
         mean: Per-channel mean of uint8 images scaled to [0, 1]; the members see `(x / 255 - mean) / std`.
@@ -150,14 +150,16 @@ def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None =
 
 
 def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
-    """A tensor of inputs from a tensor, a map-style dataset of samples, or an iterable of batches (CPU)."""
-    first = lambda item: item[0] if isinstance(item, (tuple, list)) else item
+    """A tensor of inputs (CPU) from a tensor, a dataset of samples, or any other iterable of batches."""
+    first = lambda item: torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
     if isinstance(inputs, torch.Tensor):
         return inputs.detach().cpu()
     try:
-        if isinstance(inputs, torch.utils.data.Dataset) and hasattr(inputs, "__len__"):
-            return torch.stack([torch.as_tensor(first(inputs[i])) for i in range(len(inputs))]).cpu()
-        return torch.cat([torch.as_tensor(first(batch)).detach().cpu() for batch in inputs])
+        if isinstance(inputs, torch.utils.data.IterableDataset):
+            return torch.stack([first(sample) for sample in inputs])
+        if isinstance(inputs, torch.utils.data.Dataset):
+            return torch.stack([first(inputs[i]) for i in range(len(inputs))])
+        return torch.cat([first(batch) for batch in inputs])
     except (TypeError, RuntimeError) as err:
         raise ValueError(f"training inputs: expected a tensor, a dataset of samples or an iterable of batches, each "
                          f"an input tensor or an (input, target) pair; got {type(inputs).__name__} ({err})") from None
