@@ -3,6 +3,7 @@ metrics the evaluation's; the losses take any nn.Module members; the examples ru
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import math
@@ -271,6 +272,9 @@ def test_import_forde_is_light_and_every_public_name_resolves():
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
     assert all(getattr(forde, name) is not None for name in forde.__all__)
+    typed = ast.parse((ROOT / "src" / "forde" / "__init__.py").read_text())  # what type checkers and docs see
+    imported = {a.asname or a.name for node in ast.walk(typed) if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert imported - {"TYPE_CHECKING", "Any", "annotations"} == set(forde.__all__)
     with pytest.raises(AttributeError):
         forde.no_such_name
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from forde.config import KERNEL_METHODS, GradTarget, MedianMode, MethodConfig, validate_method
 from forde.ensemble import Ensemble
-from forde.methods import LossOutput, Method
+from forde.methods.base import LossOutput, Method
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
 from forde.methods.likelihoods import Likelihood

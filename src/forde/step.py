@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from forde.ensemble import Ensemble
-from forde.methods import LossOutput, Method
+from forde.methods import Method
+from forde.methods.base import LossOutput
 
 StepResult = LossOutput  # detached: loss, member outputs, statistics
 GRAPH_WARMUP_STEPS = 3  # eager steps of each kind before its capture: cuDNN autotuning, library handles, buffers

@@ -7,7 +7,7 @@ import torch
 from forde.config import TrainConfig
 from forde.data.base import Dataset
 from forde.data.pca import dataset_pca, pca_projection
-from forde.methods.base import LossOutput, Method
+from forde.methods.base import Method
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
 from forde.methods.lit import LIT
