@@ -41,7 +41,8 @@ class FoRDEEnsemble(L.LightningModule):
     def on_validation_epoch_end(self):
         metrics = forde.metrics.ensemble_metrics(torch.cat(self.val_log_probs, 1), torch.cat(self.val_labels))
         self.log_dict({f"val/{k}": metrics[k] for k in ("accuracy", "nll", "ece", "epistemic")})
-        self.val_log_probs.clear(), self.val_labels.clear()
+        self.val_log_probs.clear()
+        self.val_labels.clear()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
