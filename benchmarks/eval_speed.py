@@ -24,9 +24,9 @@ from report import write_report
 
 from forde.config import load_config
 from forde.data.corrupted import corrupted_sets, prepare_corrupted
-from forde.evaluate import input_gradients, predict, summarize_corrupted
+from forde.evaluate import input_gradients, predict
 from forde.methods.de import DeepEnsemble
-from forde.metrics import PooledMetrics, gradient_cosine_distance, prediction_metrics
+from forde.metrics import CorruptedMetrics
 from forde.train import CONFIG, build, load_checkpoint
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     sets = list(corrupted_sets(cfg, setup.dataset))[: args.sets]
     pred_s = grad_s = 0.0
     n_pred = n_grad = 0
-    rows, pools = [], {}
+    corrupted = CorruptedMetrics()
     for s in sets:
         name, severity, split = s.corruption, s.severity, s.load()
         t = time.perf_counter()
@@ -72,14 +72,10 @@ def main() -> None:
         grads = input_gradients(ens, split, ctx)
         grad_s += time.perf_counter() - t
         n_pred, n_grad = n_pred + len(split), n_grad + grads.shape[1]
-        rows.append({"corruption": name, "severity": severity, **prediction_metrics(log_probs, split.labels),
-                     "grad_cosine_distance": gradient_cosine_distance(grads)})
-        pool = pools.setdefault(severity, PooledMetrics())
-        pool.add(log_probs, split.labels)
-        pool.add_gradients(grads)
+        corrupted.add(name, severity, log_probs, split.labels, grads)
         print(f"{name} s{severity}: {pred_s + grad_s:.0f} s so far", flush=True)
     total = pred_s + grad_s
-    summary = summarize_corrupted(rows, {k: p.result() for k, p in pools.items()})["all"]
+    summary = corrupted.summary()["all"]
     m = cfg.model
     lines = [f"{args.dataset}-C, {m.name} width {m.width}, M = {cfg.ensemble_size}, batch {cfg.eval.batch_size}, "
              f"{what}; {setup.settings.describe()}.", "",

@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -62,16 +62,21 @@ class ModelConfig:
     execution: Literal["auto", "loop", "vmap"] = "auto"  # members one after another, or vectorised (same results); auto: the device's default
 
 
+GradTarget = Literal["logit", "log_prob"]
+MedianMode = Literal["per_column", "all_pairs"]
+AlphaMix = Literal["precision", "lengthscale"]
+
+
 @dataclass
 class MethodConfig:
     name: Literal["de", "forde", "rde_weight", "rde_function", "lit"] = "forde"
     alpha: float = 1.0  # lengthscale mix between identity (0) and PCA (1) lengthscales, see alpha_mix
-    alpha_mix: Literal["precision", "lengthscale"] = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
+    alpha_mix: AlphaMix = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
     bandwidth: Optional[float] = None  # a fixed bandwidth instead of the median heuristic
-    median: Literal["per_column", "all_pairs"] = "per_column"  # median over i per kernel column j (release), or all (i, j) (paper)
+    median: MedianMode = "per_column"  # median over i per kernel column j (release), or all (i, j) (paper)
     eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
-    grad_target: Literal["logit", "log_prob"] = "logit"  # which true-class output is differentiated w.r.t. x
+    grad_target: GradTarget = "logit"  # which true-class output is differentiated w.r.t. x
     repulsion_every: int = 1  # FoRDE: add the repulsion (scaled by k) on every k-th step only; plain steps between
     repulsion_subset: float = 1.0  # FoRDE: share of each batch whose input gradients build the kernel
     repulsion_ramp_start: float = 1.0  # FoRDE: repulsion weight in epoch 0, falling linearly to 1 ...
@@ -312,25 +317,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.run.name is None or is_path_component(cfg.run.name), "run.name", cfg.run.name,
            f"{RULE}: it names the run directory inside run.out_dir", "set e.g. run.name=my-run (or leave it unset)")
     _check(cfg.ensemble_size >= 1, "ensemble_size", cfg.ensemble_size, "must be at least 1", "set ensemble_size=10 (the paper's size)")
-    _check(0.0 <= m.alpha <= 1.0, "method.alpha", m.alpha, "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)", "set e.g. method.alpha=0.4")
-    _check(m.bandwidth_scale > 0, "method.bandwidth_scale", m.bandwidth_scale, "must be positive", "set method.bandwidth_scale=1.0")
-    _check(m.bandwidth is None or m.bandwidth > 0, "method.bandwidth", m.bandwidth, "must be positive or null (median heuristic)", "set method.bandwidth=null")
-    _check(m.eps > 0, "method.eps", m.eps, "must be positive", "set method.eps=1e-12")
-    if m.name in KERNEL_METHODS and m.bandwidth is None:
-        _check(cfg.ensemble_size >= 2, "ensemble_size", cfg.ensemble_size,
-               f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
-               "set ensemble_size>=2, or a fixed method.bandwidth")
-    _check(m.repulsion_every >= 1, "method.repulsion_every", m.repulsion_every, "must be at least 1", "set method.repulsion_every=1")
-    _check(0 < m.repulsion_subset <= 1, "method.repulsion_subset", m.repulsion_subset, "must lie in (0, 1]",
-           "set method.repulsion_subset=1.0")
-    _check(m.repulsion_ramp_start > 0, "method.repulsion_ramp_start", m.repulsion_ramp_start, "must be positive",
-           "set method.repulsion_ramp_start=1.0 (no ramp) or e.g. 100")
-    _check(m.repulsion_ramp_epochs >= 0, "method.repulsion_ramp_epochs", m.repulsion_ramp_epochs, "must be non-negative",
-           "set method.repulsion_ramp_epochs=0 (no ramp) or e.g. 80")
-    ramped = m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
-    _check(not ramped or m.name == "forde", "method.repulsion_ramp_epochs", m.repulsion_ramp_epochs,
-           f"the repulsion ramp is a FoRDE option, but method.name = {m.name}", "set method.repulsion_ramp_epochs=0")
-    _check(m.lit_weight >= 0, "method.lit_weight", m.lit_weight, "must be non-negative", "set method.lit_weight=1.0")
+    validate_method(m, cfg.ensemble_size)
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")
     _check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0", "set optim.momentum=0.9 or optim.nesterov=false")
@@ -369,6 +356,41 @@ def validate(cfg: TrainConfig) -> None:
            "bf16 autocast is for CUDA devices", "set precision=fp32 (or auto) on the CPU")
     _check(not cfg.cuda.graphs or cfg.device != "cpu", "cuda.graphs", cfg.cuda.graphs,
            "CUDA graphs need a CUDA device", "set cuda.graphs=false on the CPU")
-    _check(not (cfg.cuda.graphs and ramped), "cuda.graphs", cfg.cuda.graphs,
+    _check(not (cfg.cuda.graphs and ramped(m)), "cuda.graphs", cfg.cuda.graphs,
            "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
            "set cuda.graphs=false, or method.repulsion_ramp_epochs=0")
+
+
+def ramped(m: MethodConfig) -> bool:
+    """Whether the repulsion weight changes over epochs."""
+    return m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
+
+
+def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "method.") -> None:
+    """The method's checks; `ensemble_size` None skips the one that needs it, `prefix` names the keys in errors
+    (`method.` in configs, none for the Python API's keyword arguments)."""
+    def check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
+        _check(ok, prefix + key, value, rule, fix.format(p=prefix))
+
+    check(0.0 <= m.alpha <= 1.0, "alpha", m.alpha, "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)", "set e.g. {p}alpha=0.4")
+    check(m.bandwidth_scale > 0, "bandwidth_scale", m.bandwidth_scale, "must be positive", "set {p}bandwidth_scale=1.0")
+    check(m.bandwidth is None or m.bandwidth > 0, "bandwidth", m.bandwidth, "must be positive or null (median heuristic)",
+          "set {p}bandwidth=null" if prefix else "set bandwidth=None")
+    check(m.eps > 0, "eps", m.eps, "must be positive", "set {p}eps=1e-12")
+    check(m.median in get_args(MedianMode), "median", m.median, f"must be one of {get_args(MedianMode)}",
+          "set {p}median=per_column")
+    check(m.grad_target in get_args(GradTarget), "grad_target", m.grad_target, f"must be one of {get_args(GradTarget)}",
+          "set {p}grad_target=logit")
+    if m.name in KERNEL_METHODS and m.bandwidth is None and ensemble_size is not None:
+        _check(ensemble_size >= 2, "ensemble_size", ensemble_size,
+               f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
+               f"set ensemble_size>=2, or a fixed {prefix}bandwidth")
+    check(m.repulsion_every >= 1, "repulsion_every", m.repulsion_every, "must be at least 1", "set {p}repulsion_every=1")
+    check(0 < m.repulsion_subset <= 1, "repulsion_subset", m.repulsion_subset, "must lie in (0, 1]", "set {p}repulsion_subset=1.0")
+    check(m.repulsion_ramp_start > 0, "repulsion_ramp_start", m.repulsion_ramp_start, "must be positive",
+          "set {p}repulsion_ramp_start=1.0 (no ramp) or e.g. 100")
+    check(m.repulsion_ramp_epochs >= 0, "repulsion_ramp_epochs", m.repulsion_ramp_epochs, "must be non-negative",
+          "set {p}repulsion_ramp_epochs=0 (no ramp) or e.g. 80")
+    check(not ramped(m) or m.name == "forde", "repulsion_ramp_epochs", m.repulsion_ramp_epochs,
+          f"the repulsion ramp is a FoRDE option, but method.name = {m.name}", "set {p}repulsion_ramp_epochs=0")
+    check(m.lit_weight >= 0, "lit_weight", m.lit_weight, "must be non-negative", "set {p}lit_weight=1.0")

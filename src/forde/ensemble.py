@@ -9,7 +9,7 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -20,7 +20,32 @@ from forde.models import build_model
 from forde.models.derivatives import for_double_backward, native_derivatives
 
 
+class InputGradients(NamedTuple):
+    """The members' outputs on a batch and their input gradients; a tuple, so `outputs, grads = ...` works too.
+
+    Attributes:
+        outputs: `[M, B, C]`, the members' outputs.
+        grads: `[M, B, D]`, per member and sample the gradient of the differentiated output with respect to
+            that sample's input, flattened (D = the number of input features, e.g. C * H * W).
+    """
+
+    outputs: torch.Tensor
+    grads: torch.Tensor
+
+
 class Ensemble(nn.Module):
+    """M networks trained together, called on one batch as one module: `ensemble(x)` is `[M, B, C]`.
+
+    Any `nn.Module` members that map a batch `[B, ...]` to outputs `[B, C]` will do; they need not share an
+    architecture unless `execution="vmap"`. The members stay separate modules (`ensemble.members[i]`), so an
+    optimizer over `ensemble.parameters()` updates each one and `state_dict()` holds them all.
+
+    Args:
+        members: The networks, e.g. a list or an `nn.ModuleList`; they are used, not copied.
+        execution: `"loop"` calls the members one after another; `"vmap"` runs identical architectures as one
+            vectorised computation (same results; pays on GPUs).
+    """
+
     def __init__(self, members: list[nn.Module], execution: str = "loop"):
         super().__init__()
         self.members = nn.ModuleList(members)
@@ -64,7 +89,7 @@ class Ensemble(nn.Module):
         return out
 
     def output_gradients(self, x: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], create_graph: bool = True
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         ) -> InputGradients:
         """Outputs [M, B, C] and g[i, b] = d pick(outputs)[i, b] / d x_b flattened to [M, B, D].
 
         `pick` maps the outputs to the one scalar per member and sample that is differentiated. With
@@ -75,11 +100,13 @@ class Ensemble(nn.Module):
         with for_double_backward() if create_graph else contextlib.nullcontext():
             outputs = self.forward_each(xs)
         (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
-        return outputs, grads.flatten(2)
+        return InputGradients(outputs, grads.flatten(2))
 
     def input_gradients(self, x: torch.Tensor, y: torch.Tensor, target: str = "logit", create_graph: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [M, B, C] and the input gradients [M, B, D] of the true-class output (see `true_class_output`)."""
+                        ) -> InputGradients:
+        """Logits [M, B, C] and the input gradients [M, B, D] of the true-class output (see `true_class_output`).
+
+        With `create_graph=False` the gradients are plain tensors, e.g. for `metrics.gradient_cosine_distance`."""
         return self.output_gradients(x, lambda logits: true_class_output(logits, y, target), create_graph)
 
 

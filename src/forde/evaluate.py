@@ -15,7 +15,7 @@ from forde.data.base import Dataset, Split, subset_split
 from forde.data.corrupted import CorruptedSet
 from forde.data.pipeline import eval_batches
 from forde.ensemble import Ensemble
-from forde.metrics import PooledMetrics, gradient_cosine_distance, prediction_metrics
+from forde.metrics import CorruptedMetrics, ensemble_metrics
 
 log = logging.getLogger(__name__)
 
@@ -66,60 +66,31 @@ def input_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch
     return torch.cat(grads, 1)
 
 
-def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext, pool: PooledMetrics | None = None) -> dict:
-    """Metrics of one set; with `pool`, its predictions and gradients are also added to that pooled set."""
+def predictions_and_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Member log-probabilities [M, N, C], and input gradients [M, n, D] where gradient diversity is measured."""
     member_log_probs = predict(ensemble, split, ctx)
-    metrics = prediction_metrics(member_log_probs, split.labels)
-    if pool is not None:
-        pool.add(member_log_probs, split.labels)
-    if ctx.grad_samples > 0 and len(ensemble) > 1:
-        grads = input_gradients(ensemble, split, ctx)
-        metrics["grad_cosine_distance"] = gradient_cosine_distance(grads)
-        if pool is not None:
-            pool.add_gradients(grads)
-    return metrics
+    grads = input_gradients(ensemble, split, ctx) if ctx.grad_samples > 0 and len(ensemble) > 1 else None
+    return member_log_probs, grads
 
 
-SEVERITY_GROUPS = {"severity_1-3": (1, 2, 3), "severity_4-5": (4, 5)}
-
-
-def summarize_corrupted(per_set: list[dict], pooled: dict[int, dict]) -> dict:
-    """cA / cNLL / cECE as the paper's release computes them, per severity and over severities.
-
-    `pooled[k]` holds the metrics of severity k's corruption types pooled into one set; `all` and the
-    groups of severities (1-3, 4-5) average those over their severities. `ece_set_mean` is the mean of
-    the per-set ECEs instead (higher: the ECE of a pooled set is at most the mean of its parts' ECEs).
-    Accuracy, NLL, epistemic uncertainty and gradient diversity of the pool equal the mean over its
-    sets, as the sets have equal sizes.
-    """
-    def group(severities) -> dict:
-        levels = [pooled[k] for k in severities if k in pooled]
-        if not levels:
-            return {}
-        out = {key: sum(p[key] for p in levels) / len(levels) for key in levels[0] if all(key in p for p in levels)}
-        eces = [r["ece"] for r in per_set if r["severity"] in severities]
-        return {**out, "ece_set_mean": sum(eces) / len(eces)}
-
-    summary = {"all": group(sorted(pooled))}
-    summary.update({f"severity_{k}": group((k,)) for k in sorted(pooled)})
-    summary.update({name: group(sevs) for name, sevs in SEVERITY_GROUPS.items() if any(k in pooled for k in sevs)})
-    return summary
+def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext) -> dict:
+    """The metrics of one set (`metrics.ensemble_metrics`)."""
+    member_log_probs, grads = predictions_and_gradients(ensemble, split, ctx)
+    return ensemble_metrics(member_log_probs, split.labels, grads)
 
 
 def evaluate_corrupted(ensemble: Ensemble, sets: Iterable[CorruptedSet], ctx: EvalContext,
                        progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
     """Per-set metrics (with each set's source: generated here or not) and the pooled summary."""
-    per_set: list[dict] = []
-    pools: dict[int, PooledMetrics] = {}
+    corrupted = CorruptedMetrics()
     for s in progress(sets):
-        pool = pools.setdefault(s.severity, PooledMetrics())
-        row = {"corruption": s.corruption, "severity": s.severity, "source": s.provenance["source"],
-               **evaluate_split(ensemble, s.load(), ctx, pool)}
-        row.pop("member_accuracy")
-        per_set.append(row)
+        split = s.load()
+        member_log_probs, grads = predictions_and_gradients(ensemble, split, ctx)
+        row = corrupted.add(s.corruption, s.severity, member_log_probs, split.labels, grads,
+                            source=s.provenance["source"])
         log.debug("%s s%d: acc %.4f nll %.4f", s.corruption, s.severity, row["accuracy"], row["nll"])
-    pooled = {k: p.result() for k, p in pools.items()}
-    return {"per_set": per_set, "summary": summarize_corrupted(per_set, pooled) if per_set else {}}
+    return {"per_set": corrupted.per_set, "summary": corrupted.summary()}
 
 
 def eval_context(cfg: EvalConfig, dataset: Dataset, device: torch.device, grad_target: str, **kw) -> EvalContext:

@@ -15,8 +15,9 @@ import torch
 
 from forde.ensemble import Ensemble
 from forde.methods import Method
+from forde.methods.base import LossOutput
 
-StepResult = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]  # loss, member logits, statistics
+StepResult = LossOutput  # detached: loss, member outputs, statistics
 GRAPH_WARMUP_STEPS = 3  # eager steps of each kind before its capture: cuDNN autotuning, library handles, buffers
 
 
@@ -28,10 +29,10 @@ class EagerStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: float = 0.0) -> StepResult:
         with self.autocast():
-            loss, logits, stats = self.method.loss(self.ensemble, x, y, step=step, epoch=epoch)
+            out = self.method.loss(self.ensemble, x, y, step=step, epoch=epoch)
         self.ensemble.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach(), logits.detach(), {k: v.detach() for k, v in stats.items()}
+        out.loss.backward()
+        return LossOutput(out.loss.detach(), out.outputs.detach(), {k: v.detach() for k, v in out.stats.items()})
 
 
 class _Graph:

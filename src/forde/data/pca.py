@@ -19,27 +19,37 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence, get_args
 
 import numpy as np
 import torch
 from scipy.linalg.blas import ssyrk
 from tqdm import tqdm
 
-from forde.config import DataConfig
+from forde.config import AlphaMix, DataConfig
 from forde.data.base import Dataset
 from forde.data.pipeline import normalize
 from forde.data.registry import load_dataset
+from forde.kernels import projection
 from forde.safe_load import first_line, torch_load
 
 log = logging.getLogger(__name__)
 
 EXACT_BLOCK = 1024  # images per float32 block: 1024 * 128**2 = 2**24, the largest exactly representable bound
+MAX_FEATURES = 2**15  # the D x D float64 covariance takes 8 GiB here (Tiny-ImageNet's D = 12288: 1.2 GiB)
 
 
 @dataclass
 class PCA:
-    eigenvalues: torch.Tensor  # [D] float64, descending
-    eigenvectors: torch.Tensor  # [D, D] float64, column d belongs to eigenvalues[d]
+    """The principal components of the training inputs, both float64.
+
+    Attributes:
+        eigenvalues: `[D]`, the variances along the components, descending.
+        eigenvectors: `[D, D]`; column d is the component of `eigenvalues[d]`.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
 
 
 def covariance_float64(inputs: torch.Tensor, mean, std, chunk: int = 2048) -> torch.Tensor:
@@ -99,6 +109,93 @@ def pca_from_covariance(cov: torch.Tensor) -> PCA:
 
 def compute_pca(inputs: torch.Tensor, mean, std) -> PCA:
     return pca_from_covariance(covariance(inputs, mean, std))
+
+
+def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None = None,
+              std: Sequence[float] | None = None) -> PCA:
+    """The PCA of the training inputs as the members see them, computed as `forde train` computes it.
+
+    Args:
+        inputs: The training inputs: a tensor `[N, ...]`, a `torch.utils.data.Dataset` whose samples are inputs
+            or `(input, target, ...)` tuples, or any other iterable of such batches (a `DataLoader`). Float inputs
+            are used as they are: pass them exactly as the members receive them (normalised, not augmented).
+            uint8 images `[N, C, H, W]` take the training pipeline's exact fast path and need `mean` and `std`.
+        mean: Per-channel mean of uint8 images scaled to [0, 1]; the members see `(x / 255 - mean) / std`.
+        std: Per-channel standard deviation, as `mean`.
+
+    Returns:
+        The eigendecomposition of the inputs' covariance (flattened per sample, N - 1 denominator).
+
+    Raises:
+        ValueError: Inputs that are not a tensor or samples of one, fewer than 2 of them, more than
+            `MAX_FEATURES` features per sample, or `mean`/`std` missing for uint8 images (or given for float inputs).
+    """
+    x = stacked_inputs(inputs)
+    if len(x) < 2:
+        raise ValueError(f"a PCA needs at least 2 training inputs, got {len(x)}")
+    features = x[0].numel()
+    if features > MAX_FEATURES:
+        raise ValueError(f"inputs of {features} features per sample: their PCA needs a {features} x {features} float64 "
+                         f"matrix ({features**2 * 8 / 2**30:.0f} GiB); use the identity kernel (projection=None) or "
+                         f"smaller inputs (at most {MAX_FEATURES} features)")
+    if x.dtype == torch.uint8:
+        if x.dim() != 4 or mean is None or std is None or not len(mean) == len(std) == x.shape[1]:
+            raise ValueError(f"uint8 inputs {tuple(x.shape)}: pass images [N, C, H, W] with mean= and std=, C values "
+                             "each, the normalisation (x / 255 - mean) / std the members see; or pass the float inputs")
+        return compute_pca(x, tuple(mean), tuple(std))
+    if mean is not None or std is not None:
+        raise ValueError("mean= and std= describe uint8 images; float inputs are used as given, so pass them "
+                         "normalised as the members see them and leave out mean and std")
+    return compute_pca(x.float() if not x.is_floating_point() else x, (0.0,), (1.0,))
+
+
+def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
+    """A tensor of inputs (CPU) from a tensor, a dataset of samples, or any other iterable of batches."""
+    first = lambda item: torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach().cpu()
+    try:
+        if isinstance(inputs, torch.utils.data.IterableDataset):
+            return torch.stack([first(sample) for sample in inputs])
+        if isinstance(inputs, torch.utils.data.Dataset):
+            return torch.stack([first(inputs[i]) for i in range(len(inputs))])
+        return torch.cat([first(batch) for batch in inputs])
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"training inputs: expected a tensor, a dataset of samples or an iterable of batches, each "
+                         f"an input tensor or an (input, target) pair; got {type(inputs).__name__} ({err})") from None
+
+
+def pca_projection(inputs: torch.Tensor | Iterable | PCA, alpha: float = 1.0, mix: AlphaMix = "precision", *,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor | None:
+    """FoRDE's lengthscales from the PCA of the training inputs: the `projection` of `FoRDELoss`.
+
+    The kernel compares the members' unit-normalised input gradients s by the distance
+    sum_d w_d ((U^T s_i)_d - (U^T s_j)_d)^2, U the principal components and w_d weights from their variances
+    lambda_d: w = 1 (identity) at alpha = 0 and w = lambda at alpha = 1, so that directions in which the data
+    vary much count more. This returns P = U diag(sqrt(w)), with which that distance is |s_i P - s_j P|^2.
+
+    Args:
+        inputs: The training inputs (see `input_pca`), or a `PCA` already computed from them (to try several
+            alphas without computing it again).
+        alpha: The mix between identity (0) and PCA (1) lengthscales, in [0, 1]; `method.alpha` in configs.
+        mix: `"precision"` mixes the inverse covariance, w = (1 - alpha) + alpha lambda (the default, as the
+            project page); `"lengthscale"` mixes the covariance, w = 1 / (alpha / lambda + 1 - alpha) (paper
+            appendix D.4). `method.alpha_mix` in configs.
+        mean: For uint8 images, see `input_pca`.
+        std: For uint8 images, see `input_pca`.
+
+    Returns:
+        P, float32 `[D, D]` on the CPU (`FoRDELoss` moves it to the gradients' device), or None at alpha = 0:
+        the identity kernel, for which no PCA is computed.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha = {alpha!r}: must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)")
+    if mix not in get_args(AlphaMix):
+        raise ValueError(f"mix = {mix!r}: use {' or '.join(get_args(AlphaMix))}")
+    if alpha == 0.0:
+        return None
+    pca = inputs if isinstance(inputs, PCA) else input_pca(inputs, mean=mean, std=std)
+    return projection(pca.eigenvectors, pca.eigenvalues, alpha, mix).float()
 
 
 def fingerprint(inputs: torch.Tensor, mean, std) -> str:

@@ -6,8 +6,7 @@ import torch
 
 from forde.config import TrainConfig
 from forde.data.base import Dataset
-from forde.data.pca import dataset_pca
-from forde.kernels import projection
+from forde.data.pca import dataset_pca, pca_projection
 from forde.methods.base import Method
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
@@ -22,9 +21,8 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
         return DeepEnsemble()
     if m.name == "forde":
         proj = None
-        if m.alpha > 0:
-            pca = dataset_pca(dataset, cfg.data.root)
-            proj = projection(pca.eigenvectors, pca.eigenvalues, m.alpha, m.alpha_mix).to(device=device, dtype=torch.float32)
+        if m.alpha > 0:  # the PCA is computed (or read from its cache) only when the kernel uses it
+            proj = pca_projection(dataset_pca(dataset, cfg.data.root), m.alpha, m.alpha_mix).to(device)
         return FoRDE(m, proj)
     if m.name == "rde_weight":
         return WeightRDE(m)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -10,14 +10,30 @@ import torch.nn.functional as F
 from forde.ensemble import Ensemble
 
 
+class LossOutput(NamedTuple):
+    """What an ensemble loss returns for one batch; a tuple, so `loss, outputs, stats = ...` works too.
+
+    Attributes:
+        loss: The scalar to minimise (call `.backward()` on it): the members' data terms plus the method's
+            repulsion or penalty.
+        outputs: The members' outputs on the batch, `[M, B, C]` (logits for classification), attached to
+            the graph: reuse them for training accuracy instead of running the members again.
+        stats: Detached scalars for logging: the data term (`"ce"`, or `"gaussian_nll"` for regression) and,
+            for the repulsive methods, `"repulsion"`, `"bandwidth"` and `"kernel_offdiag"`.
+    """
+
+    loss: torch.Tensor
+    outputs: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
 class Method(Protocol):
     name: str
 
     def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (loss to minimise, member logits [M, B, C], detached statistics for logging).
-        `step` counts optimizer steps from the start of training, for methods that act on some steps only;
-        `epoch` is the fractional epoch (completed epochs + share of this one), for schedules."""
+             ) -> LossOutput:
+        """The loss on one batch. `step` counts optimizer steps from the start of training, for methods that
+        act on some steps only; `epoch` is the fractional epoch (completed epochs + share of this one), for schedules."""
         ...
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from forde.ensemble import Ensemble
+from forde.methods.base import LossOutput
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
@@ -12,7 +13,7 @@ class DeepEnsemble:
     def __init__(self, likelihood: Likelihood | None = None):
         self.likelihood = likelihood or Categorical()
 
-    def loss(self, ensemble: Ensemble, x, y, step: int = 0, epoch: float = 0.0):
+    def loss(self, ensemble: Ensemble, x, y, step: int = 0, epoch: float = 0.0) -> LossOutput:
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
-        return nll, outputs, {self.likelihood.name: nll.detach()}
+        return LossOutput(nll, outputs, {self.likelihood.name: nll.detach()})

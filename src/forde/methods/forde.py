@@ -10,6 +10,7 @@ import torch
 from forde.config import MethodConfig
 from forde.ensemble import Ensemble
 from forde.kernels import full_precision, kernel_dtype, repulsion, unit_normalize
+from forde.methods.base import LossOutput
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
@@ -34,31 +35,33 @@ class FoRDE:
         self.cfg = cfg
         self.projection = projection
         self.likelihood = likelihood or Categorical(cfg.grad_target)
-        self._projections: dict[torch.dtype, torch.Tensor] = {}
+        self._projections: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def features(self, grads: torch.Tensor) -> torch.Tensor:
         """Unit-normalised gradients in the lengthscale-weighted PCA coordinates: [M, B, D] -> [M, B, D]."""
         with full_precision(grads):
             s = unit_normalize(grads.to(kernel_dtype(grads)), self.cfg.eps)
-            return s if self.projection is None else s @ self._projection(s.dtype)
+            return s if self.projection is None else s @ self._projection(s.dtype, s.device)
 
-    def _projection(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.projection.dtype == dtype:
+    def _projection(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.projection.dtype == dtype and self.projection.device == device:
             return self.projection
-        if dtype not in self._projections:  # one copy per dtype asked for, e.g. float64 under TF32
-            self._projections[dtype] = self.projection.to(dtype)
-        return self._projections[dtype]
+        key = (dtype, device)  # one copy per dtype and device asked for, e.g. float64 under TF32, or a
+        if key not in self._projections:  # projection computed on the CPU for members on a GPU
+            self._projections[key] = self.projection.to(device=device, dtype=dtype)
+        return self._projections[key]
 
     def step_kind(self, step: int) -> bool:
         """Whether `step` is a repulsion step: the two kinds of step are two different computations."""
         return step % self.cfg.repulsion_every == 0
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+             ) -> LossOutput:
         cfg, batch = self.cfg, len(y)
         if not self.step_kind(step):  # a plain data step between repulsion steps
             outputs = ensemble(x)
             nll = self.likelihood.nll(outputs, y)
-            return nll, outputs, {self.likelihood.name: nll.detach()}
+            return LossOutput(nll, outputs, {self.likelihood.name: nll.detach()})
         pick = lambda out, target: self.likelihood.pick(out, target)
         if cfg.repulsion_subset >= 1.0:
             outputs, grads = ensemble.output_gradients(x, lambda out: pick(out, y), create_graph=True)
@@ -73,7 +76,7 @@ class FoRDE:
                                bandwidth_scale=cfg.bandwidth_scale, weight=ramp * cfg.repulsion_every / batch)
         if cfg.repulsion_ramp_epochs > 0:
             stats["repulsion_weight"] = torch.tensor(ramp)
-        return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}
+        return LossOutput(nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats})
 
 
 def repulsion_weight(epoch: float, start: float, epochs: int) -> float:

@@ -33,7 +33,11 @@ class Likelihood(Protocol):
 
 
 class Categorical:
-    """Softmax classification; input gradients of the true-class logit (or log-probability)."""
+    """Softmax classification: cross-entropy on logits; input gradients of the true-class logit.
+
+    Args:
+        grad_target: The differentiated output: the true-class `"logit"` or its `"log_prob"`.
+    """
 
     name = "ce"
 
@@ -55,6 +59,9 @@ class Gaussian:
 
     The input gradient is that of the mean itself (there is no class to pick), and function-space
     kernels compare the means.
+
+    Args:
+        noise_std: The observation noise's standard deviation, in the targets' units.
     """
 
     name = "gaussian_nll"

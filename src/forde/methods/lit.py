@@ -18,6 +18,7 @@ import torch
 from forde.config import MethodConfig
 from forde.ensemble import Ensemble
 from forde.kernels import full_precision, kernel_dtype, unit_normalize
+from forde.methods.base import LossOutput
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
@@ -38,8 +39,9 @@ class LIT:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+             ) -> LossOutput:
         outputs, grads = ensemble.output_gradients(x, lambda out: self.likelihood.pick(out, y), create_graph=True)
         nll = self.likelihood.nll(outputs, y)
         penalty = self.cfg.lit_weight * squared_cosine_penalty(grads, self.cfg.eps)
-        return nll + penalty, outputs, {self.likelihood.name: nll.detach(), "repulsion": penalty.detach()}
+        return LossOutput(nll + penalty, outputs, {self.likelihood.name: nll.detach(), "repulsion": penalty.detach()})

@@ -19,6 +19,7 @@ import torch
 from forde.config import MethodConfig
 from forde.ensemble import Ensemble
 from forde.kernels import repulsion
+from forde.methods.base import LossOutput
 from forde.methods.likelihoods import Categorical, Likelihood
 
 
@@ -36,9 +37,10 @@ class WeightRDE:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0):
+    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+             ) -> LossOutput:
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         rep, stats = repulsion(member_parameters(ensemble), bandwidth=self.cfg.bandwidth,
                                bandwidth_scale=self.cfg.bandwidth_scale, weight=1.0 / len(y))
-        return nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats}
+        return LossOutput(nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats})
