@@ -3,6 +3,9 @@ OmegaConf, which once turned it into an AttributeError) lets that code finish an
 next step."""
 
 import os
+import subprocess
+import sys
+import textwrap
 import signal
 import time
 
@@ -112,3 +115,27 @@ def test_sigterm_during_a_checkpoint_write_lets_it_finish_and_stops_the_trial(tm
     run_dir = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
     assert epochs_trained(run_dir) == [1]
     assert forde.train.load_checkpoint(run_dir)["epoch"] == 1
+
+
+def test_a_second_ctrl_c_while_a_stopped_command_exits_prints_no_traceback(tmp_path):
+    """A second Ctrl-C that lands in the interpreter's exit handlers (weakref finalizers, atexit) after the first
+    stopped the launcher: the process ends with the one-line message and 130, not 'Exception ignored ... Traceback'."""
+    script = tmp_path / "stopped.py"
+    script.write_text(textwrap.dedent("""
+        import argparse, atexit, os, signal, sys, time
+        from forde.interrupts import Interrupted
+        from forde.sweep.options import run_command
+
+        def second_ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+
+        def body(args):
+            atexit.register(second_ctrl_c)
+            raise Interrupted(signal.SIGINT)
+
+        sys.exit(run_command(argparse.Namespace(worker=False), body))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr
+    assert "Traceback" not in out.stderr and "interrupted by SIGINT" in out.stderr

@@ -178,7 +178,7 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     assert proc.returncode == {"SIGTERM": 143, "SIGTERM to the group": 143, "Ctrl-C": 130, "Ctrl-C twice": 130,
                                "kill -9": -9}[how]
     wait_for(lambda: not any(alive(pid) for pid in workers.values()), 60, "the workers to exit")
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr
     if how != "kill -9":
         assert "re-run the same command" in stderr
     trials = load(tmp_path).get_trials()

@@ -65,6 +65,11 @@ def install(worker: bool) -> dict[int, object]:
     return previous
 
 
+def ignore_stops() -> None:
+    for s in STOPS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def restore(previous: dict[int, object]) -> None:
     for s, h in previous.items():
         signal.signal(s, h)
@@ -99,8 +104,7 @@ def _record(handler: Callable, repeat_acts_now: bool, signum: int, frame) -> Non
     if not _pending:
         _pending.append(functools.partial(handler, signum, None))
     elif repeat_acts_now:
-        for s in STOPS:
-            signal.signal(s, signal.SIG_IGN)
+        ignore_stops()
         check()
 
 

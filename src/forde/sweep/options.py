@@ -91,6 +91,7 @@ def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], i
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     previous = interrupts.install(worker=args.worker)
+    stopped = False
     try:
         return body(args)
     except ConfigError as err:
@@ -100,9 +101,13 @@ def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], i
         print(f"launch.py: {describe(err)}; fix it and re-run the same command", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except interrupts.Interrupted as err:
+        stopped = True
         who = f"worker {os.getpid()}" if args.worker else "launch.py"
         print(f"{who}: interrupted by {err}; the trials it stopped resume from their checkpoints when you re-run "
               "the same command", file=sys.stderr)
         return 128 + err.signum
     finally:
-        interrupts.restore(previous)
+        if stopped:  # leaving: a repeated Ctrl-C landing in the interpreter's exit handlers would print a traceback
+            interrupts.ignore_stops()
+        else:
+            interrupts.restore(previous)
