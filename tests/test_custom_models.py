@@ -37,7 +37,8 @@ METHODS = ["de", "forde", "rde_weight", "rde_function", "lit"]
 
 
 def overrides(model: dict) -> list[str]:
-    return [f"model.name={model['name']}"] + [f"model.kwargs.{k}={json.dumps(v)}" for k, v in model.get("kwargs", {}).items()]
+    kwargs = [f"model.kwargs.{k}={json.dumps(v)}" for k, v in model.get("kwargs", {}).items()]
+    return [f"model.name={model['name']}", *kwargs]
 
 
 def small_run(tmp_path, model: dict, *extra: str, name: str = "run"):
@@ -149,8 +150,8 @@ def test_a_bad_network_is_one_line_before_any_data_is_read(tmp_path, user_module
 
 
 def test_a_missing_module_or_dependency_names_what_to_install(tmp_path, user_module, no_data):
-    with pytest.raises(ConfigError, match=r"no module 'no_such_models' in the working directory \(.*\) or the installed "
-                                          r"packages; run from the folder that holds no_such_models/vit.py"):
+    with pytest.raises(ConfigError, match=r"no module 'no_such_models' in the working directory \(.*\) or the "
+                                          r"installed packages; run from the folder that holds no_such_models/vit.py"):
         train(small_run(tmp_path, {"name": "no_such_models.vit:ViT"}))
     broken = user_module("import not_installed_dependency\n")
     with pytest.raises(ConfigError, match=r"importing user_net_\w+ failed \(ModuleNotFoundError: No module named "
@@ -161,7 +162,8 @@ def test_a_missing_module_or_dependency_names_what_to_install(tmp_path, user_mod
 
 
 def test_kwargs_reach_the_constructor_and_the_data_sets_the_classes(tmp_path):
-    cfg = load_config("quickstart", ["model.name=user_models.vit:tiny_vit", "model.kwargs.dim=8", "model.kwargs.depth=1"])
+    cfg = load_config("quickstart", ["model.name=user_models.vit:tiny_vit", "model.kwargs.dim=8",
+                                     "model.kwargs.depth=1"])
     model = build_model(cfg.model, (1, 8, 8), 7)
     assert model.head.weight.shape == (7, 8) and len(model.blocks) == 1
     timm_cfg = load_config("quickstart", overrides(TIMM_RESNET))

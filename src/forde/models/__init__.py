@@ -47,8 +47,8 @@ def zero_classifier(model: nn.Module) -> None:
     release's networks start: all logits are 0 at initialisation, so members differ in their features only."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linear:
-        raise ConfigError("model.zero_init_classifier = true zeros the network's last nn.Linear layer, but it has none; "
-                          "set model.zero_init_classifier=false")
+        raise ConfigError("model.zero_init_classifier = true zeros the network's last nn.Linear layer, but it has "
+                          "none; set model.zero_init_classifier=false")
     nn.init.zeros_(linear[-1].weight)
     if linear[-1].bias is not None:
         nn.init.zeros_(linear[-1].bias)
