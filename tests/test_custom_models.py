@@ -137,9 +137,9 @@ BAD_NETWORKS = """
     ("no_such_thing", r"user_net_\w+ has no attribute 'no_such_thing'"),
     ("returns_a_tensor", r"returned a Tensor, not a torch.nn.Module"),
     ("refuses_its_arguments", r"building it with \(num_classes=10\) failed \(ValueError: depth must be positive\)"),
-    ("TooManyClasses", r"maps a batch \[2, 1, 8, 8\] of digits to \[2, 11\], not to logits \[2, 10\]"),
-    ("ReturnsATuple", r"maps a batch \[2, 1, 8, 8\] of digits to tuple, not to logits"),
-    ("WrongInputSize", r"fails on a batch of digits's shape \[2, 1, 8, 8\] \(RuntimeError: mat1 and mat2"),
+    ("TooManyClasses", r"maps a batch \[2, 1, 8, 8\] of digits inputs to \[2, 11\], not to logits \[2, 10\]"),
+    ("ReturnsATuple", r"maps a batch \[2, 1, 8, 8\] of digits inputs to tuple, not to logits"),
+    ("WrongInputSize", r"fails on a batch \[2, 1, 8, 8\] of digits inputs \(RuntimeError: mat1 and mat2"),
 ])
 def test_a_bad_network_is_one_line_before_any_data_is_read(tmp_path, user_module, no_data, attr, message):
     cfg = small_run(tmp_path, {"name": f"{user_module(BAD_NETWORKS)}:{attr}"})
@@ -172,6 +172,15 @@ def test_kwargs_reach_the_constructor_and_the_data_sets_the_classes(tmp_path):
         load_config("quickstart", [f"model.name={VIT}", "model.kwargs.num_classes=3"])
     with pytest.raises(ConfigError, match="not to the built-in mlp"):
         load_config("quickstart", ["model.kwargs.depth=3"])
+
+
+def test_zero_init_classifier_zeros_the_last_linear_layer_or_says_there_is_none(user_module):
+    vit = build_model(ModelConfig(name=VIT, zero_init_classifier=True), (1, 8, 8), 10)
+    assert not vit.head.weight.any() and not vit.head.bias.any()
+    convolutional = user_module("from torch import nn\n\ndef net(num_classes):\n"
+                                "    return nn.Sequential(nn.Conv2d(1, num_classes, 8), nn.Flatten())\n")
+    with pytest.raises(ConfigError, match="zeros the network's last nn.Linear layer, but it has none"):
+        build_model(ModelConfig(name=f"{convolutional}:net", zero_init_classifier=True), (1, 8, 8), 10)
 
 
 def test_a_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
@@ -237,7 +246,7 @@ def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch)
     ("config: {model: {name: %s, kwargs: {attention: flash}}}\n" % VIT,
      r"config: model.name = '%s': building it with .*attention='flash'.* failed \(ValueError" % VIT),
     ("config: {model: {name: %s}}\nsearch_space:\n  model.kwargs.heads: {choices: [2, 3]}\n" % VIT,
-     r"search_space.model.kwargs.heads=3: model.name = '%s' fails on a batch of digits's shape \[2, 1, 8, 8\]" % VIT),
+     r"search_space.model.kwargs.heads=3: model.name = '%s' fails on a batch \[2, 1, 8, 8\] of digits inputs" % VIT),
 ])
 def test_a_study_with_a_bad_network_fails_before_its_inputs_are_prepared(tmp_path, capsys, no_data, body, message):
     study = tmp_path / "bad.yaml"

@@ -32,14 +32,14 @@ def check_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, d
                 out = model(torch.zeros(batch))
         except Exception as err:
             problem = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ConfigError(f"model.name = {cfg.name!r} fails on a batch of {data_name}'s shape {batch} "
+            raise ConfigError(f"model.name = {cfg.name!r} fails on a batch {batch} of {data_name} inputs "
                               f"({type(err).__name__}: {problem}); make the network accept inputs of that shape "
                               "(e.g. model.kwargs.img_size for a ViT)") from None
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if shape != [2, num_classes]:
-        raise ConfigError(f"model.name = {cfg.name!r} maps a batch {batch} of {data_name} to {shape}, not to logits "
-                          f"[2, {num_classes}] ({num_classes} classes); make its forward return one row of class "
-                          "scores per input")
+        raise ConfigError(f"model.name = {cfg.name!r} maps a batch {batch} of {data_name} inputs to {shape}, not to "
+                          f"logits [2, {num_classes}] ({num_classes} classes); make its forward return one row of "
+                          "class scores per input")
 
 
 def zero_classifier(model: nn.Module) -> None:

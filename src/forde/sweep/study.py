@@ -346,7 +346,7 @@ def _check_networks(name: str, configs: dict[str, TrainConfig]) -> None:
         try:
             check_model(cfg.model, *input_spec(cfg.data), cfg.data.name)
         except ConfigError as err:
-            _fail(name, f"{where}: {err}" if where != "config" else f"config: {err}")
+            _fail(name, f"{where}: {err}")
 
 
 def _check_metric(name: str, metric: str, cfg: TrainConfig, per_epoch: bool = False) -> None:
