@@ -161,6 +161,13 @@ def test_a_missing_module_or_dependency_names_what_to_install(tmp_path, user_mod
         train(small_run(tmp_path, {"name": "timm:resnet1000"}))
 
 
+def test_timm_names_need_timm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as where it is not installed
+    with pytest.raises(ConfigError, match=r"'timm:resnet18': needs timm, which is not installed; pip install "
+                                          r"'forde\[timm\]'"):
+        build_model(ModelConfig(name="timm:resnet18"), (3, 32, 32), 10)
+
+
 def test_kwargs_reach_the_constructor_and_the_data_sets_the_classes(tmp_path):
     cfg = load_config("quickstart", ["model.name=user_models.vit:tiny_vit", "model.kwargs.dim=8",
                                      "model.kwargs.depth=1"])
