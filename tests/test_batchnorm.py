@@ -13,12 +13,13 @@ from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.forde import FoRDE
 from forde.methods.de import DeepEnsemble
-from forde.models.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNormTrain
+from forde.models.batchnorm import _BatchNormTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
 
 from conftest import devices
 
-SHAPES = {BatchNorm2d: (6, 3, 5, 4), BatchNorm1d: (7, 3)}
+LAYERS = {"BatchNorm2d": (nn.BatchNorm2d, (6, 3, 5, 4)), "BatchNorm1d": (nn.BatchNorm1d, (7, 3)),
+          "BatchNorm1d, sequences": (nn.BatchNorm1d, (5, 3, 4)), "BatchNorm3d": (nn.BatchNorm3d, (4, 3, 2, 3, 2))}
 
 
 def second_order_grads(layer: nn.Module, x: torch.Tensor, terms: str) -> list[torch.Tensor]:
@@ -38,12 +39,14 @@ def second_order_grads(layer: nn.Module, x: torch.Tensor, terms: str) -> list[to
     return list(torch.autograd.grad(loss, (x, layer.weight, layer.bias)))
 
 
-@pytest.mark.parametrize("cls", [BatchNorm2d, BatchNorm1d])
+@pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("terms", ["x", "w", "b", "xwb"])
 @pytest.mark.parametrize("momentum", [0.1, None, "untracked"])
-def test_matches_pytorch_second_derivative(cls, terms, momentum):
-    """Both running-average rules, and running statistics switched off as FoRDE's subset pass does."""
+def test_matches_pytorch_second_derivative(kind, terms, momentum):
+    """Every torch.nn.BatchNorm*d, both running-average rules, and running statistics switched off as FoRDE's
+    subset pass does."""
     torch.manual_seed(0)
+    cls, shape = LAYERS[kind]
     untracked = momentum == "untracked"
     momentum = 0.1 if untracked else momentum
     fast = cls(3, momentum=momentum).double()
@@ -53,7 +56,7 @@ def test_matches_pytorch_second_derivative(cls, terms, momentum):
     native = cls(3, momentum=momentum).double()
     native.load_state_dict(fast.state_dict())
     fast.track_running_stats = native.track_running_stats = not untracked
-    x = torch.randn(SHAPES[cls], dtype=torch.float64) * 2 + 1
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     for _ in range(2):  # two steps: running statistics and the step counter move alike
         with hand_written_derivatives():
             got = second_order_grads(fast, x, terms)
@@ -61,6 +64,8 @@ def test_matches_pytorch_second_derivative(cls, terms, momentum):
             want = second_order_grads(native, x, terms)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    with hand_written_derivatives():
+        assert type(cls(3).double()(x).grad_fn).__name__ == "_BatchNormTrainBackward"  # the path compared above
     for name, buffer in native.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[name], buffer, rtol=0, atol=0)
     assert fast.num_batches_tracked.item() == (0 if untracked else 2)
@@ -80,7 +85,7 @@ def test_finite_differences():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_float32_matches_pytorch(device, channels_last, ieee_float32):
     torch.manual_seed(0)
-    fast, native = BatchNorm2d(8).to(device), BatchNorm2d(8).to(device)
+    fast, native = nn.BatchNorm2d(8).to(device), nn.BatchNorm2d(8).to(device)
     x = torch.randn(16, 8, 6, 6, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     with hand_written_derivatives():
@@ -94,7 +99,7 @@ def test_float32_matches_pytorch(device, channels_last, ieee_float32):
 
 
 def test_eval_mode_and_no_grad_use_running_statistics():
-    layer = BatchNorm2d(3)
+    layer = nn.BatchNorm2d(3)
     layer.running_mean.fill_(0.5)
     x = torch.randn(4, 3, 2, 2)
     layer.eval()
@@ -140,7 +145,7 @@ def test_bfloat16_autocast_stays_close_to_float32(device, channels_last):
         conv, x0 = conv.to(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
 
     def grads(native: bool, bf16: bool) -> list[torch.Tensor]:
-        layer, x = BatchNorm2d(8).to(device), x0.clone().requires_grad_(True)
+        layer, x = nn.BatchNorm2d(8).to(device), x0.clone().requires_grad_(True)
         with (torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
               native_derivatives() if native else hand_written_derivatives()):
             y = layer(conv(x))

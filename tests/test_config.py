@@ -18,7 +18,7 @@ from forde.device import resolve_settings
     ("method.alpha=-0.1", r"method.alpha = -0.1"),
     ("optim.lr=fast", r"bad value for 'optim.lr'.*; e.g. optim.lr=0.1$"),
     ("optim.epochs", r"^override 'optim.epochs' has no value; write it as optim.epochs=VALUE$"),
-    ("model.name=vgg", r"bad value for 'model.name'.*expected one of"),
+    ("model.name=vgg", r"model.name = 'vgg': is none of mlp, resnet18, .* timm:NAME or PACKAGE.MODULE:CALLABLE"),
     ("method.grad_target=loss", r"method.grad_target"),
     ("eval.corruptions=[fog,rain]", r"unknown corruption\(s\) \['rain'\]"),
     ("eval.severities=[0]", r"eval.severities"),

@@ -4,35 +4,51 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from forde.models import conv as conv_module
-from forde.models.conv import Conv2d, _ConvTrain
+from forde.models.conv import _ConvTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
 
 from conftest import devices
 
 LAYERS = {"3x3": dict(kernel_size=3, stride=1, padding=1), "3x3 stride 2": dict(kernel_size=3, stride=2, padding=1),
-          "1x1 stride 2": dict(kernel_size=1, stride=2, padding=0), "grouped": dict(kernel_size=3, padding=1, groups=2)}
+          "1x1 stride 2": dict(kernel_size=1, stride=2, padding=0), "grouped": dict(kernel_size=3, padding=1, groups=2),
+          "depthwise": dict(kernel_size=3, padding=1, groups=4), "bias": dict(kernel_size=3, padding=1, bias=True),
+          "reflect padding, dilation 2": dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect", bias=True),
+          "2x2 patches": dict(kernel_size=2, stride=2, bias=True)}
 
 
-def second_order_grads(layer: Conv2d, x: torch.Tensor, with_weight: bool) -> list[torch.Tensor]:
-    """Gradients w.r.t. (x, weight) of a loss built from the output and its input gradient (and weight gradient)."""
+def second_order_grads(layer: nn.Conv2d, x: torch.Tensor, with_weight: bool) -> list[torch.Tensor]:
+    """Gradients w.r.t. (x, weight, bias if any) of a loss built from the output and its input gradient (and
+    parameter gradients)."""
     x = x.clone().requires_grad_(True)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
     y = layer(x)
     r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y)
     out = (torch.tanh(y.float()) * r).sum()
-    wrt = (x, layer.weight) if with_weight else (x,)
-    first = torch.autograd.grad(out, wrt, create_graph=True)
+    first = torch.autograd.grad(out, [x, *params] if with_weight else [x], create_graph=True)
     loss = out + 0.3 * (first[0] ** 2).sum() + first[0].float().sin().sum()
     if with_weight:
-        loss = loss + (first[1] ** 3).sum()
-    return list(torch.autograd.grad(loss, (x, layer.weight)))
+        loss = loss + sum((g**3).sum() for g in first[1:])
+    return list(torch.autograd.grad(loss, [x, *params]))
 
 
-def twin_layers(name: str, device="cpu", dtype=torch.float64) -> tuple[Conv2d, Conv2d]:
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+def twin_layers(name: str, device="cpu", dtype=torch.float64) -> tuple[nn.Conv2d, nn.Conv2d]:
     torch.manual_seed(0)
-    fast = Conv2d(4, 6, bias=False, **LAYERS[name]).to(device, dtype)
-    native = Conv2d(4, 6, bias=False, **LAYERS[name]).to(device, dtype)
+    options = {"bias": False, **LAYERS[name]}
+    out = 4 if options.get("groups") == 4 else 6
+    fast, native = (nn.Conv2d(4, out, **options).to(device, dtype) for _ in range(2))
     native.load_state_dict(fast.state_dict())
     return fast, native
 
@@ -44,8 +60,10 @@ def test_matches_pytorch_second_derivative(name, with_weight):
     x = torch.randn(5, 4, 9, 8, dtype=torch.float64)
     with hand_written_derivatives():
         got = second_order_grads(fast, x, with_weight)
+        assert "_ConvTrainBackward" in graph_nodes(fast(x))  # the path compared is the hand-written one
     with native_derivatives():
         want = second_order_grads(native, x, with_weight)
+        assert "_ConvTrainBackward" not in graph_nodes(native(x))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
@@ -64,7 +82,7 @@ def test_input_gradient_pass_skips_the_weight_gradient(monkeypatch):
     asked = []
     native_backward = conv_module._backward
     monkeypatch.setattr(conv_module, "_backward", lambda *a: asked.append(a[-1]) or native_backward(*a))
-    layer = Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = nn.Conv2d(3, 4, 3, padding=1, bias=False)
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     with hand_written_derivatives():
         y = layer(x)

@@ -15,7 +15,8 @@ from forde.config import ConfigError, DataConfig
 from forde.data import cifar, images, tinyimagenet
 from forde.data.base import Split, channel_stats, split_train_val
 from forde.data.imagefolder import import_folder
-from forde.data.registry import load_dataset
+from forde.data import registry
+from forde.data.registry import input_spec, load_dataset
 
 
 # ---------------------------------------------------------------- writers of the official layouts
@@ -354,3 +355,19 @@ def test_decode_images_rejects_empty():
     with pytest.raises(ValueError, match="no images"):
         images.decode_images([])
 
+
+
+def test_input_spec_is_what_the_loader_reads_without_reading_it(any_source, monkeypatch):
+    """The shape and classes a model is checked against before the data is read (for an imported folder: its
+    meta.json and array header). The Tiny-ImageNet files written here have 3 classes, the release 200."""
+    loaded = load_dataset(any_source)
+    monkeypatch.setattr(registry, "LOADERS", {})  # no loader is called, an imported folder's arrays are not read
+    monkeypatch.setattr(registry, "load_imported", lambda *a: pytest.fail("read the data"))
+    shape, classes = input_spec(any_source)
+    assert shape == loaded.input_shape
+    assert classes == (200 if any_source.name == "tinyimagenet" else loaded.num_classes)
+
+
+def test_input_spec_of_an_unknown_dataset_is_the_loaders_error(tmp_path):
+    with pytest.raises(ConfigError, match="'nothing': unknown dataset"):
+        input_spec(DataConfig(name="nothing", root=str(tmp_path)))

@@ -1,11 +1,17 @@
-"""Model shapes and the ensemble's input gradients against a per-member loop."""
+"""Model shapes, the ensemble's input gradients against a per-member loop, and checkpoints of older networks."""
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from forde.config import ModelConfig
+from forde.config import MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
+from forde.methods.forde import FoRDE
 from forde.models import build_model
+from forde.train import evaluate_run, load_checkpoint
 
 
 @pytest.mark.parametrize("name,shape,width", [("resnet18", (3, 32, 32), 8), ("preact_resnet18", (3, 64, 64), 8),
@@ -70,3 +76,43 @@ def test_zero_init_classifier_starts_every_model_at_zero_logits(name, shape):
     assert not torch.equal(first, second)
     plain = build_model(ModelConfig(name=name, width=8, hidden=[16]), shape, 7)
     assert plain(x).abs().sum() > 0
+
+
+OLD_RUN = Path(__file__).parent / "fixtures" / "run_with_old_layer_classes"
+
+
+def test_a_run_written_with_the_old_layer_classes_loads_into_the_plain_torch_nn_networks(tmp_path):
+    """The run directory was written by `forde train` when the ResNets were built from forde's own BatchNorm2d and
+    Conv2d classes (ResNet10 of width 2, FoRDE, one epoch on 128 digits), and expected_logits.pt holds what that
+    code computed from its checkpoint: the members' eval-mode logits on a fixed batch, loaded and after one FoRDE
+    step (SGD, lr 0.1) on it. The torch.nn networks take the same state dict and compute the same numbers, and
+    `forde eval` of the directory reproduces its results.json."""
+    cfg = load_config(OLD_RUN / "config.yaml")
+    state = load_checkpoint(OLD_RUN)
+    expected = torch.load(OLD_RUN / "expected_logits.pt", weights_only=True)
+    ens = build_ensemble(cfg.model, cfg.ensemble_size, (1, 8, 8), 10, cfg.seed)
+    assert not [m for m in ens.modules() if type(m).__module__.startswith("forde.models.") and not list(m.children())]
+    ens.load_state_dict(state["ensemble"])  # strict: every parameter and buffer name matches
+    x, y = torch.linspace(-2, 2, 256).reshape(4, 1, 8, 8), torch.tensor([0, 3, 7, 9])
+
+    def eval_logits():
+        ens.eval()
+        with torch.no_grad():
+            out = ens(x)
+        ens.train()
+        return out
+
+    torch.testing.assert_close(eval_logits(), expected["loaded"], rtol=1e-6, atol=1e-6)
+    loss, _, _ = FoRDE(MethodConfig(alpha=0.0), None).loss(ens, x, y)
+    loss.backward()
+    with torch.no_grad():
+        for p in ens.parameters():
+            p -= 0.1 * p.grad
+    torch.testing.assert_close(eval_logits(), expected["after_forde_step"], rtol=1e-5, atol=1e-5)
+
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    results = evaluate_run(run, [f"data.root={tmp_path / 'data'}", "run.progress=false"], out_name="again.json")
+    old = json.loads((OLD_RUN / "results.json").read_text())
+    for key in ("test/accuracy", "test/nll", "test/ece"):
+        assert results["summary"][key] == pytest.approx(old["summary"][key], rel=1e-5), key

@@ -7,6 +7,8 @@ field and how to fix it.
 from __future__ import annotations
 
 import difflib
+import re
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -50,11 +52,15 @@ class DataConfig:
 Execution = Literal["loop", "vmap"]
 RESNET18_BLOCKS = (2, 2, 2, 2)
 BLOCK_MODELS = ("resnet18", "preact_resnet18")  # the models whose depth model.blocks sets
+BUILTIN_MODELS = ("mlp", "resnet18", "preact_resnet18", "wrn16_4")
+MODEL_FORMS = "mlp, resnet18, preact_resnet18, wrn16_4, timm:NAME or PACKAGE.MODULE:CALLABLE"
+_CALLABLE_NAME = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "resnet18", "preact_resnet18", "wrn16_4"] = "mlp"
+    name: str = "mlp"  # a built-in network, timm:NAME, or PACKAGE.MODULE:CALLABLE (your own; see docs/models.md)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of timm's or your network's constructor
     width: int = 64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
     blocks: list[int] = field(default_factory=lambda: list(RESNET18_BLOCKS))  # residual blocks per stage ([1,1,1,1]: ResNet10)
@@ -301,6 +307,25 @@ def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
+def model_source(name: str) -> tuple[str, str | None, str | None]:
+    """("builtin", None, None), ("timm", None, NAME) or ("callable", MODULE, CALLABLE) for a model.name, read from
+    the text alone; ConfigError for any other form, and for modules of Python's standard library, which hold no
+    networks but functions that must never be called by a config (os:system, subprocess:run, shutil:rmtree)."""
+    if name in BUILTIN_MODELS:
+        return "builtin", None, None
+    if name.startswith("timm:"):
+        _check(len(name) > len("timm:"), "model.name", name, "names no timm model", "set e.g. model.name=timm:resnet18")
+        return "timm", None, name[len("timm:"):]
+    found = _CALLABLE_NAME.fullmatch(name)
+    _check(found is not None, "model.name", name, f"is none of {MODEL_FORMS}",
+           "set e.g. model.name=resnet18, model.name=timm:resnet18 or model.name=my_models:ViT")
+    module, attr = found.groups()
+    _check(module.split(".")[0] not in sys.stdlib_module_names, "model.name", name,
+           f"{module} is part of Python's standard library, which holds no networks", "name a network class or a "
+           "function that builds one, from your own module or an installed package (e.g. model.name=my_models:ViT)")
+    return "callable", module, attr
+
+
 def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r}: {rule}; {fix}")
@@ -333,6 +358,14 @@ def validate(cfg: TrainConfig) -> None:
     _check(all(h >= 1 for h in cfg.model.hidden) and len(cfg.model.hidden) >= 1, "model.hidden", cfg.model.hidden,
            "needs at least one positive layer size", "set model.hidden=[128,128,128]")
     mc = cfg.model
+    kind = model_source(mc.name)[0]
+    _check(kind != "builtin" or not mc.kwargs, "model.kwargs", mc.kwargs,
+           f"passes arguments to the constructor of a timm or your own network, not to the built-in {mc.name}",
+           "remove model.kwargs, or set model.width / model.hidden / model.blocks")
+    reserved = ("num_classes", "in_chans") if kind == "timm" else ("num_classes",)
+    taken = [k for k in mc.kwargs if k in reserved]
+    _check(not taken, "model.kwargs", mc.kwargs, f"sets {', '.join(taken)}, which the dataset sets",
+           f"remove model.kwargs.{taken[0] if taken else ''}")
     _check(len(mc.blocks) >= 1 and all(b >= 1 for b in mc.blocks), "model.blocks", mc.blocks,
            "needs at least one stage of at least one block", "set model.blocks=[2,2,2,2] (ResNet18)")
     _check(mc.name in BLOCK_MODELS or tuple(mc.blocks) == RESNET18_BLOCKS, "model.blocks", mc.blocks,

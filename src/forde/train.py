@@ -28,11 +28,12 @@ from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identi
 from forde.data.base import Dataset
 from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
 from forde.data.pipeline import DeviceLoader
-from forde.data.registry import load_dataset
+from forde.data.registry import input_spec, load_dataset
 from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
 from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split, eval_context
 from forde.methods import Method, build_method
+from forde.models import check_model
 from forde.names import RULE, is_path_component
 from forde.provenance import run_provenance
 from forde.safe_load import UnsafePickleError, first_line, torch_load
@@ -214,11 +215,14 @@ class Setup:
 
 
 def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
-    """`dataset` and `method` replace the configured ones (benchmarks time synthetic data)."""
+    """`dataset` and `method` replace the configured ones (benchmarks time synthetic data). The model is checked
+    against the data's shape before the data is read and the PCA computed."""
     settings = resolve_settings(cfg)
     settings.apply()
     device = settings.device
-    dataset = load_dataset(cfg.data) if dataset is None else dataset
+    if dataset is None:
+        check_model(cfg.model, *input_spec(cfg.data), cfg.data.name)
+        dataset = load_dataset(cfg.data)
     ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(device)
     ensemble.execution = settings.execution
     prepare = lambda x: x

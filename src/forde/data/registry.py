@@ -11,7 +11,8 @@ from typing import Callable
 from forde.config import ConfigError, DataConfig
 from forde.data.base import Dataset, split_train_val, with_subsets
 from forde.data.cifar import load_cifar
-from forde.data.imagefolder import LAYOUT, imported_names, is_imported, load_imported
+from forde.data.imagefolder import LAYOUT, imported_dir, imported_names, is_imported, load_imported
+from forde.data.store import store_spec
 from forde.data.tinyimagenet import load_tinyimagenet
 from forde.data.toy import load_digits
 
@@ -22,14 +23,35 @@ LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "tinyimagenet": load_tinyimagenet,
 }
 
+# (input shape, classes) of each built-in dataset: the model is checked against them before the data is read
+INPUT_SPECS: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "tinyimagenet": ((3, 64, 64), 200),
+}
+
 
 def _read(cfg: DataConfig) -> Dataset:
     if is_imported(cfg.root, cfg.name):
         return load_imported(cfg.root, cfg.name)
     if cfg.name in LOADERS:
         return LOADERS[cfg.name](cfg)
+    raise _unknown(cfg)
+
+
+def input_spec(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of classes) of the dataset `load_dataset(cfg)` reads, without reading it."""
+    if is_imported(cfg.root, cfg.name):
+        return store_spec(imported_dir(cfg.root, cfg.name))
+    if cfg.name in INPUT_SPECS:
+        return INPUT_SPECS[cfg.name]
+    raise _unknown(cfg)
+
+
+def _unknown(cfg: DataConfig) -> ConfigError:
     imported = imported_names(cfg.root)
-    raise ConfigError(
+    return ConfigError(
         f"data.name = {cfg.name!r}: unknown dataset; built in: {', '.join(sorted(LOADERS))}; imported under "
         f"data.root = {cfg.root}: {', '.join(imported) or 'none'}. Import an ImageFolder tree ({LAYOUT}) with "
         f"`forde data import-folder SRC {cfg.name}`.")

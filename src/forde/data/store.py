@@ -61,6 +61,20 @@ def load_store(directory: str | Path, name: str) -> Dataset:
     return image_dataset(name, splits["train"], splits["test"], meta["class_names"], val=splits.get("val"))
 
 
+def store_spec(directory: str | Path) -> tuple[tuple[int, ...], int]:
+    """(image shape [C, H, W], number of classes) of the store in `directory`, read from meta.json and the training
+    images' array header only (the model is checked before any data is read)."""
+    directory = Path(directory)
+    meta = _read_meta(directory / META)
+    path = directory / "train_images.npy"
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path} is unreadable ({first_line(err)}); delete {directory} and import (or load) the "
+                        "dataset again") from None
+    return tuple(shape[1:]), len(meta["class_names"])
+
+
 def _read_meta(path: Path) -> dict:
     fix = f"delete {path.parent} and import (or load) the dataset again"
     try:

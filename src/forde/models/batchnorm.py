@@ -8,16 +8,15 @@ w.r.t. the output gradient g is batch norm's backward applied to q (one native c
 sum(q) and sum(q * xhat)), and the derivative w.r.t. x collapses to three terms in xhat, that result and gx.
 The values are the same as PyTorch's up to rounding (tests/test_batchnorm.py compares both in float64).
 
-The layers take this path only in a pass that will be differentiated twice (see `forde.models.derivatives`).
+`batch_norm` takes F.batch_norm's arguments; `forde.models.derivatives` routes the F.batch_norm calls of any
+network (every torch.nn.BatchNorm*d layer) to it during a pass that will be differentiated twice.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-
-from forde.models.derivatives import hand_written
 
 
 def _backward(gy, x, weight, mean, invstd, eps):
@@ -81,24 +80,11 @@ class _BatchNormTrain(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-class _FastSecondDerivative:
-    """Training-mode forward through `_BatchNormTrain` where the hand-written path is chosen; everything else is
-    nn.BatchNorm's own path."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.affine and torch.is_grad_enabled() and hand_written()):
-            return super().forward(x)
-        self._check_input_dim(x)
-        if not self.track_running_stats:  # batch statistics only, running statistics left alone
-            return _BatchNormTrain.apply(x, self.weight, self.bias, None, None, 0.0, self.eps)
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return _BatchNormTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
-
-
-class BatchNorm1d(_FastSecondDerivative, nn.BatchNorm1d):
-    pass
-
-
-class BatchNorm2d(_FastSecondDerivative, nn.BatchNorm2d):
-    pass
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """F.batch_norm, through `_BatchNormTrain` where it normalises with batch statistics and has an affine part
+    (nn.BatchNorm*d in training mode, or without running statistics); everything else is F.batch_norm itself.
+    Running statistics, when given, are updated in place with `momentum` as F.batch_norm updates them."""
+    if not (training and weight is not None and bias is not None):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    F._verify_batch_size(input.size())
+    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps)

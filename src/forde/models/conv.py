@@ -7,18 +7,17 @@ derivative is written out: for q the incoming gradient of gx, d<q, gx>/dgy = con
 the weight gradient of a convolution with input q and output gradient gy, each one native call.
 
 The input-gradient pass asks only for gx: the convolution's own backward skips the weight gradient when the
-autograd engine will not use it (PyTorch's `ConvolutionBackward0` does the same). The layers take this path
-only in a pass that will be differentiated twice (see `forde.models.derivatives`); values are PyTorch's up to
-rounding (tests/test_conv.py).
+autograd engine will not use it (PyTorch's `ConvolutionBackward0` does the same). `conv2d` takes F.conv2d's
+arguments; `forde.models.derivatives` routes the F.conv2d calls of any network (every torch.nn.Conv2d layer) to it
+during a pass that will be differentiated twice. Values are PyTorch's up to rounding (tests/test_conv.py).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 from torch.autograd.function import once_differentiable
-
-from forde.models.derivatives import hand_written
 
 
 def _backward(gy, x, w, conv, mask):
@@ -94,12 +93,11 @@ class _ConvTrain(torch.autograd.Function):
         return gx, gw, None
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (no bias, zero padding) with the hand-written second derivative where it is chosen."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = self.bias is not None or self.padding_mode != "zeros" or isinstance(self.padding, str)
-        if plain or not (torch.is_grad_enabled() and hand_written()):
-            return super().forward(x)
-        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        return _ConvTrain.apply(x, self.weight.view_as(self.weight), conv)
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d, through `_ConvTrain` for batched inputs with numeric padding (nn.Conv2d pads other modes
+    itself before calling F.conv2d); the bias is added afterwards. Anything else is F.conv2d itself."""
+    if isinstance(padding, str) or input.dim() != 4:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    conv = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups)
+    out = _ConvTrain.apply(input, weight.view_as(weight), conv)
+    return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)

@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from forde.models.batchnorm import BatchNorm1d
-
 
 class MLP(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: list[int]):
@@ -16,7 +14,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         cin = math.prod(in_shape)
         for h in hidden:
-            layers += [nn.Linear(cin, h), BatchNorm1d(h), nn.ReLU()]
+            layers += [nn.Linear(cin, h), nn.BatchNorm1d(h), nn.ReLU()]
             cin = h
         layers.append(nn.Linear(cin, num_classes))
         self.net = nn.Sequential(*layers)

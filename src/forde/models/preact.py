@@ -6,20 +6,17 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from forde.models.batchnorm import BatchNorm2d
-from forde.models.conv import Conv2d
-
 
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.bn1 = BatchNorm2d(cin)
-        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = BatchNorm2d(cout)
-        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -32,7 +29,7 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, blocks=(2, 2, 2, 2)):
         super().__init__()
-        self.stem = Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         layers, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * 2**i
@@ -40,7 +37,7 @@ class PreActResNet18(nn.Module):
                 layers.append(PreActBlock(cin, cout, stride=2 if (i > 0 and j == 0) else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
-        self.bn = BatchNorm2d(cin)
+        self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

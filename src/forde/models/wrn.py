@@ -6,18 +6,15 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from forde.models.batchnorm import BatchNorm2d
-from forde.models.conv import Conv2d
-
 
 class WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.bn1 = BatchNorm2d(cin)
-        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = BatchNorm2d(cout)
-        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -33,14 +30,14 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         widths = [base * widen, 2 * base * widen, 4 * base * widen]
-        self.stem = Conv2d(in_channels, base, 3, 1, 1, bias=False)
+        self.stem = nn.Conv2d(in_channels, base, 3, 1, 1, bias=False)
         layers, cin = [], base
         for i, cout in enumerate(widths):
             for j in range(n):
                 layers.append(WideBlock(cin, cout, stride=2 if (i > 0 and j == 0) else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
-        self.bn = BatchNorm2d(cin)
+        self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@
       - {method.name: [forde], method.alpha: [0.0, 0.4, 1.0], seed: [0, 1, 2]}
 
 Everything is checked here, before any training: every key must exist in the training config,
-every range must be non-empty, every grid point must be valid, and no command-line override may set a
-key the study searches (the sampler's value would silently replace it).
+every range must be non-empty, every grid point must be valid, every network a trial can get must build and map
+a batch of the dataset's shape to logits (before the data is read), and no command-line override may set a key
+the study searches (the sampler's value would silently replace it).
 """
 
 from __future__ import annotations
@@ -287,8 +288,9 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
 
 
 def check_study(study: Study) -> None:
-    """Build the training config of a representative point and of every grid point: any bad key or
-    value, and any objective the config cannot produce, fails here."""
+    """Build the training config of a representative point, of both ends of every range and of every grid point:
+    any bad key or value, any objective the config cannot produce, and any network that does not build or does not
+    map the dataset's inputs to logits fails here."""
     by_key = {p.key: p for p in study.params}
     probe = {}
     for p in study.params:
@@ -297,15 +299,16 @@ def check_study(study: Study) -> None:
         for k, v in p.when.items():
             if k not in by_key:
                 _fail(study.name, f"search_space.{p.key}: condition on '{k}', which is not in the search space")
+    networks: dict[str, TrainConfig] = {}  # where a config came from -> its config, for the model check below
     try:  # what the search space does not touch: base config, study and command-line overrides
-        study.trial_config(probe)
+        networks["config"] = study.trial_config(probe)
     except ConfigError as err:
         named = [k for k in by_key if f"{k} " in str(err) or f"'{k}'" in str(err)]
         _fail(study.name, f"search_space.{named[0]}: {err}" if named else f"config: {err}")
     for p in study.params:
         for value in p.extremes():
             try:
-                study.trial_config({**probe, p.key: value, **p.when})
+                networks[f"search_space.{p.key}={value!r}"] = study.trial_config({**probe, p.key: value, **p.when})
             except ConfigError as err:
                 _fail(study.name, f"search_space.{p.key}: {err}")
     for point in study.grid:
@@ -315,16 +318,35 @@ def check_study(study: Study) -> None:
             if not by_key[k].contains(v):
                 _fail(study.name, f"grid point {point}: {k}={v!r} is outside its search-space range")
         try:
-            study.trial_config(point)
+            networks[f"grid point {point}"] = study.trial_config(point)
         except ConfigError as err:
             _fail(study.name, f"grid point {point}: {err}")
-    cfg = study.trial_config(probe)
+    cfg = networks["config"]
     for o in study.objectives:
         _check_metric(study.name, o.metric, cfg)
         if o.metric.endswith("grad_cosine_distance"):
             _check_gradient_diversity(study, o.metric, cfg)
     if study.prune_metric:
         _check_metric(study.name, study.prune_metric, cfg, per_epoch=True)
+    _check_networks(study.name, networks)
+
+
+def _check_networks(name: str, configs: dict[str, TrainConfig]) -> None:
+    """Every distinct network a trial can get (model settings and dataset) builds and maps a batch of the dataset's
+    shape to logits, before any data is read (forde.models.check_model)."""
+    from forde.data.registry import input_spec
+    from forde.models import check_model
+
+    checked = set()
+    for where, cfg in configs.items():
+        key = (repr(cfg.model), cfg.data.name, cfg.data.root)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            check_model(cfg.model, *input_spec(cfg.data), cfg.data.name)
+        except ConfigError as err:
+            _fail(name, f"{where}: {err}")
 
 
 def _check_metric(name: str, metric: str, cfg: TrainConfig, per_epoch: bool = False) -> None:
