@@ -7,6 +7,7 @@ Severity 0 stands for the clean test set throughout.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 
 from matplotlib.lines import Line2D
@@ -70,10 +71,11 @@ def _legend_below(fig, labels: list[str], markers: bool = True, note: str = "") 
 def _layout(fig, handles: list, labels: list[str], note: str = "") -> None:
     """A legend under the axes (as many columns as fit the width) and a note under it, each a fixed height in
     inches (tight_layout leaves room for the suptitle itself)."""
-    height, line = fig.get_figheight(), 0.16
-    note_height = line * (note.count("\n") + 1) if note else 0.0
+    height, size = fig.get_figheight(), style.RC["legend.fontsize"]
+    note = textwrap.fill(note, width=int(fig.get_figwidth() * 72 / (0.55 * size)))  # about 0.55 em per character
+    note_height = 0.16 * (note.count("\n") + 1) if note else 0.0
     if note:
-        fig.text(0.5, 0.0, note, ha="center", va="bottom", fontsize=style.RC["legend.fontsize"])
+        fig.text(0.5, 0.0, note, ha="center", va="bottom", fontsize=size, multialignment="center")
     renderer = fig.canvas.get_renderer()
     for ncol in range(min(len(labels), 7), 0, -1):
         legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, note_height / height))
@@ -132,15 +134,13 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
 @style.styled
 def benchmark_figure(table: Table, runs: list[Run]):
     """The benchmark table drawn, one panel per metric, so that methods read against each other at a glance.
-    With DE among the runs: each variant minus DE on the seeds both ran (mean ± std over seeds, as in
+    With DE and another method among the runs: each variant minus DE on the seeds both ran (mean ± std over seeds, as in
     differences.md) and, when the table carries the paper's numbers, the paper's variants minus the paper's DE
     as open diamonds on the same axis: the paper's gaps beside ours, though its scores are on another scale
     (DE's own values head each panel). Without DE: our means ± std over seeds."""
     groups = by_variant(runs)
-    base = groups.get(BASELINE)
+    base = groups.get(BASELINE) if len(groups) > 1 else None
     rows = [r for r in table.rows if r.variant != BASELINE] if base else table.rows
-    if not rows:
-        raise Skip(f"only {BASELINE} ran: nothing to compare it with")
     cols = table.columns
     ncols, nrows = 3, math.ceil(len(cols) / 3)
     fig, axes = style.figure(ncols, nrows, height=0.26 * len(rows) + 0.95, sharey=True)
@@ -179,7 +179,8 @@ def benchmark_figure(table: Table, runs: list[Run]):
         labels.append(f"paper ({table.paper_source}) minus the paper's DE")
     note = f"Seeds: {seeds_note(groups)}."
     if table.paper_source and not base:
-        note += f" The paper's numbers ({table.paper_source}) are drawn against its DE, which needs a DE run here."
+        note += (f" The paper's numbers ({table.paper_source}) are drawn as differences to its DE, beside ours: that"
+                 " needs runs of DE and another method here.")
     _layout(fig, handles, labels, note=note)
     return fig
 
@@ -274,7 +275,7 @@ def ensemble_size_figure(runs: list[Run], title: str):
         ax.set_xlabel("Ensemble size")
         ax.set_ylabel("NLL ↓")
     fig.suptitle(title + (REGENERATED_NOTE if any(r.regenerated for r in runs) else ""))
-    _legend_below(fig, list(groups), note=f"Mean over seeds;\nbands {SPREAD}.")
+    _legend_below(fig, list(groups), note=f"Lines: mean over seeds; bands {SPREAD}.")
     return fig
 
 
