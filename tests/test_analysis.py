@@ -279,6 +279,8 @@ def test_other_network_sizes_are_other_settings(study):
     assert setting.slug == "cifar10-resnet18-width16-blocks1-1-1-1-M3"
     md = to_markdown(benchmark_table(small, setting, paper=True))
     assert "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 3)" in md
+
+
 def sampled_study(storage, name, directions, n, metric_names):
     """A study of n finished trials (values from a known function of the parameters), with per-epoch reports."""
     opt = optuna.create_study(study_name=name, storage=storage, directions=directions)

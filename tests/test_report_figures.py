@@ -25,7 +25,8 @@ def full_summary(accuracy: float, nll: float, ece: float, drop: float, diversity
     for k in SEVERITIES:
         rows = [{"corruption": c, "severity": k, "source": "generated",
                  "accuracy": max(0.05, accuracy - drop * k * (0.5 + (i % 7) / 6) + rng.gauss(0, 0.01)),
-                 "nll": nll + 0.08 * k * (0.5 + (i % 5) / 4) + rng.gauss(0, 0.01), "ece": max(0.0, ece - 0.005 * k + rng.gauss(0, 0.005))}
+                 "nll": nll + 0.08 * k * (0.5 + (i % 5) / 4) + rng.gauss(0, 0.01),
+                 "ece": max(0.0, ece - 0.005 * k + rng.gauss(0, 0.005))}
                 for i, c in enumerate(CORRUPTIONS)]
         per_set += rows
         mean = {m: sum(r[m] for r in rows) / len(rows) for m in ("accuracy", "nll", "ece")}

@@ -134,8 +134,8 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
 @style.styled
 def benchmark_figure(table: Table, runs: list[Run]):
     """The benchmark table drawn, one panel per metric, so that methods read against each other at a glance.
-    With DE and another method among the runs: each variant minus DE on the seeds both ran (mean ± std over seeds, as in
-    differences.md) and, when the table carries the paper's numbers, the paper's variants minus the paper's DE
+    With DE and another method among the runs: each variant minus DE on the seeds both ran (mean ± std over
+    seeds, as in differences.md) and, when the table carries the paper's numbers, the paper's variants minus the paper's DE
     as open diamonds on the same axis: the paper's gaps beside ours, though its scores are on another scale
     (DE's own values head each panel). Without DE: our means ± std over seeds."""
     groups = by_variant(runs)
@@ -160,8 +160,9 @@ def benchmark_figure(table: Table, runs: list[Run]):
         if base:
             ax.axvline(0.0, color=BASE[BASELINE], lw=0.8, ls="--")
             de = table.value(BASELINE, col.key)
-            anchors = ([f"DE {col.fmt(de.mean)}"] if de else []) + \
-                      ([f"paper's DE {_paper_text(table, BASELINE, col.key)}"] if paper and paper_base is not None else [])
+            anchors = [f"DE {col.fmt(de.mean)}"] if de else []
+            if paper and paper_base is not None:
+                anchors.append(f"paper's DE {_paper_text(table, BASELINE, col.key)}")
             title += "\n" + ", ".join(anchors)
             ax.set_xlabel(f"minus DE ({'higher' if col.higher_is_better else 'lower'} is better)")
         ax.set_title(title)

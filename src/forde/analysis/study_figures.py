@@ -77,7 +77,8 @@ def _hyperparameters(opt: optuna.Study) -> tuple[list[str] | None, str]:
     note = seed_note(opt)
     if not note:
         return None, ""
-    names = sorted({k for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for k in t.params} - {SEED})
+    done = opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = sorted({k for t in done for k in t.params} - {SEED})
     return names, f"{SEED} left out ({note})"
 
 
@@ -112,7 +113,9 @@ def parallel_figure(opt: optuna.Study, objective: Objective):
     _completed(opt)
     params, left_out = _hyperparameters(opt)
     ax = _quiet(optuna.visualization.matplotlib.plot_parallel_coordinate, opt, params=params, **objective.kwargs)
-    ax.set_title("\n".join([ax.get_title()] + ([left_out] if left_out else [])), y=1.09, fontsize=9 if left_out else None)
+    if left_out:
+        ax.set_title(f"{ax.get_title()}\n{left_out}", fontsize=9)
+    ax.title.set_y(1.09)  # room for the best trial's legend under the title
     best = objective.value(objective.best)
     # Optuna draws one polyline per trial starting at its objective value: redraw the best one on top, and name it
     # in a legend above the axes, clear of the rotated parameter names below them.
