@@ -229,3 +229,13 @@ def test_optuna_figures_keep_their_titles_and_legends_clear_and_leave_the_seed_o
     assert [t.get_text() for t in names] == ["corrupted/accuracy", "method.alpha", "method.name"]
     assert not any(legend.get_window_extent().overlaps(t.get_window_extent()) for t in names)
     plt.close(fig)
+
+
+def test_a_study_that_varies_only_the_seed_has_no_importances_to_draw(tmp_path):
+    opt = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    seeds = {"seed": optuna.distributions.CategoricalDistribution([0, 1, 2])}
+    for seed in range(3):
+        opt.add_trial(optuna.trial.create_trial(params={"seed": seed}, distributions=seeds, value=0.5 + seed / 10))
+    for draw in (importance_figure, parallel_figure):
+        with pytest.raises(figures.Skip, match="varies only the seed"):
+            draw(opt, Objective(opt, 0))

@@ -79,6 +79,8 @@ def _hyperparameters(opt: optuna.Study) -> tuple[list[str] | None, str]:
         return None, ""
     done = opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = sorted({k for t in done for k in t.params} - {SEED})
+    if not names:
+        raise Skip(f"the study varies only the {SEED}: no setting to rank or draw")
     return names, f"{SEED} left out ({note})"
 
 
