@@ -174,11 +174,11 @@ def benchmark_figure(table: Table, runs: list[Run]):
     regenerated = any(REGENERATED in marks for r in rows for marks in r.marks.values())
     fig.suptitle(table.setting.title + (REGENERATED_NOTE if regenerated else ""))
     ours = "ours minus DE, paired by seed" if base else "ours"
-    handles, labels = [Line2D([], [], color="0.25", marker="o", ls="none")], [f"{ours}: mean ± std over seeds"]
+    handles, labels = [Line2D([], [], color="0.25", marker="o", ls="none")], [f"{ours}: mean over seeds"]
     if paper:
         handles.append(Line2D([], [], mec="0.35", mfc="none", marker="D", ls="none"))
         labels.append(f"paper ({table.paper_source}) minus the paper's DE")
-    note = f"Seeds: {seeds_note(groups)}."
+    note = f"Error bars {SPREAD} ({seeds_note(groups)})."
     if table.paper_source and not base:
         note += (f" The paper's numbers ({table.paper_source}) are drawn as differences to its DE, beside ours: that"
                  " needs runs of DE and another method here.")
