@@ -1,4 +1,7 @@
-"""Group runs into settings and variants, and summarise a metric over seeds (mean and std)."""
+"""Group runs into settings and variants, and summarise a metric over seeds (mean and std).
+
+A seed is one sample: runs repeated at one seed (a re-run, a second copy of a trial) are averaged into one value
+for that seed first, so a table's Seeds column, its standard deviations and the paired differences count seeds."""
 
 from __future__ import annotations
 
@@ -70,5 +73,20 @@ def by_variant(runs: Iterable[Run]) -> dict[str, list[Run]]:
     return {v: groups[v] for v in sorted(groups, key=sort_key)}
 
 
+def seed_values(runs: Iterable[Run], value: Callable[[Run], float | None]) -> dict[int, float]:
+    """One value per seed: the mean of `value` over that seed's runs that have it."""
+    per_seed: dict[int, list[float]] = defaultdict(list)
+    for r in runs:
+        v = value(r)
+        if v is not None and not math.isnan(v):
+            per_seed[r.seed].append(v)
+    return {seed: statistics.fmean(vs) for seed, vs in sorted(per_seed.items())}
+
+
+def seed_count(runs: Iterable[Run]) -> int:
+    return len({r.seed for r in runs})
+
+
 def metric_stat(runs: Iterable[Run], key: str) -> Stat | None:
-    return stat(r.metric(key) for r in runs)
+    """Mean and std over seeds of a summary metric (n: the seeds that have it)."""
+    return stat(seed_values(runs, lambda r: r.metric(key)).values())

@@ -7,19 +7,23 @@ Severity 0 stands for the clean test set throughout.
 from __future__ import annotations
 
 import math
+import textwrap
+from collections import Counter
 
 from matplotlib.lines import Line2D
 
 from forde.analysis import style
-from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, stat
+from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, seed_count, seed_values, stat
 from forde.analysis.results import Run
-from forde.analysis.tables import REGENERATED, Table
+from forde.analysis.tables import REGENERATED, Table, paired_differences
 from forde.analysis.variants import BASE, TUNED, color
 from forde.data.corruption_names import CORRUPTIONS
 
 ACCURACY, NLL, ECE = ("Accuracy (%)", "accuracy", 100.0, "↑"), ("NLL", "nll", 1.0, "↓"), ("ECE", "ece", 1.0, "↓")
 LENGTHSCALE_PANELS = (("Clean data", "test/accuracy"), ("Severity 1, 2, 3", "corrupted/severity_1-3/accuracy"),
                       ("Severity 4, 5", "corrupted/severity_4-5/accuracy"))
+SPREAD = "± one sample standard deviation over seeds"
+BASELINE = "DE"
 
 
 class Skip(Exception):
@@ -47,66 +51,121 @@ def _mean_std(stats: list[Stat | None], scale: float) -> tuple[list[float], list
     return ([s.mean * scale if s else math.nan for s in stats], [s.std * scale if s else math.nan for s in stats])
 
 
-def _legend_below(fig, labels: list[str], markers: bool = True) -> None:
+def seeds_note(groups: dict[str, list[Run]]) -> str:
+    """How many seeds each variant has: "3 seeds each" or "3 seeds each; DE, FoRDE-PCA: 5"."""
+    counts = {v: seed_count(rs) for v, rs in groups.items()}
+    common = Counter(counts.values()).most_common(1)[0][0]
+    exceptions: dict[int, list[str]] = {}
+    for v, n in counts.items():
+        if n != common:
+            exceptions.setdefault(n, []).append(v)
+    return f"{common} seed{'s' if common != 1 else ''} each" + "".join(
+        f"; {', '.join(vs)}: {n}" for n, vs in sorted(exceptions.items()))
+
+
+def _legend_below(fig, labels: list[str], markers: bool = True, note: str = "") -> None:
     handles = [Line2D([], [], color=color(v), marker="o" if markers else None, lw=1.3) for v in labels]
-    _layout(fig, handles, labels)
+    _layout(fig, handles, labels, note)
 
 
-def _layout(fig, handles: list, labels: list[str]) -> None:
-    """A legend under the axes and room for the suptitle, both a fixed height in inches."""
-    height, ncol = fig.get_figheight(), min(len(labels), 7)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, (0.12 + 0.17 * math.ceil(len(labels) / ncol)) / height, 1, 1 - 0.1 / height))
+def _layout(fig, handles: list, labels: list[str], note: str = "") -> None:
+    """A legend under the axes (as many columns as fit the width) and a note under it, each a fixed height in
+    inches (tight_layout leaves room for the suptitle itself)."""
+    height, size = fig.get_figheight(), style.RC["legend.fontsize"]
+    note = textwrap.fill(note, width=int(fig.get_figwidth() * 72 / (0.55 * size)))  # about 0.55 em per character
+    note_height = 0.16 * (note.count("\n") + 1) if note else 0.0
+    if note:
+        fig.text(0.5, 0.0, note, ha="center", va="bottom", fontsize=size, multialignment="center")
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(len(labels), 7), 0, -1):
+        legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, note_height / height))
+        if ncol == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            break
+        legend.remove()
+    bottom = 0.12 + 0.17 * math.ceil(len(labels) / ncol) + note_height
+    fig.tight_layout(rect=(0, bottom / height, 1, 1))
 
 
 @style.styled
 def lengthscale_figure(runs: list[Run], setting: Setting):
     """Accuracy vs FoRDE's alpha on clean data and at severities 1-3 and 4-5 (appendix D.4): FoRDE as a
-    line with a band of one std over seeds, DE as a dashed line."""
+    line with a band of one std over seeds, DE as a dashed line with its own band; how many seeds each
+    alpha has is in the legend, or beside each point where they differ."""
     forde = [r for r in runs if r.method == "forde" and r.alpha is not None]
     alphas = sorted({r.alpha for r in forde})
     if len(alphas) < 2:
         raise Skip(f"needs FoRDE runs at two or more values of method.alpha (found {alphas or 'none'})")
     panels = [(t, k) for t, k in LENGTHSCALE_PANELS if any(r.metric(k) is not None for r in forde)]
     de = [r for r in runs if r.method == "de"]
-    fig, axes = style.figure(3, height=1.9)
+    fig, axes = style.figure(3, height=2.7)
+    stats = {key: [metric_stat([r for r in forde if r.alpha == a], key) for a in alphas] for _, key in panels}
+    counts = {s.n for per_alpha in stats.values() for s in per_alpha if s}
     for ax, (title, key) in zip(axes[0], panels):
-        mean, std = _mean_std([metric_stat([r for r in forde if r.alpha == a], key) for a in alphas], 100.0)
+        baseline = metric_stat(de, key)
+        if baseline:
+            low, high = (100.0 * (baseline.mean + d * baseline.std) for d in (-1, 1))
+            ax.axhspan(low, high, color=BASE["DE"], alpha=0.1, lw=0)
+            ax.axhline(baseline.mean * 100.0, ls="--", color=BASE["DE"], lw=1.2)
+        mean, std = _mean_std(stats[key], 100.0)
         ax.fill_between(alphas, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=TUNED, alpha=0.2, lw=0)
         ax.plot(alphas, mean, "o-", color=TUNED)
-        baseline = metric_stat(de, key)
-        if baseline:
-            ax.axhline(baseline.mean * 100.0, ls="--", color=BASE["DE"], lw=1.2)
+        if len(counts) > 1:  # the seeds behind each point, where alphas have different numbers of them
+            for a, m, s in zip(alphas, mean, stats[key]):
+                if s:
+                    ax.annotate(f"n={s.n}", (a, m), textcoords="offset points", xytext=(0, -5), ha="center",
+                                va="top", fontsize=6, color=TUNED)
         ax.set_title(title)
         ax.set_xlabel("α")
     for ax in axes[0][len(panels):]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("Accuracy (%)")
-    fig.suptitle(f"{_title(setting, runs)}: FoRDE lengthscales from identity (α = 0) to PCA (α = 1)")
-    _layout(fig, [Line2D([], [], color=TUNED, marker="o"), Line2D([], [], color=BASE["DE"], ls="--")],
-            ["FoRDE (mean ± std over seeds)", "DE (mean)"])
+    fig.suptitle(f"{_title(setting, runs)}\nFoRDE's lengthscales from identity (α = 0) to PCA (α = 1)")
+    per_alpha = f"{counts.pop()} seeds per α" if len(counts) == 1 else "n seeds per α as marked"
+    handles = [Line2D([], [], color=TUNED, marker="o")]
+    labels = [f"FoRDE: mean ± std over seeds ({per_alpha})"]
+    if de:
+        handles.append(Line2D([], [], color=BASE["DE"], ls="--"))
+        labels.append(f"DE: mean ± std over {seed_count(de)} seed{'s' if seed_count(de) != 1 else ''}")
+    _layout(fig, handles, labels, note=f"Bands: {SPREAD}.")
     return fig
 
 
 @style.styled
-def benchmark_figure(table: Table):
-    """The benchmark table drawn: one panel per metric, mean ± std per variant; the paper's numbers as
-    open diamonds when the table carries them."""
+def benchmark_figure(table: Table, runs: list[Run]):
+    """The benchmark table drawn, one panel per metric, so that methods read against each other at a glance.
+    With DE and another method among the runs: each variant minus DE on the seeds both ran (mean ± std over
+    seeds, as in differences.md) and, when the table carries the paper's numbers, the paper's variants minus the paper's DE
+    as open diamonds on the same axis: the paper's gaps beside ours, though its scores are on another scale
+    (DE's own values head each panel). Without DE: our means ± std over seeds."""
+    groups = by_variant(runs)
+    base = groups.get(BASELINE) if len(groups) > 1 else None
+    rows = [r for r in table.rows if r.variant != BASELINE] if base else table.rows
     cols = table.columns
-    ncols = 3
-    nrows = math.ceil(len(cols) / ncols)
-    rows = table.rows
-    fig, axes = style.figure(ncols, nrows, height=0.28 * len(rows) + 0.7, sharey=True)
+    ncols, nrows = 3, math.ceil(len(cols) / 3)
+    fig, axes = style.figure(ncols, nrows, height=0.26 * len(rows) + 0.95, sharey=True)
+    paper = bool(table.paper_source) and base is not None
     for ax, col in zip(axes.flat, cols):
+        paper_base = _paper_value(table, BASELINE, col.key)
         for y, row in enumerate(rows):
-            s = row.cells.get(col.key)
+            s = stat(paired_differences(groups.get(row.variant, []), base, col.key).values()) if base else \
+                row.cells.get(col.key)
             if s:
-                ax.errorbar(s.mean * col.scale, y, xerr=s.std * col.scale, fmt="o", color=color(row.variant),
-                            capsize=2, elinewidth=1)
-            if col.key in row.paper:
-                ax.plot(float(row.paper[col.key]), y, "D", mfc="none", mec="0.25", ms=4)
-        ax.set_title(f"{col.label} {col.arrow}")
+                ax.errorbar(s.mean * col.scale, y, xerr=s.std * col.scale if s.n > 1 else None, fmt="o",
+                            color=color(row.variant), capsize=2, elinewidth=1)
+            mine = _paper_value(table, row.variant, col.key)
+            if paper and mine is not None and paper_base is not None:
+                ax.plot(mine - paper_base, y, "D", mfc="none", mec="0.35", ms=4)
+        title = f"{col.label} {col.arrow}"
+        if base:
+            ax.axvline(0.0, color=BASE[BASELINE], lw=0.8, ls="--")
+            de = table.value(BASELINE, col.key)
+            anchors = [f"DE {col.fmt(de.mean)}"] if de else []
+            if paper and paper_base is not None:
+                anchors.append(f"paper's DE {_paper_text(table, BASELINE, col.key)}")
+            title += "\n" + ", ".join(anchors)
+            ax.set_xlabel(f"minus DE ({'higher' if col.higher_is_better else 'lower'} is better)")
+        ax.set_title(title)
         ax.set_yticks(range(len(rows)), [r.variant for r in rows])
         ax.grid(axis="y", visible=False)
     axes[0][0].invert_yaxis()
@@ -114,13 +173,27 @@ def benchmark_figure(table: Table):
         ax.set_visible(False)
     regenerated = any(REGENERATED in marks for r in rows for marks in r.marks.values())
     fig.suptitle(table.setting.title + (REGENERATED_NOTE if regenerated else ""))
-    if table.paper_source:
-        _layout(fig, [Line2D([], [], color="0.25", marker="o", ls="none"),
-                      Line2D([], [], mec="0.25", mfc="none", marker="D", ls="none")],
-                ["ours: mean ± std over seeds", f"paper ({table.paper_source})"])
-    else:
-        fig.tight_layout()
+    ours = "ours minus DE, paired by seed" if base else "ours"
+    handles, labels = [Line2D([], [], color="0.25", marker="o", ls="none")], [f"{ours}: mean over seeds"]
+    if paper:
+        handles.append(Line2D([], [], mec="0.35", mfc="none", marker="D", ls="none"))
+        labels.append(f"paper ({table.paper_source}) minus the paper's DE")
+    note = f"Error bars {SPREAD} ({seeds_note(groups)})."
+    if table.paper_source and not base:
+        note += (f" The paper's numbers ({table.paper_source}) are drawn as differences to its DE, beside ours: that"
+                 " needs runs of DE and another method here.")
+    _layout(fig, handles, labels, note=note)
     return fig
+
+
+def _paper_text(table: Table, variant: str, key: str) -> str | None:
+    """The paper's number for a variant and metric as printed, in the table's display units."""
+    return next((r.paper.get(key) for r in table.rows if r.variant == variant), None)
+
+
+def _paper_value(table: Table, variant: str, key: str) -> float | None:
+    text = _paper_text(table, variant, key)
+    return float(text) if text else None
 
 
 @style.styled
@@ -140,7 +213,7 @@ def severity_figure(runs: list[Run], setting: Setting):
         ax.set_xlabel("Corruption severity")
         ax.set_ylabel(f"{label} {arrow}")
     fig.suptitle(_title(setting, runs))
-    _legend_below(fig, list(groups))
+    _legend_below(fig, list(groups), note=f"Mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
     return fig
 
 
@@ -155,7 +228,7 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
     groups = by_variant(runs)
     ncols = min(5, len(types) + 1)
     nrows = math.ceil((len(types) + 1) / ncols)
-    fig, axes = style.figure(ncols, nrows, height=1.45 + 0.7 / nrows, sharex=True, sharey=True)  # + title, legend
+    fig, axes = style.figure(ncols, nrows, height=1.45 + 0.85 / nrows, sharex=True, sharey=True)  # + title, legend
     for ax, name in zip(axes.flat, types + ["Average"]):
         for v, rs in groups.items():
             stats = [_type_stat(rs, name, k) for k in sev]
@@ -170,15 +243,16 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
     for ax in axes[-1]:
         ax.set_xlabel("Severity")
     fig.suptitle(_title(setting, runs))
-    _legend_below(fig, list(groups))
+    _legend_below(fig, list(groups), note=f"Mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
     return fig
 
 
 def _type_stat(runs: list[Run], corruption: str, severity: int) -> Stat | None:
     if corruption == "Average":
         return metric_stat(runs, severity_key("accuracy", severity))
-    return stat(row["accuracy"] for r in runs for row in r.per_set
-                if row["corruption"] == corruption and row["severity"] == severity)
+    return stat(seed_values(runs, lambda r: next((row["accuracy"] for row in r.per_set
+                                                  if row["corruption"] == corruption and row["severity"] == severity),
+                                                 None)).values())
 
 
 @style.styled
@@ -189,7 +263,7 @@ def ensemble_size_figure(runs: list[Run], title: str):
         raise Skip("needs runs of one variant at two or more ensemble sizes")
     panels = [("Clean data", "test/nll"), ("Corrupted data", "corrupted/nll")]
     panels = [(t, k) for t, k in panels if any(r.metric(k) is not None for rs in groups.values() for r in rs)]
-    fig, axes = style.figure(len(panels), height=2.0, width=2.4 * len(panels) + 0.6)
+    fig, axes = style.figure(len(panels), height=2.2, width=2.4 * len(panels) + 0.6)
     for ax, (name, key) in zip(axes[0], panels):
         for v, rs in groups.items():
             sizes = sorted({r.ensemble_size for r in rs})
@@ -202,15 +276,16 @@ def ensemble_size_figure(runs: list[Run], title: str):
         ax.set_xlabel("Ensemble size")
         ax.set_ylabel("NLL ↓")
     fig.suptitle(title + (REGENERATED_NOTE if any(r.regenerated for r in runs) else ""))
-    _legend_below(fig, list(groups))
+    _legend_below(fig, list(groups), note=f"Lines: mean over seeds; bands {SPREAD}.")
     return fig
 
 
 @style.styled
 def diversity_figure(runs: list[Run], setting: Setting):
-    """Input-gradient cosine distance and epistemic uncertainty against severity (appendix D.1)."""
-    metrics = [(label, m) for label, m in (("Gradient cosine distance ↑", "grad_cosine_distance"),
-                                            ("Epistemic uncertainty ↑", "epistemic"))
+    """Input-gradient cosine distance and epistemic uncertainty against severity (appendix D.1). Neither is
+    a score (more is not always better), so their titles carry no arrow."""
+    metrics = [(label, m) for label, m in (("Input-gradient cosine distance", "grad_cosine_distance"),
+                                            ("Epistemic uncertainty", "epistemic"))
                if any(r.metric(f"test/{m}") is not None for r in runs)]
     if not metrics:
         raise Skip("no gradient-diversity or epistemic-uncertainty results")
@@ -222,11 +297,12 @@ def diversity_figure(runs: list[Run], setting: Setting):
         for i, (v, rs) in enumerate(groups.items()):
             mean, std = _mean_std([metric_stat(rs, severity_key(metric, k)) for k in xs], 1.0)
             ax.bar([x + (i - (len(groups) - 1) / 2) * width for x in xs], mean, width, yerr=std, color=color(v),
-                   error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.35"})
+                   error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.55"})
         ax.set_xticks(xs, ["clean" if k == 0 else str(k) for k in xs])
         ax.set_xlabel("Corruption severity")
         ax.set_title(label)
         ax.grid(axis="x", visible=False)
     fig.suptitle(_title(setting, runs))
-    _legend_below(fig, list(groups), markers=False)
+    _legend_below(fig, list(groups), markers=False,
+                  note=f"Bars: mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
     return fig

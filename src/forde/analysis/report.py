@@ -66,7 +66,7 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: list[o
         differences = difference_table(runs_here, setting)
         if differences:
             report.text(folder / "differences.md", differences)
-        report.figure(folder / "benchmark", figures.benchmark_figure, table)
+        report.figure(folder / "benchmark", figures.benchmark_figure, table, runs_here)
         for name, draw in SETTING_FIGURES.items():
             report.figure(folder / name, draw, runs_here, setting)
     for (dataset, model, arch), runs_here in sorted(group(runs, lambda r: (r.dataset, r.model, r.arch)).items()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from forde.analysis.variants import variant
 log = logging.getLogger(__name__)
 
 RESULTS, CONFIG = "results.json", "config.yaml"
+ARCHIVE = re.compile(r"previous-\d+")  # where `run.restart=true` moves a run directory's earlier attempt
 
 
 @dataclass
@@ -113,14 +115,20 @@ def load_run_dir(path: str | Path) -> Run:
 
 
 def find_runs(folder: str | Path) -> list[Run]:
-    """Every run directory with a results.json anywhere below `folder`, in path order."""
-    runs = []
-    for results in sorted(Path(folder).rglob(RESULTS)):
+    """Every run directory with a results.json anywhere below `folder`, in path order; earlier attempts that
+    `run.restart=true` archived in RUN/previous-N/ are not runs of their own and are left out."""
+    folder, runs, archived = Path(folder), [], 0
+    for results in sorted(folder.rglob(RESULTS)):
+        if any(ARCHIVE.fullmatch(part) for part in results.parent.relative_to(folder).parts):
+            archived += 1
+            continue
         try:
             runs.append(load_run_dir(results.parent))
         except (OSError, ValueError, KeyError) as err:
             log.warning("skipping %s: %s is unreadable (%s); `forde eval %s` rewrites it from the checkpoint",
                         results.parent, results.name, err, results.parent)
+    if archived:
+        log.info("%s: left out %d archived attempt(s) in previous-N/ folders", folder, archived)
     return runs
 
 

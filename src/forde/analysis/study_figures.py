@@ -1,7 +1,9 @@
 """A view across a sweep, drawn by Optuna's matplotlib visualisations: optimization history, parameter
 importances, parallel coordinates, slices, the pruner's learning curves, the timeline of trials (what ran
 when and how it ended) and, for several objectives, the Pareto front. The best trial is marked where a
-figure shows single trials. Each function returns a figure or raises `Skip` with the reason.
+figure shows single trials. A study that repeats configurations over seeds (a grid with `seed` in it) uses
+the seed as a replicate, not a hyperparameter: importances and parallel coordinates leave it out and say so.
+Each function returns a figure or raises `Skip` with the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from forde.analysis.figures import Skip
 
-BEST = {"marker": "*", "s": 160, "color": "#d62728", "edgecolor": "black", "linewidths": 0.6, "zorder": 10}
+BEST = {"marker": "*", "s": 160, "color": "#D55E00", "edgecolor": "black", "linewidths": 0.6, "zorder": 10}
+SEED = "seed"
 
 
 def _quiet(draw: Callable, *args, **kwargs):
@@ -53,6 +56,34 @@ class Objective:
         return f"best: trial {self.best.number} ({self.name} = {self.value(self.best):.4g})"
 
 
+def replicated_seeds(opt: optuna.Study) -> int:
+    """How many configurations (every parameter but the seed) completed at two or more seeds: more than 0 means
+    the seed repeats configurations, and its spread is noise between runs, not the effect of a setting."""
+    seeds: dict[tuple, set] = {}
+    for t in opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if SEED in t.params:
+            config = tuple(sorted((k, repr(v)) for k, v in t.params.items() if k != SEED))
+            seeds.setdefault(config, set()).add(t.params[SEED])
+    return sum(len(s) > 1 for s in seeds.values())
+
+
+def seed_note(opt: optuna.Study) -> str:
+    repeated = replicated_seeds(opt)
+    return f"{repeated} configurations ran at several seeds: {SEED} is noise, not a setting" if repeated else ""
+
+
+def _hyperparameters(opt: optuna.Study) -> tuple[list[str] | None, str]:
+    """The parameters to rank or draw (None: all of them) and a line saying what was left out."""
+    note = seed_note(opt)
+    if not note:
+        return None, ""
+    done = opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = sorted({k for t in done for k in t.params} - {SEED})
+    if not names:
+        raise Skip(f"the study varies only the {SEED}: no setting to rank or draw")
+    return names, f"{SEED} left out ({note})"
+
+
 def _completed(opt: optuna.Study, at_least: int = 1) -> None:
     n = len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if n < at_least:
@@ -73,21 +104,28 @@ def history_figure(opt: optuna.Study, objective: Objective):
 
 def importance_figure(opt: optuna.Study, objective: Objective):
     _completed(opt, 2)
-    ax = _quiet(optuna.visualization.matplotlib.plot_param_importances, opt, **objective.kwargs)
-    ax.set_title(f"{ax.get_title()}\n{objective.label}", fontsize=8)
+    params, left_out = _hyperparameters(opt)
+    ax = _quiet(optuna.visualization.matplotlib.plot_param_importances, opt, params=params, **objective.kwargs)
+    title = ax.get_title(loc="left")  # Optuna's title sits on the left: the lines below it go under it, not over it
+    ax.set_title("\n".join([title, objective.label] + ([left_out] if left_out else [])), loc="left", fontsize=8)
     return ax.figure
 
 
 def parallel_figure(opt: optuna.Study, objective: Objective):
     _completed(opt)
-    ax = _quiet(optuna.visualization.matplotlib.plot_parallel_coordinate, opt, **objective.kwargs)
+    params, left_out = _hyperparameters(opt)
+    ax = _quiet(optuna.visualization.matplotlib.plot_parallel_coordinate, opt, params=params, **objective.kwargs)
+    if left_out:
+        ax.set_title(f"{ax.get_title()}\n{left_out}", fontsize=9)
+    ax.title.set_y(1.09)  # room for the best trial's legend under the title
     best = objective.value(objective.best)
-    # Optuna draws one polyline per trial starting at its objective value: redraw the best one on top.
+    # Optuna draws one polyline per trial starting at its objective value: redraw the best one on top, and name it
+    # in a legend above the axes, clear of the rotated parameter names below them.
     for collection in ax.collections:
         for segment in getattr(collection, "get_segments", lambda: [])():
             if len(segment) and math.isclose(segment[0][1], best, rel_tol=1e-12, abs_tol=1e-12):
                 ax.plot(segment[:, 0], segment[:, 1], color=BEST["color"], lw=2.5, zorder=10, label=objective.label)
-                ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.15), fontsize=7, frameon=False)
+                ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=7, frameon=False)
                 return ax.figure
     return ax.figure
 
@@ -101,7 +139,7 @@ def slice_figure(opt: optuna.Study, objective: Objective):
         if param in best.params:  # a categorical axis holds the choices' repr() as matplotlib categories
             categorical = isinstance(best.distributions[param], optuna.distributions.CategoricalDistribution)
             ax.scatter([repr(best.params[param]) if categorical else best.params[param]], [objective.value(best)], **BEST)
-    axes[0].figure.suptitle(objective.label, fontsize=8)
+    axes[0].figure.suptitle("\n".join(filter(None, [objective.label, seed_note(opt)])), fontsize=8)
     return axes[0].figure
 
 

@@ -1,14 +1,15 @@
 """The benchmark comparison (the paper's Tables 1, 2 and 4): mean ± std over seeds per method
-variant, best in bold, as Markdown and LaTeX, optionally beside the paper's reported numbers."""
+variant, best in bold, as Markdown and LaTeX, optionally beside the paper's reported numbers; and each
+variant's difference to DE paired by seed. Both count seeds, not runs (see forde.analysis.aggregate)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from forde.analysis import paper as paper_numbers
-from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, stat
+from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, seed_count, seed_values, stat
 from forde.analysis.results import Run
-from forde.analysis.variants import sort_key, tuned_alpha
+from forde.analysis.variants import sort_key, variant
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,14 @@ class Column:
         return "↑" if self.higher_is_better else "↓"
 
     def fmt(self, value: float) -> str:
-        return f"{value * self.scale:.{self.digits}f}"
+        """The value at display precision; one that rounds to zero shows as zero, never "-0.000"."""
+        text = f"{value * self.scale:.{self.digits}f}"
+        return text.lstrip("-") if float(text) == 0 else text
+
+    def signed(self, value: float) -> str:
+        """A difference: "+0.012" or "−0.4" (a minus sign), unsigned when it rounds to zero."""
+        text = self.fmt(abs(value))
+        return text if float(text) == 0 else ("+" if value > 0 else "−") + text
 
 
 CLEAN = (Column("NLL", "test/nll", False, 3), Column("Accuracy (%)", "test/accuracy", True, 1, 100.0),
@@ -51,10 +59,15 @@ def corrupted_marks(runs: list[Run], key: str) -> str:
     return marks + (SET_MEAN_ECE if key == "corrupted/ece" and any(r.set_mean_cece for r in runs) else "")
 
 
+def footnotes(marks: str) -> str:
+    """The footnotes of the marks that occur in `marks`, in a fixed order."""
+    return "".join(f" {mark} {text}." for mark, text in FOOTNOTES.items() if mark in marks)
+
+
 @dataclass
 class Row:
     variant: str
-    seeds: int = 0
+    seeds: int = 0  # distinct seeds; a cell may have fewer (a run without corrupted results)
     cells: dict[str, Stat | None] = field(default_factory=dict)
     paper: dict[str, str] = field(default_factory=dict)  # the paper's printed values, when asked for
     marks: dict[str, str] = field(default_factory=dict)  # column key -> FOOTNOTES marks
@@ -83,26 +96,28 @@ def benchmark_table(runs: list[Run], setting: Setting, paper: bool = False) -> T
     """One row per variant present (plus paper-only variants when `paper`), corrupted columns only when
     some run has corrupted results."""
     columns = CLEAN + (CORRUPTED if any(r.metric("corrupted/accuracy") is not None for r in runs) else ())
-    rows = [Row(v, len(rs), {c.key: metric_stat(rs, c.key) for c in columns},
+    rows = [Row(v, seed_count(rs), {c.key: metric_stat(rs, c.key) for c in columns},
                 marks={c.key: corrupted_marks(rs, c.key) for c in columns if c in CORRUPTED})
             for v, rs in by_variant(runs).items()]
     source = None
     if paper:
-        reported = paper_numbers.reported(setting.dataset, setting.model)
-        source = paper_numbers.SOURCES.get((setting.dataset, setting.model))
-        for name, values in reported.items():
-            matches = [r for r in rows if _paper_name(r.variant) == name]
-            if not matches:  # a variant only the paper has (e.g. Feature-RDE)
-                matches = [Row(name)]
-                rows.extend(matches)
-            for r in matches:
-                r.paper = values
+        key = (setting.dataset, setting.model)
+        source = paper_numbers.SOURCES.get(key)
+        for name, values in paper_numbers.reported(*key).items():
+            label = _our_label(name, key)
+            row = next((r for r in rows if r.variant == label), None)
+            if row is None:  # a variant only the paper has (e.g. Feature-RDE)
+                row = Row(label)
+                rows.append(row)
+            row.paper = values
         rows.sort(key=lambda r: sort_key(r.variant))
     return Table(setting, columns, rows, source)
 
 
-def _paper_name(variant: str) -> str:
-    return "FoRDE-Tuned" if tuned_alpha(variant) is not None else variant
+def _our_label(paper_name: str, key: tuple[str, str]) -> str:
+    """Our variant that a paper row stands beside: FoRDE-Tuned only at the paper's own alpha for that dataset."""
+    alpha = paper_numbers.TUNED_ALPHA.get(key)
+    return variant("forde", alpha) if paper_name == "FoRDE-Tuned" and alpha is not None else paper_name
 
 
 def _cell(table: Table, row: Row, column: Column, pm: str, bold: str) -> str:
@@ -111,7 +126,8 @@ def _cell(table: Table, row: Row, column: Column, pm: str, bold: str) -> str:
         return "—"
     mean = column.fmt(s.mean)
     text = f"{mean} {pm} {column.fmt(s.std)}" if s.n > 1 else mean  # one seed has no spread to show
-    return (bold.format(text) if mean == table.best(column) else text) + row.marks.get(column.key, "")
+    fewer = f" (n={s.n})" if s.n < row.seeds else ""  # some seeds lack this metric
+    return (bold.format(text) if mean == table.best(column) else text) + fewer + row.marks.get(column.key, "")
 
 
 def _header(table: Table, arrows: dict[str, str], paper_label: str) -> list[str]:
@@ -156,17 +172,33 @@ def to_latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+SEEDS_NOTE = ("Seeds: distinct seeds; runs repeated at one seed count once, as their mean. Mean ± sample standard "
+              "deviation over seeds (n − 1 denominator; the value alone for one seed); (n=k): a cell from only k of the "
+              "row's seeds.")
+
+
 def _note(table: Table) -> str:
-    note = "Mean ± standard deviation over seeds (the value alone for one seed); best mean in bold."
+    note = SEEDS_NOTE + " Best mean in bold."
     if any(c in table.columns for c in CORRUPTED):
         note += (" cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"
                  " set, averaged over the severities (as the paper's release computes them).")
-    used = "".join(m for r in table.rows for m in r.marks.values())
-    note += "".join(f" {mark} {text}." for mark, text in FOOTNOTES.items() if mark in used)
+    note += footnotes("".join(m for r in table.rows for m in r.marks.values()))
     if table.paper_source:
-        note += f" (paper): the numbers reported by Trinh et al. (2024), {table.paper_source}"
-        note += f", for the paper's full-size network ({table.setting.arch} here)." if table.setting.arch else "."
+        key = (table.setting.dataset, table.setting.model)
+        here = ", ".join(filter(None, [table.setting.arch, f"M = {table.setting.ensemble_size}"]))
+        note += (f" (paper): the numbers Trinh et al. (2024) report in {table.paper_source} "
+                 f"({paper_numbers.PROTOCOL[key]}; here: {here}).")
+        alpha = paper_numbers.TUNED_ALPHA.get(key)
+        if alpha is not None and "FoRDE-Tuned" in paper_numbers.reported(*key):
+            note += (f" The paper's FoRDE-Tuned is its α = {alpha:g} (appendix D.4), so it stands beside our runs at"
+                     " that α only.")
     return note
+
+
+def paired_differences(runs: list[Run], baseline: list[Run], key: str) -> dict[int, float]:
+    """`runs` minus `baseline` on each seed both have `key` for, one value per seed on each side."""
+    mine, base = (seed_values(rs, lambda r: r.metric(key)) for rs in (runs, baseline))
+    return {seed: mine[seed] - base[seed] for seed in mine if seed in base}
 
 
 def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") -> str | None:
@@ -174,48 +206,48 @@ def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") ->
     outruns the noise between seeds, which the benchmark table's separate standard deviations cannot say.
     None when no variant shares a seed with the baseline."""
     variants = by_variant(runs)
-    base = _by_seed(variants.get(baseline, []))
+    base = variants.get(baseline, [])
     columns = CLEAN + (CORRUPTED if any(r.has_corrupted for r in runs) else ())
-    rows = []
-    for name, runs_here in variants.items():
-        mine = _by_seed(runs_here)
-        seeds = sorted(set(mine) & set(base)) if name != baseline else []
-        if seeds:
-            rows.append([name, str(len(seeds)), *(_difference(c, [(mine[s], base[s]) for s in seeds]) for c in columns)])
+    rows, used = [], ""
+    for name, mine in variants.items():
+        seeds = {r.seed for r in mine} & {r.seed for r in base} if name != baseline else set()
+        if not seeds:
+            continue
+        paired = [r for r in mine + base if r.seed in seeds]
+        cells = []
+        for c in columns:
+            marks = corrupted_marks(paired, c.key) if c in CORRUPTED else ""
+            cells.append(_difference(c, paired_differences(mine, base, c.key)) + marks)
+            used += marks
+        rows.append([name, str(len(seeds)), *cells])
     if not rows:
         return None
     head = ["Method", "Seeds", *(f"Δ {c.label} {c.arrow}" for c in columns)]
+    note = (f"Each variant's value minus {baseline}'s on the same seed: mean ± sample standard deviation over the "
+            f"seeds both ran (Seeds; runs repeated at one seed count once, as their mean); (k/n): on k of the n "
+            f"seeds that have this metric on both sides the variant did better than {baseline}. A mean within about "
+            "its standard deviation of zero is inside seed noise; one that rounds to zero shows without a sign.")
+    note += footnotes(used)
+    if SET_MEAN_ECE in used:
+        note += f" A Δ cECE marked {SET_MEAN_ECE} may set a per-set mean against a pooled cECE, which biases it."
     lines = [f"### {setting.title}: difference to {baseline}, paired by seed", "",
              "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
-             *("| " + " | ".join(r) + " |" for r in rows), "",
-             f"Each variant's value minus {baseline}'s on the same seed: mean ± standard deviation over the seeds both "
-             f"ran; (k/n): on k of the n seeds the variant did better than {baseline}. A mean within about its "
-             "standard deviation of zero is inside seed noise."]
+             *("| " + " | ".join(r) + " |" for r in rows), "", note]
     return "\n".join(lines) + "\n"
 
 
-def _by_seed(runs: list[Run]) -> dict[int, list[Run]]:
-    out: dict[int, list[Run]] = {}
-    for r in runs:
-        out.setdefault(r.seed, []).append(r)
-    return out
-
-
-def _difference(column: Column, pairs: list[tuple[list[Run], list[Run]]]) -> str:
-    """mean ± std of (variant - baseline) over paired seeds, each side averaged over its runs of that seed."""
-    diffs = [mine.mean - base.mean for mine, base in
-             ((metric_stat(m, column.key), metric_stat(b, column.key)) for m, b in pairs) if mine and base]
+def _difference(column: Column, diffs: dict[int, float]) -> str:
+    """mean ± std of the per-seed differences, and on how many seeds the variant did better."""
     if not diffs:
         return "—"
-    s = stat(diffs)
-    better = sum((d > 0) == column.higher_is_better and d != 0 for d in diffs)
-    sign = "+" if s.mean >= 0 else "−"
+    s = stat(diffs.values())
+    better = sum((d > 0) == column.higher_is_better and d != 0 for d in diffs.values())
     spread = f" ± {column.fmt(s.std)}" if s.n > 1 else ""
-    return f"{sign}{column.fmt(abs(s.mean))}{spread} ({better}/{len(diffs)})"
+    return f"{column.signed(s.mean)}{spread} ({better}/{s.n})"
 
 
 def _tex(text: str) -> str:
     for plain, tex in (("%", r"\%"), ("α", r"$\alpha$"), ("±", r"$\pm$"), ("—", "--"), ("_", r"\_"),
-                       ("†", r"\dag{}"), ("‡", r"\ddag{}"), ("*", r"$^*$")):
+                       ("†", r"\dag{}"), ("‡", r"\ddag{}"), ("*", r"$^*$"), ("−", "$-$")):
         text = text.replace(plain, tex)
     return text

@@ -9,16 +9,16 @@ from matplotlib.colors import to_hex, to_rgb
 
 PCA, IDENTITY = 1.0, 0.0
 
-BASE = {  # label -> colour (Okabe-Ito, colour-blind safe)
-    "DE": "#0072B2",
-    "Weight-RDE": "#E69F00",
-    "Function-RDE": "#009E73",
-    "Feature-RDE": "#8C6D31",  # the paper's baseline; no implementation here, so only in --paper tables
-    "LIT": "#CC79A7",
-    "FoRDE-Identity": "#56B4E9",
-    "FoRDE-PCA": "#D55E00",
+BASE = {  # label -> colour: the Okabe-Ito palette (colour-blind safe), one hue per method
+    "DE": "#000000",  # black: the baseline every figure compares with
+    "Weight-RDE": "#E69F00",  # orange
+    "Function-RDE": "#F0E442",  # yellow
+    "Feature-RDE": "#999999",  # grey: the paper's baseline; no implementation here, so only in --paper tables
+    "LIT": "#CC79A7",  # reddish purple
+    "FoRDE-Identity": "#009E73",  # bluish green
+    "FoRDE-PCA": "#D55E00",  # vermillion
 }
-TUNED = "#7B3294"  # FoRDE-Tuned: shades of one purple, darker for larger alpha
+TUNED = "#0072B2"  # FoRDE-Tuned: shades of Okabe-Ito's blue, darker for larger alpha
 ORDER = ("DE", "Weight-RDE", "Function-RDE", "Feature-RDE", "LIT", "FoRDE-Identity", "FoRDE-Tuned", "FoRDE-PCA")
 NAMES = {"de": "DE", "rde_weight": "Weight-RDE", "rde_function": "Function-RDE", "lit": "LIT"}
 
@@ -41,7 +41,7 @@ def tuned_alpha(label: str) -> float | None:
 
 
 def color(label: str) -> str:
-    """A fixed colour per variant; tuned FoRDE variants get lighter shades of one purple for smaller alpha."""
+    """A fixed colour per variant; tuned FoRDE variants get lighter shades of one blue for smaller alpha."""
     if label in BASE:
         return BASE[label]
     alpha = tuned_alpha(label)

@@ -1,0 +1,127 @@
+"""The report's tables on run directories with known numbers (written here, no training): seeds counted once,
+archived attempts left out, the same marks in both tables, the paper's tuned row at its own alpha, no "−0.000"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from forde.analysis.aggregate import setting_of
+from forde.analysis.results import find_runs
+from forde.analysis.tables import benchmark_table, difference_table, to_markdown
+
+
+def write_run(root: Path, name: str, method: str, seed: int, summary: dict, alpha: float | None = None,
+              per_set: list[dict] | None = None, size: int = 4, seconds: tuple[float, float] = (300.0, 200.0)) -> Path:
+    """One run directory as `forde train` leaves it (only what the report reads): a ResNet18 of width 16 on CIFAR-10."""
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    config = {"seed": seed, "ensemble_size": size, "data": {"name": "cifar10"},
+              "model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]},
+              "method": {"name": method, "alpha": 1.0 if alpha is None else alpha}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    results = {"summary": summary, "train_time_s": seconds[0], "eval_time_s": seconds[1]}
+    if per_set:
+        results["corrupted"] = {"per_set": per_set}
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def summary(accuracy: float, nll: float = 1.0, ece: float = 0.05, corrupted: float | None = None,
+            pooled_cece: bool = True, recorded: bool = True) -> dict:
+    """Clean metrics, and corrupted ones (cA = `corrupted`) as a run writes them: pooled cECE beside the per-set mean
+    (`pooled_cece`), the count of corrupted sets generated here (`recorded`)."""
+    out = {"test/accuracy": accuracy, "test/nll": nll, "test/ece": ece}
+    if corrupted is not None:
+        out.update({"corrupted/accuracy": corrupted, "corrupted/nll": nll + 0.5, "corrupted/ece": ece / 2})
+        if pooled_cece:
+            out["corrupted/ece_set_mean"] = ece
+        if recorded:
+            out["corrupted/regenerated_sets"] = 95
+    return out
+
+
+def tables(root: Path, paper: bool = False) -> tuple[str, str | None]:
+    runs = find_runs(root)
+    setting = setting_of(runs[0])
+    return to_markdown(benchmark_table(runs, setting, paper)), difference_table(runs, setting)
+
+
+def row(markdown: str, variant: str) -> list[str]:
+    """A table row's cells, by the column names of its header."""
+    lines = markdown.splitlines()
+    head = next(line for line in lines if line.startswith("| Method"))
+    cells = next(line for line in lines if line.startswith(f"| {variant} |"))
+    return dict(zip(head.strip("| ").split(" | "), cells.strip("| ").split(" | ")))
+
+
+def test_seeds_are_distinct_seeds_with_one_value_each_in_both_tables(tmp_path):
+    """DE ran seed 0 twice (80 and 90 %) and seed 1 once (85 %): two seeds, 85.0 each, not three samples with
+    a spread of 5 points; the difference table pairs the same per-seed values."""
+    write_run(tmp_path, "de-s0", "de", 0, summary(0.80, corrupted=0.70))
+    write_run(tmp_path, "de-s0-rerun", "de", 0, summary(0.90, corrupted=0.70))
+    write_run(tmp_path, "de-s1", "de", 1, summary(0.85, corrupted=0.70))
+    write_run(tmp_path, "lit-s0", "lit", 0, summary(0.86, corrupted=0.72))
+    write_run(tmp_path, "lit-s1", "lit", 1, summary(0.88))  # no corrupted results: cA from seed 0 alone
+    benchmark, differences = tables(tmp_path)
+    de, lit = row(benchmark, "DE"), row(benchmark, "LIT")
+    assert (de["Seeds"], de["Accuracy (%) ↑"]) == ("2", "85.0 ± 0.0")
+    assert (lit["Seeds"], lit["Accuracy (%) ↑"], lit["cA (%) ↑"]) == ("2", "**87.0 ± 1.4**", "**72.0** (n=1)†")
+    assert "(n=" not in de["cA (%) ↑"]
+    assert "runs repeated at one seed count once, as their mean" in benchmark
+    lit = row(differences, "LIT")  # 86 - 85 and 88 - 85: the same per-seed means as the benchmark table
+    assert (lit["Seeds"], lit["Δ Accuracy (%) ↑"], lit["Δ cA (%) ↑"]) == ("2", "+2.0 ± 1.4 (2/2)", "+2.0 (1/1)†")
+    assert "runs repeated at one seed count once, as their mean" in differences
+
+
+def test_attempts_archived_by_a_restart_are_not_runs(tmp_path):
+    run = write_run(tmp_path / "runs", "trial-0000", "de", 0, summary(0.85))
+    write_run(run, "previous-1", "de", 0, summary(0.10))  # the attempt that run.restart=true moved aside
+    write_run(run, "previous-2", "de", 0, summary(0.20))
+    runs = find_runs(tmp_path)
+    assert [r.source for r in runs] == [str(run)]
+    assert len(find_runs(run / "previous-1")) == 1  # pointed at directly, an archive is read like any run directory
+
+
+def test_differences_carry_the_benchmark_marks_and_footnotes(tmp_path):
+    """An old DE result (per-set-mean cECE, no record of where its corrupted sets came from) against a new LIT one:
+    every corrupted difference is marked as the benchmark cells are, and Δ cECE says it mixes the two cECEs."""
+    for seed in (0, 1):
+        write_run(tmp_path, f"de-s{seed}", "de", seed, summary(0.85, corrupted=0.70, pooled_cece=False, recorded=False))
+        write_run(tmp_path, f"lit-s{seed}", "lit", seed, summary(0.86 + seed / 100, corrupted=0.72))
+    benchmark, differences = tables(tmp_path)
+    assert row(benchmark, "DE")["cECE ↓"].endswith("*‡") and row(benchmark, "LIT")["cECE ↓"].endswith("†")
+    lit = row(differences, "LIT")
+    assert lit["Δ cA (%) ↑"].endswith("†*") and lit["Δ cNLL ↓"].endswith("†*") and lit["Δ cECE ↓"].endswith("†*‡")
+    assert not lit["Δ Accuracy (%) ↑"].endswith(("†", "*", "‡"))
+    for mark in ("† computed on corrupted sets generated here", "* from results that do not record",
+                 "‡ cECE of results written before cECE pooled"):
+        assert mark in benchmark and mark in differences
+    assert "A Δ cECE marked ‡ may set a per-set mean against a pooled cECE" in differences
+
+
+def test_the_papers_tuned_row_stands_beside_its_own_alpha_only(tmp_path):
+    write_run(tmp_path, "de", "de", 0, summary(0.85))
+    write_run(tmp_path, "tuned-0.4", "forde", 0, summary(0.85), alpha=0.4)
+    benchmark, _ = tables(tmp_path, paper=True)
+    assert row(benchmark, "FoRDE-Tuned (α=0.4)")["NLL (paper)"] == "—"
+    paper_row = row(benchmark, "FoRDE-Tuned (α=0.2)")  # CIFAR-10's tuned alpha in the paper: a row of its own
+    assert (paper_row["Seeds"], paper_row["NLL ↓"], paper_row["NLL (paper)"]) == ("—", "—", "0.114")
+    assert "The paper's FoRDE-Tuned is its α = 0.2 (appendix D.4), so it stands beside our runs at that α only." in benchmark
+    write_run(tmp_path, "tuned-0.2", "forde", 0, summary(0.85), alpha=0.2)
+    benchmark, _ = tables(tmp_path, paper=True)
+    ours = row(benchmark, "FoRDE-Tuned (α=0.2)")
+    assert (ours["Seeds"], ours["NLL (paper)"]) == ("1", "0.114")
+
+
+def test_a_difference_that_rounds_to_zero_has_no_sign_and_the_note_says_how_numbers_are_made(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, f"de-s{seed}", "de", seed, summary(0.85, ece=0.05000))
+        write_run(tmp_path, f"lit-s{seed}", "lit", seed, summary(0.85, ece=0.04996 + seed * 0.00002))
+    benchmark, differences = tables(tmp_path, paper=True)
+    assert row(differences, "LIT")["Δ ECE ↓"] == "0.000 ± 0.000 (2/2)"
+    assert "−0.000" not in differences and "-0.000" not in benchmark
+    assert "Mean ± sample standard deviation over seeds (n − 1 denominator" in benchmark
+    assert "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 4)" in benchmark
