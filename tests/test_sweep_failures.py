@@ -154,7 +154,8 @@ def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
     trials = load(tmp_path, name, url).get_trials()
     assert budget_used(trials) == 2
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
-    assert all(t.user_attrs.get("failure") in ("environment", "killed") for t in trials if t.state == TrialState.FAIL)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.user_attrs.get("failure") in ("environment", "killed") for t in failed), [t.user_attrs for t in failed]
 
 
 SEED_GRID = """

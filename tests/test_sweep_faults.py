@@ -203,6 +203,33 @@ def test_postgresql_urls_name_the_driver_the_extra_installs():
     assert SweepStorage(url).optuna.engine.url.drivername == "postgresql+psycopg"
 
 
+def test_the_launcher_waits_out_a_storage_error_after_its_workers_exit(tmp_path, monkeypatch, capsys):
+    """The database drops the launcher's connection while it settles its workers' trials and writes the summary
+    (the workers had waited it out): the launcher tries again instead of ending with exit 3."""
+    import sqlalchemy.exc
+
+    from forde.sweep.launch import finish, spawn_workers
+    from forde.sweep.study import load_study
+    from forde.sweep.worker import Sweep
+
+    monkeypatch.setattr(sweep_storage.interrupts, "sleep", lambda s: None)
+    sweep = Sweep(load_study(STUDIES / "quickstart.yaml"), SweepStorage(f"sqlite:///{tmp_path / 'study.db'}"))
+    read, failed = sweep.trials, []
+
+    def dropped_once():
+        if not failed:
+            failed.append(True)
+            raise sqlalchemy.exc.OperationalError("SELECT ...", {}, Exception(
+                "terminating connection due to administrator command"))
+        return read()
+
+    monkeypatch.setattr(sweep, "trials", dropped_once)
+    assert spawn_workers(None, [], sweep) == 0 and failed  # no workers: what follows them
+    failed.clear()
+    assert finish(sweep, tmp_path, 0) == 0 and failed
+    assert (tmp_path / "best.md").is_file() and "configurations" in capsys.readouterr().out
+
+
 def test_a_database_outage_between_trials_is_waited_out(tmp_path):
     """The database goes away for 20 s (connections dropped, the port closed) between and during short trials:
     the worker waits, nothing fails, the study ends with every trial."""

@@ -35,7 +35,7 @@ from forde.interrupts import Interrupted
 from forde.sweep import slurm
 from forde.sweep.lifecycle import DONE, GIVEN_UP, INTERRUPTED, KILLED, RUNNING, WORKER, Ledger, fate, lineage
 from forde.sweep.options import parse_args, resolve, run_command, worker_argv
-from forde.sweep.storage import SweepStorage
+from forde.sweep.storage import SweepStorage, patiently
 from forde.sweep.study import Study
 from forde.sweep.summary import best_table, status
 from forde.sweep.worker import EXIT_ENVIRONMENT, Sweep, run_worker, serve
@@ -152,6 +152,15 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], sweep: Sw
             log.info("started worker pid %d%s", p.pid, f" on GPU {dev}" if dev is not None else "")
         while [p for p in procs if p.poll() is None]:  # poll every one: a dead worker is reaped at once
             time.sleep(0.2)
+    code = patiently(account_for_workers, sweep, procs, received, what="accounting for the workers")
+    if received:
+        raise Interrupted(received[0])
+    return code
+
+
+def account_for_workers(sweep: Sweep, procs: dict[subprocess.Popen, str | None], received: list[int]) -> int:
+    """After the workers exited: their trials' fates settled in the storage, each death reported; the launcher's exit
+    code. Reads the study afresh, so it may be repeated after a storage error."""
     host = socket.gethostname()
     # the trial each worker was on when it died: still running, or already failed by another worker's check
     last_trial = {t.user_attrs.get(WORKER): t for t in sweep.trials() if fate(t) in (RUNNING, KILLED, GIVEN_UP)}
@@ -178,8 +187,6 @@ def spawn_workers(args: argparse.Namespace, devices: list[str | None], sweep: Sw
         elif p.returncode != 0 and not received:
             log.error("worker %d%s exited with code %d", p.pid, where, p.returncode)
             code = max(code, 1)
-    if received:
-        raise Interrupted(received[0])
     return code
 
 
@@ -244,12 +251,13 @@ def finish(sweep: Sweep, study_dir: Path, code: int) -> int:
     """The summary: best.md, the study's state and what to do next. A full or read-only disk costs the file, not
     the summary."""
     study, storage = sweep.study, sweep.storage
-    table = best_table(sweep.opt, study)
+    table, state = patiently(lambda: (best_table(sweep.opt, study), status(sweep.trials(), study)),
+                             what="summarising the study")
     try:
         (study_dir / "best.md").write_text(table)
     except OSError as err:
         print(f"launch.py: could not write {study_dir / 'best.md'} ({err.strerror})", file=sys.stderr)
-    print(f"\n{status(sweep.trials(), study)}\n")
+    print(f"\n{state}\n")
     print(table)
     offline = sorted(study_dir.glob("runs/*/wandb/offline-run-*"))
     if offline:
