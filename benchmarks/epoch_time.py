@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from report import write_report
 from step_time import synthetic_batch
 

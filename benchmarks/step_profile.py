@@ -16,11 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
-
 from report import write_report
 from step_time import make_step, synthetic_batch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from forde.config import MethodConfig, ModelConfig
 from forde.device import DeviceSettings

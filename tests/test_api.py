@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import devices
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,8 +27,6 @@ from forde.data.pipeline import normalize
 from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split
 from forde.methods import build_method
 from forde.train import Trainer, build
-
-from conftest import devices
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = {"de": forde.DeepEnsembleLoss, "forde": forde.FoRDELoss, "rde_weight": forde.WeightRDELoss,

@@ -7,17 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import devices
 
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
+from forde.kernels import projection, repulsion
 from forde.methods.forde import FoRDE
 from forde.methods.likelihoods import Categorical, Gaussian
-from forde.kernels import projection, repulsion
 from forde.methods.lit import LIT, squared_cosine_penalty
 from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE, member_parameters
-
-from conftest import devices
 
 M, B, D_IN, C = 4, 6, 5, 3
 

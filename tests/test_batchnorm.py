@@ -6,17 +6,16 @@ import contextlib
 
 import pytest
 import torch
+from conftest import devices
 from torch import nn
 
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
-from forde.methods.forde import FoRDE
 from forde.methods.de import DeepEnsemble
+from forde.methods.forde import FoRDE
 from forde.models.batchnorm import _BatchNormTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
-
-from conftest import devices
 
 LAYERS = {"BatchNorm2d": (nn.BatchNorm2d, (6, 3, 5, 4)), "BatchNorm1d": (nn.BatchNorm1d, (7, 3)),
           "BatchNorm1d, sequences": (nn.BatchNorm1d, (5, 3, 4)), "BatchNorm3d": (nn.BatchNorm3d, (4, 3, 2, 3, 2))}

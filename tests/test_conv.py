@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import devices
 from torch import nn
 
 from forde.models import conv as conv_module
 from forde.models.conv import _ConvTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
-
-from conftest import devices
 
 LAYERS = {"3x3": dict(kernel_size=3, stride=1, padding=1), "3x3 stride 2": dict(kernel_size=3, stride=2, padding=1),
           "1x1 stride 2": dict(kernel_size=1, stride=2, padding=0), "grouped": dict(kernel_size=3, padding=1, groups=2),

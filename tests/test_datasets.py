@@ -12,12 +12,10 @@ from PIL import Image
 
 from forde.cli import main
 from forde.config import ConfigError, DataConfig
-from forde.data import cifar, images, tinyimagenet
+from forde.data import cifar, images, registry, tinyimagenet
 from forde.data.base import Split, channel_stats, split_train_val
 from forde.data.imagefolder import import_folder
-from forde.data import registry
 from forde.data.registry import input_spec, load_dataset
-
 
 # ---------------------------------------------------------------- writers of the official layouts
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from forde.cli import main
-from forde.config import DataConfig, load_config
+from forde.config import load_config
 from forde.data import corrupted_sets
 from forde.data.base import Split
-from forde.data.corrupted import SOURCE_FILE, corrupted_root, corrupted_sets as configured_sets, prepare_corrupted
+from forde.data.corrupted import SOURCE_FILE, corrupted_root, prepare_corrupted
+from forde.data.corrupted import corrupted_sets as configured_sets
 from forde.data.corrupted_sets import GENERATOR_VERSION
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES
 from forde.data.registry import load_dataset

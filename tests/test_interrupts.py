@@ -3,18 +3,18 @@ OmegaConf, which once turned it into an AttributeError) lets that code finish an
 next step."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
-import signal
 import time
 
 import pytest
 from optuna.trial import TrialState
+from sweep_support import FAST, epochs_trained, launch, load
 
 import forde.train
 from forde import interrupts
-from sweep_support import FAST, epochs_trained, launch, load
 
 
 class Stop(Exception):

@@ -6,15 +6,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import devices
 
 from forde.config import MethodConfig, ModelConfig
 from forde.data.pca import compute_pca
 from forde.ensemble import build_ensemble
-from forde.kernels import (lengthscale_weights, median, median_bandwidth, pairwise_sq_dists, pairwise_sq_dists_direct,
-                           projection, repulsion, unit_normalize)
+from forde.kernels import (
+    lengthscale_weights,
+    median,
+    median_bandwidth,
+    pairwise_sq_dists,
+    pairwise_sq_dists_direct,
+    projection,
+    repulsion,
+    unit_normalize,
+)
 from forde.methods.forde import FoRDE
-
-from conftest import devices
 
 M, B, D_IN, C = 4, 6, 12, 3
 

@@ -6,8 +6,17 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from forde.metrics import (PooledMetrics, accuracy, ece, ensemble_log_probs, epistemic_uncertainty,
-                           gradient_cosine_distance, member_accuracies, nll, prediction_metrics)
+from forde.metrics import (
+    PooledMetrics,
+    accuracy,
+    ece,
+    ensemble_log_probs,
+    epistemic_uncertainty,
+    gradient_cosine_distance,
+    member_accuracies,
+    nll,
+    prediction_metrics,
+)
 
 
 def lp(rows):

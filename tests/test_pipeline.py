@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import CUDA, devices
 
 from forde.data.base import Split
 from forde.data.pipeline import DeviceLoader, crop_flip, eval_batches, normalize, sample_crop_flip
-
-from conftest import CUDA, devices
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 

@@ -9,18 +9,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CUDA
 from optuna.trial import TrialState
+from sweep_support import (
+    FAST,
+    STUDIES,
+    budget_used,
+    configurations,
+    epochs_trained,
+    grid_study,
+    launch,
+    load,
+    wandb_record,
+)
 
 import forde.train
 from forde.config import ConfigError
 from forde.sweep.storage import SweepStorage
-from forde.train import CHECKPOINT
 from forde.sweep.study import load_study
 from forde.sweep.worker import Sweep, open_study
-from sweep_support import (FAST, STUDIES, budget_used, configurations, epochs_trained, grid_study, launch, load,
-                           wandb_record)
-
-from conftest import CUDA
+from forde.train import CHECKPOINT
 
 SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
                     "eval.severities=[1,5]", "eval.grad_samples=100"]

@@ -8,21 +8,36 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from sweep_support import (
+    REPO,
+    STUDIES,
+    FlakyProxy,
+    budget_used,
+    env_for,
+    epochs_trained,
+    fill,
+    grid_study,
+    launch,
+    launch_cmd,
+    load,
+    named_study,
+    output,
+    postgres_url,
+    start,
+    wait_for,
+)
 
 import forde.sweep.storage as sweep_storage
 import forde.tracking
 import forde.train
 from forde.sweep.storage import SweepStorage, describe, driver_url
 from forde.sweep.worker import EXIT_ENVIRONMENT
-from sweep_support import (FAST, REPO, STUDIES, FlakyProxy, budget_used, env_for, epochs_trained, fill, grid_study,
-                           launch, launch_cmd, load, named_study, output, postgres_url, start, wait_for)
 
 SEEDS = """
 search_space:

@@ -4,12 +4,20 @@ import json
 
 import pytest
 import torch
+from conftest import CUDA, devices
 
 from forde.config import ConfigError, OptimConfig, load_config
-from forde.train import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, RESULTS, NonFiniteLossError, RunDirError, evaluate_run,
-                         lr_at, train)
-
-from conftest import CUDA, devices
+from forde.train import (
+    CHECKPOINT,
+    METRICS,
+    PREVIOUS_CHECKPOINT,
+    RESULTS,
+    NonFiniteLossError,
+    RunDirError,
+    evaluate_run,
+    lr_at,
+    train,
+)
 
 TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 

@@ -9,7 +9,8 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn

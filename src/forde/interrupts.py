@@ -32,7 +32,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ same defaults and the same checks.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ the whole launch sequence is replayed with one call. Shapes are static (the last
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -26,12 +27,13 @@ from forde import interrupts
 from forde.atomic import replace_atomic, write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
-from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
+from forde.data.corrupted import CorruptedSet, prepare_corrupted
+from forde.data.corrupted import corrupted_sets as configured_corrupted_sets
 from forde.data.pipeline import DeviceLoader
 from forde.data.registry import input_spec, load_dataset
 from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
-from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split, eval_context
+from forde.evaluate import EvalContext, eval_context, evaluate_corrupted, evaluate_split
 from forde.methods import Method, build_method
 from forde.models import check_model
 from forde.names import RULE, is_path_component

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from forde.atomic import write_atomic
 from forde.config import ConfigError, DataError, MissingDataError, TrainConfig

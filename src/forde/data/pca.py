@@ -17,9 +17,10 @@ import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, get_args
+from typing import get_args
 
 import numpy as np
 import torch

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
 
 
 def _backward(gy, x, w, conv, mask):

@@ -98,8 +98,8 @@ def parse_spec(text: str) -> SlurmSpec:
             values[key] = value
     spec = SlurmSpec(**values)
     if not spec.time:
-        raise ConfigError(f"--slurm: give each worker's time limit, e.g. time=24:00:00 (D-HH:MM:SS or minutes); "
-                          f"a worker that reaches it is resubmitted and continues")
+        raise ConfigError("--slurm: give each worker's time limit, e.g. time=24:00:00 (D-HH:MM:SS or minutes); "
+                          "a worker that reaches it is resubmitted and continues")
     try:
         minutes = spec.minutes
     except ValueError:

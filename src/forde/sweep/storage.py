@@ -29,10 +29,10 @@ import os
 import sqlite3
 import threading
 import time
-import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import optuna
 import sqlalchemy.exc

@@ -16,9 +16,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import torch
@@ -28,8 +29,24 @@ from optuna.trial import FrozenTrial, TrialState
 from forde import interrupts
 from forde.config import ConfigError
 from forde.interrupts import Interrupted
-from forde.sweep.lifecycle import (CARRIED, DONE, DUPLICATE, ENVIRONMENT, FAILURE, GIVEN_UP, INTERRUPTED, REASON,
-                                   STARTED, TRIAL, WORKER, Decision, Ledger, classify, decide, lineage)
+from forde.sweep.lifecycle import (
+    CARRIED,
+    DONE,
+    DUPLICATE,
+    ENVIRONMENT,
+    FAILURE,
+    GIVEN_UP,
+    INTERRUPTED,
+    REASON,
+    STARTED,
+    TRIAL,
+    WORKER,
+    Decision,
+    Ledger,
+    classify,
+    decide,
+    lineage,
+)
 from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_command
 from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage, describe, patiently
 from forde.sweep.study import Study
