@@ -208,7 +208,8 @@ def add_fastest_de_ratio(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    ratio = lambda v: f"{v:.2f}" if v is not None else ""
+    def ratio(v):
+        return f"{v:.2f}" if v is not None else ""
     lines = ["| model | M | batch | setting | variant | step (ms) | img/s | / DE, same setting | / fastest DE | step peak MiB |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -95,7 +95,8 @@ def test_kernels_and_penalty_ignore_bf16_autocast(device):
     computes exactly what it computes without autocast, value and gradient."""
     ens = make_problem(seed=6)[0].float().to(device)
     g = torch.Generator().manual_seed(0)
-    close = lambda *shape: (torch.randn(shape[1:], generator=g) + 0.05 * torch.randn(shape, generator=g)).to(device)
+    def close(*shape):
+        return (torch.randn(shape[1:], generator=g) + 0.05 * torch.randn(shape, generator=g)).to(device)
     u, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     forde = FoRDE(MethodConfig(alpha=0.5), projection(u, torch.rand(16, generator=g) * 3, 0.5).to(device))
     cases = {  # a loss of one leaf tensor

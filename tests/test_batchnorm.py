@@ -75,7 +75,8 @@ def test_finite_differences():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    bn = lambda x, w, b: _BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
+    def bn(x, w, b):
+        return _BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
     assert torch.autograd.gradcheck(bn, (x, w, b))
     assert torch.autograd.gradgradcheck(bn, (x, w, b))
 

@@ -71,7 +71,8 @@ def test_finite_differences():
     torch.manual_seed(0)
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    conv = lambda x, w: _ConvTrain.apply(x, w.view_as(w), ([2, 2], [1, 1], [1, 1], 1))
+    def conv(x, w):
+        return _ConvTrain.apply(x, w.view_as(w), ([2, 2], [1, 1], [1, 1], 1))
     assert torch.autograd.gradcheck(conv, (x, w))
     assert torch.autograd.gradgradcheck(conv, (x, w))
 

@@ -82,7 +82,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_files(t
     code = main(["data", "corrupt", "--dataset", "digits", "--root", str(tmp_path / "data"), "--out", str(out),
                  "--workers", str(workers)])
     err = capsys.readouterr().err
-    [line] = [l for l in err.splitlines() if l.startswith("forde:")]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
     assert code == 2 and "Traceback" not in err
     assert line.startswith(f"forde: no space left on the device writing {out}/") and "run the same command again" in line
     assert not temporary_files(disk)

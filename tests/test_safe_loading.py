@@ -38,7 +38,7 @@ def tiny_args(tmp_path, name="run"):
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    [line] = [l for l in err.splitlines() if l.startswith("forde:")]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
     return line
 
 

@@ -227,10 +227,12 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | Non
         dataset = load_dataset(cfg.data)
     ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(device)
     ensemble.execution = settings.execution
-    prepare = lambda x: x
+    def prepare(x):
+        return x
     if settings.channels_last and len(dataset.input_shape) == 3:
         ensemble = ensemble.to(memory_format=torch.channels_last)
-        prepare = lambda x: x.contiguous(memory_format=torch.channels_last)
+        def prepare(x):
+            return x.contiguous(memory_format=torch.channels_last)
     return Setup(cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare)
 
 
@@ -357,7 +359,8 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
         results["val"] = evaluate_split(setup.ensemble, setup.dataset.val, setup.eval_ctx)
     sets = list(corrupted_sets(setup))
     if sets:
-        bar = lambda it: tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
+        def bar(it):
+            return tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
         results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
     results["summary"] = flat_summary(results)
     results["provenance"] = run_provenance(setup.dataset, sets)

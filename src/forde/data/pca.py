@@ -59,7 +59,8 @@ def covariance_float64(inputs: torch.Tensor, mean, std, chunk: int = 2048) -> to
     mean_t = torch.as_tensor(mean, dtype=torch.float64)
     std_t = torch.as_tensor(std, dtype=torch.float64)
     n = inputs.shape[0]
-    flat = lambda s: normalize(inputs[s:s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
+    def flat(s):
+        return normalize(inputs[s:s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
     mu = sum(flat(s).sum(0) for s in range(0, n, chunk)) / n
     cov = None
     for s in range(0, n, chunk):
@@ -152,7 +153,8 @@ def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None =
 
 def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
     """A tensor of inputs (CPU) from a tensor, a dataset of samples, or any other iterable of batches."""
-    first = lambda item: torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
+    def first(item):
+        return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
     if isinstance(inputs, torch.Tensor):
         return inputs.detach().cpu()
     try:

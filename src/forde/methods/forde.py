@@ -62,7 +62,8 @@ class FoRDE:
             outputs = ensemble(x)
             nll = self.likelihood.nll(outputs, y)
             return LossOutput(nll, outputs, {self.likelihood.name: nll.detach()})
-        pick = lambda out, target: self.likelihood.pick(out, target)
+        def pick(out, target):
+            return self.likelihood.pick(out, target)
         if cfg.repulsion_subset >= 1.0:
             outputs, grads = ensemble.output_gradients(x, lambda out: pick(out, y), create_graph=True)
         else:  # data term on the whole batch, kernel on its first k samples (the batch is already shuffled)

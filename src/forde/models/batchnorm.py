@@ -39,7 +39,8 @@ class _BatchNormBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, ggx, ggw, ggb):
         g, x, weight, mean, invstd, gx, s_gx, s_g = ctx.saved_tensors
-        per_channel = lambda t: t.view([1, -1] + [1] * (x.dim() - 2))
+        def per_channel(t):
+            return t.view([1, -1] + [1] * (x.dim() - 2))
         dims = [0, *range(2, x.dim())]
         n = x.numel() // x.shape[1]
         gg = gx_out = gw_out = None

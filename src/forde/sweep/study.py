@@ -143,11 +143,14 @@ class Study:
         name = self.sampler.get("name", "tpe")
         if name == "tpe":
             kw.setdefault("constant_liar", True)  # parallel workers: running trials count as (pessimistic) results
-            make = lambda seed: optuna.samplers.TPESampler(seed=seed, **kw)
+            def make(seed):
+                return optuna.samplers.TPESampler(seed=seed, **kw)
         elif name == "nsga2":
-            make = lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **kw)
+            def make(seed):
+                return optuna.samplers.NSGAIISampler(seed=seed, **kw)
         else:  # random; grid: every trial comes from the study's `grid` (queued), this sampler is never consulted
-            make = lambda seed: optuna.samplers.RandomSampler(seed=seed, **kw)
+            def make(seed):
+                return optuna.samplers.RandomSampler(seed=seed, **kw)
         return TrialSeededSampler(make, self.sampler.get("seed"))
 
     def settings(self) -> dict[str, Any]:
@@ -296,7 +299,7 @@ def check_study(study: Study) -> None:
     for p in study.params:
         if all(probe.get(k, by_key[k].representative() if k in by_key else None) == v for k, v in p.when.items()):
             probe[p.key] = p.representative()
-        for k, v in p.when.items():
+        for k in p.when:
             if k not in by_key:
                 _fail(study.name, f"search_space.{p.key}: condition on '{k}', which is not in the search space")
     networks: dict[str, TrainConfig] = {}  # where a config came from -> its config, for the model check below
