@@ -74,6 +74,16 @@ def test_run_directories_load_with_variants_and_per_corruption_rows(study):
     assert len(run.per_set) == 10 and {"corruption", "severity", "accuracy"} <= set(run.per_set[0])
 
 
+def test_a_run_whose_config_is_not_a_mapping_is_skipped_with_a_reason(tmp_path, caplog):
+    run = tmp_path / "runs" / "bad"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"method": "de", "summary": {}}))
+    (run / "config.yaml").write_text("- a list\n- not a config\n")
+    with pytest.raises(ValueError, match="config.yaml holds a list, not a mapping"):
+        load_run_dir(run)
+    assert find_runs(tmp_path) == [] and "skipping" in caplog.text
+
+
 @pytest.mark.parametrize("variant,pattern,key", [
     ("DE", "de-M3-s*", "test/nll"),
     ("FoRDE-PCA", "forde-a1.0-M3-s*", "corrupted/accuracy"),

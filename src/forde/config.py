@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -183,7 +183,9 @@ def read_config_yaml(source: str | Path) -> DictConfig:
     if not path.exists() and not str(source).endswith((".yaml", ".yml")):
         builtin = resources.files("forde").joinpath(BUILTIN_CONFIGS, f"{source}.yaml")
         if builtin.is_file():
-            return OmegaConf.create(builtin.read_text())
+            cfg = OmegaConf.create(builtin.read_text())
+            assert isinstance(cfg, DictConfig), builtin  # the package's own configs are mappings
+            return cfg
         raise ConfigError(
             f"config '{source}' is neither a file nor a built-in config; built-ins: {', '.join(builtin_config_names())}"
         )
@@ -195,7 +197,7 @@ def read_config_yaml(source: str | Path) -> DictConfig:
     return cfg
 
 
-def load_yaml(path: Path) -> DictConfig:
+def load_yaml(path: Path) -> DictConfig | ListConfig:
     """A YAML file; a syntax error becomes one line naming the file, the place and the fix."""
     import yaml
 
@@ -251,7 +253,8 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
             merged = OmegaConf.merge(merged, layer)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
-    return base.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
+    assert isinstance(merged, DictConfig)  # merged onto the schema, a mapping
+    return merged.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -266,12 +269,15 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
+    assert isinstance(obj, TrainConfig)  # merge() typed cfg with the schema
     validate(obj)
     return obj
 
 
 def to_dict(cfg: TrainConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    as_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(as_dict, dict)  # a dataclass becomes a mapping
+    return as_dict
 
 
 def to_yaml(cfg: TrainConfig) -> str:
@@ -319,6 +325,7 @@ def model_source(name: str) -> tuple[str, str | None, str | None]:
     found = _CALLABLE_NAME.fullmatch(name)
     _check(found is not None, "model.name", name, f"is none of {MODEL_FORMS}",
            "set e.g. model.name=resnet18, model.name=timm:resnet18 or model.name=my_models:ViT")
+    assert found is not None  # _check raised otherwise
     module, attr = found.groups()
     _check(module.split(".")[0] not in sys.stdlib_module_names, "model.name", name,
            f"{module} is part of Python's standard library, which holds no networks", "name a network class or a "
