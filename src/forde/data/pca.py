@@ -17,10 +17,10 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import cast, get_args
 
 import numpy as np
 import torch
@@ -62,10 +62,11 @@ def covariance_float64(inputs: torch.Tensor, mean, std, chunk: int = 2048) -> to
     def flat(s):
         return normalize(inputs[s:s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
     mu = sum(flat(s).sum(0) for s in range(0, n, chunk)) / n
-    cov = None
+    cov: torch.Tensor | None = None
     for s in range(0, n, chunk):
         x = flat(s) - mu
         cov = x.T @ x if cov is None else cov.addmm_(x.T, x)
+    assert cov is not None, "no inputs"
     return cov / (n - 1)
 
 
@@ -161,7 +162,8 @@ def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
         if isinstance(inputs, torch.utils.data.IterableDataset):
             return torch.stack([first(sample) for sample in inputs])
         if isinstance(inputs, torch.utils.data.Dataset):
-            return torch.stack([first(inputs[i]) for i in range(len(inputs))])
+            # a map-style dataset without __len__ raises TypeError here, reported below
+            return torch.stack([first(inputs[i]) for i in range(len(cast(Sized, inputs)))])
         return torch.cat([first(batch) for batch in inputs])
     except (TypeError, RuntimeError) as err:
         raise ValueError(f"training inputs: expected a tensor, a dataset of samples or an iterable of batches, each "
@@ -198,14 +200,16 @@ def pca_projection(inputs: torch.Tensor | Iterable | PCA, alpha: float = 1.0, mi
     if alpha == 0.0:
         return None
     pca = inputs if isinstance(inputs, PCA) else input_pca(inputs, mean=mean, std=std)
-    return projection(pca.eigenvectors, pca.eigenvalues, alpha, mix).float()
+    p = projection(pca.eigenvectors, pca.eigenvalues, alpha, mix)
+    assert p is not None  # alpha > 0
+    return p.float()
 
 
 def fingerprint(inputs: torch.Tensor, mean, std) -> str:
     """Hash of the exact inputs and their normalisation; the buffer is hashed in place, without a copy."""
     h = hashlib.sha1()
     h.update(repr((tuple(inputs.shape), str(inputs.dtype), tuple(mean), tuple(std))).encode())
-    h.update(inputs.contiguous().numpy().reshape(-1).view(np.uint8))
+    h.update(inputs.contiguous().numpy().reshape(-1).view(np.uint8).data)
     return h.hexdigest()[:16]
 
 
