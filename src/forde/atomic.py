@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 
 def temporary_name(path: Path) -> Path:
@@ -47,7 +47,7 @@ def replace_atomic(path: Path, write: Callable[[BinaryIO], object], keep: Path |
         with open(tmp, "wb") as fh:
             recording = _RecordingFile(fh)
             try:
-                write(recording)
+                write(cast(BinaryIO, recording))  # write() and flush() are what the writers call
             except Exception:
                 if recording.error is None:
                     raise
@@ -61,7 +61,8 @@ class _RecordingFile:
     """A file that keeps its first write error: torch.save turns a full disk into 'unexpected pos'."""
 
     def __init__(self, fh: BinaryIO):
-        self.fh, self.error = fh, None
+        self.fh = fh
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         try:

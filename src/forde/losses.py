@@ -120,6 +120,8 @@ class FoRDELoss(EnsembleLoss):
                            repulsion_ramp_epochs=repulsion_ramp_epochs)
         super().__init__(FoRDE(cfg, projection, likelihood), cfg)
 
+    method: FoRDE
+
     def _check(self, ensemble: Ensemble, x: torch.Tensor) -> None:
         projection = self.method.projection
         if projection is not None and x[0].numel() != projection.shape[0]:
