@@ -28,7 +28,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import optuna
 from omegaconf import OmegaConf
@@ -40,6 +40,7 @@ from forde.sweep.sampling import TrialSeededSampler
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 DIRECTIONS = ("minimize", "maximize")
+Direction = Literal["minimize", "maximize"]
 
 
 class StudyError(ConfigError):
@@ -100,7 +101,7 @@ class Param:
 @dataclass
 class Objective:
     metric: str
-    direction: str
+    direction: Direction  # checked by load_study
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Study:
     grid: list[dict[str, Any]]
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives]
 
     @property

@@ -184,6 +184,7 @@ class Sweep:
                 trial = self.opt.ask()
                 trial.set_user_attr(WORKER, self.tag)
                 params = self.study.suggest(trial)
+                assert d.ledger is not None  # decide() always sets it
                 twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
                 if twin is None:
                     return trial, params
