@@ -101,8 +101,8 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_files(t
 def write_synthetic_dataset(root: Path, name: str, n_test: int) -> None:
     """An imported dataset of random 32x32 images: big enough that generating its sets takes several seconds."""
     rng = np.random.default_rng(0)
-    split = lambda n: Split(torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)),  # noqa: E731
-                            torch.arange(n) % 4)
+    def split(n):
+        return Split(torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)), torch.arange(n) % 4)
     save_store(root / name, {"train": split(16), "test": split(n_test)}, ["a", "b", "c", "d"])
 
 
