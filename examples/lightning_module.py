@@ -12,11 +12,11 @@ import json
 
 import lightning as L
 import torch
-from pytorch_loop import digits, small_cnn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import forde
+from pytorch_loop import digits, small_cnn
 
 
 class FoRDEEnsemble(L.LightningModule):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import devices
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import forde
+from conftest import devices
 from forde.config import MethodConfig, load_config
 from forde.data.base import Split
 from forde.data.corrupted import CorruptedSet

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices
 
+from conftest import devices
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.kernels import projection, repulsion

@@ -6,9 +6,9 @@ import contextlib
 
 import pytest
 import torch
-from conftest import devices
 from torch import nn
 
+from conftest import devices
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
 from forde.kernels import projection

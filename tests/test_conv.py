@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import devices
 from torch import nn
 
+from conftest import devices
 from forde.models import conv as conv_module
 from forde.models.conv import _ConvTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives

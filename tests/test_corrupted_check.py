@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_datasets import write_tinyimagenet
 
 from forde.cli import main
 from forde.config import DataConfig, DataError, load_config
@@ -17,6 +16,7 @@ from forde.data.corrupted_sets import generate_corrupted_set
 from forde.data.registry import load_dataset
 from forde.data.store import save_store
 from forde.train import METRICS, RESULTS, train
+from test_datasets import write_tinyimagenet
 
 N_TEST, SIDE = 12, 8
 

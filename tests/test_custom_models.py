@@ -14,11 +14,10 @@ import uuid
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA
-from sweep_support import launch, load
 
 import forde.sweep.launch
 import forde.train
+from conftest import CUDA
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
@@ -27,6 +26,7 @@ from forde.methods.forde import FoRDE
 from forde.models import build_model, check_model
 from forde.models.derivatives import native_derivatives
 from forde.train import CHECKPOINT, train
+from sweep_support import launch, load
 
 VIT = "user_models.vit:TinyViT"
 TIMM_RESNET = {"name": "timm:resnet10t", "kwargs": {"channels": [4, 8, 8, 8], "stem_width": 4}}

@@ -6,9 +6,9 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from test_sweep import FAST, STUDIES, load
 
 from forde.sweep.launch import main, parse_args
+from test_sweep import FAST, STUDIES, load
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

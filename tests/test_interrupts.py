@@ -11,10 +11,10 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-from sweep_support import FAST, epochs_trained, launch, load
 
 import forde.train
 from forde import interrupts
+from sweep_support import FAST, epochs_trained, launch, load
 
 
 class Stop(Exception):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices
 
+from conftest import devices
 from forde.config import MethodConfig, ModelConfig
 from forde.data.pca import compute_pca
 from forde.ensemble import build_ensemble

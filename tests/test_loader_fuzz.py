@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_corrupted_check import DEFECTS as CORRUPTED_DEFECTS
-from test_corrupted_check import write_synthetic
-from test_datasets import IMPORT_DEFECTS, cut_short, write_cifar10, write_folder, write_tinyimagenet
 
 from forde.cli import main
 from forde.sweep import launch
+from test_corrupted_check import DEFECTS as CORRUPTED_DEFECTS
+from test_corrupted_check import write_synthetic
+from test_datasets import IMPORT_DEFECTS, cut_short, write_cifar10, write_folder, write_tinyimagenet
 
 TRAIN = ["run.progress=false", "optim.epochs=1", "ensemble_size=2", "model.hidden=[8]", "optim.batch_size=2",
          "eval.corruptions=[none]", "eval.grad_samples=0"]

@@ -9,8 +9,6 @@ import shutil
 
 import pytest
 from omegaconf import OmegaConf
-from test_corruptions import small_split
-from test_train import tiny
 
 from forde.analysis.report import run as report
 from forde.cli import main
@@ -20,6 +18,8 @@ from forde.names import is_path_component
 from forde.sweep import launch
 from forde.sweep.study import StudyError, load_study
 from forde.train import train
+from test_corruptions import small_split
+from test_train import tiny
 
 
 @pytest.mark.parametrize("name, ok", [("run", True), ("seed-0.v2", True), ("..x", True), ("", False), (".", False),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from conftest import CUDA, devices
 
+from conftest import CUDA, devices
 from forde.data.base import Split
 from forde.data.pipeline import DeviceLoader, crop_flip, eval_batches, normalize, sample_crop_flip
 

@@ -10,14 +10,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_datasets import write_cifar10
-from test_train import Crash, tiny
 
 from forde.cli import main
 from forde.config import DataConfig, DataError
 from forde.data.pca import cached_pca, compute_pca
 from forde.data.registry import load_dataset
 from forde.train import CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS, RunDirError, load_checkpoint, train
+from test_datasets import write_cifar10
+from test_train import Crash, tiny
 
 
 class RunsACommand:

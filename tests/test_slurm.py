@@ -17,11 +17,11 @@ import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from sweep_support import FAST, STUDIES, env_for, epochs_trained, launch_cmd
 
 from forde.config import ConfigError
 from forde.sweep.slurm import executor_parameters, parse_spec, time_minutes
 from forde.sweep.storage import SweepStorage, default_url
+from sweep_support import FAST, STUDIES, env_for, epochs_trained, launch_cmd
 
 PARTITION = os.environ.get("FORDE_TEST_SLURM_PARTITION")
 

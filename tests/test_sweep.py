@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CUDA
 from optuna.trial import TrialState
+
+import forde.train
+from conftest import CUDA
+from forde.config import ConfigError
+from forde.sweep.storage import SweepStorage
+from forde.sweep.study import load_study
+from forde.sweep.worker import Sweep, open_study
+from forde.train import CHECKPOINT
 from sweep_support import (
     FAST,
     STUDIES,
@@ -22,13 +29,6 @@ from sweep_support import (
     load,
     wandb_record,
 )
-
-import forde.train
-from forde.config import ConfigError
-from forde.sweep.storage import SweepStorage
-from forde.sweep.study import load_study
-from forde.sweep.worker import Sweep, open_study
-from forde.train import CHECKPOINT
 
 SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
                     "eval.severities=[1,5]", "eval.grad_samples=100"]

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+
+from forde.config import ConfigError, MissingDataError
+from forde.sweep.launch import gpu_devices
+from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
+from forde.sweep.worker import EXIT_ENVIRONMENT
+from forde.train import NonFiniteLossError
 from sweep_support import (
     FAST,
     STUDIES,
@@ -33,12 +39,6 @@ from sweep_support import (
     wandb_record,
     wandb_steps,
 )
-
-from forde.config import ConfigError, MissingDataError
-from forde.sweep.launch import gpu_devices
-from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
-from forde.sweep.worker import EXIT_ENVIRONMENT
-from forde.train import NonFiniteLossError
 
 
 @pytest.fixture(autouse=True)

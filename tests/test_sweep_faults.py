@@ -14,6 +14,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+
+import forde.sweep.storage as sweep_storage
+import forde.tracking
+import forde.train
+from forde.sweep.storage import SweepStorage, describe, driver_url
+from forde.sweep.worker import EXIT_ENVIRONMENT
 from sweep_support import (
     REPO,
     STUDIES,
@@ -32,12 +38,6 @@ from sweep_support import (
     start,
     wait_for,
 )
-
-import forde.sweep.storage as sweep_storage
-import forde.tracking
-import forde.train
-from forde.sweep.storage import SweepStorage, describe, driver_url
-from forde.sweep.worker import EXIT_ENVIRONMENT
 
 SEEDS = """
 search_space:

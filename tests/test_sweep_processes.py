@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+
 from sweep_support import (
     backend_args,
     budget_used,

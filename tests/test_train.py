@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import CUDA, devices
 
+from conftest import CUDA, devices
 from forde.config import ConfigError, OptimConfig, load_config
 from forde.train import (
     CHECKPOINT,

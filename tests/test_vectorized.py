@@ -5,9 +5,8 @@ import copy
 
 import pytest
 import torch
-from conftest import devices
-from test_train import final_weights, tiny
 
+from conftest import devices
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
@@ -17,6 +16,7 @@ from forde.methods.lit import LIT
 from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE
 from forde.train import train
+from test_train import final_weights, tiny
 
 M, B, C = 3, 6, 5
 SHAPE = (3, 8, 8)
