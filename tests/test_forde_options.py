@@ -85,7 +85,8 @@ def test_ramp_multiplies_the_repulsion_and_its_gradient(problem):
     assert stats_r["repulsion_weight"].item() == pytest.approx(w) and "repulsion_weight" not in stats
     assert (loss_r - de_loss).item() == pytest.approx(w * (loss - de_loss).item(), rel=1e-10)
     def grad(loss_value):
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss_value, list(ens.parameters()), retain_graph=True)])
+        grads = torch.autograd.grad(loss_value, list(ens.parameters()), retain_graph=True)
+        return torch.cat([g.flatten() for g in grads])
     torch.testing.assert_close(grad(loss_r - de_loss), w * grad(loss - de_loss))
 
 

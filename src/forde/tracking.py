@@ -66,7 +66,8 @@ def resolve_mode(cfg: WandbConfig) -> WandbMode:
 def per_set_table(per_set: list[dict]):
     import wandb
 
-    cols: list[str | int] = ["corruption", "severity", "source", "accuracy", "nll", "ece", "epistemic", "grad_cosine_distance"]
+    cols: list[str | int] = ["corruption", "severity", "source", "accuracy", "nll", "ece", "epistemic",
+                             "grad_cosine_distance"]
     return wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in per_set])
 
 
@@ -100,7 +101,8 @@ class WandbRun:
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         w = cfg.run.wandb
-        kwargs: dict[str, Any] = dict(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
+        kwargs: dict[str, Any] = dict(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name,
+                                      id=run_id,
                       resume="allow", dir=str(self.run_dir),
                       config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir),
                               "code": code_version()})
