@@ -101,11 +101,10 @@ class WandbRun:
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         w = cfg.run.wandb
-        kwargs: dict[str, Any] = dict(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name,
-                                      id=run_id,
-                      resume="allow", dir=str(self.run_dir),
-                      config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir),
-                              "code": code_version()})
+        kwargs: dict[str, Any] = dict(
+            project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
+            resume="allow", dir=str(self.run_dir),
+            config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir), "code": code_version()})
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.mode == "offline":
