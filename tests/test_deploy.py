@@ -69,8 +69,8 @@ def test_pods_fit_the_image_and_the_launcher():
         parsed = parse_args(args, STUDIES)
         assert (STUDIES / f"{parsed.study}.yaml").exists() and parsed.storage == "postgresql://u@db/forde"
         assert parsed.prepare == (name == "forde-prepare")
-    readme = (REPO / "README.md").read_text()
-    assert "kubectl create secret generic forde-postgres --from-literal=url=" in readme
+    docs = (REPO / "docs" / "past-one-machine.md").read_text()
+    assert "kubectl create secret generic forde-postgres --from-literal=url=" in docs
 
 
 def test_prepare_checks_and_creates_the_study_then_exits(tmp_path, monkeypatch, capsys):

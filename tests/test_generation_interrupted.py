@@ -118,6 +118,11 @@ def group_ends(group: int, within: float) -> bool:
     return False
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """A shell that runs the tests in the background makes its children ignore SIGINT; a terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_the_worker_pool_at_once_and_leaves_only_resumable_state(tmp_path):
     write_synthetic_dataset(tmp_path / "data", "synth", 500)
     out = tmp_path / "synth-C"
@@ -125,7 +130,7 @@ def test_ctrl_c_ends_the_worker_pool_at_once_and_leaves_only_resumable_state(tmp
                str(tmp_path / "data"), "--out", str(out), "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("parts/*.npy")):  # the first set is committed

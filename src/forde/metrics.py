@@ -195,7 +195,7 @@ class CorruptedMetrics:
     severity's sets into one set and averages over severities, as the paper's release does. Only per-bin
     counts and sums are kept, not the predictions.
 
-    Example:
+    Examples:
         >>> corrupted = CorruptedMetrics()
         >>> for name, severity, log_probs, labels in my_corrupted_sets:  # doctest: +SKIP
         ...     corrupted.add(name, severity, log_probs, labels)

@@ -1,0 +1,1 @@
+"""Datasets, their corrupted test sets and the PCA of the training inputs, each checked where it enters."""
