@@ -23,10 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils import benchmark
-
 from report import write_report
 from step_time import CLOCKS, make_step, synthetic_batch
+from torch.utils import benchmark
 
 from forde.config import MethodConfig, ModelConfig
 from forde.device import DeviceSettings

@@ -21,7 +21,6 @@ import numpy as np
 import scipy
 import skimage
 from PIL import Image
-
 from report import write_report
 
 from forde.data.corrupted_sets import generate_corrupted_set

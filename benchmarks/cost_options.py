@@ -48,7 +48,8 @@ def main() -> None:
             results.setdefault(name, []).append({**res["summary"], "epoch_s": res["train_time_s"] / res["epochs"]})
             print(f"{name}, seed {seed}: " + ", ".join(f"{label} {res['summary'][k]:.4f}" for k, label in COLUMNS
                                                     if k in res["summary"]), flush=True)
-    mean = lambda name, key: statistics.fmean(r[key] for r in results[name])
+    def mean(name, key):
+        return statistics.fmean(r[key] for r in results[name])
     de_epoch = mean("DE", "epoch_s")
     head = ["variant", "epoch time / DE", *(label for _, label in COLUMNS)]
     rows = [f"config `{args.config}` {' '.join(args.overrides)}, seeds {seeds}; means over seeds.", "",

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from report import write_report
 from step_time import synthetic_batch
 
@@ -73,7 +72,8 @@ def main() -> None:
                 times[name].append(metrics)
                 print(f"{name}: epoch {metrics['train/epoch_time_s']:.1f} s, {metrics['train/images_per_s']:.0f} images/s",
                       flush=True)
-    median = lambda rows: sorted(r["train/epoch_time_s"] for r in rows)[len(rows) // 2]
+    def median(rows):
+        return sorted(r["train/epoch_time_s"] for r in rows)[len(rows) // 2]
     de, forde = median(times["de"]), median(times["forde"])
     cfg = trainers["forde"].cfg
     images = len(trainers["de"].loader) * cfg.optim.batch_size

@@ -17,7 +17,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from report import write_report
 
 from forde.config import DataConfig

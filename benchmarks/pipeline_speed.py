@@ -17,7 +17,6 @@ import time
 import torch
 import torchvision.transforms as T
 from PIL import Image
-
 from report import write_report
 
 from forde.config import DataConfig

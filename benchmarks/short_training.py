@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from report import write_report
 
 from forde.config import load_config

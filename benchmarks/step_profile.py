@@ -16,11 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
-
 from report import write_report
 from step_time import make_step, synthetic_batch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from forde.config import MethodConfig, ModelConfig
 from forde.device import DeviceSettings
@@ -97,7 +96,8 @@ def main() -> None:
         for name, step in steps.items():
             times[name].append(step_ms(step, device))
             print(f"{name}: {times[name][-1]['total']:.0f} ms", flush=True)
-    median = lambda values: sorted(values)[len(values) // 2]
+    def median(values):
+        return sorted(values)[len(values) // 2]
     results = {name: (flop_counts[name], {k: median([t.get(k, 0.0) for t in runs_ms]) for k in [*KINDS, "other", "total"]})
                for name, runs_ms in times.items()}
     de_flops, de_ms = results["DE"]

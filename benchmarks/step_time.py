@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils import benchmark
-
 from report import write_report
+from torch.utils import benchmark
 
 from forde.config import MethodConfig, ModelConfig
 from forde.device import DeviceSettings
@@ -41,7 +40,8 @@ from forde.kernels import projection
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
-from forde.step import GRAPH_WARMUP_STEPS, make_step as make_train_step
+from forde.step import GRAPH_WARMUP_STEPS
+from forde.step import make_step as make_train_step
 
 MODELS = {"resnet18": ModelConfig(name="resnet18", width=64), "small_resnet": ModelConfig(name="resnet18", width=16)}
 DERIVATIVES = {"auto": contextlib.nullcontext, "native": native_derivatives, "hand": hand_written_derivatives}
@@ -208,7 +208,8 @@ def add_fastest_de_ratio(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    ratio = lambda v: f"{v:.2f}" if v is not None else ""
+    def ratio(v):
+        return f"{v:.2f}" if v is not None else ""
     lines = ["| model | M | batch | setting | variant | step (ms) | img/s | / DE, same setting | / fastest DE | step peak MiB |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -16,8 +16,8 @@ import optuna
 import pytest
 
 from forde.sweep.launch import main
-from forde.sweep.storage import SweepStorage
 from forde.sweep.lifecycle import DISCARDED, Ledger
+from forde.sweep.storage import SweepStorage
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "sweeps" / "studies"

@@ -74,6 +74,16 @@ def test_run_directories_load_with_variants_and_per_corruption_rows(study):
     assert len(run.per_set) == 10 and {"corruption", "severity", "accuracy"} <= set(run.per_set[0])
 
 
+def test_a_run_whose_config_is_not_a_mapping_is_skipped_with_a_reason(tmp_path, caplog):
+    run = tmp_path / "runs" / "bad"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"method": "de", "summary": {}}))
+    (run / "config.yaml").write_text("- a list\n- not a config\n")
+    with pytest.raises(ValueError, match="config.yaml holds a list, not a mapping"):
+        load_run_dir(run)
+    assert find_runs(tmp_path) == [] and "skipping" in caplog.text
+
+
 @pytest.mark.parametrize("variant,pattern,key", [
     ("DE", "de-M3-s*", "test/nll"),
     ("FoRDE-PCA", "forde-a1.0-M3-s*", "corrupted/accuracy"),
@@ -104,7 +114,7 @@ def test_differences_to_de_are_paired_by_seed(study, variant, pattern, key, colu
     digits = 1 if "%" in column else 3
     mean, std = statistics.fmean(diffs) * scale, statistics.stdev(diffs) * scale
     better = sum(d > 0 if key == "corrupted/accuracy" else d < 0 for d in diffs)
-    head, *_, row = [l for l in text.splitlines() if l.startswith(("| Method", f"| {variant} |"))]
+    head, *_, row = [line for line in text.splitlines() if line.startswith(("| Method", f"| {variant} |"))]
     cell = row.split(" | ")[head.split(" | ").index(column)]
     mark = "†" if key.startswith("corrupted/") else ""  # the fixture's corrupted sets are made here
     assert cell == f"{'+' if mean >= 0 else '−'}{abs(mean):.{digits}f} ± {std:.{digits}f} ({better}/2){mark}"
@@ -115,7 +125,7 @@ def test_differences_to_de_are_paired_by_seed(study, variant, pattern, key, colu
 def test_one_seed_shows_its_value_without_a_spread(study):
     runs = [r for r in find_runs(study) if setting_of(r) == SETTING and r.seed == 0]
     [nll] = raw_results(study, "de-M3-s0")
-    line = next(l for l in to_markdown(benchmark_table(runs, SETTING)).splitlines() if l.startswith("| DE |"))
+    line = next(line for line in to_markdown(benchmark_table(runs, SETTING)).splitlines() if line.startswith("| DE |"))
     assert line.startswith(f"| DE | 1 | {nll['summary']['test/nll']:.3f} |") or f"| **{nll['summary']['test/nll']:.3f}** |" in line
     assert "±" not in line and "±" not in difference_table(runs, SETTING).split("\n\n")[1]
 
@@ -125,7 +135,7 @@ def test_best_mean_is_bold_and_latex_escapes(study):
     table = benchmark_table(runs, SETTING)
     acc = next(c for c in table.columns if c.key == "test/accuracy")
     best = max(table.rows, key=lambda r: r.cells[acc.key].mean)
-    line = next(l for l in to_markdown(table).splitlines() if l.startswith(f"| {best.variant} |"))
+    line = next(line for line in to_markdown(table).splitlines() if line.startswith(f"| {best.variant} |"))
     assert f"**{acc.fmt(best.cells[acc.key].mean)} ± " in line
     tex = to_latex(table)
     assert r"\textbf{" in tex and r"$\alpha$=0.5" in tex and r"Accuracy (\%)" in tex and "±" not in tex
@@ -251,7 +261,7 @@ def test_numbers_on_regenerated_sets_and_old_set_mean_ece_are_marked(study, tmp_
     runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
     assert all(r.regenerated and not r.set_mean_cece for r in runs)
     md = to_markdown(benchmark_table(runs, SETTING))
-    de = next(l for l in md.splitlines() if l.startswith("| DE |")).split(" | ")
+    de = next(line for line in md.splitlines() if line.startswith("| DE |")).split(" | ")
     assert de[2].endswith(("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"))  # clean NLL: no mark
     assert all(cell.rstrip(" |").endswith("†") for cell in de[-3:])
     assert "† computed on corrupted sets generated here" in md and "‡" not in md
@@ -260,7 +270,7 @@ def test_numbers_on_regenerated_sets_and_old_set_mean_ece_are_marked(study, tmp_
            for r in runs if r.method == "de"]
     assert all(r.regenerated is None and r.set_mean_cece for r in old)
     md = to_markdown(benchmark_table(old, SETTING))
-    ca, cnll, cece = next(l for l in md.splitlines() if l.startswith("| DE |")).rstrip(" |").split(" | ")[-3:]
+    ca, cnll, cece = next(line for line in md.splitlines() if line.startswith("| DE |")).rstrip(" |").split(" | ")[-3:]
     assert ca.endswith("*") and cnll.endswith("*") and cece.endswith("*‡")
     assert "‡ cECE of results written before cECE pooled" in md and "* from results that do not record" in md
     tex = to_latex(benchmark_table(runs, SETTING))

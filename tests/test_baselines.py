@@ -8,16 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import devices
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
+from forde.kernels import projection, repulsion
 from forde.methods.forde import FoRDE
 from forde.methods.likelihoods import Categorical, Gaussian
-from forde.kernels import projection, repulsion
 from forde.methods.lit import LIT, squared_cosine_penalty
 from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE, member_parameters
-
-from conftest import devices
 
 M, B, D_IN, C = 4, 6, 5, 3
 
@@ -96,7 +95,8 @@ def test_kernels_and_penalty_ignore_bf16_autocast(device):
     computes exactly what it computes without autocast, value and gradient."""
     ens = make_problem(seed=6)[0].float().to(device)
     g = torch.Generator().manual_seed(0)
-    close = lambda *shape: (torch.randn(shape[1:], generator=g) + 0.05 * torch.randn(shape, generator=g)).to(device)
+    def close(*shape):
+        return (torch.randn(shape[1:], generator=g) + 0.05 * torch.randn(shape, generator=g)).to(device)
     u, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     forde = FoRDE(MethodConfig(alpha=0.5), projection(u, torch.rand(16, generator=g) * 3, 0.5).to(device))
     cases = {  # a loss of one leaf tensor

@@ -8,15 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import devices
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
-from forde.methods.forde import FoRDE
 from forde.methods.de import DeepEnsemble
+from forde.methods.forde import FoRDE
 from forde.models.batchnorm import _BatchNormTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
-
-from conftest import devices
 
 LAYERS = {"BatchNorm2d": (nn.BatchNorm2d, (6, 3, 5, 4)), "BatchNorm1d": (nn.BatchNorm1d, (7, 3)),
           "BatchNorm1d, sequences": (nn.BatchNorm1d, (5, 3, 4)), "BatchNorm3d": (nn.BatchNorm3d, (4, 3, 2, 3, 2))}
@@ -76,7 +75,8 @@ def test_finite_differences():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    bn = lambda x, w, b: _BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
+    def bn(x, w, b):
+        return _BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
     assert torch.autograd.gradcheck(bn, (x, w, b))
     assert torch.autograd.gradgradcheck(bn, (x, w, b))
 

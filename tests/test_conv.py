@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import devices
 from forde.models import conv as conv_module
 from forde.models.conv import _ConvTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
-
-from conftest import devices
 
 LAYERS = {"3x3": dict(kernel_size=3, stride=1, padding=1), "3x3 stride 2": dict(kernel_size=3, stride=2, padding=1),
           "1x1 stride 2": dict(kernel_size=1, stride=2, padding=0), "grouped": dict(kernel_size=3, padding=1, groups=2),
@@ -72,7 +71,8 @@ def test_finite_differences():
     torch.manual_seed(0)
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    conv = lambda x, w: _ConvTrain.apply(x, w.view_as(w), ([2, 2], [1, 1], [1, 1], 1))
+    def conv(x, w):
+        return _ConvTrain.apply(x, w.view_as(w), ([2, 2], [1, 1], [1, 1], 1))
     assert torch.autograd.gradcheck(conv, (x, w))
     assert torch.autograd.gradgradcheck(conv, (x, w))
 

@@ -16,7 +16,6 @@ from forde.data.corrupted_sets import generate_corrupted_set
 from forde.data.registry import load_dataset
 from forde.data.store import save_store
 from forde.train import METRICS, RESULTS, train
-
 from test_datasets import write_tinyimagenet
 
 N_TEST, SIDE = 12, 8
@@ -25,8 +24,8 @@ N_TEST, SIDE = 12, 8
 def write_synthetic(root, name="synth"):
     """An imported RGB dataset of 8x8 images: 24 training and 12 test images of 3 classes."""
     rng = np.random.default_rng(0)
-    split = lambda n: Split(torch.from_numpy(rng.integers(0, 256, (n, 3, SIDE, SIDE), dtype=np.uint8)),  # noqa: E731
-                            torch.arange(n) % 3)
+    def split(n):
+        return Split(torch.from_numpy(rng.integers(0, 256, (n, 3, SIDE, SIDE), dtype=np.uint8)), torch.arange(n) % 3)
     save_store(root / name, {"train": split(24), "test": split(N_TEST)}, ["a", "b", "c"])
     return load_dataset(DataConfig(name=name, root=str(root)))
 

@@ -8,7 +8,7 @@ import io
 import os
 import shutil
 import subprocess
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -46,7 +46,7 @@ def natural_images(n: int, side: int, seed: int = 0) -> np.ndarray:
     return np.stack(images)
 
 
-@lru_cache(maxsize=None)
+@cache
 def corrupted(name: str, table: str, severity: int, seed: int = 0) -> np.ndarray:
     """Four natural images at the table's side; one seed for all severities (common random numbers)."""
     return C.corrupt(natural_images(4, TABLE_SIDES[table]), name, severity, np.random.default_rng(seed), table)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import forde.sweep.launch
 import forde.train
+from conftest import CUDA
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
@@ -26,8 +27,6 @@ from forde.models import build_model, check_model
 from forde.models.derivatives import native_derivatives
 from forde.train import CHECKPOINT, train
 from sweep_support import launch, load
-
-from conftest import CUDA
 
 VIT = "user_models.vit:TinyViT"
 TIMM_RESNET = {"name": "timm:resnet10t", "kwargs": {"channels": [4, 8, 8, 8], "stem_width": 4}}
@@ -250,10 +249,10 @@ def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("body,message", [
-    ("config: {model: {name: %s, kwargs: {attention: flash}}}\n" % VIT,
-     r"config: model.name = '%s': building it with .*attention='flash'.* failed \(ValueError" % VIT),
-    ("config: {model: {name: %s}}\nsearch_space:\n  model.kwargs.heads: {choices: [2, 3]}\n" % VIT,
-     r"search_space.model.kwargs.heads=3: model.name = '%s' fails on a batch \[2, 1, 8, 8\] of digits inputs" % VIT),
+    ("config: {model: {name: " + VIT + ", kwargs: {attention: flash}}}\n",
+     rf"config: model.name = '{VIT}': building it with .*attention='flash'.* failed \(ValueError"),
+    ("config: {model: {name: " + VIT + "}}\nsearch_space:\n  model.kwargs.heads: {choices: [2, 3]}\n",
+     rf"search_space.model.kwargs.heads=3: model.name = '{VIT}' fails on a batch \[2, 1, 8, 8\] of digits inputs"),
 ])
 def test_a_study_with_a_bad_network_fails_before_its_inputs_are_prepared(tmp_path, capsys, no_data, body, message):
     study = tmp_path / "bad.yaml"

@@ -12,12 +12,10 @@ from PIL import Image
 
 from forde.cli import main
 from forde.config import ConfigError, DataConfig
-from forde.data import cifar, images, tinyimagenet
+from forde.data import cifar, images, registry, tinyimagenet
 from forde.data.base import Split, channel_stats, split_train_val
 from forde.data.imagefolder import import_folder
-from forde.data import registry
 from forde.data.registry import input_spec, load_dataset
-
 
 # ---------------------------------------------------------------- writers of the official layouts
 
@@ -95,7 +93,7 @@ def write_folder(src: Path, sizes=None, ext="png", with_val=False) -> dict:
         for label, cls in enumerate(sorted(classes)):
             (src / split / cls).mkdir(parents=True)
             (src / split / cls / "notes.txt").write_text("not an image")
-            for k, name in enumerate(sorted(files)):
+            for name in sorted(files):
                 h, w = (sizes or {}).get((split, cls, name), (5, 7))
                 a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
                 Image.fromarray(a).save(src / split / cls / f"{name}.{ext}")
@@ -275,7 +273,7 @@ def test_import_folder_problems_are_one_line_naming_the_file_or_folder(tmp_path,
     named = make(tmp_path / "src")
     assert main(["data", "import-folder", str(tmp_path / "src"), "mine", "--root", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
-    [line] = [l for l in err.splitlines() if l.startswith("forde:")]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
     assert "Traceback" not in err and line.startswith(f"forde: {named}") and says in line
     assert not (tmp_path / "data" / "mine").exists()
 
@@ -326,7 +324,8 @@ def test_every_loader_holds_out_a_seeded_validation_split(any_source):
     assert len(a.val) == round(n * 0.25) and len(a.train) + len(a.val) == n
     assert torch.equal(a.val.inputs, b.val.inputs) and torch.equal(a.train.labels, b.train.labels)
     # disjoint, and together the training set: match samples back to their index in the full set
-    key = lambda s: [bytes(x.numpy().tobytes()) + bytes([y]) for x, y in zip(s.inputs, s.labels.to(torch.uint8))]
+    def key(s):
+        return [bytes(x.numpy().tobytes()) + bytes([y]) for x, y in zip(s.inputs, s.labels.to(torch.uint8))]
     assert sorted(key(a.train) + key(a.val)) == sorted(key(full.train))
     assert a.mean == full.mean  # normalisation comes from the whole training set, whatever the split
 

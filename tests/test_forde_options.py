@@ -84,7 +84,9 @@ def test_ramp_multiplies_the_repulsion_and_its_gradient(problem):
     w = 100 - 20 * 99 / 80
     assert stats_r["repulsion_weight"].item() == pytest.approx(w) and "repulsion_weight" not in stats
     assert (loss_r - de_loss).item() == pytest.approx(w * (loss - de_loss).item(), rel=1e-10)
-    grad = lambda l: torch.cat([g.flatten() for g in torch.autograd.grad(l, list(ens.parameters()), retain_graph=True)])
+    def grad(loss_value):
+        grads = torch.autograd.grad(loss_value, list(ens.parameters()), retain_graph=True)
+        return torch.cat([g.flatten() for g in grads])
     torch.testing.assert_close(grad(loss_r - de_loss), w * grad(loss - de_loss))
 
 

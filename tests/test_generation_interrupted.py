@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from forde.cli import main
-from forde.config import DataConfig, load_config
+from forde.config import load_config
 from forde.data import corrupted_sets
 from forde.data.base import Split
-from forde.data.corrupted import SOURCE_FILE, corrupted_root, corrupted_sets as configured_sets, prepare_corrupted
+from forde.data.corrupted import SOURCE_FILE, corrupted_root, prepare_corrupted
+from forde.data.corrupted import corrupted_sets as configured_sets
 from forde.data.corrupted_sets import GENERATOR_VERSION
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES
 from forde.data.registry import load_dataset
@@ -81,7 +82,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_files(t
     code = main(["data", "corrupt", "--dataset", "digits", "--root", str(tmp_path / "data"), "--out", str(out),
                  "--workers", str(workers)])
     err = capsys.readouterr().err
-    [line] = [l for l in err.splitlines() if l.startswith("forde:")]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
     assert code == 2 and "Traceback" not in err
     assert line.startswith(f"forde: no space left on the device writing {out}/") and "run the same command again" in line
     assert not temporary_files(disk)
@@ -100,8 +101,8 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_files(t
 def write_synthetic_dataset(root: Path, name: str, n_test: int) -> None:
     """An imported dataset of random 32x32 images: big enough that generating its sets takes several seconds."""
     rng = np.random.default_rng(0)
-    split = lambda n: Split(torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)),  # noqa: E731
-                            torch.arange(n) % 4)
+    def split(n):
+        return Split(torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)), torch.arange(n) % 4)
     save_store(root / name, {"train": split(16), "test": split(n_test)}, ["a", "b", "c", "d"])
 
 

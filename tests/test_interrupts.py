@@ -3,10 +3,10 @@ OmegaConf, which once turned it into an AttributeError) lets that code finish an
 next step."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
-import signal
 import time
 
 import pytest

@@ -7,14 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import devices
 from forde.config import MethodConfig, ModelConfig
 from forde.data.pca import compute_pca
 from forde.ensemble import build_ensemble
-from forde.kernels import (lengthscale_weights, median, median_bandwidth, pairwise_sq_dists, pairwise_sq_dists_direct,
-                           projection, repulsion, unit_normalize)
+from forde.kernels import (
+    lengthscale_weights,
+    median,
+    median_bandwidth,
+    pairwise_sq_dists,
+    pairwise_sq_dists_direct,
+    projection,
+    repulsion,
+    unit_normalize,
+)
 from forde.methods.forde import FoRDE
-
-from conftest import devices
 
 M, B, D_IN, C = 4, 6, 12, 3
 
@@ -40,7 +47,7 @@ def reference_loss(ensemble, x, y, U, lam, alpha, eps, target, mode, scale, fixe
     if mix == "precision":  # Sigma^-1 = (1 - alpha) I + alpha Lambda
         w = (1 - alpha) + alpha * lam
     else:  # Sigma = alpha Lambda^-1 + (1 - alpha) I, inverted entry by entry
-        w = torch.stack([1.0 / (alpha / l + (1 - alpha)) for l in lam])
+        w = torch.stack([1.0 / (alpha / lam_i + (1 - alpha)) for lam_i in lam])
     z = [[None] * b for _ in range(m)]
     for i in range(m):
         for k in range(b):
@@ -120,11 +127,11 @@ def test_the_two_mixes_agree_at_zero_and_one_only():
     for alpha in (0.1, 0.5, 0.9):
         precision, lengthscale = lengthscale_weights(lam, alpha, "precision"), lengthscale_weights(lam, alpha, "lengthscale")
         # 1 / (a / l + 1 - a) written out, where lambda > 0; its limit 0 at lambda = 0 (an infinite lengthscale)
-        expected = [1.0 / (alpha / l + (1 - alpha)) if l > 0 else 0.0 for l in lam.tolist()]
+        expected = [1.0 / (alpha / lam_i + (1 - alpha)) if lam_i > 0 else 0.0 for lam_i in lam.tolist()]
         torch.testing.assert_close(lengthscale, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
         assert torch.isfinite(lengthscale).all()
         differ = (precision - lengthscale).abs() > 1e-6  # equal only where lambda = 1 (both give 1)
-        assert differ.tolist() == [l != 1.0 for l in lam.tolist()]
+        assert differ.tolist() == [lam_i != 1.0 for lam_i in lam.tolist()]
 
 
 @pytest.mark.parametrize("mode,scale,fixed", [("per_column", 1.0, None), ("all_pairs", 0.5, None), ("all_pairs", 1.0, 0.3)])

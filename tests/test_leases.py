@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 TTL_S, REFRESH_S = 1.5, 0.2
 

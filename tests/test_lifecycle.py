@@ -4,8 +4,20 @@ counts, what is retried, and what a worker may start next. No storage, no traini
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from forde.sweep.lifecycle import (DONE, DUPLICATE, ENVIRONMENT, GIVEN_UP, INTERRUPTED, KILLED, MAX_RETRIES,
-                                   NOT_STARTED, STARTED, TRIAL, Ledger, decide)
+from forde.sweep.lifecycle import (
+    DONE,
+    DUPLICATE,
+    ENVIRONMENT,
+    GIVEN_UP,
+    INTERRUPTED,
+    KILLED,
+    MAX_RETRIES,
+    NOT_STARTED,
+    STARTED,
+    TRIAL,
+    Ledger,
+    decide,
+)
 
 SEEDS = {"seed": CategoricalDistribution([0, 1, 2, 3])}
 

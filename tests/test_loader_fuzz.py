@@ -4,8 +4,8 @@ and one error line (no traceback) before any training, and no numbers are printe
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -13,8 +13,8 @@ from PIL import Image
 
 from forde.cli import main
 from forde.sweep import launch
-
-from test_corrupted_check import DEFECTS as CORRUPTED_DEFECTS, write_synthetic
+from test_corrupted_check import DEFECTS as CORRUPTED_DEFECTS
+from test_corrupted_check import write_synthetic
 from test_datasets import IMPORT_DEFECTS, cut_short, write_cifar10, write_folder, write_tinyimagenet
 
 TRAIN = ["run.progress=false", "optim.epochs=1", "ensemble_size=2", "model.hidden=[8]", "optim.batch_size=2",

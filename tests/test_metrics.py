@@ -6,8 +6,17 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from forde.metrics import (PooledMetrics, accuracy, ece, ensemble_log_probs, epistemic_uncertainty,
-                           gradient_cosine_distance, member_accuracies, nll, prediction_metrics)
+from forde.metrics import (
+    PooledMetrics,
+    accuracy,
+    ece,
+    ensemble_log_probs,
+    epistemic_uncertainty,
+    gradient_cosine_distance,
+    member_accuracies,
+    nll,
+    prediction_metrics,
+)
 
 
 def lp(rows):
@@ -52,7 +61,8 @@ def test_epistemic_uncertainty_by_hand():
     agree = torch.stack([lp([[0.3, 0.7]]), lp([[0.3, 0.7]])])  # identical members: no epistemic part
     assert epistemic_uncertainty(agree) == pytest.approx(0.0, abs=1e-12)
     mixed = torch.stack([lp([[0.5, 0.5]]), lp([[0.9, 0.1]])])
-    h = lambda p: -sum(q * math.log(q) for q in p)
+    def h(p):
+        return -sum(q * math.log(q) for q in p)
     assert epistemic_uncertainty(mixed) == pytest.approx(h([0.7, 0.3]) - (h([0.5, 0.5]) + h([0.9, 0.1])) / 2)
 
 

@@ -18,7 +18,6 @@ from forde.names import is_path_component
 from forde.sweep import launch
 from forde.sweep.study import StudyError, load_study
 from forde.train import train
-
 from test_corruptions import small_split
 from test_train import tiny
 

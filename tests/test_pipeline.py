@@ -6,10 +6,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
+from conftest import CUDA, devices
 from forde.data.base import Split
 from forde.data.pipeline import DeviceLoader, crop_flip, eval_batches, normalize, sample_crop_flip
-
-from conftest import CUDA, devices
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -131,8 +130,9 @@ def test_cuda_pipeline_gives_the_cpu_batches():
     batches. (The generators differ between devices, so the draws are made once and shared.)"""
     images = _images(64, seed=3)
     dy, dx, flip = sample_crop_flip(64, 4, torch.Generator().manual_seed(4))
-    on = lambda device: normalize(crop_flip(images.to(device), dy.to(device), dx.to(device), flip.to(device), pad=4),
-                                  *_mean_std(device))
+    def on(device):
+        return normalize(crop_flip(images.to(device), dy.to(device), dx.to(device), flip.to(device), pad=4),
+                                      *_mean_std(device))
     torch.testing.assert_close(on("cuda").cpu(), on("cpu"), rtol=0, atol=1e-6)
     split = Split(images, torch.arange(64))
     for (xc, yc), (xg, yg) in zip(eval_batches(split, 20, MEAN, STD, "cpu"), eval_batches(split, 20, MEAN, STD, "cuda")):

@@ -9,9 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from test_report_tables import write_run
-
 from forde.data.corruption_names import CORRUPTIONS
+from test_report_tables import write_run
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

@@ -16,7 +16,6 @@ from forde.config import DataConfig, DataError
 from forde.data.pca import cached_pca, compute_pca
 from forde.data.registry import load_dataset
 from forde.train import CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS, RunDirError, load_checkpoint, train
-
 from test_datasets import write_cifar10
 from test_train import Crash, tiny
 
@@ -39,7 +38,7 @@ def tiny_args(tmp_path, name="run"):
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    [line] = [l for l in err.splitlines() if l.startswith("forde:")]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
     return line
 
 

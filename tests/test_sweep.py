@@ -12,15 +12,23 @@ import torch
 from optuna.trial import TrialState
 
 import forde.train
+from conftest import CUDA
 from forde.config import ConfigError
 from forde.sweep.storage import SweepStorage
-from forde.train import CHECKPOINT
 from forde.sweep.study import load_study
 from forde.sweep.worker import Sweep, open_study
-from sweep_support import (FAST, STUDIES, budget_used, configurations, epochs_trained, grid_study, launch, load,
-                           wandb_record)
-
-from conftest import CUDA
+from forde.train import CHECKPOINT
+from sweep_support import (
+    FAST,
+    STUDIES,
+    budget_used,
+    configurations,
+    epochs_trained,
+    grid_study,
+    launch,
+    load,
+    wandb_record,
+)
 
 SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
                     "eval.severities=[1,5]", "eval.grad_samples=100"]

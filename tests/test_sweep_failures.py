@@ -21,9 +21,24 @@ from forde.sweep.launch import gpu_devices
 from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
 from forde.sweep.worker import EXIT_ENVIRONMENT
 from forde.train import NonFiniteLossError
-from sweep_support import (FAST, STUDIES, budget_used, epochs_trained, grid_study, launch, launch_cmd, load,
-                           named_study, output, postgres_url, start, trained_at_least, wait_for, wandb_record,
-                           wandb_steps)
+from sweep_support import (
+    FAST,
+    STUDIES,
+    budget_used,
+    epochs_trained,
+    grid_study,
+    launch,
+    launch_cmd,
+    load,
+    named_study,
+    output,
+    postgres_url,
+    start,
+    trained_at_least,
+    wait_for,
+    wandb_record,
+    wandb_steps,
+)
 
 
 @pytest.fixture(autouse=True)

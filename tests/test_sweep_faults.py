@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,8 +20,24 @@ import forde.tracking
 import forde.train
 from forde.sweep.storage import SweepStorage, describe, driver_url
 from forde.sweep.worker import EXIT_ENVIRONMENT
-from sweep_support import (FAST, REPO, STUDIES, FlakyProxy, budget_used, env_for, epochs_trained, fill, grid_study,
-                           launch, launch_cmd, load, named_study, output, postgres_url, start, wait_for)
+from sweep_support import (
+    REPO,
+    STUDIES,
+    FlakyProxy,
+    budget_used,
+    env_for,
+    epochs_trained,
+    fill,
+    grid_study,
+    launch,
+    launch_cmd,
+    load,
+    named_study,
+    output,
+    postgres_url,
+    start,
+    wait_for,
+)
 
 SEEDS = """
 search_space:

@@ -11,8 +11,23 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from sweep_support import (backend_args, budget_used, configurations, env_for, epochs_trained, launch_cmd, load, logical,
-                           named_study, output, start, trained_at_least, wait_for, wandb_record, wandb_steps)
+from sweep_support import (
+    backend_args,
+    budget_used,
+    configurations,
+    env_for,
+    epochs_trained,
+    launch_cmd,
+    load,
+    logical,
+    named_study,
+    output,
+    start,
+    trained_at_least,
+    wait_for,
+    wandb_record,
+    wandb_steps,
+)
 
 SMALL = ["model.hidden=[32]", "eval.corruptions=[none]"]
 EPOCHS = 40  # a few tenths of a second each: long enough that no trial ends before the other is stopped

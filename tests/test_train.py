@@ -5,11 +5,19 @@ import json
 import pytest
 import torch
 
-from forde.config import ConfigError, OptimConfig, load_config
-from forde.train import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, RESULTS, NonFiniteLossError, RunDirError, evaluate_run,
-                         lr_at, train)
-
 from conftest import CUDA, devices
+from forde.config import ConfigError, OptimConfig, load_config
+from forde.train import (
+    CHECKPOINT,
+    METRICS,
+    PREVIOUS_CHECKPOINT,
+    RESULTS,
+    NonFiniteLossError,
+    RunDirError,
+    evaluate_run,
+    lr_at,
+    train,
+)
 
 TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 
@@ -32,8 +40,8 @@ def test_run_directory_holds_config_metrics_checkpoint_results(tmp_path):
     results = train(tiny(tmp_path))
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", METRICS, CHECKPOINT, RESULTS}
-    lines = [json.loads(l) for l in (run / METRICS).read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    lines = [json.loads(ln) for ln in (run / METRICS).read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1, 2, 3]
     assert {"train/loss", "train/ce", "train/repulsion", "train/lr", "test/accuracy", "test/nll"} <= set(lines[0])
     on_disk = json.loads((run / RESULTS).read_text())
     assert on_disk["summary"] == results["summary"]
@@ -76,7 +84,7 @@ def test_resume_continues_the_same_run(tmp_path, device):
     resumed = train(tiny(tmp_path, *opts, name="resumed"))
     assert strip(resumed) == strip(straight)
     lines = (tmp_path / "resumed" / METRICS).read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3, 4]
     for k, v in final_weights(tmp_path / "straight").items():
         assert torch.equal(v, final_weights(tmp_path / "resumed")[k]), k
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from conftest import devices
 from forde.config import MethodConfig, ModelConfig
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
@@ -15,8 +16,6 @@ from forde.methods.lit import LIT
 from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE
 from forde.train import train
-
-from conftest import devices
 from test_train import final_weights, tiny
 
 M, B, C = 3, 6, 5

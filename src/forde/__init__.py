@@ -17,13 +17,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from forde import metrics
-    from forde.data.pca import PCA, input_pca, pca_projection
-    from forde.ensemble import Ensemble, InputGradients
-    from forde.losses import DeepEnsembleLoss, EnsembleLoss, FoRDELoss, FunctionRDELoss, LITLoss, WeightRDELoss
-    from forde.methods.base import LossOutput
-    from forde.methods.likelihoods import Categorical, Gaussian
+if TYPE_CHECKING:  # `X as X`: re-exported for type checkers; at run time __getattr__ imports them
+    from forde import metrics as metrics
+    from forde.data.pca import PCA as PCA
+    from forde.data.pca import input_pca as input_pca
+    from forde.data.pca import pca_projection as pca_projection
+    from forde.ensemble import Ensemble as Ensemble
+    from forde.ensemble import InputGradients as InputGradients
+    from forde.losses import DeepEnsembleLoss as DeepEnsembleLoss
+    from forde.losses import EnsembleLoss as EnsembleLoss
+    from forde.losses import FoRDELoss as FoRDELoss
+    from forde.losses import FunctionRDELoss as FunctionRDELoss
+    from forde.losses import LITLoss as LITLoss
+    from forde.losses import WeightRDELoss as WeightRDELoss
+    from forde.methods.base import LossOutput as LossOutput
+    from forde.methods.likelihoods import Categorical as Categorical
+    from forde.methods.likelihoods import Gaussian as Gaussian
 
 _PUBLIC = {
     "FoRDELoss": "forde.losses", "DeepEnsembleLoss": "forde.losses", "WeightRDELoss": "forde.losses",

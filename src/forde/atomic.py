@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, cast
 
 
 def temporary_name(path: Path) -> Path:
@@ -46,7 +47,7 @@ def replace_atomic(path: Path, write: Callable[[BinaryIO], object], keep: Path |
         with open(tmp, "wb") as fh:
             recording = _RecordingFile(fh)
             try:
-                write(recording)
+                write(cast(BinaryIO, recording))  # write() and flush() are what the writers call
             except Exception:
                 if recording.error is None:
                     raise
@@ -60,7 +61,8 @@ class _RecordingFile:
     """A file that keeps its first write error: torch.save turns a full disk into 'unexpected pos'."""
 
     def __init__(self, fh: BinaryIO):
-        self.fh, self.error = fh, None
+        self.fh = fh
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         try:

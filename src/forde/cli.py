@@ -58,8 +58,14 @@ def _dataset(args: argparse.Namespace):
 
 def cmd_data_corrupt(args: argparse.Namespace) -> None:
     from forde.config import TrainConfig
-    from forde.data.corrupted import (GENERATION_SEED, check_source, corrupted_root, layout_for, raise_problems,
-                                      source_recorder)
+    from forde.data.corrupted import (
+        GENERATION_SEED,
+        check_source,
+        corrupted_root,
+        layout_for,
+        raise_problems,
+        source_recorder,
+    )
     from forde.data.corrupted_loader import missing_corrupted
     from forde.data.corrupted_sets import run_corrupt_command
     from forde.data.corruption_names import select

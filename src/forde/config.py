@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -43,8 +43,8 @@ class DataConfig:
     download: bool = False  # download CIFAR-10/100 or Tiny-ImageNet into `root` when it is missing
     val_fraction: float = 0.0  # share of the training set held out for validation (model selection, pruning)
     split_seed: int = 0  # the train/validation split and the subsets below depend on this seed only
-    train_subset: Optional[int] = None  # train on this many training samples, a class-stratified draw (null = all)
-    test_subset: Optional[int] = None  # evaluate on this many test samples, the same draw for every corrupted set
+    train_subset: int | None = None  # train on this many training samples, a class-stratified draw (null = all)
+    test_subset: int | None = None  # evaluate on this many test samples, the same draw for every corrupted set
     augment: bool = True  # random crop (padding 4) and horizontal flip on the device; images only
     on_device: bool = True  # keep the whole training set on the training device as uint8
 
@@ -79,7 +79,7 @@ class MethodConfig:
     alpha: float = 1.0  # lengthscale mix between identity (0) and PCA (1) lengthscales, see alpha_mix
     alpha_mix: AlphaMix = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
-    bandwidth: Optional[float] = None  # a fixed bandwidth instead of the median heuristic
+    bandwidth: float | None = None  # a fixed bandwidth instead of the median heuristic
     median: MedianMode = "per_column"  # median over i per kernel column j (release), or all (i, j) (paper)
     eps: float = 1e-12  # s = g / sqrt(|g|^2 + eps^2)
     grad_target: GradTarget = "logit"  # which true-class output is differentiated w.r.t. x
@@ -110,7 +110,7 @@ class EvalConfig:
     every: int = 1  # evaluate the validation (else test) set every N epochs
     corruptions: list[str] = field(default_factory=lambda: ["all"])  # all | benchmark | none | explicit names
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    corrupted_root: Optional[str] = None  # where the -C set lives (default: <data.root>/<dataset>-C)
+    corrupted_root: str | None = None  # where the -C set lives (default: <data.root>/<dataset>-C)
     generate_corrupted: bool = True  # build the -C set locally when it is missing
     grad_samples: int = 1000  # samples per set used for the input-gradient diversity metric (0 = off)
 
@@ -119,8 +119,8 @@ class EvalConfig:
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when logged in, else offline
     project: str = "forde"
-    entity: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 30.0  # seconds to wait for an online W&B run to start before logging offline instead
 
@@ -128,7 +128,7 @@ class WandbConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs"
-    name: Optional[str] = None  # run directory name; default: <dataset>-<method>-M<size>-seed<seed>
+    name: str | None = None  # run directory name; default: <dataset>-<method>-M<size>-seed<seed>
     resume: bool = True  # continue from the run directory's last checkpoint when there is one
     restart: bool = False  # the run directory holds another config (e.g. a diverged lr): start over, old files kept in previous-N/
     progress: bool = True  # per-epoch progress bar
@@ -160,7 +160,7 @@ class TrainConfig:
     ensemble_size: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast needs CUDA; auto: the device's default
-    channels_last: Optional[bool] = None  # channels-last memory format for convolutional nets; null: the device's default
+    channels_last: bool | None = None  # channels-last memory format for convolutional nets; null: the device's default
     cuda: CudaConfig = field(default_factory=CudaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,7 +183,9 @@ def read_config_yaml(source: str | Path) -> DictConfig:
     if not path.exists() and not str(source).endswith((".yaml", ".yml")):
         builtin = resources.files("forde").joinpath(BUILTIN_CONFIGS, f"{source}.yaml")
         if builtin.is_file():
-            return OmegaConf.create(builtin.read_text())
+            cfg = OmegaConf.create(builtin.read_text())
+            assert isinstance(cfg, DictConfig), builtin  # the package's own configs are mappings
+            return cfg
         raise ConfigError(
             f"config '{source}' is neither a file nor a built-in config; built-ins: {', '.join(builtin_config_names())}"
         )
@@ -195,7 +197,7 @@ def read_config_yaml(source: str | Path) -> DictConfig:
     return cfg
 
 
-def load_yaml(path: Path) -> DictConfig:
+def load_yaml(path: Path) -> DictConfig | ListConfig:
     """A YAML file; a syntax error becomes one line naming the file, the place and the fix."""
     import yaml
 
@@ -251,7 +253,8 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
             merged = OmegaConf.merge(merged, layer)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
-    return base.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
+    assert isinstance(merged, DictConfig)  # merged onto the schema, a mapping
+    return merged.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -266,12 +269,15 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
+    assert isinstance(obj, TrainConfig)  # merge() typed cfg with the schema
     validate(obj)
     return obj
 
 
 def to_dict(cfg: TrainConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    as_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(as_dict, dict)  # a dataclass becomes a mapping
+    return as_dict
 
 
 def to_yaml(cfg: TrainConfig) -> str:
@@ -319,6 +325,7 @@ def model_source(name: str) -> tuple[str, str | None, str | None]:
     found = _CALLABLE_NAME.fullmatch(name)
     _check(found is not None, "model.name", name, f"is none of {MODEL_FORMS}",
            "set e.g. model.name=resnet18, model.name=timm:resnet18 or model.name=my_models:ViT")
+    assert found is not None  # _check raised otherwise
     module, attr = found.groups()
     _check(module.split(".")[0] not in sys.stdlib_module_names, "model.name", name,
            f"{module} is part of Python's standard library, which holds no networks", "name a network class or a "

@@ -58,7 +58,8 @@ def resolve_settings(cfg: TrainConfig) -> DeviceSettings:
     """The settings `cfg` asks for on its device, `auto` values filled in from config.DEVICE_DEFAULTS."""
     device = resolve_device(cfg.device)
     defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
-    pick = lambda value, key: defaults[key] if value in ("auto", None) else value
+    def pick(value, key):
+        return defaults[key] if value in ("auto", None) else value
     precision = pick(cfg.precision, "precision")
     if precision == "bf16" and device.type != "cuda":
         raise ConfigError(f"precision = bf16 but the device is {device}; bf16 autocast is for CUDA devices, "

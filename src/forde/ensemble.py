@@ -9,7 +9,8 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -78,7 +79,8 @@ class Ensemble(nn.Module):
         params = {n: torch.stack(ps) for n, ps in zip(names, zip(*(m.parameters() for m in self.members)))}
         buffer_names = [n for n, _ in template.named_buffers()]
         buffers = {n: torch.stack(bs) for n, bs in zip(buffer_names, zip(*(m.buffers() for m in self.members)))}
-        call = lambda p, b, xi: functional_call(template, (p, b), (xi,))
+        def call(p, b, xi):
+            return functional_call(template, (p, b), (xi,))
         with native_derivatives():  # vmap does not run custom autograd Functions
             out = vmap(call, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         if self.training and buffers:

@@ -32,11 +32,15 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 STOPS = (signal.SIGTERM, signal.SIGINT)
+# what signal.getsignal returns and signal.signal takes
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 _pending: list[Callable[[], None]] = []  # the signal recorded, not acted on yet
 _raised: list[BaseException] = []  # what acting on it raised: raised again at every later check
@@ -50,7 +54,7 @@ class Interrupted(BaseException):
         super().__init__(signal.Signals(signum).name)
 
 
-def install(worker: bool) -> dict[int, object]:
+def install(worker: bool) -> dict[signal.Signals, Handler]:
     """The handlers outside trials (see the module's docstring); returns the previous ones for `restore`."""
     previous = {s: signal.getsignal(s) for s in STOPS}
     then = signal.SIG_IGN if worker else signal.SIG_DFL
@@ -70,7 +74,7 @@ def ignore_stops() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def restore(previous: dict[int, object]) -> None:
+def restore(previous: dict[signal.Signals, Handler]) -> None:
     for s, h in previous.items():
         signal.signal(s, h)
 

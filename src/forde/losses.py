@@ -7,7 +7,7 @@ same defaults and the same checks.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -119,6 +119,8 @@ class FoRDELoss(EnsembleLoss):
                            repulsion_subset=repulsion_subset, repulsion_ramp_start=repulsion_ramp_start,
                            repulsion_ramp_epochs=repulsion_ramp_epochs)
         super().__init__(FoRDE(cfg, projection, likelihood), cfg)
+
+    method: FoRDE
 
     def _check(self, ensemble: Ensemble, x: torch.Tensor) -> None:
         projection = self.method.projection

@@ -227,7 +227,7 @@ class CorruptedMetrics:
         row.pop("member_accuracy")
         pool = self.pools.setdefault(severity, PooledMetrics(self.n_bins))
         pool.add(member_log_probs, labels)
-        if "grad_cosine_distance" in row:
+        if grads is not None and "grad_cosine_distance" in row:
             pool.add_gradients(grads)
         self.per_set.append(row)
         return row

@@ -9,7 +9,7 @@ the whole launch sequence is replayed with one call. Shapes are static (the last
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -81,6 +81,7 @@ class GraphedStep:
             for p, g in zip(self.params, graph.grads):
                 p.grad = g
             self.grads_of = graph
+        assert graph.result is not None  # set when the graph was captured
         return graph.result
 
     def _on_side_stream(self, fn):

@@ -17,7 +17,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 from urllib.parse import urlparse
 
 from forde.config import TrainConfig, WandbConfig, to_dict
@@ -50,27 +50,31 @@ def _reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def resolve_mode(cfg: WandbConfig) -> str:
+WandbMode = Literal["online", "offline", "disabled"]
+
+
+def resolve_mode(cfg: WandbConfig) -> WandbMode:
     """auto -> $WANDB_MODE if set, else online only with an API key and a reachable server; never blocks a
     run on W&B. An explicit mode in the config (or --no-wandb) wins over the environment."""
     if cfg.mode != "auto":
         return cfg.mode
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
-        return os.environ["WANDB_MODE"]
+        return cast(WandbMode, os.environ["WANDB_MODE"])
     return "online" if _has_api_key() and _reachable() else "offline"
 
 
 def per_set_table(per_set: list[dict]):
     import wandb
 
-    cols = ["corruption", "severity", "source", "accuracy", "nll", "ece", "epistemic", "grad_cosine_distance"]
+    cols: list[str | int] = ["corruption", "severity", "source", "accuracy", "nll", "ece", "epistemic",
+                             "grad_cosine_distance"]
     return wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in per_set])
 
 
 def per_severity_table(summary: dict):
     import wandb
 
-    cols = ["severity", "accuracy", "nll", "ece", "ece_set_mean", "epistemic", "grad_cosine_distance"]
+    cols: list[str | int] = ["severity", "accuracy", "nll", "ece", "ece_set_mean", "epistemic", "grad_cosine_distance"]
     rows = [[group.removeprefix("severity_")] + [vals.get(c) for c in cols[1:]]
             for group, vals in summary.items() if group.startswith("severity_")]
     return wandb.Table(columns=cols, data=rows)
@@ -97,10 +101,10 @@ class WandbRun:
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         w = cfg.run.wandb
-        kwargs = dict(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
-                      resume="allow", dir=str(self.run_dir),
-                      config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir),
-                              "code": code_version()})
+        kwargs: dict[str, Any] = dict(
+            project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
+            resume="allow", dir=str(self.run_dir),
+            config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir), "code": code_version()})
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.mode == "offline":
@@ -137,6 +141,7 @@ class WandbRun:
         self.run = None
 
     def _log(self, metrics: dict, step: int) -> None:
+        assert self.run is not None  # callers return early without a run
         self.run.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
 
     def on_history(self, history: list[dict]) -> None:
@@ -182,7 +187,7 @@ class WandbRun:
             if reason:
                 run.summary["fail_reason"] = reason
             if outcome != "finished":
-                run.tags = (*run.tags, outcome)
+                run.tags = (*(run.tags or ()), outcome)
             run.finish(exit_code=0 if outcome in ("finished", "pruned") else 1)
         except Exception as err:
             log.warning("W&B run of %s did not finish cleanly (%s)", self.run_dir, _first_line(err))

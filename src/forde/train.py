@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -26,12 +27,13 @@ from forde import interrupts
 from forde.atomic import replace_atomic, write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
-from forde.data.corrupted import CorruptedSet, corrupted_sets as configured_corrupted_sets, prepare_corrupted
+from forde.data.corrupted import CorruptedSet, prepare_corrupted
+from forde.data.corrupted import corrupted_sets as configured_corrupted_sets
 from forde.data.pipeline import DeviceLoader
 from forde.data.registry import input_spec, load_dataset
 from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
-from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split, eval_context
+from forde.evaluate import EvalContext, eval_context, evaluate_corrupted, evaluate_split
 from forde.methods import Method, build_method
 from forde.models import check_model
 from forde.names import RULE, is_path_component
@@ -225,10 +227,12 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | Non
         dataset = load_dataset(cfg.data)
     ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(device)
     ensemble.execution = settings.execution
-    prepare = lambda x: x
+    def prepare(x):
+        return x
     if settings.channels_last and len(dataset.input_shape) == 3:
         ensemble = ensemble.to(memory_format=torch.channels_last)
-        prepare = lambda x: x.contiguous(memory_format=torch.channels_last)
+        def prepare(x):
+            return x.contiguous(memory_format=torch.channels_last)
     return Setup(cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare)
 
 
@@ -355,7 +359,8 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
         results["val"] = evaluate_split(setup.ensemble, setup.dataset.val, setup.eval_ctx)
     sets = list(corrupted_sets(setup))
     if sets:
-        bar = lambda it: tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
+        def bar(it):
+            return tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
         results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
     results["summary"] = flat_summary(results)
     results["provenance"] = run_provenance(setup.dataset, sets)

@@ -92,7 +92,7 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
     line with a band of one std over seeds, DE as a dashed line with its own band; how many seeds each
     alpha has is in the legend, or beside each point where they differ."""
     forde = [r for r in runs if r.method == "forde" and r.alpha is not None]
-    alphas = sorted({r.alpha for r in forde})
+    alphas = sorted({r.alpha for r in forde if r.alpha is not None})
     if len(alphas) < 2:
         raise Skip(f"needs FoRDE runs at two or more values of method.alpha (found {alphas or 'none'})")
     panels = [(t, k) for t, k in LENGTHSCALE_PANELS if any(r.metric(k) is not None for r in forde)]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import optuna
 
@@ -54,7 +54,7 @@ class Report:
         self.written.append(path)
 
 
-def make_report(runs: list[Run], out: Path, paper: bool = False, studies: list[optuna.Study] = ()) -> Report:
+def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequence[optuna.Study] = ()) -> Report:
     report = Report()
     if not runs:
         log.warning("no finished runs found: nothing to report")

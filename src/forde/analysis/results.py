@@ -102,7 +102,12 @@ def load_run_dir(path: str | Path) -> Run:
     """One run directory of `forde train`."""
     path = Path(path)
     results = json.loads((path / RESULTS).read_text())
-    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG)) if (path / CONFIG).exists() else {}
+    config: dict[Any, Any] = {}
+    if (path / CONFIG).exists():
+        loaded = OmegaConf.to_container(OmegaConf.load(path / CONFIG))
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path / CONFIG} holds a {type(loaded).__name__}, not a mapping of config keys")
+        config = loaded
     for key, dotted in (("method", "method.name"), ("dataset", "data.name")):  # results.json is the fallback
         if dig(config, dotted) is None and key in results:
             config[dotted] = results[key]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import optuna
@@ -53,7 +53,14 @@ class Objective:
 
     @property
     def label(self) -> str:
-        return f"best: trial {self.best.number} ({self.name} = {self.value(self.best):.4g})"
+        return f"best: trial {self.completed_best.number} ({self.name} = {self.value(self.completed_best):.4g})"
+
+    @property
+    def completed_best(self) -> FrozenTrial:
+        """The best trial, for the figures drawn only once the study has a completed trial (see _completed)."""
+        if self.best is None:
+            raise Skip("needs 1 completed trial, the study has 0")
+        return self.best
 
 
 def replicated_seeds(opt: optuna.Study) -> int:
@@ -97,7 +104,8 @@ def _axes(result) -> list:
 def history_figure(opt: optuna.Study, objective: Objective):
     _completed(opt)
     ax = _quiet(optuna.visualization.matplotlib.plot_optimization_history, opt, **objective.kwargs)
-    ax.scatter([objective.best.number], [objective.value(objective.best)], label=objective.label, **BEST)
+    ax.scatter([objective.completed_best.number], [objective.value(objective.completed_best)], label=objective.label,
+               **BEST)
     ax.legend(loc="best", fontsize=7)
     return ax.figure
 
@@ -118,7 +126,7 @@ def parallel_figure(opt: optuna.Study, objective: Objective):
     if left_out:
         ax.set_title(f"{ax.get_title()}\n{left_out}", fontsize=9)
     ax.title.set_y(1.09)  # room for the best trial's legend under the title
-    best = objective.value(objective.best)
+    best = objective.value(objective.completed_best)
     # Optuna draws one polyline per trial starting at its objective value: redraw the best one on top, and name it
     # in a legend above the axes, clear of the rotated parameter names below them.
     for collection in ax.collections:
@@ -133,7 +141,7 @@ def parallel_figure(opt: optuna.Study, objective: Objective):
 def slice_figure(opt: optuna.Study, objective: Objective):
     _completed(opt)
     axes = _axes(_quiet(optuna.visualization.matplotlib.plot_slice, opt, **objective.kwargs))
-    best = objective.best
+    best = objective.completed_best
     for ax in axes:
         param = ax.get_xlabel()
         if param in best.params:  # a categorical axis holds the choices' repr() as matplotlib categories

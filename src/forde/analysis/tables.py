@@ -82,7 +82,7 @@ class Table:
 
     def best(self, column: Column) -> str | None:
         """The best mean as displayed (ties at display precision all count as best)."""
-        shown = [column.fmt(r.cells[column.key].mean) for r in self.rows if r.cells.get(column.key)]
+        shown = [column.fmt(cell.mean) for r in self.rows if (cell := r.cells.get(column.key))]
         if not shown:
             return None
         pick = max if column.higher_is_better else min
@@ -238,9 +238,9 @@ def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") ->
 
 def _difference(column: Column, diffs: dict[int, float]) -> str:
     """mean ± std of the per-seed differences, and on how many seeds the variant did better."""
-    if not diffs:
-        return "—"
     s = stat(diffs.values())
+    if s is None:  # no seed in common (or no difference that is a number)
+        return "—"
     better = sum((d > 0) == column.higher_is_better and d != 0 for d in diffs.values())
     spread = f" ± {column.fmt(s.std)}" if s.n > 1 else ""
     return f"{column.signed(s.mean)}{spread} ({better}/{s.n})"

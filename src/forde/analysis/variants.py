@@ -46,7 +46,7 @@ def color(label: str) -> str:
         return BASE[label]
     alpha = tuned_alpha(label)
     if alpha is not None:
-        h, l, s = colorsys.rgb_to_hls(*to_rgb(TUNED))
+        h, _, s = colorsys.rgb_to_hls(*to_rgb(TUNED))
         return to_hex(colorsys.hls_to_rgb(h, 0.75 - 0.45 * alpha, s))
     return "#7F7F7F"
 

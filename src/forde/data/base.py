@@ -22,7 +22,7 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def subset(self, index: torch.Tensor) -> "Split":
+    def subset(self, index: torch.Tensor) -> Split:
         return Split(self.inputs[index], self.labels[index])
 
 
@@ -36,10 +36,10 @@ class Dataset:
     std: tuple[float, ...]
     val: Split | None = None
     class_names: tuple[str, ...] = ()
-    parent: "Dataset | None" = None  # the dataset before data.train_subset / data.test_subset
+    parent: Dataset | None = None  # the dataset before data.train_subset / data.test_subset
 
     @property
-    def full(self) -> "Dataset":
+    def full(self) -> Dataset:
         """The whole training and test splits: what the PCA and the corrupted sets are computed from."""
         return self.parent or self
 

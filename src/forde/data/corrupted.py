@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from forde.atomic import write_atomic
 from forde.config import ConfigError, DataError, MissingDataError, TrainConfig
@@ -163,5 +163,6 @@ def corrupted_sets(cfg: TrainConfig, dataset: Dataset) -> Iterator[CorruptedSet]
     subset = lambda split: subset_split(split, cfg.data.test_subset, cfg.data.split_seed, "test")  # noqa: E731
     for name in names:
         for severity in cfg.eval.severities:
-            yield CorruptedSet(name, severity, lambda n=name, k=severity: subset(load_corrupted(root, n, k)),
-                               provenance(name, severity))
+            def load(n: str = name, k: int = severity) -> Split:
+                return subset(load_corrupted(root, n, k))
+            yield CorruptedSet(name, severity, load, provenance(name, severity))

@@ -5,8 +5,8 @@ Kept apart from the generator so that generation workers never import torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -165,7 +166,8 @@ def _to_255(x01: np.ndarray) -> np.ndarray:
     return np.clip(x01, 0, 1) * 255
 
 
-def _gaussian(batch: np.ndarray, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> np.ndarray:
+def _gaussian(batch: np.ndarray, sigma: float, mode: Literal["nearest", "reflect"] = "nearest",
+              truncate: float = 4.0) -> np.ndarray:
     """scikit-image `gaussian` applied to every image of a batch: blurs axes 1 and 2 only (images and channels
     stay separate); the defaults are scikit-image's."""
     sigmas = (0, sigma, sigma) + (0,) * (batch.ndim - 3)
@@ -293,7 +295,10 @@ def frost_textures(scale: float) -> tuple[np.ndarray, ...]:
     textures = []
     for name in FROST_FILES:
         raw = np.frombuffer((FROST_DIR / name).read_bytes(), np.uint8)
-        textures.append(cv2.resize(cv2.imdecode(raw, cv2.IMREAD_COLOR), (0, 0), fx=scale, fy=scale))
+        image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+        if image is None:
+            raise RuntimeError(f"{FROST_DIR / name}: OpenCV cannot decode it; reinstall forde to restore the file")
+        textures.append(cv2.resize(image, (0, 0), fx=scale, fy=scale))
     return tuple(textures)
 
 
@@ -450,8 +455,8 @@ def _elastic_transform(x, params, rngs, spec):
     side = x.shape[1]
     alpha, sigma, jitter = (side * p for p in params)
     centre, offset = np.float32(side // 2), side // 3
-    anchors = np.float32([[centre + offset, centre + offset], [centre + offset, centre - offset],
-                          [centre - offset, centre - offset]])
+    anchors = np.array([[centre + offset, centre + offset], [centre + offset, centre - offset],
+                        [centre - offset, centre - offset]], dtype=np.float32)
     jitters, fields_x, fields_y = [], [], []
     for g in rngs:  # draw order of the scripts: affine jitter, then the x field, then the y field
         jitters.append(g.uniform(-jitter, jitter, size=(3, 2)).astype(np.float32))
@@ -508,8 +513,8 @@ def _spatter(x, params, rngs, spec):
 # The scripts' emboss kernel (rows -2,-1,0 / -1,1,1 / 0,1,2).
 _EMBOSS = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float32)
 # Colours as the scripts build them: c / 255. times a float32 array of ones, hence float32.
-_WATER_RGB = np.float32([175 / 255.0, 238 / 255.0, 238 / 255.0])  # pale turquoise
-_MUD_RGB = np.float32([63 / 255.0, 42 / 255.0, 20 / 255.0])
+_WATER_RGB = np.array([175 / 255.0, 238 / 255.0, 238 / 255.0], dtype=np.float32)  # pale turquoise
+_MUD_RGB = np.array([63 / 255.0, 42 / 255.0, 20 / 255.0], dtype=np.float32)
 
 
 def _water(x: np.ndarray, liquid: np.ndarray, intensity: float) -> np.ndarray:

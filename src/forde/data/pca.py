@@ -17,9 +17,10 @@ import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, get_args
+from typing import cast, get_args
 
 import numpy as np
 import torch
@@ -58,12 +59,14 @@ def covariance_float64(inputs: torch.Tensor, mean, std, chunk: int = 2048) -> to
     mean_t = torch.as_tensor(mean, dtype=torch.float64)
     std_t = torch.as_tensor(std, dtype=torch.float64)
     n = inputs.shape[0]
-    flat = lambda s: normalize(inputs[s:s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
+    def flat(s):
+        return normalize(inputs[s:s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
     mu = sum(flat(s).sum(0) for s in range(0, n, chunk)) / n
-    cov = None
+    cov: torch.Tensor | None = None
     for s in range(0, n, chunk):
         x = flat(s) - mu
         cov = x.T @ x if cov is None else cov.addmm_(x.T, x)
+    assert cov is not None, "no inputs"
     return cov / (n - 1)
 
 
@@ -151,14 +154,16 @@ def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None =
 
 def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
     """A tensor of inputs (CPU) from a tensor, a dataset of samples, or any other iterable of batches."""
-    first = lambda item: torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
+    def first(item):
+        return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
     if isinstance(inputs, torch.Tensor):
         return inputs.detach().cpu()
     try:
         if isinstance(inputs, torch.utils.data.IterableDataset):
             return torch.stack([first(sample) for sample in inputs])
         if isinstance(inputs, torch.utils.data.Dataset):
-            return torch.stack([first(inputs[i]) for i in range(len(inputs))])
+            # a map-style dataset without __len__ raises TypeError here, reported below
+            return torch.stack([first(inputs[i]) for i in range(len(cast(Sized, inputs)))])
         return torch.cat([first(batch) for batch in inputs])
     except (TypeError, RuntimeError) as err:
         raise ValueError(f"training inputs: expected a tensor, a dataset of samples or an iterable of batches, each "
@@ -195,14 +200,16 @@ def pca_projection(inputs: torch.Tensor | Iterable | PCA, alpha: float = 1.0, mi
     if alpha == 0.0:
         return None
     pca = inputs if isinstance(inputs, PCA) else input_pca(inputs, mean=mean, std=std)
-    return projection(pca.eigenvectors, pca.eigenvalues, alpha, mix).float()
+    p = projection(pca.eigenvectors, pca.eigenvalues, alpha, mix)
+    assert p is not None  # alpha > 0
+    return p.float()
 
 
 def fingerprint(inputs: torch.Tensor, mean, std) -> str:
     """Hash of the exact inputs and their normalisation; the buffer is hashed in place, without a copy."""
     h = hashlib.sha1()
     h.update(repr((tuple(inputs.shape), str(inputs.dtype), tuple(mean), tuple(std))).encode())
-    h.update(inputs.contiguous().numpy().reshape(-1).view(np.uint8))
+    h.update(inputs.contiguous().numpy().reshape(-1).view(np.uint8).data)
     return h.hexdigest()[:16]
 
 

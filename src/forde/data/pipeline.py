@@ -6,7 +6,7 @@ a handful of tensor ops over the batch, so the same code serves CPU tests and GP
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

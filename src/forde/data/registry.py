@@ -6,7 +6,7 @@ built-in source of the same name, so an imported CIFAR-10 needs no python batche
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from forde.config import ConfigError, DataConfig
 from forde.data.base import Dataset, split_train_val, with_subsets

@@ -89,15 +89,15 @@ def toy_ensemble(cfg: ToyConfig, in_dim: int, out_dim: int) -> Ensemble:
 
 
 def toy_method(name: str, likelihood: Likelihood) -> Method:
+    # alpha = 0 and the kernel's median-heuristic defaults
     if name == "de":
         return DeepEnsemble(likelihood)
-    cfg = MethodConfig(name=name, alpha=0.0)  # the kernel's median-heuristic defaults
     if name == "forde":
-        return FoRDE(cfg, None, likelihood)
+        return FoRDE(MethodConfig(name="forde", alpha=0.0), None, likelihood)
     if name == "rde_weight":
-        return WeightRDE(cfg, likelihood)
+        return WeightRDE(MethodConfig(name="rde_weight", alpha=0.0), likelihood)
     if name == "rde_function":
-        return FunctionRDE(cfg, likelihood)
+        return FunctionRDE(MethodConfig(name="rde_function", alpha=0.0), likelihood)
     raise ValueError(f"unknown toy method {name!r}; choose from {', '.join(METHODS)}")
 
 

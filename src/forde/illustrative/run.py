@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 
 from forde.analysis import style
-from forde.illustrative.experiment import CLASSIFICATION, METHODS, REGRESSION, ToyConfig, run_classification, run_regression
+from forde.illustrative.experiment import (
+    CLASSIFICATION,
+    METHODS,
+    REGRESSION,
+    ToyConfig,
+    run_classification,
+    run_regression,
+)
 from forde.illustrative.plots import LABELS, classification_figure, regression_figure
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
     if m.name == "forde":
         proj = None
         if m.alpha > 0:  # the PCA is computed (or read from its cache) only when the kernel uses it
-            proj = pca_projection(dataset_pca(dataset, cfg.data.root), m.alpha, m.alpha_mix).to(device)
-        return FoRDE(m, proj)
+            proj = pca_projection(dataset_pca(dataset, cfg.data.root), m.alpha, m.alpha_mix)
+        return FoRDE(m, None if proj is None else proj.to(device))
     if m.name == "rde_weight":
         return WeightRDE(m)
     if m.name == "rde_function":

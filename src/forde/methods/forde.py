@@ -44,11 +44,13 @@ class FoRDE:
             return s if self.projection is None else s @ self._projection(s.dtype, s.device)
 
     def _projection(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if self.projection.dtype == dtype and self.projection.device == device:
-            return self.projection
+        projection = self.projection
+        assert projection is not None  # features() asks only when there is one
+        if projection.dtype == dtype and projection.device == device:
+            return projection
         key = (dtype, device)  # one copy per dtype and device asked for, e.g. float64 under TF32, or a
         if key not in self._projections:  # projection computed on the CPU for members on a GPU
-            self._projections[key] = self.projection.to(device=device, dtype=dtype)
+            self._projections[key] = projection.to(device=device, dtype=dtype)
         return self._projections[key]
 
     def step_kind(self, step: int) -> bool:
@@ -62,7 +64,8 @@ class FoRDE:
             outputs = ensemble(x)
             nll = self.likelihood.nll(outputs, y)
             return LossOutput(nll, outputs, {self.likelihood.name: nll.detach()})
-        pick = lambda out, target: self.likelihood.pick(out, target)
+        def pick(out, target):
+            return self.likelihood.pick(out, target)
         if cfg.repulsion_subset >= 1.0:
             outputs, grads = ensemble.output_gradients(x, lambda out: pick(out, y), create_graph=True)
         else:  # data term on the whole batch, kernel on its first k samples (the batch is already shuffled)

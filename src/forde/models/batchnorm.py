@@ -39,7 +39,8 @@ class _BatchNormBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, ggx, ggw, ggb):
         g, x, weight, mean, invstd, gx, s_gx, s_g = ctx.saved_tensors
-        per_channel = lambda t: t.view([1, -1] + [1] * (x.dim() - 2))
+        def per_channel(t):
+            return t.view([1, -1] + [1] * (x.dim() - 2))
         dims = [0, *range(2, x.dim())]
         n = x.numel() // x.shape[1]
         gg = gx_out = gw_out = None
@@ -86,5 +87,5 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Running statistics, when given, are updated in place with `momentum` as F.batch_norm updates them."""
     if not (training and weight is not None and bias is not None):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    F._verify_batch_size(input.size())
+    F._verify_batch_size(input.size())  # type: ignore[attr-defined]  # private, absent from torch's stubs
     return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
 
 
 def _backward(gy, x, w, conv, mask):
@@ -33,7 +33,10 @@ def _weight_grad_used(ctx) -> bool:
     through a view, so that its node is no leaf, which autograd.grad() could not be asked about."""
     try:
         node = torch._C._current_autograd_node()
-        return bool(torch._C._will_engine_execute_node(node.next_functions[1][0]))
+        weight_node = None if node is None else node.next_functions[1][0]
+        if weight_node is None:  # outside a backward pass, or no gradient path to the weight
+            return ctx.needs_input_grad[1]
+        return bool(torch._C._will_engine_execute_node(weight_node))
     except (AttributeError, RuntimeError):  # an older PyTorch without these: compute it, as its own backward would
         return ctx.needs_input_grad[1]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,10 @@ from torch.overrides import TorchFunctionMode
 from forde.models.batchnorm import batch_norm
 from forde.models.conv import conv2d
 
-_PATH = contextvars.ContextVar("layer_derivatives", default=None)  # None: not chosen, PyTorch's path
+# None: not chosen, PyTorch's path
+_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("layer_derivatives", default=None)
 _ROUTING = contextvars.ContextVar("routing_layers", default=False)  # whether a _HandWrittenLayers mode is active
-_ROUTES = {F.batch_norm: batch_norm, F.conv2d: conv2d}
+_ROUTES: dict[Callable, Callable] = {F.batch_norm: batch_norm, F.conv2d: conv2d}
 
 
 class _HandWrittenLayers(TorchFunctionMode):

@@ -14,14 +14,15 @@ import importlib
 import os
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from torch import nn
 
 from forde.config import ConfigError, ModelConfig, model_source
 
 
-def _fail(name: str, problem: str, fix: str) -> None:
+def _fail(name: str, problem: str, fix: str) -> NoReturn:
     raise ConfigError(f"model.name = {name!r}: {problem}; {fix}")
 
 
@@ -54,6 +55,7 @@ def _is_stdlib(module: str | None) -> bool:
 def resolve_callable(name: str) -> Callable[..., Any]:
     """The nn.Module subclass or function that `name` (PACKAGE.MODULE:CALLABLE) names, refused unless it is one."""
     _, module, attr = model_source(name)
+    assert module is not None and attr is not None, name  # a PACKAGE.MODULE:CALLABLE name has both
     found = getattr(_import(name, module), attr, None)
     if found is None:
         _fail(name, f"{module} has no attribute {attr!r}", f"name a class or function defined in {module}")
@@ -87,6 +89,7 @@ def build_external(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int
         if len(in_shape) != 3:
             raise ConfigError(f"model.name = {cfg.name!r} needs image inputs [C, H, W], the data has shape "
                               f"{list(in_shape)}; use model.name=mlp for feature data")
+        assert timm_name is not None  # a timm:NAME name has it
         make, kwargs["in_chans"] = _timm_create(cfg.name, timm_name), in_shape[0]
     else:
         make = resolve_callable(cfg.name)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -133,7 +134,7 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
         marker.write_text(f"{mine}\n{storage.display}\n")
 
 
-def spawn_workers(args: argparse.Namespace, devices: list[str | None], sweep: Sweep) -> int:
+def spawn_workers(args: argparse.Namespace, devices: Sequence[str | None], sweep: Sweep) -> int:
     """One worker process per device (GPU id, or None for a CPU worker) until all have exited; a worker that dies
     is reported with its trial. Returns the launcher's exit code."""
     procs: dict[subprocess.Popen, str | None] = {}
@@ -216,7 +217,7 @@ def launch(args: argparse.Namespace) -> int:
         slurm_spec.partition = slurm.check_cluster(slurm_spec)
     storage.check()
     check_writable(study_dir)
-    devices: list[str | None] = [None] * args.workers
+    devices: Sequence[str | None] = [None] * args.workers
     if args.gpus:
         import torch
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import errno
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 

@@ -11,7 +11,8 @@ space, TPE converging) is caught by `duplicate_of` under the budget lock and dra
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution

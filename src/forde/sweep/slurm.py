@@ -21,6 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import submitit
 from submitit.core.utils import FailedJobError
@@ -68,11 +69,12 @@ def time_minutes(text: str) -> int:
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
         raise ValueError(text)
-    days, a, b, c = (int(g) if g else None for g in m.groups())
+    days, b, c = (int(g) if g else None for g in m.group(1, 3, 4))
+    a = int(m.group(2))  # the one group every format has
     if days is not None:  # D-H[:M[:S]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
     elif c is not None:   # H:M:S
-        seconds = a * 3600 + b * 60 + c
+        seconds = a * 3600 + (b or 0) * 60 + c  # b is set whenever c is
     else:                 # M or M:S
         seconds = a * 60 + (b or 0)
     return math.ceil(seconds / 60)
@@ -81,7 +83,7 @@ def time_minutes(text: str) -> int:
 def parse_spec(text: str) -> SlurmSpec:
     """`key=value,...` -> SlurmSpec; a bad key or value raises ConfigError naming it and the fix."""
     fields = {f.name: f for f in dataclasses.fields(SlurmSpec)}
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -98,8 +100,8 @@ def parse_spec(text: str) -> SlurmSpec:
             values[key] = value
     spec = SlurmSpec(**values)
     if not spec.time:
-        raise ConfigError(f"--slurm: give each worker's time limit, e.g. time=24:00:00 (D-HH:MM:SS or minutes); "
-                          f"a worker that reaches it is resubmitted and continues")
+        raise ConfigError("--slurm: give each worker's time limit, e.g. time=24:00:00 (D-HH:MM:SS or minutes); "
+                          "a worker that reaches it is resubmitted and continues")
     try:
         minutes = spec.minutes
     except ValueError:

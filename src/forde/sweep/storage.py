@@ -29,10 +29,10 @@ import os
 import sqlite3
 import threading
 import time
-import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -43,6 +43,9 @@ from optuna.trial import FrozenTrial
 from forde import interrupts
 from forde.config import ConfigError
 from forde.sweep.leases import FileLease
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ def driver_url(url: str) -> str:
 class SweepStorage:
     url: str
     _optuna: BaseStorage | None = field(default=None, repr=False)
-    _lock_engine: object = field(default=None, repr=False)
+    _lock_engine: Engine | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("sqlite:///", "postgresql", JOURNAL_PREFIX)):
@@ -174,6 +177,12 @@ class SweepStorage:
             return Path(self.url[len("sqlite:///"):])
         return None
 
+    def _file(self) -> Path:
+        """`path`, for the storages that have one (SQLite, journal)."""
+        if self.path is None:
+            raise TypeError(f"storage {self.display} is a {self.kind} database, not a file")
+        return self.path
+
     @property
     def optuna(self) -> BaseStorage:
         """What Optuna's functions take as `storage` (a database storage, which Optuna then reads through its
@@ -182,7 +191,7 @@ class SweepStorage:
             if self.kind == "journal":
                 self._optuna = JournalStorage(JournalFileBackend(str(self.path), JournalFileOpenLock(str(self.path))))
             else:
-                kwargs = ({"creator": sqlite_connector(self.path)} if self.kind == "sqlite" else
+                kwargs = ({"creator": sqlite_connector(self._file())} if self.kind == "sqlite" else
                           {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}})
                 self._optuna = RDBStorage(driver_url(self.url), engine_kwargs=kwargs)
         return self._optuna
@@ -226,7 +235,8 @@ class SweepStorage:
             with self._advisory_lock(study_name):
                 yield
         elif self.kind == "sqlite":
-            with _flock(self.path.with_name(f".{self.path.name}.{_key(study_name)}.lock")):
+            path = self._file()
+            with _flock(path.with_name(f".{path.name}.{_key(study_name)}.lock")):
                 yield
         else:
             with FileLease(Path(f"{self.path}.{_key(study_name)}.budget"), ttl_s=GRACE_S, refresh_s=LEASE_REFRESH_S):
@@ -262,6 +272,7 @@ class Heartbeats:
         self.prefix = _key(study_name)
 
     def _file(self, number: int) -> Path:
+        assert self.folder is not None  # heartbeat files: journal storages only
         return self.folder / f"{self.prefix}-{number}"
 
     def beat(self, number: int, trial_id: int) -> None:

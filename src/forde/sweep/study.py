@@ -28,7 +28,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import optuna
 from omegaconf import OmegaConf
@@ -40,6 +40,7 @@ from forde.sweep.sampling import TrialSeededSampler
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 DIRECTIONS = ("minimize", "maximize")
+Direction = Literal["minimize", "maximize"]
 
 
 class StudyError(ConfigError):
@@ -66,9 +67,16 @@ class Param:
             return self.value
         if self.kind == "categorical":
             return trial.suggest_categorical(self.key, self.choices)
+        low, high = self.bounds()
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.key, int(low), int(high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, low, high, step=self.step, log=self.log)
+
+    def bounds(self) -> tuple[float, float]:
+        """low and high of an int or float range (_parse_param sets both for those kinds)."""
+        if self.low is None or self.high is None:
+            raise TypeError(f"search_space.{self.key} is a {self.kind} parameter, not a range")
+        return self.low, self.high
 
     def extremes(self) -> list[Any]:
         """The values that bound what a trial can get: both ends of a range, every choice."""
@@ -76,7 +84,8 @@ class Param:
             return [self.value]
         if self.kind == "categorical":
             return list(self.choices)
-        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+        low, high = self.bounds()
+        return [int(low), int(high)] if self.kind == "int" else [low, high]
 
     def representative(self) -> Any:
         return self.extremes()[0]
@@ -92,7 +101,7 @@ class Param:
 @dataclass
 class Objective:
     metric: str
-    direction: str
+    direction: Direction  # checked by load_study
 
 
 @dataclass
@@ -108,7 +117,7 @@ class Study:
     grid: list[dict[str, Any]]
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives]
 
     @property
@@ -143,11 +152,14 @@ class Study:
         name = self.sampler.get("name", "tpe")
         if name == "tpe":
             kw.setdefault("constant_liar", True)  # parallel workers: running trials count as (pessimistic) results
-            make = lambda seed: optuna.samplers.TPESampler(seed=seed, **kw)
+            def make(seed: int | None) -> optuna.samplers.BaseSampler:
+                return optuna.samplers.TPESampler(seed=seed, **kw)
         elif name == "nsga2":
-            make = lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **kw)
+            def make(seed: int | None) -> optuna.samplers.BaseSampler:
+                return optuna.samplers.NSGAIISampler(seed=seed, **kw)
         else:  # random; grid: every trial comes from the study's `grid` (queued), this sampler is never consulted
-            make = lambda seed: optuna.samplers.RandomSampler(seed=seed, **kw)
+            def make(seed: int | None) -> optuna.samplers.BaseSampler:
+                return optuna.samplers.RandomSampler(seed=seed, **kw)
         return TrialSeededSampler(make, self.sampler.get("seed"))
 
     def settings(self) -> dict[str, Any]:
@@ -184,7 +196,7 @@ def _yaml_value(v: Any) -> str:
     return str(v)
 
 
-def _fail(study: str, msg: str) -> None:
+def _fail(study: str, msg: str) -> NoReturn:
     raise StudyError(f"study '{study}': {msg}")
 
 
@@ -267,9 +279,10 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     objectives = [Objective(o.get("metric"), o.get("direction")) for o in raw.get("objectives") or []]
     if not objectives:
         _fail(name, "objectives: give at least one {metric: ..., direction: minimize|maximize}")
-    for o in objectives:
-        if o.direction not in DIRECTIONS:
-            _fail(name, f"objective {o.metric}: direction must be minimize or maximize, got {o.direction!r}")
+    for objective in objectives:
+        if objective.direction not in DIRECTIONS:
+            _fail(name, f"objective {objective.metric}: direction must be minimize or maximize, "
+                        f"got {objective.direction!r}")
     sampler = dict(raw.get("sampler") or {"name": "tpe"})
     pruner = dict(raw.get("pruner") or {"name": "none"})
     if sampler.get("name", "tpe") not in SAMPLERS:
@@ -292,11 +305,11 @@ def check_study(study: Study) -> None:
     any bad key or value, any objective the config cannot produce, and any network that does not build or does not
     map the dataset's inputs to logits fails here."""
     by_key = {p.key: p for p in study.params}
-    probe = {}
+    probe: dict[str, Any] = {}
     for p in study.params:
         if all(probe.get(k, by_key[k].representative() if k in by_key else None) == v for k, v in p.when.items()):
             probe[p.key] = p.representative()
-        for k, v in p.when.items():
+        for k in p.when:
             if k not in by_key:
                 _fail(study.name, f"search_space.{p.key}: condition on '{k}', which is not in the search space")
     networks: dict[str, TrainConfig] = {}  # where a config came from -> its config, for the model check below

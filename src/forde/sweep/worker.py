@@ -16,9 +16,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import torch
@@ -28,8 +29,24 @@ from optuna.trial import FrozenTrial, TrialState
 from forde import interrupts
 from forde.config import ConfigError
 from forde.interrupts import Interrupted
-from forde.sweep.lifecycle import (CARRIED, DONE, DUPLICATE, ENVIRONMENT, FAILURE, GIVEN_UP, INTERRUPTED, REASON,
-                                   STARTED, TRIAL, WORKER, Decision, Ledger, classify, decide, lineage)
+from forde.sweep.lifecycle import (
+    CARRIED,
+    DONE,
+    DUPLICATE,
+    ENVIRONMENT,
+    FAILURE,
+    GIVEN_UP,
+    INTERRUPTED,
+    REASON,
+    STARTED,
+    TRIAL,
+    WORKER,
+    Decision,
+    Ledger,
+    classify,
+    decide,
+    lineage,
+)
 from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_command
 from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage, describe, patiently
 from forde.sweep.study import Study
@@ -167,6 +184,7 @@ class Sweep:
                 trial = self.opt.ask()
                 trial.set_user_attr(WORKER, self.tag)
                 params = self.study.suggest(trial)
+                assert d.ledger is not None  # decide() always sets it
                 twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
                 if twin is None:
                     return trial, params
