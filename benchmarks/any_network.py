@@ -39,17 +39,27 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # user_mode
 BUILTIN = ModelConfig(name="resnet18", width=16)
 PLAIN = ModelConfig(name="plain_resnet:PlainResNet18", kwargs={"width": 16})
 TIMM = ModelConfig(name="timm:resnet18", kwargs={"channels": [16, 32, 64, 128]})
-VIT = ModelConfig(name="user_models.vit:TinyViT",
-                  kwargs={"in_chans": 3, "patch_size": 4, "dim": 64, "depth": 4, "heads": 4})
+VIT = ModelConfig(
+    name="user_models.vit:TinyViT", kwargs={"in_chans": 3, "patch_size": 4, "dim": 64, "depth": 4, "heads": 4}
+)
 # group -> (title, [(arm, model, method, derivatives)]); each arm's ratio is to the group's first arm
 GROUPS = {
-    "de": ("DE", [("ResNet18 written from torch.nn layers", PLAIN, "de", "auto"),
-                  ("built-in ResNet18", BUILTIN, "de", "auto"),
-                  ("built-in ResNet18, hand-written path forced", BUILTIN, "de", "hand")]),
-    "timm": ("FoRDE, timm ResNet18", [("hand-written derivatives", TIMM, "forde", "auto"),
-                                      ("PyTorch's derivatives", TIMM, "forde", "native")]),
-    "vit": ("FoRDE, small ViT", [("hand-written derivatives", VIT, "forde", "auto"),
-                                 ("PyTorch's derivatives", VIT, "forde", "native")]),
+    "de": (
+        "DE",
+        [
+            ("ResNet18 written from torch.nn layers", PLAIN, "de", "auto"),
+            ("built-in ResNet18", BUILTIN, "de", "auto"),
+            ("built-in ResNet18, hand-written path forced", BUILTIN, "de", "hand"),
+        ],
+    ),
+    "timm": (
+        "FoRDE, timm ResNet18",
+        [("hand-written derivatives", TIMM, "forde", "auto"), ("PyTorch's derivatives", TIMM, "forde", "native")],
+    ),
+    "vit": (
+        "FoRDE, small ViT",
+        [("hand-written derivatives", VIT, "forde", "auto"), ("PyTorch's derivatives", VIT, "forde", "native")],
+    ),
 }
 SHAPE = (3, 32, 32)
 
@@ -62,8 +72,9 @@ def check_same_network(classes: int) -> None:
     torch.testing.assert_close(plain.train()(x), builtin.train()(x))
 
 
-def time_group(arms, members: int, x, y, proj, settings, rounds: int, min_run_time: float, clock: str
-               ) -> dict[str, list[float]]:
+def time_group(
+    arms, members: int, x, y, proj, settings, rounds: int, min_run_time: float, clock: str
+) -> dict[str, list[float]]:
     steps = {}
     for name, model, method, derivatives in arms:
         ens = build_ensemble(model, members, SHAPE, int(y.max()) + 1, seed=0).to(settings.device).train()
@@ -75,11 +86,13 @@ def time_group(arms, members: int, x, y, proj, settings, rounds: int, min_run_ti
     times = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # each arm leads in turn
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # each arm leads in turn
             timer = benchmark.Timer("step()", globals={"step": steps[name]}, timer=CLOCKS[clock])
             t = timer.blocked_autorange(min_run_time=min_run_time)
             times[name].append(t.median)
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * v[-1]:.0f} ms" for n, v in times.items()), flush=True)
+        print(
+            f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * v[-1]:.0f} ms" for n, v in times.items()), flush=True
+        )
     return times
 
 
@@ -88,8 +101,10 @@ def median(values: list[float]) -> float:
 
 
 def table(results: dict[str, dict[str, list[float]]]) -> list[str]:
-    lines = ["| group | arm | median step (ms) | / first arm (ratio of medians) | per-round ratios, min-max |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| group | arm | median step (ms) | / first arm (ratio of medians) | per-round ratios, min-max |",
+        "|---|---|---:|---:|---:|",
+    ]
     for group, times in results.items():
         first = next(iter(times))
         for name, values in times.items():
@@ -108,9 +123,15 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing block")
-    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                   help="wall time, or the CPU time of this process (all its threads): steadier on a shared CPU")
-    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of: {', '.join(GROUPS)} (default: all)")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or the CPU time of this process (all its threads): steadier on a shared CPU",
+    )
+    p.add_argument(
+        "--groups", default=",".join(GROUPS), help=f"comma-separated, of: {', '.join(GROUPS)} (default: all)"
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -121,14 +142,18 @@ def main() -> None:
     suffix = "" if args.clock == "wall" else f"-{args.clock}time"
     out = args.out or Path(__file__).parent / "results" / f"any_network{suffix}-{device.type}.md"
     title = f"Training steps of any network, {device.type}"
-    header = [f"M = {args.members}, batch {args.batch}, CIFAR-100 shapes, {args.rounds} rounds per group (arms "
-              f"alternating within each round), {'wall time' if args.clock == 'wall' else 'CPU time of the process'}; "
-              "median of each arm's rounds.", ""]
+    header = [
+        f"M = {args.members}, batch {args.batch}, CIFAR-100 shapes, {args.rounds} rounds per group (arms "
+        f"alternating within each round), {'wall time' if args.clock == 'wall' else 'CPU time of the process'}; "
+        "median of each arm's rounds.",
+        "",
+    ]
     results = {}
     for group in args.groups.split(","):
         title_of, arms = GROUPS[group]
-        results[title_of] = time_group(arms, args.members, x, y, proj, settings, args.rounds, args.min_run_time,
-                                       args.clock)
+        results[title_of] = time_group(
+            arms, args.members, x, y, proj, settings, args.rounds, args.min_run_time, args.clock
+        )
         write_report(out, title, header + table(results), echo=False)  # a run stopped early keeps its groups
     write_report(out, title, header + table(results))
 

@@ -78,35 +78,54 @@ def main() -> None:
     images, labels = load_image_folder(args.images)
     sample = images[np.linspace(0, len(images) - 1, args.n).astype(int)]
     cv2.setNumThreads(1)  # one core per process, as in the generation workers
-    rows = ["## Images per second, one process", "",
-            f"{args.n} test images x 5 severities per cell; the tiny table runs on them upsampled to 64x64.", "",
-            "| corruption | cifar 32x32 (img/s) | tiny 64x64 (img/s) |", "|---|---:|---:|"]
+    rows = [
+        "## Images per second, one process",
+        "",
+        f"{args.n} test images x 5 severities per cell; the tiny table runs on them upsampled to 64x64.",
+        "",
+        "| corruption | cifar 32x32 (img/s) | tiny 64x64 (img/s) |",
+        "|---|---:|---:|",
+    ]
     seconds = {"cifar": 0.0, "tiny": 0.0}  # one-core time of a 10,000-image set at these rates
     for name in CORRUPTIONS:
-        rates = {"cifar": images_per_second(sample, name, "cifar"),
-                 "tiny": images_per_second(upsample(sample, 64), name, "tiny")}
+        rates = {
+            "cifar": images_per_second(sample, name, "cifar"),
+            "tiny": images_per_second(upsample(sample, 64), name, "tiny"),
+        }
         for table, rate in rates.items():
             seconds[table] += len(SEVERITIES) * len(images) / rate
         rows.append(f"| {name} | {rates['cifar']:,.0f} | {rates['tiny']:,.0f} |")
         print(rows[-1], flush=True)
-    rows += ["", f"One-core time for all 19 x 5 x {len(images):,} images at these rates (projection): "
-             f"cifar {seconds['cifar'] / 60:.1f} min, tiny {seconds['tiny'] / 60:.1f} min.", ""]
+    rows += [
+        "",
+        f"One-core time for all 19 x 5 x {len(images):,} images at these rates (projection): "
+        f"cifar {seconds['cifar'] / 60:.1f} min, tiny {seconds['tiny'] / 60:.1f} min.",
+        "",
+    ]
 
     rows += ["## Whole CIFAR-10-C generation", ""]
     total = len(CORRUPTIONS) * len(SEVERITIES) * len(images)
     if args.full:
         wall = time_generation(images, labels, args.workers, args.out)
-        rows.append(f"Measured: {total:,} images (19 x 5 x {len(images):,}, npy layout) in {wall / 60:.1f} min "
-                    f"wall with {args.workers} worker processes ({total / wall:,.0f} images/s).")
+        rows.append(
+            f"Measured: {total:,} images (19 x 5 x {len(images):,}, npy layout) in {wall / 60:.1f} min "
+            f"wall with {args.workers} worker processes ({total / wall:,.0f} images/s)."
+        )
     else:
         part = int(round(args.fraction * len(images)))
         wall = time_generation(images[:part], labels[:part], args.workers, args.out)
-        rows.append(f"Measured on {part:,} of the {len(images):,} test images: {wall:.0f} s with {args.workers} "
-                    f"workers. Projection for the whole set (linear in images): {wall * len(images) / part / 60:.1f} "
-                    f"min.")
-    write_report(RESULTS, "Corruption speed", rows,
-                 software=f", NumPy {np.__version__}, SciPy {scipy.__version__}, scikit-image {skimage.__version__}, "
-                          f"OpenCV {cv2.__version__}, Pillow {Image.__version__}")
+        rows.append(
+            f"Measured on {part:,} of the {len(images):,} test images: {wall:.0f} s with {args.workers} "
+            f"workers. Projection for the whole set (linear in images): {wall * len(images) / part / 60:.1f} "
+            f"min."
+        )
+    write_report(
+        RESULTS,
+        "Corruption speed",
+        rows,
+        software=f", NumPy {np.__version__}, SciPy {scipy.__version__}, scikit-image {skimage.__version__}, "
+        f"OpenCV {cv2.__version__}, Pillow {Image.__version__}",
+    )
 
 
 if __name__ == "__main__":

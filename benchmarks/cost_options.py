@@ -42,18 +42,36 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for name, extra in VARIANTS.items():
         for seed in seeds:
-            cfg = load_config(args.config, [*args.overrides, *extra, f"seed={seed}", "run.progress=false",
-                                            f"run.out_dir={runs}", f"run.name={len(results)}-{seed}"])
+            cfg = load_config(
+                args.config,
+                [
+                    *args.overrides,
+                    *extra,
+                    f"seed={seed}",
+                    "run.progress=false",
+                    f"run.out_dir={runs}",
+                    f"run.name={len(results)}-{seed}",
+                ],
+            )
             res = train(cfg)
             results.setdefault(name, []).append({**res["summary"], "epoch_s": res["train_time_s"] / res["epochs"]})
-            print(f"{name}, seed {seed}: " + ", ".join(f"{label} {res['summary'][k]:.4f}" for k, label in COLUMNS
-                                                    if k in res["summary"]), flush=True)
+            print(
+                f"{name}, seed {seed}: "
+                + ", ".join(f"{label} {res['summary'][k]:.4f}" for k, label in COLUMNS if k in res["summary"]),
+                flush=True,
+            )
+
     def mean(name, key):
         return statistics.fmean(r[key] for r in results[name])
+
     de_epoch = mean("DE", "epoch_s")
     head = ["variant", "epoch time / DE", *(label for _, label in COLUMNS)]
-    rows = [f"config `{args.config}` {' '.join(args.overrides)}, seeds {seeds}; means over seeds.", "",
-            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [
+        f"config `{args.config}` {' '.join(args.overrides)}, seeds {seeds}; means over seeds.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name in VARIANTS:
         cells = [f"{mean(name, k):.4f}" if k in results[name][0] else "n/a" for k, _ in COLUMNS]
         rows.append(f"| {name} | {mean(name, 'epoch_s') / de_epoch:.2f} | " + " | ".join(cells) + " |")

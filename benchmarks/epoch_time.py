@@ -34,15 +34,34 @@ def cifar100_shaped(n: int, seed: int = 0) -> Dataset:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 100, (n,), generator=g)
     test = Split(images[:1000], labels[:1000])
-    return Dataset("cifar100-shaped", Split(images, labels), test, num_classes=100,
-                   mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276))
+    return Dataset(
+        "cifar100-shaped",
+        Split(images, labels),
+        test,
+        num_classes=100,
+        mean=(0.507, 0.487, 0.441),
+        std=(0.267, 0.256, 0.276),
+    )
 
 
 def trainer_for(method_name: str, args, dataset: Dataset, run_dir: Path) -> Trainer:
-    cfg = load_config("cifar100", [f"device={args.device}", f"ensemble_size={args.members}", f"method.name={method_name}",
-                                   "method.alpha=0.5", "run.progress=false", *args.overrides])
+    cfg = load_config(
+        "cifar100",
+        [
+            f"device={args.device}",
+            f"ensemble_size={args.members}",
+            f"method.name={method_name}",
+            "method.alpha=0.5",
+            "run.progress=false",
+            *args.overrides,
+        ],
+    )
     proj = synthetic_batch(2, 100, torch.device("cpu"))[2]
-    method = FoRDE(cfg.method, proj.to(args.device)) if method_name == "forde" else build_method(cfg, dataset, torch.device(args.device))
+    method = (
+        FoRDE(cfg.method, proj.to(args.device))
+        if method_name == "forde"
+        else build_method(cfg, dataset, torch.device(args.device))
+    )
     return Trainer(build(cfg, dataset=dataset, method=method), run_dir / method_name)
 
 
@@ -70,19 +89,27 @@ def main() -> None:
             for name, trainer in trainers.items():
                 metrics = trainer.train_epoch()
                 times[name].append(metrics)
-                print(f"{name}: epoch {metrics['train/epoch_time_s']:.1f} s, {metrics['train/images_per_s']:.0f} images/s",
-                      flush=True)
+                print(
+                    f"{name}: epoch {metrics['train/epoch_time_s']:.1f} s, {metrics['train/images_per_s']:.0f} images/s",
+                    flush=True,
+                )
+
     def median(rows):
         return sorted(r["train/epoch_time_s"] for r in rows)[len(rows) // 2]
+
     de, forde = median(times["de"]), median(times["forde"])
     cfg = trainers["forde"].cfg
     images = len(trainers["de"].loader) * cfg.optim.batch_size
-    lines = [f"{cfg.model.name} width {cfg.model.width}, M = {args.members}, batch {cfg.optim.batch_size}, "
-             f"{args.images:,} training images of CIFAR-100's shapes per epoch (the last incomplete batch dropped), "
-             f"data on the device with crop, flip and normalisation; {settings}; median of {args.rounds} epoch(s).", "",
-             "| method | epoch (s) | images/s | / DE |", "|---|---:|---:|---:|",
-             f"| DE | {de:.1f} | {images / de:,.0f} | 1.00 |",
-             f"| FoRDE (alpha 0.5) | {forde:.1f} | {images / forde:,.0f} | {forde / de:.2f} |"]
+    lines = [
+        f"{cfg.model.name} width {cfg.model.width}, M = {args.members}, batch {cfg.optim.batch_size}, "
+        f"{args.images:,} training images of CIFAR-100's shapes per epoch (the last incomplete batch dropped), "
+        f"data on the device with crop, flip and normalisation; {settings}; median of {args.rounds} epoch(s).",
+        "",
+        "| method | epoch (s) | images/s | / DE |",
+        "|---|---:|---:|---:|",
+        f"| DE | {de:.1f} | {images / de:,.0f} | 1.00 |",
+        f"| FoRDE (alpha 0.5) | {forde:.1f} | {images / forde:,.0f} | {forde / de:.2f} |",
+    ]
     out = args.out or Path(__file__).parent / "results" / f"epoch_time-{torch.device(args.device).type}.md"
     write_report(out, f"Training epoch time, {torch.device(args.device).type}", lines)
 

@@ -45,16 +45,30 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. precision=bf16 channels_last=true")
     args = p.parse_args()
 
-    common = [f"device={args.device}", f"eval.batch_size={args.batch}", f"eval.grad_samples={args.grad_samples}",
-              "eval.corruptions=[all]", "run.progress=false"]
+    common = [
+        f"device={args.device}",
+        f"eval.batch_size={args.batch}",
+        f"eval.grad_samples={args.grad_samples}",
+        "eval.corruptions=[all]",
+        "run.progress=false",
+    ]
     if args.run:
         cfg = load_config(args.run / CONFIG, [*common, f"data.root={args.root}", *args.overrides])
         setup = build(cfg)
         setup.ensemble.load_state_dict(load_checkpoint(args.run)["ensemble"])
         what = f"the trained ensemble of {args.run.name}"
     else:
-        cfg = load_config("cifar10", [*common, f"data.name={args.dataset}", f"data.root={args.root}",
-                                      f"ensemble_size={args.members}", f"model.width={args.width}", *args.overrides])
+        cfg = load_config(
+            "cifar10",
+            [
+                *common,
+                f"data.name={args.dataset}",
+                f"data.root={args.root}",
+                f"ensemble_size={args.members}",
+                f"model.width={args.width}",
+                *args.overrides,
+            ],
+        )
         setup = build(cfg, method=DeepEnsemble())  # the weights do not matter for speed, nor does the method
         what = "a freshly initialised ensemble"
     prepare_corrupted(cfg, setup.dataset)
@@ -77,20 +91,31 @@ def main() -> None:
     total = pred_s + grad_s
     summary = corrupted.summary()["all"]
     m = cfg.model
-    lines = [f"{args.dataset}-C, {m.name} width {m.width}, M = {cfg.ensemble_size}, batch {cfg.eval.batch_size}, "
-             f"{what}; {setup.settings.describe()}.", "",
-             "| part | images | seconds | images/s |", "|---|---:|---:|---:|",
-             f"| predictions (all members) | {n_pred:,} | {pred_s:.1f} | {n_pred / pred_s:,.0f} |",
-             f"| input-gradient diversity | {n_grad:,} | {grad_s:.1f} | {n_grad / grad_s:,.0f} |", ""]
+    lines = [
+        f"{args.dataset}-C, {m.name} width {m.width}, M = {cfg.ensemble_size}, batch {cfg.eval.batch_size}, "
+        f"{what}; {setup.settings.describe()}.",
+        "",
+        "| part | images | seconds | images/s |",
+        "|---|---:|---:|---:|",
+        f"| predictions (all members) | {n_pred:,} | {pred_s:.1f} | {n_pred / pred_s:,.0f} |",
+        f"| input-gradient diversity | {n_grad:,} | {grad_s:.1f} | {n_grad / grad_s:,.0f} |",
+        "",
+    ]
     if len(sets) == 95:
         lines.append(f"Measured: all 95 sets in {total:.1f} s ({total / 60:.1f} min).")
     else:
-        lines.append(f"Measured {len(sets)} of the 95 sets in {total:.1f} s; projection for all 95 (linear in sets): "
-                     f"{total * 95 / len(sets) / 60:.1f} min.")
+        lines.append(
+            f"Measured {len(sets)} of the 95 sets in {total:.1f} s; projection for all 95 (linear in sets): "
+            f"{total * 95 / len(sets) / 60:.1f} min."
+        )
     if args.run:
-        lines.append(f"Over the sets evaluated: cA {summary['accuracy']:.4f}, cNLL {summary['nll']:.4f}, "
-                     f"cECE {summary['ece']:.4f}, gradient cosine distance {summary['grad_cosine_distance']:.4f}.")
-    write_report(args.out or f"benchmarks/results/eval_speed-{device.type}.md", "Evaluation on a corrupted test set", lines)
+        lines.append(
+            f"Over the sets evaluated: cA {summary['accuracy']:.4f}, cNLL {summary['nll']:.4f}, "
+            f"cECE {summary['ece']:.4f}, gradient cosine distance {summary['grad_cosine_distance']:.4f}."
+        )
+    write_report(
+        args.out or f"benchmarks/results/eval_speed-{device.type}.md", "Evaluation on a corrupted test set", lines
+    )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ def upsampled(images: torch.Tensor, size: int, chunk: int = 5000) -> torch.Tenso
     """[N, C, h, w] uint8 -> [2N, C, size, size] uint8: bilinear upsampling, plus the mirrored copies."""
     out = torch.empty((2 * len(images), images.shape[1], size, size), dtype=torch.uint8)
     for s in range(0, len(images), chunk):
-        up = F.interpolate(images[s:s + chunk].float(), size=(size, size), mode="bilinear", align_corners=False)
-        out[s:s + chunk] = up.round_().clamp_(0, 255).to(torch.uint8)
-    out[len(images):] = out[:len(images)].flip(-1)
+        up = F.interpolate(images[s : s + chunk].float(), size=(size, size), mode="bilinear", align_corners=False)
+        out[s : s + chunk] = up.round_().clamp_(0, 255).to(torch.uint8)
+    out[len(images) :] = out[: len(images)].flip(-1)
     return out
 
 
@@ -54,10 +54,15 @@ class Table:
         start, cpu = time.perf_counter(), time.process_time()
         out = fn(*args)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        notes = [f"projected x{scale:.1f} from {n / scale:,.0f} images ({wall:.1f} s wall, {cpu:.1f} s CPU measured)"
-                 ] if scale != 1.0 else []
+        notes = (
+            [f"projected x{scale:.1f} from {n / scale:,.0f} images ({wall:.1f} s wall, {cpu:.1f} s CPU measured)"]
+            if scale != 1.0
+            else []
+        )
         notes += [note(out) if callable(note) else note]
-        self.rows.append(f"| {step} | {d} | {n:,} | {wall * scale:.1f} | {cpu * scale:.1f} | {'; '.join(filter(None, notes))} |")
+        self.rows.append(
+            f"| {step} | {d} | {n:,} | {wall * scale:.1f} | {cpu * scale:.1f} | {'; '.join(filter(None, notes))} |"
+        )
         return out
 
 
@@ -65,8 +70,16 @@ def covariances(table: Table, images: torch.Tensor, mean, std, n: int) -> torch.
     """Time both covariance paths on `images` (standing for `n` images); return the fast path's result."""
     d, scale = images[0].numel(), n / len(images)
     plain = table.time("covariance, plain float64 GEMM", d, n, pca.covariance_float64, images, mean, std, scale=scale)
-    return table.time("covariance, exact float32 SYRK (fast path)", d, n, pca.covariance_uint8, images, std,
-                      scale=scale, note=lambda fast: f"fast vs plain: {compare(fast, plain)}")
+    return table.time(
+        "covariance, exact float32 SYRK (fast path)",
+        d,
+        n,
+        pca.covariance_uint8,
+        images,
+        std,
+        scale=scale,
+        note=lambda fast: f"fast vs plain: {compare(fast, plain)}",
+    )
 
 
 def main() -> None:
@@ -86,12 +99,25 @@ def main() -> None:
         x = ds.train.inputs if scale == 3072 else upsampled(ds.train.inputs, 64)
         d, n = x[0].numel(), len(x)
         table.time("fingerprint (SHA-1 of the inputs)", d, n, pca.fingerprint, x, mean, std)
-        cov = covariances(table, x[:args.rows] if scale == 12288 else x, mean, std, n)
+        cov = covariances(table, x[: args.rows] if scale == 12288 else x, mean, std, n)
         if scale == 12288 and args.full:
-            cov = table.time("covariance, exact float32 SYRK (fast path)", d, n, pca.covariance_uint8, x, std,
-                             note="measured on all images")
-        table.time("eigh (float64, torch.linalg.eigh)", d, n, pca.pca_from_covariance, cov,
-                   note=f"process peak memory before it: {peak_gib():.1f} GiB")
+            cov = table.time(
+                "covariance, exact float32 SYRK (fast path)",
+                d,
+                n,
+                pca.covariance_uint8,
+                x,
+                std,
+                note="measured on all images",
+            )
+        table.time(
+            "eigh (float64, torch.linalg.eigh)",
+            d,
+            n,
+            pca.pca_from_covariance,
+            cov,
+            note=f"process peak memory before it: {peak_gib():.1f} GiB",
+        )
         del x, cov
     table.rows += ["", f"Peak memory of the process: {peak_gib():.1f} GiB."]
     write_report(args.out, "PCA speed", table.rows)

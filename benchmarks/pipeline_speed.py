@@ -61,21 +61,34 @@ def main() -> None:
     ds = load_dataset(DataConfig(name=args.dataset, root=args.root))
     train, n = ds.train, len(ds.train)
     size = train.inputs.shape[-1]
-    transform = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(ds.mean, ds.std)])
+    transform = T.Compose(
+        [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(ds.mean, ds.std)]
+    )
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    rows = [f"{args.dataset} training set: {n:,} images {tuple(train.inputs.shape[1:])}, uint8 in memory.", "",
-            "| device | loader | batch | epoch 1 (images/s) | epoch 2 (images/s) |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        f"{args.dataset} training set: {n:,} images {tuple(train.inputs.shape[1:])}, uint8 in memory.",
+        "",
+        "| device | loader | batch | epoch 1 (images/s) | epoch 2 (images/s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for device in devices:
         for bs in args.batch_sizes:
             dev_loader = DeviceLoader(train, bs, ds.mean, ds.std, device, shuffle=True, augment=True)
             rates = [epoch_rate(dev_loader, device, n) for _ in range(2)]
             rows.append(f"| {device.type} | DeviceLoader | {bs} | {rates[0]:,.0f} | {rates[1]:,.0f} |")
             tv_loader = torch.utils.data.DataLoader(
-                InMemoryImages(train.inputs, train.labels, transform), batch_size=bs, shuffle=True,
-                num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+                InMemoryImages(train.inputs, train.labels, transform),
+                batch_size=bs,
+                shuffle=True,
+                num_workers=args.workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=args.workers > 0,
+            )
             tv_rates = [epoch_rate(tv_loader, device, n) for _ in range(2)]
-            rows.append(f"| {device.type} | torchvision DataLoader, {args.workers} workers | {bs} | "
-                        f"{tv_rates[0]:,.0f} | {tv_rates[1]:,.0f} |")
+            rows.append(
+                f"| {device.type} | torchvision DataLoader, {args.workers} workers | {bs} | "
+                f"{tv_rates[0]:,.0f} | {tv_rates[1]:,.0f} |"
+            )
             rows.append(f"| {device.type} | speed-up (epoch 2) | {bs} | | {rates[1] / tv_rates[1]:.1f}x |")
             del tv_loader
     write_report(args.out, "Input pipeline speed", rows)

@@ -35,8 +35,10 @@ def _command() -> str:
 
 def machine(software: str = "") -> list[str]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
     def load(values):
         return ", ".join(f"{v:.1f}" for v in values)
+
     return [
         f"- machine: {_cpu_model()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; GPU: {gpu}",
         f"- load average (1, 5, 15 min) at the start: {load(LOAD_AT_START)}; at the end: {load(os.getloadavg())}",

@@ -96,23 +96,33 @@ def main() -> None:
         for name, step in steps.items():
             times[name].append(step_ms(step, device))
             print(f"{name}: {times[name][-1]['total']:.0f} ms", flush=True)
+
     def median(values):
         return sorted(values)[len(values) // 2]
-    results = {name: (flop_counts[name], {k: median([t.get(k, 0.0) for t in runs_ms]) for k in [*KINDS, "other", "total"]})
-               for name, runs_ms in times.items()}
+
+    results = {
+        name: (flop_counts[name], {k: median([t.get(k, 0.0) for t in runs_ms]) for k in [*KINDS, "other", "total"]})
+        for name, runs_ms in times.items()
+    }
     de_flops, de_ms = results["DE"]
     kinds = [*KINDS, "other"]
-    lines = [f"ResNet18 width {args.width}, M = {args.members}, batch {args.batch}, CIFAR-100 shapes; median of "
-             f"{args.rounds} profiled steps per method, taken in alternation.", "",
-             "| step | convolution GFLOP | convolution FLOPs / DE | other GFLOP | "
-             + " | ".join(f"{k} (ms)" for k in kinds) + " | total (ms) | time / DE |",
-             "|---|" + "---:|" * (len(kinds) + 5)]
+    lines = [
+        f"ResNet18 width {args.width}, M = {args.members}, batch {args.batch}, CIFAR-100 shapes; median of "
+        f"{args.rounds} profiled steps per method, taken in alternation.",
+        "",
+        "| step | convolution GFLOP | convolution FLOPs / DE | other GFLOP | "
+        + " | ".join(f"{k} (ms)" for k in kinds)
+        + " | total (ms) | time / DE |",
+        "|---|" + "---:|" * (len(kinds) + 5),
+    ]
     for name, (flops, ms) in results.items():
         total = ms["total"]
-        lines.append(f"| {name} | {flops['convolution'] / 1e9:.1f} | {flops['convolution'] / de_flops['convolution']:.2f} | "
-                     f"{flops.get('other', 0.0) / 1e9:.1f} | "
-                     + " | ".join(f"{ms.get(k, 0.0):.0f}" for k in kinds)
-                     + f" | {total:.0f} | {total / de_ms['total']:.2f} |")
+        lines.append(
+            f"| {name} | {flops['convolution'] / 1e9:.1f} | {flops['convolution'] / de_flops['convolution']:.2f} | "
+            f"{flops.get('other', 0.0) / 1e9:.1f} | "
+            + " | ".join(f"{ms.get(k, 0.0):.0f}" for k in kinds)
+            + f" | {total:.0f} | {total / de_ms['total']:.2f} |"
+        )
     conv = {n: ms.get("convolution", 0.0) for n, (_, ms) in results.items()}
     lines += ["", "Convolution time / DE's: " + ", ".join(f"{n} {t / conv['DE']:.2f}" for n, t in conv.items())]
     out = args.out or Path(__file__).parent / "results" / f"step_profile-{device.type}.md"

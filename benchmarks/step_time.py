@@ -51,27 +51,43 @@ def parse_setting(text: str, device: torch.device) -> DeviceSettings:
     tokens = set(text.split("+"))
     known = {"loop", "vmap", "fp32", "tf32", "bf16", "cl", "graphs", "nobench"}
     if tokens - known or len(tokens & {"loop", "vmap"}) > 1 or len(tokens & {"fp32", "tf32", "bf16"}) > 1:
-        raise SystemExit(f"bad setting {text!r}: join one of loop|vmap, one of fp32|tf32|bf16, and cl, graphs, nobench with '+'")
+        raise SystemExit(
+            f"bad setting {text!r}: join one of loop|vmap, one of fp32|tf32|bf16, and cl, graphs, nobench with '+'"
+        )
     cuda = device.type == "cuda"
     if not cuda and tokens & {"tf32", "bf16", "graphs"}:
         raise SystemExit(f"setting {text!r}: tf32, bf16 and graphs need a CUDA device")
-    return DeviceSettings(device, "bf16" if "bf16" in tokens else "fp32", "cl" in tokens,
-                          "vmap" if "vmap" in tokens else "loop", tf32=cuda and bool(tokens & {"tf32", "bf16"}),
-                          cudnn_benchmark=cuda and "nobench" not in tokens, graphs="graphs" in tokens)
+    return DeviceSettings(
+        device,
+        "bf16" if "bf16" in tokens else "fp32",
+        "cl" in tokens,
+        "vmap" if "vmap" in tokens else "loop",
+        tf32=cuda and bool(tokens & {"tf32", "bf16"}),
+        cudnn_benchmark=cuda and "nobench" not in tokens,
+        graphs="graphs" in tokens,
+    )
 
 
 def setting_overrides(text: str) -> list[str]:
     """The config overrides that give a run the setting `text` (what `parse_setting` builds)."""
     tokens = set(text.split("+"))
-    return [f"model.execution={'vmap' if 'vmap' in tokens else 'loop'}", f"precision={'bf16' if 'bf16' in tokens else 'fp32'}",
-            f"cuda.tf32={str(bool(tokens & {'tf32', 'bf16'})).lower()}", f"channels_last={str('cl' in tokens).lower()}",
-            f"cuda.graphs={str('graphs' in tokens).lower()}", f"cuda.cudnn_benchmark={str('nobench' not in tokens).lower()}"]
+    return [
+        f"model.execution={'vmap' if 'vmap' in tokens else 'loop'}",
+        f"precision={'bf16' if 'bf16' in tokens else 'fp32'}",
+        f"cuda.tf32={str(bool(tokens & {'tf32', 'bf16'})).lower()}",
+        f"channels_last={str('cl' in tokens).lower()}",
+        f"cuda.graphs={str('graphs' in tokens).lower()}",
+        f"cuda.cudnn_benchmark={str('nobench' not in tokens).lower()}",
+    ]
 
 
 def fastest_setting(table_file: Path, variant: str = "forde") -> str:
     """The setting of the fastest `variant` step in a table this script wrote."""
-    rows = [[c.strip() for c in line.strip("|\n ").split("|")] for line in table_file.read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| model")]
+    rows = [
+        [c.strip() for c in line.strip("|\n ").split("|")]
+        for line in table_file.read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| model")
+    ]
     timed = [(float(r[5]), r[3]) for r in rows if r[4] == variant and r[5]]
     if not timed:
         raise SystemExit(f"{table_file} has no {variant} rows")
@@ -95,12 +111,16 @@ def make_step(method, ensemble, x, y, optimizer, settings: DeviceSettings, cycle
             with DERIVATIVES[derivatives]():
                 train_step(x, y, i)
             optimizer.step()
+
     return step
 
 
 def _status_kib(field: str) -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(field + ":"))
+    return next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(field + ":")
+    )
 
 
 def step_peak_mib(step, device: torch.device) -> float | None:
@@ -167,8 +187,17 @@ def variants_of(names: list[str], m: int, proj: torch.Tensor) -> list[Variant]:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure(model: str, m: int, batch: int, classes: int, settings: DeviceSettings, variants: list[str],
-            min_run_time: float, rounds: int, clock: str = "wall") -> list[dict]:
+def measure(
+    model: str,
+    m: int,
+    batch: int,
+    classes: int,
+    settings: DeviceSettings,
+    variants: list[str],
+    min_run_time: float,
+    rounds: int,
+    clock: str = "wall",
+) -> list[dict]:
     device = settings.device
     settings.apply()
     x, y, proj = synthetic_batch(batch, classes, device)
@@ -195,30 +224,53 @@ def measure(model: str, m: int, batch: int, classes: int, settings: DeviceSettin
             times[name].append(t.median / cycles[name])
     med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
     de = med.get("de")
-    return [{"model": model, "M": m, "batch": batch, "setting": setting_name(settings), "variant": n, "step_s": t,
-             "img_s": batch / t, "vs_de": t / de if de else None, "peak_mib": peaks[n]} for n, t in med.items()]
+    return [
+        {
+            "model": model,
+            "M": m,
+            "batch": batch,
+            "setting": setting_name(settings),
+            "variant": n,
+            "step_s": t,
+            "img_s": batch / t,
+            "vs_de": t / de if de else None,
+            "peak_mib": peaks[n],
+        }
+        for n, t in med.items()
+    ]
 
 
 def add_fastest_de_ratio(rows: list[dict]) -> None:
     """FoRDE / the fastest DE step measured for the same network and M, over every setting and DE variant."""
     timed = [r for r in rows if "error" not in r]
     for r in timed:
-        de = [o["step_s"] for o in timed if o["variant"].split(":")[0] == "de" and (o["model"], o["M"]) == (r["model"], r["M"])]
+        de = [
+            o["step_s"]
+            for o in timed
+            if o["variant"].split(":")[0] == "de" and (o["model"], o["M"]) == (r["model"], r["M"])
+        ]
         r["vs_fastest_de"] = r["step_s"] / min(de) if de else None
 
 
 def table(rows: list[dict]) -> str:
     def ratio(v):
         return f"{v:.2f}" if v is not None else ""
-    lines = ["| model | M | batch | setting | variant | step (ms) | img/s | / DE, same setting | / fastest DE | step peak MiB |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+
+    lines = [
+        "| model | M | batch | setting | variant | step (ms) | img/s | / DE, same setting | / fastest DE | step peak MiB |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['setting']} | failed: {r['error']} | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['M']} | {r['batch']} | {r['setting']} | failed: {r['error']} | | | | | |"
+            )
             continue
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-        lines.append(f"| {r['model']} | {r['M']} | {r['batch']} | {r['setting']} | {r['variant']} | {1e3 * r['step_s']:.1f} | "
-                     f"{r['img_s']:.0f} | {ratio(r['vs_de'])} | {ratio(r.get('vs_fastest_de'))} | {peak} |")
+        lines.append(
+            f"| {r['model']} | {r['M']} | {r['batch']} | {r['setting']} | {r['variant']} | {1e3 * r['step_s']:.1f} | "
+            f"{r['img_s']:.0f} | {ratio(r['vs_de'])} | {ratio(r.get('vs_fastest_de'))} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -229,16 +281,30 @@ def main() -> None:
     p.add_argument("--sizes", default="1,4,10")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--classes", type=int, default=100, help="100 = CIFAR-100 shapes")
-    p.add_argument("--settings", default="loop+fp32", help="comma-separated device settings, e.g. loop+fp32,vmap+bf16+cl")
-    p.add_argument("--variants", default="de,forde",
-                   help="e.g. de,de:derivatives=hand,forde,forde:derivatives=native,forde:repulsion_every=2")
+    p.add_argument(
+        "--settings", default="loop+fp32", help="comma-separated device settings, e.g. loop+fp32,vmap+bf16+cl"
+    )
+    p.add_argument(
+        "--variants",
+        default="de,forde",
+        help="e.g. de,de:derivatives=hand,forde,forde:derivatives=native,forde:repulsion_every=2",
+    )
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per timing block")
     p.add_argument("--rounds", type=int, default=3, help="timing blocks per variant, taken in alternation; medians")
-    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                   help="wall time, or the CPU time of this process (all its threads): steadier on a shared CPU")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or the CPU time of this process (all its threads): steadier on a shared CPU",
+    )
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--fastest", type=Path, default=None, metavar="TABLE",
-                   help="print the config overrides of the fastest FoRDE setting in TABLE (a file this script wrote), and exit")
+    p.add_argument(
+        "--fastest",
+        type=Path,
+        default=None,
+        metavar="TABLE",
+        help="print the config overrides of the fastest FoRDE setting in TABLE (a file this script wrote), and exit",
+    )
     args = p.parse_args()
     if args.fastest:
         print(" ".join(setting_overrides(fastest_setting(args.fastest))))
@@ -246,21 +312,41 @@ def main() -> None:
     device = torch.device(args.device)
     settings = [parse_setting(s, device) for s in args.settings.split(",")]
     out = args.out or Path(__file__).parent / "results" / f"step_time-{device.type}.md"
-    title = f"Training step time{'' if args.clock == 'wall' else ' (CPU time of the process, all threads)'}, {device.type}"
+    title = (
+        f"Training step time{'' if args.clock == 'wall' else ' (CPU time of the process, all threads)'}, {device.type}"
+    )
     rows = []
     for model in args.models.split(","):
         for m in map(int, args.sizes.split(",")):
             for s in settings:
                 try:
-                    new = measure(model, m, args.batch, args.classes, s, args.variants.split(","), args.min_run_time,
-                                  args.rounds, args.clock)
+                    new = measure(
+                        model,
+                        m,
+                        args.batch,
+                        args.classes,
+                        s,
+                        args.variants.split(","),
+                        args.min_run_time,
+                        args.rounds,
+                        args.clock,
+                    )
                 except Exception as err:  # e.g. out of memory: the other settings are still measured
-                    new = [{"model": model, "M": m, "batch": args.batch, "setting": setting_name(s),
-                            "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}]
+                    new = [
+                        {
+                            "model": model,
+                            "M": m,
+                            "batch": args.batch,
+                            "setting": setting_name(s),
+                            "error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",
+                        }
+                    ]
                 rows += new
                 print("\n".join(table(new).splitlines()[2:]), flush=True)
                 add_fastest_de_ratio(rows)
-                write_report(out, title, ["", *table(rows).splitlines()], echo=False)  # a run stopped early keeps its rows
+                write_report(
+                    out, title, ["", *table(rows).splitlines()], echo=False
+                )  # a run stopped early keeps its rows
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

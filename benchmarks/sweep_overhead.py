@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from report import write_report
@@ -72,7 +72,7 @@ def measure(kind: str, trials: int, seconds: float) -> tuple[list[float], list[f
 
 def at(gaps: list[float], trial: int) -> float:
     """Median gap over the 9 gaps before `trial` (gap i is between trials i and i + 1, counting from 1)."""
-    window = gaps[max(0, trial - 10):trial - 1]
+    window = gaps[max(0, trial - 10) : trial - 1]
     return statistics.median(window)
 
 
@@ -85,19 +85,32 @@ def main() -> None:
     args = p.parse_args()
     marks = [m for m in (10, 100, 1000) if m <= args.trials]
     with ProcessPoolExecutor(len(args.storages)) as pool:
-        runs = list(pool.map(measure, args.storages, [args.trials] * len(args.storages),
-                             [args.trial_s] * len(args.storages)))
+        runs = list(
+            pool.map(measure, args.storages, [args.trials] * len(args.storages), [args.trial_s] * len(args.storages))
+        )
     rows = []
     for kind, (wall, cpu, minutes) in zip(args.storages, runs):
         for clock, gaps in (("wall", wall), ("CPU", cpu)):
             values = [at(gaps, m) for m in marks]
-            rows.append(f"| {kind} | {clock} | " + " | ".join(f"{v * 1000:.1f}" for v in values)
-                        + f" | {max(values) / min(values):.2f} | {max(gaps) * 1000:.0f} | {minutes:.1f} |")
-    head = "| storage | clock | " + " | ".join(f"gap at trial {m} (ms)" for m in marks) + \
-           " | largest / smallest | worst single gap (ms) | minutes |"
-    body = [f"{args.trials} trials of {args.trial_s:g} s (a stand-in training), one worker per storage (both at "
-            "once), random sampler, W&B off; each gap is the median of the 9 gaps before that trial, in wall time "
-            "and in the worker's CPU time.", "", head, "|---" * (len(marks) + 5) + "|", *rows]
+            rows.append(
+                f"| {kind} | {clock} | "
+                + " | ".join(f"{v * 1000:.1f}" for v in values)
+                + f" | {max(values) / min(values):.2f} | {max(gaps) * 1000:.0f} | {minutes:.1f} |"
+            )
+    head = (
+        "| storage | clock | "
+        + " | ".join(f"gap at trial {m} (ms)" for m in marks)
+        + " | largest / smallest | worst single gap (ms) | minutes |"
+    )
+    body = [
+        f"{args.trials} trials of {args.trial_s:g} s (a stand-in training), one worker per storage (both at "
+        "once), random sampler, W&B off; each gap is the median of the 9 gaps before that trial, in wall time "
+        "and in the worker's CPU time.",
+        "",
+        head,
+        "|---" * (len(marks) + 5) + "|",
+        *rows,
+    ]
     write_report(args.out, "Sweep overhead per trial", body)
 
 

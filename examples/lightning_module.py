@@ -56,8 +56,15 @@ def main(epochs: int = 20, members: int = 4, quick: bool = False) -> dict:
     model = FoRDEEnsemble(forde.pca_projection(x_train, alpha=1.0), members)
     train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
     val = DataLoader(TensorDataset(x_test, y_test), batch_size=500)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=not quick, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=not quick,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train, val)
     metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     print(json.dumps(metrics))

@@ -38,8 +38,12 @@ def small_disk_factory(tmp_path):
         target = tmp_path / f"small-disk-{len(mounted)}"
         target.mkdir()
         try:
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(target)],
-                                  capture_output=True, text=True, timeout=30)
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(target)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             why = done.stderr.strip() if done.returncode else None
         except (OSError, subprocess.SubprocessError) as err:
             why = str(err)
@@ -64,7 +68,9 @@ def small_disk(small_disk_factory) -> Path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped where there is none (`pytest -m cuda` runs only these)")
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device; skipped where there is none (`pytest -m cuda` runs only these)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,7 +30,15 @@ def launch(tmp_path, *args, study="quickstart"):
 
 
 def launch_cmd(tmp_path, *args, study="quickstart"):
-    return [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", study, "--out", str(tmp_path / "studies"), *args]
+    return [
+        sys.executable,
+        str(REPO / "sweeps" / "launch.py"),
+        "--study",
+        study,
+        "--out",
+        str(tmp_path / "studies"),
+        *args,
+    ]
 
 
 def env_for(tmp_path, **extra):
@@ -73,8 +81,10 @@ def named_study(tmp_path, name: str, extra: str = "") -> Path:
 def grid_study(tmp_path, search_space_and_grid: str) -> Path:
     """grid.yaml: a study named `grid` on the quickstart config that runs the points of its grid."""
     path = tmp_path / "grid.yaml"
-    path.write_text("base: quickstart\nobjectives: [{metric: test/accuracy, direction: maximize}]\nsampler: {name: grid}\n"
-                    + search_space_and_grid)
+    path.write_text(
+        "base: quickstart\nobjectives: [{metric: test/accuracy, direction: maximize}]\nsampler: {name: grid}\n"
+        + search_space_and_grid
+    )
     return path
 
 
@@ -112,13 +122,16 @@ def configurations(trials) -> list[tuple]:
 
 
 def wandb_record(wandb_dir: Path) -> dict:
-    out = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
 def wandb_steps(wandb_dir: Path) -> list[int]:
-    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(wandb_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(wandb_dir)], capture_output=True, text=True, check=True
+    )
     records = [json.loads(line) for line in out.stdout.splitlines() if '"type":"history"' in line]
     return [r["history"]["step"]["num"] for r in records if "epoch" in r["history"]["item"]]
 

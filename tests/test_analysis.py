@@ -25,7 +25,15 @@ from forde.data.corrupted import CorruptedSet
 from forde.train import train
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "report.py"
-VARIANTS = [("de", None), ("forde", 0.0), ("forde", 0.5), ("forde", 1.0), ("rde_weight", None), ("rde_function", None), ("lit", None)]
+VARIANTS = [
+    ("de", None),
+    ("forde", 0.0),
+    ("forde", 0.5),
+    ("forde", 1.0),
+    ("rde_weight", None),
+    ("rde_function", None),
+    ("lit", None),
+]
 SETTING = Setting("digits", "mlp", 3)
 
 
@@ -36,9 +44,13 @@ def corrupted_digits(setup):
     g = torch.Generator().manual_seed(0)
     made_here = {"source": "generated", "generator": "test", "seed": 0}
     for severity in range(1, 6):
-        noisy = Split((x + torch.randn(x.shape, generator=g) * 25.0 * severity).clamp(0, 255).round().to(torch.uint8), test.labels)
+        noisy = Split(
+            (x + torch.randn(x.shape, generator=g) * 25.0 * severity).clamp(0, 255).round().to(torch.uint8), test.labels
+        )
         yield CorruptedSet("gaussian_noise", severity, lambda s=noisy: s, made_here)
-        faded = Split(((x - x.mean()) * (1 - 0.18 * severity) + x.mean()).clamp(0, 255).round().to(torch.uint8), test.labels)
+        faded = Split(
+            ((x - x.mean()) * (1 - 0.18 * severity) + x.mean()).clamp(0, 255).round().to(torch.uint8), test.labels
+        )
         yield CorruptedSet("contrast", severity, lambda s=faded: s, made_here)
 
 
@@ -51,9 +63,18 @@ def study(tmp_path_factory):
     jobs = [(m, a, 3, s) for m, a in VARIANTS for s in (0, 1)] + [("de", None, 2, s) for s in (0, 1)]
     for method, alpha, size, seed in jobs:
         name = f"{method}{'' if alpha is None else f'-a{alpha}'}-M{size}-s{seed}"
-        overrides = [f"run.out_dir={root / 'runs'}", f"run.name={name}", "run.progress=false", f"ensemble_size={size}",
-                     "model.hidden=[16]", "optim.epochs=1", f"data.root={root / 'data'}", "eval.grad_samples=100",
-                     f"method.name={method}", f"seed={seed}"] + ([f"method.alpha={alpha}"] if alpha is not None else [])
+        overrides = [
+            f"run.out_dir={root / 'runs'}",
+            f"run.name={name}",
+            "run.progress=false",
+            f"ensemble_size={size}",
+            "model.hidden=[16]",
+            "optim.epochs=1",
+            f"data.root={root / 'data'}",
+            "eval.grad_samples=100",
+            f"method.name={method}",
+            f"seed={seed}",
+        ] + ([f"method.alpha={alpha}"] if alpha is not None else [])
         train(load_config("quickstart", overrides), corrupted_sets=corrupted_digits)
     torch.set_num_threads(threads)
     return root
@@ -66,8 +87,15 @@ def raw_results(study, pattern):
 def test_run_directories_load_with_variants_and_per_corruption_rows(study):
     runs = find_runs(study)
     assert len(runs) == 16
-    assert {r.variant for r in runs} == {"DE", "FoRDE-Identity", "FoRDE-Tuned (α=0.5)", "FoRDE-PCA", "Weight-RDE",
-                                         "Function-RDE", "LIT"}
+    assert {r.variant for r in runs} == {
+        "DE",
+        "FoRDE-Identity",
+        "FoRDE-Tuned (α=0.5)",
+        "FoRDE-PCA",
+        "Weight-RDE",
+        "Function-RDE",
+        "LIT",
+    }
     run = load_run_dir(study / "runs" / "forde-a0.5-M3-s1")
     assert (run.method, run.alpha, run.seed, run.ensemble_size, run.model) == ("forde", 0.5, 1, 3, "mlp")
     assert run.summary == raw_results(study, "forde-a0.5-M3-s1")[0]["summary"]
@@ -84,11 +112,14 @@ def test_a_run_whose_config_is_not_a_mapping_is_skipped_with_a_reason(tmp_path, 
     assert find_runs(tmp_path) == [] and "skipping" in caplog.text
 
 
-@pytest.mark.parametrize("variant,pattern,key", [
-    ("DE", "de-M3-s*", "test/nll"),
-    ("FoRDE-PCA", "forde-a1.0-M3-s*", "corrupted/accuracy"),
-    ("LIT", "lit-M3-s*", "test/ece"),
-])
+@pytest.mark.parametrize(
+    "variant,pattern,key",
+    [
+        ("DE", "de-M3-s*", "test/nll"),
+        ("FoRDE-PCA", "forde-a1.0-M3-s*", "corrupted/accuracy"),
+        ("LIT", "lit-M3-s*", "test/ece"),
+    ],
+)
 def test_table_cells_are_means_and_stds_over_seeds(study, variant, pattern, key):
     runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
     table = benchmark_table(runs, SETTING)
@@ -101,15 +132,21 @@ def test_table_cells_are_means_and_stds_over_seeds(study, variant, pattern, key)
     assert f"{column.fmt(cell.mean)} ± {column.fmt(cell.std)}" in to_markdown(table)
 
 
-@pytest.mark.parametrize("variant,pattern,key,column", [
-    ("FoRDE-PCA", "forde-a1.0-M3", "corrupted/accuracy", "Δ cA (%) ↑"),
-    ("LIT", "lit-M3", "test/nll", "Δ NLL ↓"),
-])
+@pytest.mark.parametrize(
+    "variant,pattern,key,column",
+    [
+        ("FoRDE-PCA", "forde-a1.0-M3", "corrupted/accuracy", "Δ cA (%) ↑"),
+        ("LIT", "lit-M3", "test/nll", "Δ NLL ↓"),
+    ],
+)
 def test_differences_to_de_are_paired_by_seed(study, variant, pattern, key, column):
     runs = [r for r in find_runs(study) if setting_of(r) == SETTING]
     text = difference_table(runs, SETTING)
-    diffs = [raw_results(study, f"{pattern}-s{seed}")[0]["summary"][key] - raw_results(study, f"de-M3-s{seed}")[0]["summary"][key]
-             for seed in (0, 1)]
+    diffs = [
+        raw_results(study, f"{pattern}-s{seed}")[0]["summary"][key]
+        - raw_results(study, f"de-M3-s{seed}")[0]["summary"][key]
+        for seed in (0, 1)
+    ]
     scale = 100.0 if "%" in column else 1.0
     digits = 1 if "%" in column else 3
     mean, std = statistics.fmean(diffs) * scale, statistics.stdev(diffs) * scale
@@ -126,7 +163,10 @@ def test_one_seed_shows_its_value_without_a_spread(study):
     runs = [r for r in find_runs(study) if setting_of(r) == SETTING and r.seed == 0]
     [nll] = raw_results(study, "de-M3-s0")
     line = next(line for line in to_markdown(benchmark_table(runs, SETTING)).splitlines() if line.startswith("| DE |"))
-    assert line.startswith(f"| DE | 1 | {nll['summary']['test/nll']:.3f} |") or f"| **{nll['summary']['test/nll']:.3f}** |" in line
+    assert (
+        line.startswith(f"| DE | 1 | {nll['summary']['test/nll']:.3f} |")
+        or f"| **{nll['summary']['test/nll']:.3f}** |" in line
+    )
     assert "±" not in line and "±" not in difference_table(runs, SETTING).split("\n\n")[1]
 
 
@@ -142,7 +182,9 @@ def test_best_mean_is_bold_and_latex_escapes(study):
 
 
 def test_paper_numbers_appear_beside_ours(study):
-    runs = [dataclasses.replace(r, dataset="cifar10", model="resnet18") for r in find_runs(study) if r.ensemble_size == 3]
+    runs = [
+        dataclasses.replace(r, dataset="cifar10", model="resnet18") for r in find_runs(study) if r.ensemble_size == 3
+    ]
     table = benchmark_table(runs, Setting("cifar10", "resnet18", 3), paper=True)
     assert table.paper_source == "Table 2"
     rows = {r.variant: r for r in table.rows}
@@ -167,20 +209,43 @@ def test_optuna_storage_loader(study, tmp_path):
     dist = {"method.alpha": optuna.distributions.FloatDistribution(0.0, 1.0)}
     for d in dirs:
         res = json.loads((d / "results.json").read_text())
-        opt.add_trial(optuna.trial.create_trial(
-            params={"method.alpha": load_run_dir(d).alpha},
-            distributions=dist, value=res["summary"]["test/accuracy"],
-            user_attrs={"run_dir": str(d), "summary": res["summary"]}))
+        opt.add_trial(
+            optuna.trial.create_trial(
+                params={"method.alpha": load_run_dir(d).alpha},
+                distributions=dist,
+                value=res["summary"]["test/accuracy"],
+                user_attrs={"run_dir": str(d), "summary": res["summary"]},
+            )
+        )
     gone = json.loads((dirs[0] / "results.json").read_text())["summary"]  # a trial whose run directory was deleted
-    opt.add_trial(optuna.trial.create_trial(
-        params={"method.alpha": 0.3}, distributions=dist, value=0.5,
-        user_attrs={"run_dir": str(tmp_path / "deleted"), "summary": gone,
-                    "config_params": {"method.name": "forde", "method.alpha": 0.3, "seed": 4}}))
-    opt.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"method.alpha": 0.9},
-                                            distributions=dist, intermediate_values={1: 0.1}))
-    opt.add_trial(optuna.trial.create_trial(  # an interrupted attempt, whose retry finished in the same directory
-        state=optuna.trial.TrialState.FAIL, params={"method.alpha": load_run_dir(dirs[0]).alpha}, distributions=dist,
-        user_attrs={"run_dir": str(dirs[0]), "failure": "interrupted"}))
+    opt.add_trial(
+        optuna.trial.create_trial(
+            params={"method.alpha": 0.3},
+            distributions=dist,
+            value=0.5,
+            user_attrs={
+                "run_dir": str(tmp_path / "deleted"),
+                "summary": gone,
+                "config_params": {"method.name": "forde", "method.alpha": 0.3, "seed": 4},
+            },
+        )
+    )
+    opt.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED,
+            params={"method.alpha": 0.9},
+            distributions=dist,
+            intermediate_values={1: 0.1},
+        )
+    )
+    opt.add_trial(
+        optuna.trial.create_trial(  # an interrupted attempt, whose retry finished in the same directory
+            state=optuna.trial.TrialState.FAIL,
+            params={"method.alpha": load_run_dir(dirs[0]).alpha},
+            distributions=dist,
+            user_attrs={"run_dir": str(dirs[0]), "failure": "interrupted"},
+        )
+    )
     opt.set_user_attr("data.name", "digits")
 
     runs = load_optuna(storage)
@@ -209,8 +274,10 @@ def test_figures_without_their_inputs_are_skipped_with_a_reason(study):
         figures.lengthscale_figure(de_only, SETTING)
     with pytest.raises(figures.Skip, match="two or more ensemble sizes"):
         figures.ensemble_size_figure(de_only, "MLP / Digits")
-    clean = [dataclasses.replace(r, summary={k: v for k, v in r.summary.items() if k.startswith("test/")}, per_set=[])
-             for r in de_only]
+    clean = [
+        dataclasses.replace(r, summary={k: v for k, v in r.summary.items() if k.startswith("test/")}, per_set=[])
+        for r in de_only
+    ]
     with pytest.raises(figures.Skip, match="no corrupted results"):
         figures.severity_figure(clean, SETTING)
     with pytest.raises(figures.Skip, match="no per-corruption results"):
@@ -223,11 +290,20 @@ def test_report_script_writes_every_table_and_figure(study, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert exit_.value.code == 0
-    expected = [f"digits-mlp-M3/{name}.{ext}" for name in ("benchmark", "severity", "corruptions", "diversity", "lengthscale")
-                for ext in ("png", "pdf")]
-    expected += ["digits-mlp-M3/benchmark.md", "digits-mlp-M3/benchmark.tex", "digits-mlp-M3/differences.md",
-                 "digits-mlp-M2/benchmark.md",
-                 "digits-mlp/ensemble_size.png", "digits-mlp/ensemble_size.pdf", "index.md"]
+    expected = [
+        f"digits-mlp-M3/{name}.{ext}"
+        for name in ("benchmark", "severity", "corruptions", "diversity", "lengthscale")
+        for ext in ("png", "pdf")
+    ]
+    expected += [
+        "digits-mlp-M3/benchmark.md",
+        "digits-mlp-M3/benchmark.tex",
+        "digits-mlp-M3/differences.md",
+        "digits-mlp-M2/benchmark.md",
+        "digits-mlp/ensemble_size.png",
+        "digits-mlp/ensemble_size.pdf",
+        "index.md",
+    ]
     for name in expected:
         assert (out / name).stat().st_size > 0, name
     index = (out / "index.md").read_text()
@@ -265,9 +341,16 @@ def test_numbers_on_regenerated_sets_and_old_set_mean_ece_are_marked(study, tmp_
     assert de[2].endswith(("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"))  # clean NLL: no mark
     assert all(cell.rstrip(" |").endswith("†") for cell in de[-3:])
     assert "† computed on corrupted sets generated here" in md and "‡" not in md
-    old = [dataclasses.replace(r, summary={k: v for k, v in r.summary.items()
-                                           if k not in ("corrupted/ece_set_mean", "corrupted/regenerated_sets")})
-           for r in runs if r.method == "de"]
+    old = [
+        dataclasses.replace(
+            r,
+            summary={
+                k: v for k, v in r.summary.items() if k not in ("corrupted/ece_set_mean", "corrupted/regenerated_sets")
+            },
+        )
+        for r in runs
+        if r.method == "de"
+    ]
     assert all(r.regenerated is None and r.set_mean_cece for r in old)
     md = to_markdown(benchmark_table(old, SETTING))
     ca, cnll, cece = next(line for line in md.splitlines() if line.startswith("| DE |")).rstrip(" |").split(" | ")[-3:]
@@ -278,17 +361,24 @@ def test_numbers_on_regenerated_sets_and_old_set_mean_ece_are_marked(study, tmp_
 
 
 def test_other_network_sizes_are_other_settings(study):
-    assert architecture({"model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]}}) == "width 16, blocks 1-1-1-1"
+    assert (
+        architecture({"model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]}}) == "width 16, blocks 1-1-1-1"
+    )
     assert architecture({"model.name": "resnet18", "model.width": 64}) == ""  # flat W&B configs, old configs
     assert architecture({"model": {"name": "mlp", "width": 16}}) == ""
-    small = [dataclasses.replace(r, dataset="cifar10", model="resnet18", arch="width 16, blocks 1-1-1-1")
-             for r in find_runs(study) if r.ensemble_size == 3]
+    small = [
+        dataclasses.replace(r, dataset="cifar10", model="resnet18", arch="width 16, blocks 1-1-1-1")
+        for r in find_runs(study)
+        if r.ensemble_size == 3
+    ]
     setting = setting_of(small[0])
     assert setting != Setting("cifar10", "resnet18", 3)
     assert setting.title == "ResNet18 (width 16, blocks 1-1-1-1) / CIFAR-10, M = 3"
     assert setting.slug == "cifar10-resnet18-width16-blocks1-1-1-1-M3"
     md = to_markdown(benchmark_table(small, setting, paper=True))
-    assert "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 3)" in md
+    assert (
+        "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 3)" in md
+    )
 
 
 def sampled_study(storage, name, directions, n, metric_names):
@@ -324,10 +414,16 @@ def test_forde_report_draws_each_optuna_study_with_its_best_trial_marked(tmp_pat
         sampled_study(storage, "young", ["minimize"], 1, ["val/nll"])
     assert cli(["report", str(folder)]) == 0
     out = folder / "report" / "optuna"
-    names = {"single": ["history", "importances", "parallel", "slice", "intermediate", "timeline"],
-             "pareto": ["pareto", "timeline"] + [f"{kind}-{metric}" for kind in ("history", "importances", "parallel", "slice")
-                                                  for metric in ("val_nll", "corrupted_accuracy")],
-             "young": ["history", "parallel", "slice", "intermediate", "timeline"]}
+    names = {
+        "single": ["history", "importances", "parallel", "slice", "intermediate", "timeline"],
+        "pareto": ["pareto", "timeline"]
+        + [
+            f"{kind}-{metric}"
+            for kind in ("history", "importances", "parallel", "slice")
+            for metric in ("val_nll", "corrupted_accuracy")
+        ],
+        "young": ["history", "parallel", "slice", "intermediate", "timeline"],
+    }
     for study, figures_ in names.items():
         for name in figures_:
             for ext in ("png", "pdf"):

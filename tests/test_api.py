@@ -29,13 +29,28 @@ from forde.methods import build_method
 from forde.train import Trainer, build
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSSES = {"de": forde.DeepEnsembleLoss, "forde": forde.FoRDELoss, "rde_weight": forde.WeightRDELoss,
-          "rde_function": forde.FunctionRDELoss, "lit": forde.LITLoss}
+LOSSES = {
+    "de": forde.DeepEnsembleLoss,
+    "forde": forde.FoRDELoss,
+    "rde_weight": forde.WeightRDELoss,
+    "rde_function": forde.FunctionRDELoss,
+    "lit": forde.LITLoss,
+}
 
 
 def digits_config(tmp_path, *overrides):
-    return load_config("quickstart", [f"data.root={tmp_path / 'data'}", f"run.out_dir={tmp_path}", "run.progress=false",
-                                      "ensemble_size=3", "model.hidden=[32]", "eval.corruptions=[none]", *overrides])
+    return load_config(
+        "quickstart",
+        [
+            f"data.root={tmp_path / 'data'}",
+            f"run.out_dir={tmp_path}",
+            "run.progress=false",
+            "ensemble_size=3",
+            "model.hidden=[32]",
+            "eval.corruptions=[none]",
+            *overrides,
+        ],
+    )
 
 
 def api_loss(m: MethodConfig, projection: torch.Tensor | None) -> forde.EnsembleLoss:
@@ -45,15 +60,19 @@ def api_loss(m: MethodConfig, projection: torch.Tensor | None) -> forde.Ensemble
     return cls(projection, **settings) if cls is forde.FoRDELoss else cls(**settings)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["method.alpha=1.0"],
-    ["method.alpha=0.4", "method.alpha_mix=lengthscale", "method.median=all_pairs", "method.bandwidth_scale=0.5"],
-    ["method.alpha=0.0", "method.grad_target=log_prob"],
-    ["method.name=de"],
-    ["method.name=rde_weight", "method.bandwidth_scale=2.0"],
-    ["method.name=rde_function", "method.bandwidth=0.5"],
-    ["method.name=lit", "method.lit_weight=0.3"],
-], ids=lambda o: " ".join(o))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.alpha=1.0"],
+        ["method.alpha=0.4", "method.alpha_mix=lengthscale", "method.median=all_pairs", "method.bandwidth_scale=0.5"],
+        ["method.alpha=0.0", "method.grad_target=log_prob"],
+        ["method.name=de"],
+        ["method.name=rde_weight", "method.bandwidth_scale=2.0"],
+        ["method.name=rde_function", "method.bandwidth=0.5"],
+        ["method.name=lit", "method.lit_weight=0.3"],
+    ],
+    ids=lambda o: " ".join(o),
+)
 def test_the_api_loss_is_the_training_loops(tmp_path, overrides):
     """Same members, the training loop's first batch, the projection from the training inputs: the same loss,
     outputs, statistics and parameter gradients as `forde train`'s step, to the bit."""
@@ -176,8 +195,14 @@ def test_metrics_of_your_own_predictions_are_the_evaluations():
     ens = forde.Ensemble([mlp(4) for _ in range(3)])
     ctx = EvalContext(torch.device("cpu"), (0.5,), (0.25,), batch_size=64, grad_samples=1000)
     g = torch.Generator().manual_seed(1)
-    sets = {(c, k): Split(torch.randint(0, 256, (90, 1, 6, 6), generator=g, dtype=torch.uint8),
-                          torch.randint(0, 4, (90,), generator=g)) for c in range(2) for k in (1, 3, 5)}
+    sets = {
+        (c, k): Split(
+            torch.randint(0, 256, (90, 1, 6, 6), generator=g, dtype=torch.uint8),
+            torch.randint(0, 4, (90,), generator=g),
+        )
+        for c in range(2)
+        for k in (1, 3, 5)
+    }
 
     def mine(split):
         x = (split.inputs.float() / 255 - 0.5) / 0.25
@@ -238,26 +263,44 @@ def test_loss_settings_default_to_the_configs():
                 assert p.default == getattr(defaults, name), (cls.__name__, name)
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: forde.FoRDELoss(bandwidth_scale=0.0), "bandwidth_scale = 0.0: must be positive"),
-    (lambda: forde.FoRDELoss(median="mean"), "median = 'mean': must be one of"),
-    (lambda: forde.LITLoss(lit_weight=-1.0), "lit_weight = -1.0: must be non-negative"),
-    (lambda: forde.FoRDELoss(torch.ones(3)), "projection: expected a float [D, D] matrix"),
-    (lambda: forde.FoRDELoss()([mlp(3)], torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
-     "at least 2 members"),
-    (lambda: forde.FoRDELoss(torch.eye(10))([mlp(3)] * 2, torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
-     "projection is [10, 10] but the inputs have 36 features"),
-    (lambda: forde.WeightRDELoss()([mlp(3), ConvGELU(3)], torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
-     "the same architecture"),
-    (lambda: forde.DeepEnsembleLoss()(mlp(3), torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
-     "pass a list of the M member networks"),
-    (lambda: forde.pca_projection(torch.zeros(9, 1, 6, 6, dtype=torch.uint8)), "pass images [N, C, H, W] with mean="),
-    (lambda: forde.pca_projection(torch.randn(9, 36), mean=(0.5,), std=(0.2,)), "float inputs are used as given"),
-    (lambda: forde.pca_projection(torch.randn(9, 36), alpha=1.5), "alpha = 1.5: must lie in [0, 1]"),
-    (lambda: forde.pca_projection(torch.randn(9, 36), mix="both"), "mix = 'both'"),
-    (lambda: forde.pca_projection(torch.randn(3, 40000)), "use the identity kernel"),
-    (lambda: forde.pca_projection([{"image": torch.zeros(3)}]), "expected a tensor, a dataset of samples"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: forde.FoRDELoss(bandwidth_scale=0.0), "bandwidth_scale = 0.0: must be positive"),
+        (lambda: forde.FoRDELoss(median="mean"), "median = 'mean': must be one of"),
+        (lambda: forde.LITLoss(lit_weight=-1.0), "lit_weight = -1.0: must be non-negative"),
+        (lambda: forde.FoRDELoss(torch.ones(3)), "projection: expected a float [D, D] matrix"),
+        (
+            lambda: forde.FoRDELoss()([mlp(3)], torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
+            "at least 2 members",
+        ),
+        (
+            lambda: forde.FoRDELoss(torch.eye(10))(
+                [mlp(3)] * 2, torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)
+            ),
+            "projection is [10, 10] but the inputs have 36 features",
+        ),
+        (
+            lambda: forde.WeightRDELoss()(
+                [mlp(3), ConvGELU(3)], torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)
+            ),
+            "the same architecture",
+        ),
+        (
+            lambda: forde.DeepEnsembleLoss()(mlp(3), torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
+            "pass a list of the M member networks",
+        ),
+        (
+            lambda: forde.pca_projection(torch.zeros(9, 1, 6, 6, dtype=torch.uint8)),
+            "pass images [N, C, H, W] with mean=",
+        ),
+        (lambda: forde.pca_projection(torch.randn(9, 36), mean=(0.5,), std=(0.2,)), "float inputs are used as given"),
+        (lambda: forde.pca_projection(torch.randn(9, 36), alpha=1.5), "alpha = 1.5: must lie in [0, 1]"),
+        (lambda: forde.pca_projection(torch.randn(9, 36), mix="both"), "mix = 'both'"),
+        (lambda: forde.pca_projection(torch.randn(3, 40000)), "use the identity kernel"),
+        (lambda: forde.pca_projection([{"image": torch.zeros(3)}]), "expected a tensor, a dataset of samples"),
+    ],
+)
 def test_bad_input_is_one_line_naming_it(call, message):
     with pytest.raises((ValueError, TypeError)) as err:
         call()
@@ -267,8 +310,13 @@ def test_bad_input_is_one_line_naming_it(call, message):
 def test_import_forde_is_light_and_every_public_name_resolves():
     """`import forde` loads no torch (the CLI starts fast); each name in `forde.__all__` imports on first use."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", "import sys, forde; print('torch' in sys.modules)"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, forde; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.stdout.strip() == "False", done.stderr
     assert all(getattr(forde, name) is not None for name in forde.__all__)
     typed = ast.parse((ROOT / "src" / "forde" / "__init__.py").read_text())  # what type checkers and docs see
@@ -281,8 +329,14 @@ def test_import_forde_is_light_and_every_public_name_resolves():
 @pytest.mark.parametrize("script", ["pytorch_loop.py", "lightning_module.py"])
 def test_example_runs_a_few_steps(tmp_path, script):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     keys = {k.removeprefix("val/") for k in metrics}
@@ -298,8 +352,15 @@ def test_the_python_blocks_of_docs_api_md_run():
     ensemble = forde.Ensemble([mlp(3) for _ in range(3)])
     with torch.no_grad():
         corrupted_sets = [(f"c{c}", k, ensemble(x).log_softmax(-1), y) for c in range(2) for k in (1, 2)]
-    namespace = {"MyNet": lambda: mlp(3), "train_x": x, "train_loader": DataLoader(TensorDataset(x, y), batch_size=16),
-                 "ensemble": ensemble, "x_test": x, "y_test": y, "my_corrupted_sets": corrupted_sets}
+    namespace = {
+        "MyNet": lambda: mlp(3),
+        "train_x": x,
+        "train_loader": DataLoader(TensorDataset(x, y), batch_size=16),
+        "ensemble": ensemble,
+        "x_test": x,
+        "y_test": y,
+        "my_corrupted_sets": corrupted_sets,
+    }
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
     assert len(blocks) >= 4
     for block in blocks:

@@ -47,7 +47,9 @@ def bandwidth(dv, scale, fixed):
 
 def data_term(outs, y, gaussian):
     if gaussian:
-        return sum((0.5 * (o[:, 0] - y) ** 2 / 0.3**2 + math.log(0.3) + 0.5 * math.log(2 * math.pi)).mean() for o in outs)
+        return sum(
+            (0.5 * (o[:, 0] - y) ** 2 / 0.3**2 + math.log(0.3) + 0.5 * math.log(2 * math.pi)).mean() for o in outs
+        )
     return sum(F.cross_entropy(o, y) for o in outs)
 
 
@@ -95,8 +97,10 @@ def test_kernels_and_penalty_ignore_bf16_autocast(device):
     computes exactly what it computes without autocast, value and gradient."""
     ens = make_problem(seed=6)[0].float().to(device)
     g = torch.Generator().manual_seed(0)
+
     def close(*shape):
         return (torch.randn(shape[1:], generator=g) + 0.05 * torch.randn(shape, generator=g)).to(device)
+
     u, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     forde = FoRDE(MethodConfig(alpha=0.5), projection(u, torch.rand(16, generator=g) * 3, 0.5).to(device))
     cases = {  # a loss of one leaf tensor
@@ -147,7 +151,9 @@ def member_input_gradients(ens, x, pick):
     return outs, grads
 
 
-@pytest.mark.parametrize("gaussian,target,weight", [(False, "logit", 1.0), (False, "log_prob", 0.3), (True, "logit", 2.0)])
+@pytest.mark.parametrize(
+    "gaussian,target,weight", [(False, "logit", 1.0), (False, "log_prob", 0.3), (True, "logit", 2.0)]
+)
 def test_lit_matches_brute_force(gaussian, target, weight):
     ens, x, y = make_problem(seed=4, outputs=1 if gaussian else C)
     likelihood = Gaussian(0.3) if gaussian else Categorical(target)
@@ -165,7 +171,11 @@ def test_lit_matches_brute_force(gaussian, target, weight):
         for i in range(M):
             for j in range(i + 1, M):
                 gi, gj = grads[i][b], grads[j][b]
-                cos = (gi * gj).sum() / torch.sqrt((gi * gi).sum() + cfg.eps**2) / torch.sqrt((gj * gj).sum() + cfg.eps**2)
+                cos = (
+                    (gi * gj).sum()
+                    / torch.sqrt((gi * gi).sum() + cfg.eps**2)
+                    / torch.sqrt((gj * gj).sum() + cfg.eps**2)
+                )
                 penalty = penalty + cos**2
     assert_same(ens, loss, data_term(outs, y, gaussian) + weight * penalty / B)
     assert stats["repulsion"].item() == pytest.approx(weight * penalty.item() / B, rel=1e-6)
@@ -191,10 +201,13 @@ def test_forde_with_gaussian_likelihood_repels_gradients_of_the_mean():
     assert_same(ens, loss, data_term(outs, y, True) + rep / B)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("method.lit_weight=-1", r"method.lit_weight = -1"),
-    ("method.name=svgd", r"bad value for 'method.name'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.lit_weight=-1", r"method.lit_weight = -1"),
+        ("method.name=svgd", r"bad value for 'method.name'"),
+    ],
+)
 def test_bad_baseline_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("quickstart", [override])
@@ -204,5 +217,7 @@ def test_bad_baseline_values_are_named(override, message):
 def test_kernel_baselines_need_two_members_unless_the_bandwidth_is_fixed(name):
     with pytest.raises(ConfigError, match=f"{name}'s median-heuristic bandwidth"):
         load_config("quickstart", [f"method.name={name}", "ensemble_size=1"])
-    assert load_config("quickstart", [f"method.name={name}", "ensemble_size=1", "method.bandwidth=1.0"]).ensemble_size == 1
+    assert (
+        load_config("quickstart", [f"method.name={name}", "ensemble_size=1", "method.bandwidth=1.0"]).ensemble_size == 1
+    )
     assert load_config("quickstart", ["method.name=lit", "ensemble_size=1"]).method.name == "lit"

@@ -17,8 +17,12 @@ from forde.methods.forde import FoRDE
 from forde.models.batchnorm import _BatchNormTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
 
-LAYERS = {"BatchNorm2d": (nn.BatchNorm2d, (6, 3, 5, 4)), "BatchNorm1d": (nn.BatchNorm1d, (7, 3)),
-          "BatchNorm1d, sequences": (nn.BatchNorm1d, (5, 3, 4)), "BatchNorm3d": (nn.BatchNorm3d, (4, 3, 2, 3, 2))}
+LAYERS = {
+    "BatchNorm2d": (nn.BatchNorm2d, (6, 3, 5, 4)),
+    "BatchNorm1d": (nn.BatchNorm1d, (7, 3)),
+    "BatchNorm1d, sequences": (nn.BatchNorm1d, (5, 3, 4)),
+    "BatchNorm3d": (nn.BatchNorm3d, (4, 3, 2, 3, 2)),
+}
 
 
 def second_order_grads(layer: nn.Module, x: torch.Tensor, terms: str) -> list[torch.Tensor]:
@@ -75,8 +79,10 @@ def test_finite_differences():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
     def bn(x, w, b):
         return _BatchNormTrain.apply(x, w, b, None, None, 0.1, 1e-5)
+
     assert torch.autograd.gradcheck(bn, (x, w, b))
     assert torch.autograd.gradgradcheck(bn, (x, w, b))
 
@@ -103,8 +109,9 @@ def test_eval_mode_and_no_grad_use_running_statistics():
     layer.running_mean.fill_(0.5)
     x = torch.randn(4, 3, 2, 2)
     layer.eval()
-    torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, layer.running_mean, layer.running_var,
-                                                                  layer.weight, layer.bias, False))
+    torch.testing.assert_close(
+        layer(x), nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False)
+    )
     layer.train()
     with torch.no_grad():
         layer(x)
@@ -120,7 +127,10 @@ def test_forde_step_matches_pytorch_derivatives(model, subset):
     x, y = torch.randn(10, *shape, dtype=torch.float64), torch.randint(0, 5, (10,))
     d = x[0].numel()
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
-    method = FoRDE(MethodConfig(name="forde", alpha=0.5, repulsion_subset=subset), projection(q, torch.rand(d, dtype=torch.float64) + 0.5, 0.5))
+    method = FoRDE(
+        MethodConfig(name="forde", alpha=0.5, repulsion_subset=subset),
+        projection(q, torch.rand(d, dtype=torch.float64) + 0.5, 0.5),
+    )
     results = []
     for native in (False, True):
         ens = build_ensemble(model, 3, shape, 5, seed=0).double().train()
@@ -146,8 +156,10 @@ def test_bfloat16_autocast_stays_close_to_float32(device, channels_last):
 
     def grads(native: bool, bf16: bool) -> list[torch.Tensor]:
         layer, x = nn.BatchNorm2d(8).to(device), x0.clone().requires_grad_(True)
-        with (torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
-              native_derivatives() if native else hand_written_derivatives()):
+        with (
+            torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
+            native_derivatives() if native else hand_written_derivatives(),
+        ):
             y = layer(conv(x))
             assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
             (gx,) = torch.autograd.grad((y.float().tanh() * r).sum(), x, create_graph=True)

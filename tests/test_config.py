@@ -11,30 +11,33 @@ from forde.config import DEVICE_DEFAULTS, ConfigError, builtin_config_names, loa
 from forde.device import resolve_settings
 
 
-@pytest.mark.parametrize("override,message", [
-    ("method.alpah=0.4", r"unknown config key 'method.alpah'; did you mean 'method.alpha'"),
-    ("ensemble_size=-2", r"ensemble_size = -2: must be at least 1"),
-    ("method.alpha=1.5", r"method.alpha = 1.5: must lie in \[0, 1\]"),
-    ("method.alpha=-0.1", r"method.alpha = -0.1"),
-    ("optim.lr=fast", r"bad value for 'optim.lr'.*; e.g. optim.lr=0.1$"),
-    ("optim.epochs", r"^override 'optim.epochs' has no value; write it as optim.epochs=VALUE$"),
-    ("model.name=vgg", r"model.name = 'vgg': is none of mlp, resnet18, .* timm:NAME or PACKAGE.MODULE:CALLABLE"),
-    ("method.grad_target=loss", r"method.grad_target"),
-    ("eval.corruptions=[fog,rain]", r"unknown corruption\(s\) \['rain'\]"),
-    ("eval.severities=[0]", r"eval.severities"),
-    ("ensemble_size=1", r"needs at least 2 members"),
-    ("optim.decay_start=0.95", r"decay_start"),
-    ("data.val_fraction=1.0", r"data.val_fraction"),
-    ("data.test_subset=-5", r"data.test_subset = -5: must be a positive sample count or null"),
-    ("model.blocks=[2,0,2,2]", r"model.blocks = \[2, 0, 2, 2\]: needs at least one stage"),
-    ("model.blocks=[1,1,1,1]", r"sets the depth of resnet18 and preact_resnet18 only, not of model.name = mlp"),
-    ("method.alpha_mix=covariance", r"bad value for 'method.alpha_mix'"),
-    ("method.repulsion_ramp_start=0", r"method.repulsion_ramp_start = 0.0: must be positive"),
-    ("method.median=all", r"bad value for 'method.median'"),
-    ("run.wandb.init_timeout=0", r"run.wandb.init_timeout = 0.0: must be positive"),
-    ("precision=fp16", r"bad value for 'precision'"),
-    ("model.execution=jit", r"bad value for 'model.execution'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.alpah=0.4", r"unknown config key 'method.alpah'; did you mean 'method.alpha'"),
+        ("ensemble_size=-2", r"ensemble_size = -2: must be at least 1"),
+        ("method.alpha=1.5", r"method.alpha = 1.5: must lie in \[0, 1\]"),
+        ("method.alpha=-0.1", r"method.alpha = -0.1"),
+        ("optim.lr=fast", r"bad value for 'optim.lr'.*; e.g. optim.lr=0.1$"),
+        ("optim.epochs", r"^override 'optim.epochs' has no value; write it as optim.epochs=VALUE$"),
+        ("model.name=vgg", r"model.name = 'vgg': is none of mlp, resnet18, .* timm:NAME or PACKAGE.MODULE:CALLABLE"),
+        ("method.grad_target=loss", r"method.grad_target"),
+        ("eval.corruptions=[fog,rain]", r"unknown corruption\(s\) \['rain'\]"),
+        ("eval.severities=[0]", r"eval.severities"),
+        ("ensemble_size=1", r"needs at least 2 members"),
+        ("optim.decay_start=0.95", r"decay_start"),
+        ("data.val_fraction=1.0", r"data.val_fraction"),
+        ("data.test_subset=-5", r"data.test_subset = -5: must be a positive sample count or null"),
+        ("model.blocks=[2,0,2,2]", r"model.blocks = \[2, 0, 2, 2\]: needs at least one stage"),
+        ("model.blocks=[1,1,1,1]", r"sets the depth of resnet18 and preact_resnet18 only, not of model.name = mlp"),
+        ("method.alpha_mix=covariance", r"bad value for 'method.alpha_mix'"),
+        ("method.repulsion_ramp_start=0", r"method.repulsion_ramp_start = 0.0: must be positive"),
+        ("method.median=all", r"bad value for 'method.median'"),
+        ("run.wandb.init_timeout=0", r"run.wandb.init_timeout = 0.0: must be positive"),
+        ("precision=fp16", r"bad value for 'precision'"),
+        ("model.execution=jit", r"bad value for 'model.execution'"),
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("quickstart", [override])
@@ -78,8 +81,12 @@ def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_the_place(tmp_path,
 
 
 def test_console_script_prints_resolved_config():
-    out = subprocess.run([sys.executable, "-m", "forde.cli", "config", "quickstart", "method.alpha=0.2"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "forde.cli", "config", "quickstart", "method.alpha=0.2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "alpha: 0.2" in out and "ensemble_size: 5" in out
 
 
@@ -91,8 +98,10 @@ def test_auto_settings_take_the_device_defaults_and_explicit_values_win():
     assert chosen.channels_last and chosen.execution == "vmap"
 
 
-@pytest.mark.parametrize("override,message", [("precision=bf16", "bf16 autocast is for CUDA"),
-                                              ("cuda.graphs=true", "CUDA graphs need a CUDA device")])
+@pytest.mark.parametrize(
+    "override,message",
+    [("precision=bf16", "bf16 autocast is for CUDA"), ("cuda.graphs=true", "CUDA graphs need a CUDA device")],
+)
 def test_cuda_only_settings_on_the_cpu_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("quickstart", ["device=cpu", override])

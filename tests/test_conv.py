@@ -11,11 +11,16 @@ from forde.models import conv as conv_module
 from forde.models.conv import _ConvTrain
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
 
-LAYERS = {"3x3": dict(kernel_size=3, stride=1, padding=1), "3x3 stride 2": dict(kernel_size=3, stride=2, padding=1),
-          "1x1 stride 2": dict(kernel_size=1, stride=2, padding=0), "grouped": dict(kernel_size=3, padding=1, groups=2),
-          "depthwise": dict(kernel_size=3, padding=1, groups=4), "bias": dict(kernel_size=3, padding=1, bias=True),
-          "reflect padding, dilation 2": dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect", bias=True),
-          "2x2 patches": dict(kernel_size=2, stride=2, bias=True)}
+LAYERS = {
+    "3x3": dict(kernel_size=3, stride=1, padding=1),
+    "3x3 stride 2": dict(kernel_size=3, stride=2, padding=1),
+    "1x1 stride 2": dict(kernel_size=1, stride=2, padding=0),
+    "grouped": dict(kernel_size=3, padding=1, groups=2),
+    "depthwise": dict(kernel_size=3, padding=1, groups=4),
+    "bias": dict(kernel_size=3, padding=1, bias=True),
+    "reflect padding, dilation 2": dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect", bias=True),
+    "2x2 patches": dict(kernel_size=2, stride=2, bias=True),
+}
 
 
 def second_order_grads(layer: nn.Conv2d, x: torch.Tensor, with_weight: bool) -> list[torch.Tensor]:
@@ -71,8 +76,10 @@ def test_finite_differences():
     torch.manual_seed(0)
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+
     def conv(x, w):
         return _ConvTrain.apply(x, w.view_as(w), ([2, 2], [1, 1], [1, 1], 1))
+
     assert torch.autograd.gradcheck(conv, (x, w))
     assert torch.autograd.gradgradcheck(conv, (x, w))
 

@@ -24,8 +24,10 @@ N_TEST, SIDE = 12, 8
 def write_synthetic(root, name="synth"):
     """An imported RGB dataset of 8x8 images: 24 training and 12 test images of 3 classes."""
     rng = np.random.default_rng(0)
+
     def split(n):
         return Split(torch.from_numpy(rng.integers(0, 256, (n, 3, SIDE, SIDE), dtype=np.uint8)), torch.arange(n) % 3)
+
     save_store(root / name, {"train": split(24), "test": split(N_TEST)}, ["a", "b", "c"])
     return load_dataset(DataConfig(name=name, root=str(root)))
 
@@ -40,11 +42,25 @@ def place(root, dataset, images=None, labels=None):
 
 
 def config(tmp_path, root, *extra):
-    return load_config("quickstart", [
-        f"data.root={tmp_path / 'data'}", "data.name=synth", f"run.out_dir={tmp_path / 'runs'}", "run.name=run",
-        "run.progress=false", "optim.epochs=1", "ensemble_size=2", "model.hidden=[8]", "optim.batch_size=8",
-        "eval.corruptions=[fog]", "eval.generate_corrupted=false", f"eval.corrupted_root={root}", "eval.grad_samples=0",
-        *extra])
+    return load_config(
+        "quickstart",
+        [
+            f"data.root={tmp_path / 'data'}",
+            "data.name=synth",
+            f"run.out_dir={tmp_path / 'runs'}",
+            "run.name=run",
+            "run.progress=false",
+            "optim.epochs=1",
+            "ensemble_size=2",
+            "model.hidden=[8]",
+            "optim.batch_size=8",
+            "eval.corruptions=[fog]",
+            "eval.generate_corrupted=false",
+            f"eval.corrupted_root={root}",
+            "eval.grad_samples=0",
+            *extra,
+        ],
+    )
 
 
 def truncated(root, ds):
@@ -55,11 +71,13 @@ def truncated(root, ds):
 
 def damaged(images=None, labels=None):
     """`place` with the test images (5N, H, W, C) and labels (5N,) changed by `images(x)` and `labels(y)`."""
+
     def write(root, ds):
         test = ds.full.test
         x = np.concatenate([test.inputs.permute(0, 2, 3, 1).numpy()] * 5)
         y = np.tile(test.labels.numpy(), 5).astype(np.uint8)
         place(root, ds, images(x) if images else None, labels(y) if labels else None)
+
     return write
 
 
@@ -82,17 +100,26 @@ def bad_part(root, ds):
 
 DEFECTS = {  # what is wrong -> (how to make it, what the line says, which file it names)
     "truncated": (truncated, "is unreadable or cut short", "fog.npy"),
-    "channels-first": (damaged(images=lambda x: x.transpose(0, 3, 1, 2).copy()),
-                       "is channels-first (60, 3, 8, 8), but the layout is channels-last", "fog.npy"),
+    "channels-first": (
+        damaged(images=lambda x: x.transpose(0, 3, 1, 2).copy()),
+        "is channels-first (60, 3, 8, 8), but the layout is channels-last",
+        "fog.npy",
+    ),
     "float pixels": (damaged(images=lambda x: x.astype(np.float32)), "is float32, expected uint8", "fog.npy"),
-    "image size": (damaged(images=lambda x: np.zeros((len(x), 10, 10, 3), np.uint8)),
-                   "holds 10x10 images, but the test images are 8x8", "fog.npy"),
+    "image size": (
+        damaged(images=lambda x: np.zeros((len(x), 10, 10, 3), np.uint8)),
+        "holds 10x10 images, but the test images are 8x8",
+        "fog.npy",
+    ),
     "row count": (damaged(images=lambda x: x[:-1]), "has shape (59, 8, 8, 3), expected (60, 8, 8, 3)", "fog.npy"),
     "pickled objects": (pickled_objects, "is unreadable or cut short", "fog.npy"),
     "label count": (damaged(labels=lambda y: y[:-5]), "has 55 labels, expected 60", "labels.npy"),
     "label range": (damaged(labels=lambda y: y + 3), "holds labels 3..5, but the dataset has 3 classes", "labels.npy"),
-    "label order": (damaged(labels=lambda y: y[::-1].copy()), "differ from the test labels in the test set's order",
-                    "labels.npy"),
+    "label order": (
+        damaged(labels=lambda y: y[::-1].copy()),
+        "differ from the test labels in the test set's order",
+        "labels.npy",
+    ),
     "float labels": (damaged(labels=lambda y: y.astype(np.float64)), "expected integer labels", "labels.npy"),
     "labels missing": (no_labels, "is missing", "labels.npy"),
     "one severity's block": (bad_part, "has shape (12, 8, 8, 1), expected (12, 8, 8, 3)", "parts/fog_s1.npy"),
@@ -120,8 +147,18 @@ def test_data_corrupt_check_reports_the_same_problems(tmp_path, capsys, defect):
     root = tmp_path / "synth-C"
     make, says, names = DEFECTS[defect]
     make(root, ds)
-    args = ["data", "corrupt", "--dataset", "synth", "--root", str(tmp_path / "data"), "--corruptions", "fog",
-            "--check", str(root)]
+    args = [
+        "data",
+        "corrupt",
+        "--dataset",
+        "synth",
+        "--root",
+        str(tmp_path / "data"),
+        "--corruptions",
+        "fog",
+        "--check",
+        str(root),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"forde: {root / names}") and says in err
@@ -154,14 +191,24 @@ def test_every_problem_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- folder layout
 
+
 def tiny_c(tmp_path):
     """Tiny-ImageNet (3 classes, one 64x64 test image each) and its contrast s1 set in the folder layout."""
     write_tinyimagenet(tmp_path / "data", per_class=1)
     ds = load_dataset(DataConfig(name="tinyimagenet", root=str(tmp_path / "data")))
     root = tmp_path / "tinyimagenet-C"
     test = ds.full.test
-    generate_corrupted_set(test.inputs, test.labels, root, corruptions=["contrast"], severities=[1], layout="folder",
-                           class_dirs=ds.class_names, progress=False, workers=1)
+    generate_corrupted_set(
+        test.inputs,
+        test.labels,
+        root,
+        corruptions=["contrast"],
+        severities=[1],
+        layout="folder",
+        class_dirs=ds.class_names,
+        progress=False,
+        workers=1,
+    )
     return ds, root, root / "contrast" / "1"
 
 

@@ -25,8 +25,12 @@ def write_cifar_c(root, names=("fog", "snow")):
 
 def write_tiny_c(root, name="fog", severity=2):
     """Tiny-ImageNet-C layout: <name>/<severity>/<wnid>/<file>.JPEG; flat colours survive JPEG."""
-    colours = {("n09", "val_7.JPEG"): 40, ("n01", "val_9.JPEG"): 80, ("n01", "val_2.JPEG"): 120,
-               ("n05", "val_1.JPEG"): 160}
+    colours = {
+        ("n09", "val_7.JPEG"): 40,
+        ("n01", "val_9.JPEG"): 80,
+        ("n01", "val_2.JPEG"): 120,
+        ("n05", "val_1.JPEG"): 160,
+    }
     for (wnid, file), value in colours.items():  # written in no particular order
         folder = root / name / str(severity) / wnid
         folder.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,16 @@ from forde.data.corrupted_sets import corruption_rng, generate_corrupted_set, ru
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES
 
 TABLE_SIDES = {"cifar": 32, "tiny": 64}
-DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression",
-                 "gaussian_blur", "saturate"}
+DETERMINISTIC = {
+    "defocus_blur",
+    "zoom_blur",
+    "brightness",
+    "contrast",
+    "pixelate",
+    "jpeg_compression",
+    "gaussian_blur",
+    "saturate",
+}
 
 
 def natural_images(n: int, side: int, seed: int = 0) -> np.ndarray:
@@ -39,7 +47,7 @@ def natural_images(n: int, side: int, seed: int = 0) -> np.ndarray:
         img = np.where((((yy - cy) ** 2 + (xx - cx) ** 2) < r * r)[..., None], rng.uniform(0, 1, 3), img)
         y0, x0 = rng.integers(0, side // 2, 2)
         h, w = rng.integers(side // 6, side // 3, 2)
-        img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 1, 3)
+        img[y0 : y0 + h, x0 : x0 + w] = rng.uniform(0, 1, 3)
         texture = ndimage.gaussian_filter(rng.normal(size=(side, side, 3)), (side / 32, side / 32, 0))
         img = img + 0.15 * texture / texture.std() + 0.05 * np.sin(2 * np.pi * xx * 5)[..., None]
         images.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
@@ -53,10 +61,11 @@ def corrupted(name: str, table: str, severity: int, seed: int = 0) -> np.ndarray
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0 ** 2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
 
 
 # ---------------------------------------------------------------------------------------------- contract
+
 
 @pytest.mark.parametrize("table", ["cifar", "tiny"])
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -85,8 +94,9 @@ def test_small_grey_and_odd_sides(name):
 def test_grey_is_channel_mean_of_rgb_result():
     grey = natural_images(3, 16)[..., :1]
     rgb = C.corrupt(np.repeat(grey, 3, axis=-1), "fog", 4, np.random.default_rng(5))
-    np.testing.assert_array_equal(C.corrupt(grey, "fog", 4, np.random.default_rng(5)),
-                                  rgb.mean(axis=-1, keepdims=True).astype(np.uint8))
+    np.testing.assert_array_equal(
+        C.corrupt(grey, "fog", 4, np.random.default_rng(5)), rgb.mean(axis=-1, keepdims=True).astype(np.uint8)
+    )
 
 
 def test_result_per_image_does_not_depend_on_batching():
@@ -170,8 +180,10 @@ def test_elastic_distortion_grows_with_severity(table):
     step = 256 // side
     yy, xx = np.mgrid[0:side, 0:side] * step
     ramps = np.repeat(np.stack([xx, yy, np.full_like(xx, 128)], -1).astype(np.uint8)[None], 4, axis=0)
-    warp = [_non_affine_displacement(C.corrupt(ramps, "elastic_transform", s, np.random.default_rng(0), table), step)
-            for s in SEVERITIES]
+    warp = [
+        _non_affine_displacement(C.corrupt(ramps, "elastic_transform", s, np.random.default_rng(0), table), step)
+        for s in SEVERITIES
+    ]
     assert warp[0] < 0.6 / step  # s1 is affine only: what is left is uint8 rounding
     # Tiny s2's field is smoothed with sigma = 19 px, so it is almost affine too.
     assert warp[1] > warp[0] if table == "cifar" else warp[1] < warp[0] + 0.01
@@ -179,6 +191,7 @@ def test_elastic_distortion_grows_with_severity(table):
 
 
 # ---------------------------------------------------------------------------------------------- published facts
+
 
 def test_parameter_tables_match_the_scripts():
     cifar, tiny = C.TABLES["cifar"].params, C.TABLES["tiny"].params
@@ -213,9 +226,13 @@ def test_derived_sizes():
 
 
 def test_frost_textures_are_the_published_files():
-    md5 = {"frost1.png": "6ead634ace1f366d77e87078b465863c", "frost2.png": "98f0d2b1d74a048d3bc9c7ecfd886939",
-           "frost3.png": "b3ed8eb147824261888e730f916c0d8b", "frost4.jpg": "d70b9d6aa0b1fe7bd8133b113787e078",
-           "frost5.jpg": "50984ae2c871b7df2c28f1d71ca460a0"}
+    md5 = {
+        "frost1.png": "6ead634ace1f366d77e87078b465863c",
+        "frost2.png": "98f0d2b1d74a048d3bc9c7ecfd886939",
+        "frost3.png": "b3ed8eb147824261888e730f916c0d8b",
+        "frost4.jpg": "d70b9d6aa0b1fe7bd8133b113787e078",
+        "frost5.jpg": "50984ae2c871b7df2c28f1d71ca460a0",
+    }
     assert {f: hashlib.md5((C.FROST_DIR / f).read_bytes()).hexdigest() for f in C.FROST_FILES} == md5
     assert [t.shape[:2] for t in C.frost_textures(0.2)] == [(120, 180), (63, 112), (63, 112), (70, 105), (99, 132)]
     assert [t.shape[0] for t in C.frost_textures(0.3)][:2] == [180, 94]
@@ -269,15 +286,16 @@ def test_final_cast_truncates():
 
 def test_gaussian_and_zoom_helpers_match_scikit_image_and_scipy():
     batch = np.random.default_rng(0).random((3, 16, 16, 3))
-    np.testing.assert_array_equal(C._gaussian(batch, 0.7), np.stack([sk_gaussian(b, sigma=0.7, channel_axis=-1)
-                                                                     for b in batch]))
+    np.testing.assert_array_equal(
+        C._gaussian(batch, 0.7), np.stack([sk_gaussian(b, sigma=0.7, channel_axis=-1) for b in batch])
+    )
     x = batch.astype(np.float32)
     for factor in C.zoom_factors(1.26)[1::6]:
         crop = int(np.ceil(16 / factor))
         top = (16 - crop) // 2
-        zoomed = ndimage.zoom(x[:, top:top + crop, top:top + crop], (1, factor, factor, 1), order=1)
+        zoomed = ndimage.zoom(x[:, top : top + crop, top : top + crop], (1, factor, factor, 1), order=1)
         trim = (zoomed.shape[1] - 16) // 2
-        np.testing.assert_allclose(C._clipped_zoom(x, factor), zoomed[:, trim:trim + 16, trim:trim + 16], atol=1e-6)
+        np.testing.assert_allclose(C._clipped_zoom(x, factor), zoomed[:, trim : trim + 16, trim : trim + 16], atol=1e-6)
 
 
 def test_motion_blur_trails_one_way_with_gaussian_weights():
@@ -287,7 +305,7 @@ def test_motion_blur_trails_one_way_with_gaussian_weights():
     dot = np.zeros((1, 9, 9, 1), np.uint8)
     dot[0, 4, 4] = 255
     out = C._imagemagick_motion_blur(dot, 3, 1.0, np.array([0.0]))[0, ..., 0].astype(float)
-    weights = np.exp(-np.arange(7) ** 2 / 2.0)
+    weights = np.exp(-(np.arange(7) ** 2) / 2.0)
     # pixel (4, 4 - i) reads the dot through tap i; nothing lands to the right of it
     np.testing.assert_allclose(out[4, 4::-1], np.floor(255 * weights[:5] / weights.sum() + 0.5 / 257), atol=1)
     assert out[4, 5:].sum() == 0 and out[[3, 5]].sum() == 0
@@ -332,8 +350,7 @@ def small_split(n: int = 6, side: int = 16) -> tuple[torch.Tensor, torch.Tensor]
 
 def test_generate_writes_the_cifar_c_layout(tmp_path):
     images, labels = small_split()
-    report = generate_corrupted_set(images, labels, tmp_path, corruptions=GEN_NAMES, seed=3, progress=False,
-                                    workers=1)
+    report = generate_corrupted_set(images, labels, tmp_path, corruptions=GEN_NAMES, seed=3, progress=False, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.npy" for n in GEN_NAMES] + ["labels.npy"])
     assert report.assembled == list(GEN_NAMES) and len(report.written) == 15
     stored_labels = np.load(tmp_path / "labels.npy")
@@ -343,8 +360,9 @@ def test_generate_writes_the_cifar_c_layout(tmp_path):
         data = np.load(tmp_path / f"{name}.npy")
         assert data.shape == (30, 16, 16, 3) and data.dtype == np.uint8
         for s in SEVERITIES:
-            np.testing.assert_array_equal(data[(s - 1) * 6:s * 6],
-                                          C.corrupt(nhwc, name, s, corruption_rng(3, name, s), "cifar"))
+            np.testing.assert_array_equal(
+                data[(s - 1) * 6 : s * 6], C.corrupt(nhwc, name, s, corruption_rng(3, name, s), "cifar")
+            )
 
 
 def test_generation_resumes_without_redoing_work(tmp_path):
@@ -355,8 +373,9 @@ def test_generation_resumes_without_redoing_work(tmp_path):
     (tmp_path / "frost.npy").unlink()
     (tmp_path / "frost.npy.tmp").write_bytes(b"half-written")  # an interrupted write
     # a run stopped part-way: two frost severities already done
-    generate_corrupted_set(images, labels, tmp_path, corruptions=["frost"], severities=[2, 4], progress=False,
-                           workers=1)
+    generate_corrupted_set(
+        images, labels, tmp_path, corruptions=["frost"], severities=[2, 4], progress=False, workers=1
+    )
     assert not (tmp_path / "frost.npy").exists() and len(list((tmp_path / "parts").iterdir())) == 2
     report = generate_corrupted_set(images, labels, tmp_path, corruptions=GEN_NAMES, progress=False, workers=1)
     assert sorted(report.written) == [("frost", s) for s in (1, 3, 5)]
@@ -394,16 +413,39 @@ def test_folder_layout_written_and_read_back(tmp_path):
     images, labels = small_split()
     wnids = ("n02", "n01", "n03")
     files = tuple(f"val_{i}.JPEG" for i in range(6))
-    generate_corrupted_set(images, labels, tmp_path, corruptions=["contrast"], severities=[2, 5], layout="folder",
-                           class_dirs=wnids, file_names=files, progress=False, workers=1)
+    generate_corrupted_set(
+        images,
+        labels,
+        tmp_path,
+        corruptions=["contrast"],
+        severities=[2, 5],
+        layout="folder",
+        class_dirs=wnids,
+        file_names=files,
+        progress=False,
+        workers=1,
+    )
     assert sorted(p.name for p in (tmp_path / "contrast").iterdir()) == ["2", "5"]
     assert (tmp_path / "contrast" / "2" / "n02" / "val_3.JPEG").is_file()
     written = os.stat(tmp_path / "contrast" / "2" / "n02" / "val_3.JPEG").st_mtime_ns
     (tmp_path / "contrast" / ".3.tmp" / "n01").mkdir(parents=True)  # an interrupted severity
-    report = generate_corrupted_set(images, labels, tmp_path, corruptions=["contrast"], severities=[2, 3, 5],
-                                    layout="folder", class_dirs=wnids, file_names=files, progress=False, workers=1)
+    report = generate_corrupted_set(
+        images,
+        labels,
+        tmp_path,
+        corruptions=["contrast"],
+        severities=[2, 3, 5],
+        layout="folder",
+        class_dirs=wnids,
+        file_names=files,
+        progress=False,
+        workers=1,
+    )
     assert report.written == [("contrast", 3)] and sorted(p.name for p in (tmp_path / "contrast").iterdir()) == [
-        "2", "3", "5"]
+        "2",
+        "3",
+        "5",
+    ]
     assert os.stat(tmp_path / "contrast" / "2" / "n02" / "val_3.JPEG").st_mtime_ns == written
     split = load_corrupted(tmp_path, "contrast", 2)
     expected = C.corrupt(images.permute(0, 2, 3, 1).numpy(), "contrast", 2, corruption_rng(0, "contrast", 2))

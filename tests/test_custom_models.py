@@ -30,8 +30,10 @@ from sweep_support import launch, load
 
 VIT = "user_models.vit:TinyViT"
 TIMM_RESNET = {"name": "timm:resnet10t", "kwargs": {"channels": [4, 8, 8, 8], "stem_width": 4}}
-TIMM_VIT = {"name": "timm:vit_tiny_patch16_224",
-            "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 2}}
+TIMM_VIT = {
+    "name": "timm:vit_tiny_patch16_224",
+    "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 2},
+}
 METHODS = ["de", "forde", "rde_weight", "rde_function", "lit"]
 
 
@@ -42,18 +44,34 @@ def overrides(model: dict) -> list[str]:
 
 def small_run(tmp_path, model: dict, *extra: str, name: str = "run"):
     """Two members, one epoch of two steps on 64 digits, evaluated on 64 test digits."""
-    return load_config("quickstart", [f"run.out_dir={tmp_path}", f"run.name={name}", "run.progress=false",
-                                      "run.wandb.mode=disabled", f"data.root={tmp_path / 'data'}", "ensemble_size=2",
-                                      "data.train_subset=64", "data.test_subset=64", "optim.batch_size=32",
-                                      "optim.epochs=1", "eval.corruptions=[none]", "eval.grad_samples=16",
-                                      *overrides(model), *extra])
+    return load_config(
+        "quickstart",
+        [
+            f"run.out_dir={tmp_path}",
+            f"run.name={name}",
+            "run.progress=false",
+            "run.wandb.mode=disabled",
+            f"data.root={tmp_path / 'data'}",
+            "ensemble_size=2",
+            "data.train_subset=64",
+            "data.test_subset=64",
+            "optim.batch_size=32",
+            "optim.epochs=1",
+            "eval.corruptions=[none]",
+            "eval.grad_samples=16",
+            *overrides(model),
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture
 def no_data(monkeypatch):
     """Any attempt to read a dataset fails the test: the model is checked before."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the dataset was read before the model was checked")
+
     monkeypatch.setattr(forde.train, "load_dataset", refuse)
     monkeypatch.setattr(forde.sweep.launch, "prepare_inputs", refuse)
 
@@ -69,13 +87,16 @@ def user_module(tmp_path, monkeypatch):
         name = f"user_net_{uuid.uuid4().hex[:8]}"
         (folder / f"{name}.py").write_text(textwrap.dedent(source))
         return name
+
     return write
 
 
 # -- what may be named --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["os:system", "subprocess:run", "builtins:eval", "shutil:rmtree",
-                                  "importlib:import_module", "os.path:join"])
+
+@pytest.mark.parametrize(
+    "name", ["os:system", "subprocess:run", "builtins:eval", "shutil:rmtree", "importlib:import_module", "os.path:join"]
+)
 def test_the_standard_library_is_refused_before_anything_is_imported(name):
     load_config("quickstart")  # what loading a config imports anyway
     modules = set(sys.modules)
@@ -128,18 +149,21 @@ BAD_NETWORKS = """
 """
 
 
-@pytest.mark.parametrize("attr,message", [
-    ("rmtree", r"is a function from shutil, not an nn.Module subclass or a Python function defined outside"),
-    ("system", r"is a builtin_function_or_method from (posix|nt), not an nn.Module subclass"),
-    ("NotANetwork", r"is a type from user_net_\w+, not an nn.Module subclass"),
-    ("partial_network", r"is a partial"),
-    ("no_such_thing", r"user_net_\w+ has no attribute 'no_such_thing'"),
-    ("returns_a_tensor", r"returned a Tensor, not a torch.nn.Module"),
-    ("refuses_its_arguments", r"building it with \(num_classes=10\) failed \(ValueError: depth must be positive\)"),
-    ("TooManyClasses", r"maps a batch \[2, 1, 8, 8\] of digits inputs to \[2, 11\], not to logits \[2, 10\]"),
-    ("ReturnsATuple", r"maps a batch \[2, 1, 8, 8\] of digits inputs to tuple, not to logits"),
-    ("WrongInputSize", r"fails on a batch \[2, 1, 8, 8\] of digits inputs \(RuntimeError: mat1 and mat2"),
-])
+@pytest.mark.parametrize(
+    "attr,message",
+    [
+        ("rmtree", r"is a function from shutil, not an nn.Module subclass or a Python function defined outside"),
+        ("system", r"is a builtin_function_or_method from (posix|nt), not an nn.Module subclass"),
+        ("NotANetwork", r"is a type from user_net_\w+, not an nn.Module subclass"),
+        ("partial_network", r"is a partial"),
+        ("no_such_thing", r"user_net_\w+ has no attribute 'no_such_thing'"),
+        ("returns_a_tensor", r"returned a Tensor, not a torch.nn.Module"),
+        ("refuses_its_arguments", r"building it with \(num_classes=10\) failed \(ValueError: depth must be positive\)"),
+        ("TooManyClasses", r"maps a batch \[2, 1, 8, 8\] of digits inputs to \[2, 11\], not to logits \[2, 10\]"),
+        ("ReturnsATuple", r"maps a batch \[2, 1, 8, 8\] of digits inputs to tuple, not to logits"),
+        ("WrongInputSize", r"fails on a batch \[2, 1, 8, 8\] of digits inputs \(RuntimeError: mat1 and mat2"),
+    ],
+)
 def test_a_bad_network_is_one_line_before_any_data_is_read(tmp_path, user_module, no_data, attr, message):
     cfg = small_run(tmp_path, {"name": f"{user_module(BAD_NETWORKS)}:{attr}"})
     with pytest.raises(ConfigError, match=message) as err:
@@ -149,12 +173,18 @@ def test_a_bad_network_is_one_line_before_any_data_is_read(tmp_path, user_module
 
 
 def test_a_missing_module_or_dependency_names_what_to_install(tmp_path, user_module, no_data):
-    with pytest.raises(ConfigError, match=r"no module 'no_such_models' in the working directory \(.*\) or the "
-                                          r"installed packages; run from the folder that holds no_such_models/vit.py"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no module 'no_such_models' in the working directory \(.*\) or the "
+        r"installed packages; run from the folder that holds no_such_models/vit.py",
+    ):
         train(small_run(tmp_path, {"name": "no_such_models.vit:ViT"}))
     broken = user_module("import not_installed_dependency\n")
-    with pytest.raises(ConfigError, match=r"importing user_net_\w+ failed \(ModuleNotFoundError: No module named "
-                                          r"'not_installed_dependency'\); install not_installed_dependency"):
+    with pytest.raises(
+        ConfigError,
+        match=r"importing user_net_\w+ failed \(ModuleNotFoundError: No module named "
+        r"'not_installed_dependency'\); install not_installed_dependency",
+    ):
         train(small_run(tmp_path, {"name": f"{broken}:Net"}))
     with pytest.raises(ConfigError, match=r"timm has no model 'resnet1000'"):
         train(small_run(tmp_path, {"name": "timm:resnet1000"}))
@@ -162,14 +192,18 @@ def test_a_missing_module_or_dependency_names_what_to_install(tmp_path, user_mod
 
 def test_timm_names_need_timm(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as where it is not installed
-    with pytest.raises(ConfigError, match=r"'timm:resnet18': needs timm, which is not installed; pip install "
-                                          r"'forde\[timm\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'timm:resnet18': needs timm, which is not installed; pip install "
+        r"'forde\[timm\]'",
+    ):
         build_model(ModelConfig(name="timm:resnet18"), (3, 32, 32), 10)
 
 
 def test_kwargs_reach_the_constructor_and_the_data_sets_the_classes(tmp_path):
-    cfg = load_config("quickstart", ["model.name=user_models.vit:tiny_vit", "model.kwargs.dim=8",
-                                     "model.kwargs.depth=1"])
+    cfg = load_config(
+        "quickstart", ["model.name=user_models.vit:tiny_vit", "model.kwargs.dim=8", "model.kwargs.depth=1"]
+    )
     model = build_model(cfg.model, (1, 8, 8), 7)
     assert model.head.weight.shape == (7, 8) and len(model.blocks) == 1
     timm_cfg = load_config("quickstart", overrides(TIMM_RESNET))
@@ -183,8 +217,10 @@ def test_kwargs_reach_the_constructor_and_the_data_sets_the_classes(tmp_path):
 def test_zero_init_classifier_zeros_the_last_linear_layer_or_says_there_is_none(user_module):
     vit = build_model(ModelConfig(name=VIT, zero_init_classifier=True), (1, 8, 8), 10)
     assert not vit.head.weight.any() and not vit.head.bias.any()
-    convolutional = user_module("from torch import nn\n\ndef net(num_classes):\n"
-                                "    return nn.Sequential(nn.Conv2d(1, num_classes, 8), nn.Flatten())\n")
+    convolutional = user_module(
+        "from torch import nn\n\ndef net(num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(1, num_classes, 8), nn.Flatten())\n"
+    )
     with pytest.raises(ConfigError, match="zeros the network's last nn.Linear layer, but it has none"):
         build_model(ModelConfig(name=f"{convolutional}:net", zero_init_classifier=True), (1, 8, 8), 10)
 
@@ -192,8 +228,10 @@ def test_zero_init_classifier_zeros_the_last_linear_layer_or_says_there_is_none(
 def test_a_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
     """As under the `forde` console script, whose sys.path holds neither the working directory nor ''."""
     name = f"cwd_net_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text("from torch import nn\n\ndef net(num_classes):\n"
-                                         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    (tmp_path / f"{name}.py").write_text(
+        "from torch import nn\n\ndef net(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     check_model(ModelConfig(name=f"{name}:net"), (1, 8, 8), 10, "digits")
@@ -206,6 +244,7 @@ def test_the_check_leaves_the_global_random_state_alone():
 
 
 # -- training them ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method,attention", [(m, "sdpa") for m in METHODS] + [("forde", "mha"), ("lit", "mha")])
 def test_every_method_trains_a_user_vit_through_forde_train(tmp_path, method, attention):
@@ -227,7 +266,8 @@ def test_every_method_trains_a_timm_model_through_forde_train(tmp_path, model, m
 def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch):
     monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
     study = tmp_path / "own_models.yaml"
-    study.write_text(textwrap.dedent(f"""\
+    study.write_text(
+        textwrap.dedent(f"""\
         base: quickstart
         config:
           data: {{val_fraction: 0.2, train_subset: 96}}
@@ -241,19 +281,27 @@ def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch)
           model.name: {{choices: ["{VIT}", "timm:resnet10t"]}}
         grid:
           - {{model.name: ["{VIT}", "timm:resnet10t"]}}
-    """))
+    """)
+    )
     assert launch(tmp_path, "--no-wandb", study=str(study)) == 0
     trials = load(tmp_path, "own_models").get_trials()
     assert sorted(t.params["model.name"] for t in trials) == sorted([VIT, "timm:resnet10t"])
     assert all(t.state.name == "COMPLETE" for t in trials)
 
 
-@pytest.mark.parametrize("body,message", [
-    ("config: {model: {name: " + VIT + ", kwargs: {attention: flash}}}\n",
-     rf"config: model.name = '{VIT}': building it with .*attention='flash'.* failed \(ValueError"),
-    ("config: {model: {name: " + VIT + "}}\nsearch_space:\n  model.kwargs.heads: {choices: [2, 3]}\n",
-     rf"search_space.model.kwargs.heads=3: model.name = '{VIT}' fails on a batch \[2, 1, 8, 8\] of digits inputs"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (
+            "config: {model: {name: " + VIT + ", kwargs: {attention: flash}}}\n",
+            rf"config: model.name = '{VIT}': building it with .*attention='flash'.* failed \(ValueError",
+        ),
+        (
+            "config: {model: {name: " + VIT + "}}\nsearch_space:\n  model.kwargs.heads: {choices: [2, 3]}\n",
+            rf"search_space.model.kwargs.heads=3: model.name = '{VIT}' fails on a batch \[2, 1, 8, 8\] of digits inputs",
+        ),
+    ],
+)
 def test_a_study_with_a_bad_network_fails_before_its_inputs_are_prepared(tmp_path, capsys, no_data, body, message):
     study = tmp_path / "bad.yaml"
     study.write_text("base: quickstart\nn_trials: 2\nobjectives: [{metric: test/nll, direction: minimize}]\n" + body)
@@ -265,6 +313,7 @@ def test_a_study_with_a_bad_network_fails_before_its_inputs_are_prepared(tmp_pat
 
 # -- the hand-written second derivatives on them ------------------------------------------------------------------
 
+
 def graph_nodes(t: torch.Tensor) -> set[str]:
     seen, stack = set(), [t.grad_fn]
     while stack:
@@ -275,8 +324,11 @@ def graph_nodes(t: torch.Tensor) -> set[str]:
     return {type(fn).__name__ for fn in seen}
 
 
-@pytest.mark.parametrize("model", [TIMM_RESNET, {"name": VIT}, {"name": VIT, "kwargs": {"attention": "mha"}}, TIMM_VIT],
-                         ids=["timm resnet10t", "vit", "vit, nn.MultiheadAttention", "timm vit"])
+@pytest.mark.parametrize(
+    "model",
+    [TIMM_RESNET, {"name": VIT}, {"name": VIT, "kwargs": {"attention": "mha"}}, TIMM_VIT],
+    ids=["timm resnet10t", "vit", "vit, nn.MultiheadAttention", "timm vit"],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_forde_step_matches_pytorch_derivatives(model, dtype, mode, ieee_float32):
@@ -309,6 +361,7 @@ def test_forde_step_matches_pytorch_derivatives(model, dtype, mode, ieee_float32
 
 # -- attention in the pass that is differentiated twice -----------------------------------------------------------
 
+
 def sdpa_backends() -> tuple[bool, bool, bool, bool]:
     b = torch.backends.cuda
     return b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled()
@@ -322,6 +375,7 @@ def sdpa_calls(monkeypatch) -> list:
     def recording(*args, **kwargs):
         calls.append(sdpa_backends())
         return sdpa(*args, **kwargs)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     return calls
 

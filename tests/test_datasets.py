@@ -19,6 +19,7 @@ from forde.data.registry import input_spec, load_dataset
 
 # ---------------------------------------------------------------- writers of the official layouts
 
+
 def _pickle(path: Path, obj: dict) -> None:
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
@@ -36,8 +37,15 @@ def write_cifar10(root: Path, per_batch: int = 3) -> dict:
     rows, labels = [], []
     for b, fname in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
         data, y = _cifar_rows(per_batch, b), [(b + i) % 10 for i in range(per_batch)]
-        _pickle(folder / fname, {"batch_label": fname, "labels": y, "data": data,
-                                 "filenames": [f"{fname}_{i}.png" for i in range(per_batch)]})
+        _pickle(
+            folder / fname,
+            {
+                "batch_label": fname,
+                "labels": y,
+                "data": data,
+                "filenames": [f"{fname}_{i}.png" for i in range(per_batch)],
+            },
+        )
         rows.append(data)
         labels.append(y)
     return {"train": (np.concatenate(rows[:5]), sum(labels[:5], [])), "test": (rows[5], labels[5]), "names": names}
@@ -51,8 +59,16 @@ def write_cifar100(root: Path, n: int = 4) -> dict:
     out = {"names": fine}
     for s, split in enumerate(("train", "test")):
         data, y = _cifar_rows(n, 10 + s), [(97 - 7 * i - s) % 100 for i in range(n)]
-        _pickle(folder / split, {"filenames": [f"{i}.png" for i in range(n)], "batch_label": split,
-                                 "fine_labels": y, "coarse_labels": [v // 5 for v in y], "data": data})
+        _pickle(
+            folder / split,
+            {
+                "filenames": [f"{i}.png" for i in range(n)],
+                "batch_label": split,
+                "fine_labels": y,
+                "coarse_labels": [v // 5 for v in y],
+                "data": data,
+            },
+        )
         out[split] = (data, y)
     return out
 
@@ -105,6 +121,7 @@ def write_folder(src: Path, sizes=None, ext="png", with_val=False) -> dict:
 
 # ---------------------------------------------------------------- CIFAR
 
+
 def test_cifar10_reads_python_batches(tmp_path):
     truth = write_cifar10(tmp_path)
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
@@ -141,8 +158,10 @@ def test_cifar_download_goes_through_torchvision_release(tmp_path, monkeypatch):
     assert calls == [(cifar.CIFAR10.url, "cifar-10-python.tar.gz", cifar.CIFAR10.tgz_md5)]
 
 
-@pytest.mark.parametrize("name, release", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
-                                           ("tinyimagenet", "tiny-imagenet-200")])
+@pytest.mark.parametrize(
+    "name, release",
+    [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("tinyimagenet", "tiny-imagenet-200")],
+)
 def test_missing_dataset_names_path_and_fixes(tmp_path, name, release):
     with pytest.raises(ConfigError) as err:
         load_dataset(DataConfig(name=name, root=str(tmp_path)))
@@ -154,11 +173,14 @@ def test_missing_dataset_names_path_and_fixes(tmp_path, name, release):
 def test_unknown_name_lists_builtin_and_imported(tmp_path):
     write_folder(tmp_path / "src")
     import_folder(tmp_path / "src", "mine", tmp_path / "data")
-    with pytest.raises(ConfigError, match=r"built in: cifar10, cifar100, digits, tinyimagenet; imported under .*: mine"):
+    with pytest.raises(
+        ConfigError, match=r"built in: cifar10, cifar100, digits, tinyimagenet; imported under .*: mine"
+    ):
         load_dataset(DataConfig(name="nope", root=str(tmp_path / "data")))
 
 
 # ---------------------------------------------------------------- Tiny-ImageNet
+
 
 def test_tinyimagenet_layout_order_grey_and_cache(tmp_path, monkeypatch):
     truth = write_tinyimagenet(tmp_path)
@@ -194,6 +216,7 @@ def test_tinyimagenet_download_uses_release_url(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- ImageFolder import
 
+
 def test_import_folder_png_round_trip_and_load_by_name(tmp_path):
     expected = write_folder(tmp_path / "src")
     dest = import_folder(tmp_path / "src", "mine", tmp_path / "data")
@@ -221,8 +244,10 @@ def test_import_folder_jpeg_and_own_val_split(tmp_path):
 def test_import_folder_reimport_replaces(tmp_path):
     write_folder(tmp_path / "a")
     import_folder(tmp_path / "a", "mine", tmp_path / "data")
-    write_folder(tmp_path / "b", sizes={(s, c, f): (9, 9) for s in ("train", "test") for c in ("alpha", "beta")
-                                        for f in ("10", "2", "x")})
+    write_folder(
+        tmp_path / "b",
+        sizes={(s, c, f): (9, 9) for s in ("train", "test") for c in ("alpha", "beta") for f in ("10", "2", "x")},
+    )
     import_folder(tmp_path / "b", "mine", tmp_path / "data")
     assert load_dataset(DataConfig(name="mine", root=str(tmp_path / "data"))).input_shape == (3, 9, 9)
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine"]
@@ -230,7 +255,9 @@ def test_import_folder_reimport_replaces(tmp_path):
 
 def test_import_folder_mixed_sizes_fail_clearly(tmp_path):
     write_folder(tmp_path / "src", sizes={("test", "beta", "x"): (6, 7)})
-    with pytest.raises(ValueError, match=r"all images must share one size.*beta/x\.png is 7x6 while .*alpha/10\.png is 7x5"):
+    with pytest.raises(
+        ValueError, match=r"all images must share one size.*beta/x\.png is 7x6 while .*alpha/10\.png is 7x5"
+    ):
         import_folder(tmp_path / "src", "mixed", tmp_path / "data")
     assert not (tmp_path / "data" / "mixed").exists()
 
@@ -257,12 +284,18 @@ def cut_short(path: Path) -> Path:
 
 IMPORT_DEFECTS = {  # what is wrong -> (how to make it in a tree of write_folder, what the one line says)
     "a truncated image": (lambda src: cut_short(src / "train" / "beta" / "2.png"), "is not a readable image"),
-    "a text file named .png": (lambda src: (src / "test" / "alpha" / "x.png").write_text("hello") and src / "test" /
-                               "alpha" / "x.png", "is not a readable image"),
-    "a test class missing from train": (lambda src: (src / "test" / "gamma").mkdir() or src / "test" / "gamma",
-                                        "class 'gamma' has no folder in the train split"),
-    "an empty class folder": (lambda src: (src / "train" / "gamma").mkdir() or src / "train" / "gamma",
-                              "holds no images"),
+    "a text file named .png": (
+        lambda src: (src / "test" / "alpha" / "x.png").write_text("hello") and src / "test" / "alpha" / "x.png",
+        "is not a readable image",
+    ),
+    "a test class missing from train": (
+        lambda src: (src / "test" / "gamma").mkdir() or src / "test" / "gamma",
+        "class 'gamma' has no folder in the train split",
+    ),
+    "an empty class folder": (
+        lambda src: (src / "train" / "gamma").mkdir() or src / "train" / "gamma",
+        "holds no images",
+    ),
 }
 
 
@@ -300,6 +333,7 @@ def test_imported_cifar10_wins_over_python_batches(tmp_path):
 
 # ---------------------------------------------------------------- validation split and statistics
 
+
 @pytest.fixture(params=["digits", "cifar10", "cifar100", "tinyimagenet", "imported"])
 def any_source(request, tmp_path) -> DataConfig:
     """One DataConfig per loader path."""
@@ -323,9 +357,11 @@ def test_every_loader_holds_out_a_seeded_validation_split(any_source):
     n = len(full.train)
     assert len(a.val) == round(n * 0.25) and len(a.train) + len(a.val) == n
     assert torch.equal(a.val.inputs, b.val.inputs) and torch.equal(a.train.labels, b.train.labels)
+
     # disjoint, and together the training set: match samples back to their index in the full set
     def key(s):
         return [bytes(x.numpy().tobytes()) + bytes([y]) for x, y in zip(s.inputs, s.labels.to(torch.uint8))]
+
     assert sorted(key(a.train) + key(a.val)) == sorted(key(full.train))
     assert a.mean == full.mean  # normalisation comes from the whole training set, whatever the split
 
@@ -353,7 +389,6 @@ def test_channel_stats_match_float64_formula():
 def test_decode_images_rejects_empty():
     with pytest.raises(ValueError, match="no images"):
         images.decode_images([])
-
 
 
 def test_input_spec_is_what_the_loader_reads_without_reading_it(any_source, monkeypatch):

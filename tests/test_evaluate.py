@@ -22,8 +22,10 @@ def small_setup(grad_samples=0):
 
 def random_set(seed: int, n: int = 120) -> Split:
     g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 1, SIDE, SIDE), generator=g, dtype=torch.uint8),
-                 torch.randint(0, CLASSES, (n,), generator=g))
+    return Split(
+        torch.randint(0, 256, (n, 1, SIDE, SIDE), generator=g, dtype=torch.uint8),
+        torch.randint(0, CLASSES, (n,), generator=g),
+    )
 
 
 def test_summary_pools_each_severity_and_averages_severities():
@@ -75,12 +77,14 @@ def test_gradient_diversity_uses_a_fixed_stratified_sample_shared_by_corrupted_c
     grads = input_gradients(ens, clean, ctx)
     idx = stratified_subset(clean.labels, 40, GRAD_SAMPLE_SEED, "grad")
     assert len(set(clean.labels[idx].tolist())) == CLASSES
-    expected = ens.input_gradients(((clean.inputs[idx].float() / 255 - 0.5) / 0.25), clean.labels[idx],
-                                   create_graph=False)[1]
+    expected = ens.input_gradients(
+        ((clean.inputs[idx].float() / 255 - 0.5) / 0.25), clean.labels[idx], create_graph=False
+    )[1]
     torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-6)
     # a corrupted copy (same labels, same order) is scored on the same samples
     corrupted = Split(255 - clean.inputs, clean.labels)
-    expected_c = ens.input_gradients(((corrupted.inputs[idx].float() / 255 - 0.5) / 0.25), clean.labels[idx],
-                                     create_graph=False)[1]
+    expected_c = ens.input_gradients(
+        ((corrupted.inputs[idx].float() / 255 - 0.5) / 0.25), clean.labels[idx], create_graph=False
+    )[1]
     torch.testing.assert_close(input_gradients(ens, corrupted, ctx), expected_c, rtol=1e-5, atol=1e-6)
     assert gradient_cosine_distance(grads) > 0

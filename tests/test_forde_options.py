@@ -84,17 +84,31 @@ def test_ramp_multiplies_the_repulsion_and_its_gradient(problem):
     w = 100 - 20 * 99 / 80
     assert stats_r["repulsion_weight"].item() == pytest.approx(w) and "repulsion_weight" not in stats
     assert (loss_r - de_loss).item() == pytest.approx(w * (loss - de_loss).item(), rel=1e-10)
+
     def grad(loss_value):
         grads = torch.autograd.grad(loss_value, list(ens.parameters()), retain_graph=True)
         return torch.cat([g.flatten() for g in grads])
+
     torch.testing.assert_close(grad(loss_r - de_loss), w * grad(loss - de_loss))
 
 
 def test_trainer_passes_the_epoch_to_the_ramp(tmp_path):
-    cfg = load_config("quickstart", [f"run.out_dir={tmp_path}", f"data.root={tmp_path / 'data'}", "optim.epochs=3",
-                                     "model.hidden=[16]", "ensemble_size=2", "eval.corruptions=[none]",
-                                     "eval.grad_samples=0", "run.progress=false", "method.repulsion_ramp_start=10",
-                                     "method.repulsion_ramp_epochs=2", "run.wandb.mode=disabled"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"run.out_dir={tmp_path}",
+            f"data.root={tmp_path / 'data'}",
+            "optim.epochs=3",
+            "model.hidden=[16]",
+            "ensemble_size=2",
+            "eval.corruptions=[none]",
+            "eval.grad_samples=0",
+            "run.progress=false",
+            "method.repulsion_ramp_start=10",
+            "method.repulsion_ramp_epochs=2",
+            "run.wandb.mode=disabled",
+        ],
+    )
     train(cfg)
     history = [json.loads(line) for line in (run_dir_of(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert [h["train/repulsion_weight"] for h in history] == pytest.approx([10.0, 5.5, 1.0])
@@ -102,4 +116,6 @@ def test_trainer_passes_the_epoch_to_the_ramp(tmp_path):
 
 def test_ramp_is_a_forde_option():
     with pytest.raises(ConfigError, match="the repulsion ramp is a FoRDE option"):
-        load_config("quickstart", ["method.name=lit", "method.repulsion_ramp_start=100", "method.repulsion_ramp_epochs=80"])
+        load_config(
+            "quickstart", ["method.name=lit", "method.repulsion_ramp_start=100", "method.repulsion_ramp_epochs=80"]
+        )

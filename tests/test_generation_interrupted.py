@@ -68,41 +68,92 @@ def test_a_resumed_generation_records_every_set_it_generated(tmp_path, monkeypat
     assert {e["generator"] for e in entries} == {GENERATOR_VERSION}
 
     straight = tmp_path / "straight"
-    assert main(["data", "corrupt", "--dataset", "digits", "--root", str(tmp_path / "data"), "--out", str(straight),
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "corrupt",
+                "--dataset",
+                "digits",
+                "--root",
+                str(tmp_path / "data"),
+                "--out",
+                str(straight),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     for name in CORRUPTIONS:
         assert (root / f"{name}.npy").read_bytes() == (straight / f"{name}.npy").read_bytes(), name
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_files(tmp_path, small_disk_factory,
-                                                                              capsys, workers):
+def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_files(
+    tmp_path, small_disk_factory, capsys, workers
+):
     disk = small_disk_factory(1024 * 1024)  # the 95 digits-C sets need about 2.2 MB
     out = disk / "digits-C"
-    code = main(["data", "corrupt", "--dataset", "digits", "--root", str(tmp_path / "data"), "--out", str(out),
-                 "--workers", str(workers)])
+    code = main(
+        [
+            "data",
+            "corrupt",
+            "--dataset",
+            "digits",
+            "--root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+        ]
+    )
     err = capsys.readouterr().err
     [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
     assert code == 2 and "Traceback" not in err
-    assert line.startswith(f"forde: no space left on the device writing {out}/") and "run the same command again" in line
+    assert (
+        line.startswith(f"forde: no space left on the device writing {out}/") and "run the same command again" in line
+    )
     assert not temporary_files(disk)
     recorded = json.loads((out / SOURCE_FILE).read_text())["generated"]
-    on_disk = {f"{n}/{k}" for n in CORRUPTIONS for k in SEVERITIES
-               if (out / f"{n}.npy").is_file() or (out / "parts" / f"{n}_s{k}.npy").is_file()}
+    on_disk = {
+        f"{n}/{k}"
+        for n in CORRUPTIONS
+        for k in SEVERITIES
+        if (out / f"{n}.npy").is_file() or (out / "parts" / f"{n}_s{k}.npy").is_file()
+    }
     assert on_disk and on_disk <= set(recorded)  # every committed set is recorded as generated
 
     moved = tmp_path / "bigger-disk"  # space freed: the same command resumes
     shutil.copytree(out, moved)
-    assert main(["data", "corrupt", "--dataset", "digits", "--root", str(tmp_path / "data"), "--out", str(moved),
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "corrupt",
+                "--dataset",
+                "digits",
+                "--root",
+                str(tmp_path / "data"),
+                "--out",
+                str(moved),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert set(sources(moved).values()) == {"generated"}
 
 
 def write_synthetic_dataset(root: Path, name: str, n_test: int) -> None:
     """An imported dataset of random 32x32 images: big enough that generating its sets takes several seconds."""
     rng = np.random.default_rng(0)
+
     def split(n):
         return Split(torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)), torch.arange(n) % 4)
+
     save_store(root / name, {"train": split(16), "test": split(n_test)}, ["a", "b", "c", "d"])
 
 
@@ -126,11 +177,31 @@ def ctrl_c_as_in_a_terminal() -> None:
 def test_ctrl_c_ends_the_worker_pool_at_once_and_leaves_only_resumable_state(tmp_path):
     write_synthetic_dataset(tmp_path / "data", "synth", 500)
     out = tmp_path / "synth-C"
-    command = [sys.executable, "-m", "forde.cli", "data", "corrupt", "--dataset", "synth", "--root",
-               str(tmp_path / "data"), "--out", str(out), "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "forde.cli",
+        "data",
+        "corrupt",
+        "--dataset",
+        "synth",
+        "--root",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=ctrl_c_as_in_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("parts/*.npy")):  # the first set is committed

@@ -39,7 +39,9 @@ def test_pentagon_clusters_sit_on_a_regular_pentagon():
     torch.testing.assert_close(centres.norm(dim=1), torch.full((5,), 5.0, dtype=torch.float64), atol=0.1, rtol=0)
     torch.testing.assert_close(centres[0], torch.tensor([0.0, 5.0], dtype=torch.float64), atol=0.1, rtol=0)
     sides = (centres - centres.roll(1, 0)).norm(dim=1)
-    torch.testing.assert_close(sides, torch.full((5,), 2 * 5.0 * math.sin(math.pi / 5), dtype=torch.float64), atol=0.15, rtol=0)
+    torch.testing.assert_close(
+        sides, torch.full((5,), 2 * 5.0 * math.sin(math.pi / 5), dtype=torch.float64), atol=0.15, rtol=0
+    )
 
 
 def test_forde_is_more_uncertain_than_de_away_from_the_data(one_thread):

@@ -12,8 +12,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def import_graph() -> dict[str, set[str]]:
     """forde module -> the forde modules it imports anywhere in its source."""
-    modules = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in (SRC / "forde").rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (SRC / "forde").rglob("*.py")
+    }
     graph = {}
     for name, path in modules.items():
         deps = set()

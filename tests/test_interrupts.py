@@ -110,7 +110,7 @@ def test_sigterm_during_a_checkpoint_write_lets_it_finish_and_stops_the_trial(tm
 
     monkeypatch.setattr(forde.train, "save_checkpoint", save_while_signalled)
     assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 128 + signal.SIGTERM
-    trial, = load(tmp_path).get_trials()
+    (trial,) = load(tmp_path).get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["failure"] == "interrupted"
     run_dir = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
     assert epochs_trained(run_dir) == [1]
@@ -121,7 +121,8 @@ def test_a_second_ctrl_c_while_a_stopped_command_exits_prints_no_traceback(tmp_p
     """A second Ctrl-C that lands in the interpreter's exit handlers (weakref finalizers, atexit) after the first
     stopped the launcher: the process ends with the one-line message and 130, not 'Exception ignored ... Traceback'."""
     script = tmp_path / "stopped.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import argparse, atexit, os, signal, sys, time
         from forde.interrupts import Interrupted
         from forde.sweep.options import run_command
@@ -135,7 +136,8 @@ def test_a_second_ctrl_c_while_a_stopped_command_exits_prints_no_traceback(tmp_p
             raise Interrupted(signal.SIGINT)
 
         sys.exit(run_command(argparse.Namespace(worker=False), body))
-    """))
+    """)
+    )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 130, out.stderr
     assert "Traceback" not in out.stderr and "interrupted by SIGINT" in out.stderr

@@ -123,9 +123,14 @@ def test_lengthscale_mix_matches_brute_force(alpha):
 def test_the_two_mixes_agree_at_zero_and_one_only():
     lam = torch.tensor([7.0, 2.0, 1.0, 0.3, 1e-9, 0.0], dtype=torch.float64)
     for alpha in (0.0, 1.0):
-        torch.testing.assert_close(lengthscale_weights(lam, alpha, "lengthscale"), lengthscale_weights(lam, alpha, "precision"))
+        torch.testing.assert_close(
+            lengthscale_weights(lam, alpha, "lengthscale"), lengthscale_weights(lam, alpha, "precision")
+        )
     for alpha in (0.1, 0.5, 0.9):
-        precision, lengthscale = lengthscale_weights(lam, alpha, "precision"), lengthscale_weights(lam, alpha, "lengthscale")
+        precision, lengthscale = (
+            lengthscale_weights(lam, alpha, "precision"),
+            lengthscale_weights(lam, alpha, "lengthscale"),
+        )
         # 1 / (a / l + 1 - a) written out, where lambda > 0; its limit 0 at lambda = 0 (an infinite lengthscale)
         expected = [1.0 / (alpha / lam_i + (1 - alpha)) if lam_i > 0 else 0.0 for lam_i in lam.tolist()]
         torch.testing.assert_close(lengthscale, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
@@ -134,7 +139,9 @@ def test_the_two_mixes_agree_at_zero_and_one_only():
         assert differ.tolist() == [lam_i != 1.0 for lam_i in lam.tolist()]
 
 
-@pytest.mark.parametrize("mode,scale,fixed", [("per_column", 1.0, None), ("all_pairs", 0.5, None), ("all_pairs", 1.0, 0.3)])
+@pytest.mark.parametrize(
+    "mode,scale,fixed", [("per_column", 1.0, None), ("all_pairs", 0.5, None), ("all_pairs", 1.0, 0.3)]
+)
 def test_bandwidth_variants_match_brute_force(mode, scale, fixed):
     ens, x, y = make_problem(seed=7)
     U, lam = random_pca(D_IN, seed=4)
@@ -254,7 +261,7 @@ def test_repulsion_gradient_under_bf16_autocast_stays_within_half_a_percent(devi
     exact = repulsion_grad(grads, proj, torch.float64, bf16=False)
     fp32 = repulsion_grad(grads, proj, torch.float32, bf16=False)
     previous = torch.backends.cuda.matmul.allow_tf32
-    for allow_tf32 in ([False, True] if device == "cuda" else [False]):
+    for allow_tf32 in [False, True] if device == "cuda" else [False]:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         try:
             bf16 = repulsion_grad(grads, proj, torch.float32, bf16=True)

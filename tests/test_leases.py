@@ -30,8 +30,9 @@ for _ in range(rounds):
 
 
 def holder(tmp_path, hold_s: float, rounds: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "lease"), str(hold_s),
-                             str(tmp_path / "log"), str(rounds)])
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "lease"), str(hold_s), str(tmp_path / "log"), str(rounds)]
+    )
 
 
 def events(tmp_path) -> list[tuple[str, int, float]]:
@@ -56,8 +57,12 @@ def test_a_live_holder_slower_than_the_ttl_keeps_the_lease(tmp_path):
     wait_for_event(tmp_path, "in", slow.pid)
     waiter = holder(tmp_path, hold_s=0.1)
     assert slow.wait(30) == 0 and waiter.wait(30) == 0
-    assert [(e[0], e[1]) for e in events(tmp_path)] == [("in", slow.pid), ("out", slow.pid), ("in", waiter.pid),
-                                                        ("out", waiter.pid)]
+    assert [(e[0], e[1]) for e in events(tmp_path)] == [
+        ("in", slow.pid),
+        ("out", slow.pid),
+        ("in", waiter.pid),
+        ("out", waiter.pid),
+    ]
 
 
 def test_a_suspended_holder_loses_the_lease_and_cannot_release_its_successors(tmp_path):

@@ -30,9 +30,14 @@ def attempt(number, state=TrialState.COMPLETE, seed=0, failure=None, retry_of=No
     system = {"failed_trial": retry_of} if retry_of is not None else {}
     if queued_point is not None:
         system["fixed_params"] = queued_point
-    t = create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None,
-                     params={} if queued_point is not None else {"seed": seed},
-                     distributions={} if queued_point is not None else SEEDS, user_attrs=user, system_attrs=system)
+    t = create_trial(
+        state=state,
+        value=1.0 if state == TrialState.COMPLETE else None,
+        params={} if queued_point is not None else {"seed": seed},
+        distributions={} if queued_point is not None else SEEDS,
+        user_attrs=user,
+        system_attrs=system,
+    )
     t.number = number
     return t
 
@@ -46,9 +51,14 @@ def everybody_gone(t):
 
 
 def test_every_configuration_counts_once_however_many_attempts_it_takes():
-    trials = [attempt(0, TrialState.FAIL, failure=ENVIRONMENT), attempt(1, TrialState.FAIL, failure=KILLED, retry_of=0),
-              attempt(2, retry_of=0), attempt(3, TrialState.FAIL, seed=1, failure=TRIAL),
-              attempt(4, TrialState.FAIL, seed=2, failure=DUPLICATE), attempt(5, TrialState.FAIL, seed=3, failure=NOT_STARTED)]
+    trials = [
+        attempt(0, TrialState.FAIL, failure=ENVIRONMENT),
+        attempt(1, TrialState.FAIL, failure=KILLED, retry_of=0),
+        attempt(2, retry_of=0),
+        attempt(3, TrialState.FAIL, seed=1, failure=TRIAL),
+        attempt(4, TrialState.FAIL, seed=2, failure=DUPLICATE),
+        attempt(5, TrialState.FAIL, seed=3, failure=NOT_STARTED),
+    ]
     ledger = Ledger(trials)
     assert ledger.budget_used == 2 and sorted(ledger.configurations) == [0, 3]
     assert ledger.configurations[0].fates == [ENVIRONMENT, KILLED, DONE]
@@ -63,7 +73,9 @@ def test_a_failure_outside_the_configuration_is_retried_until_the_bound_then_giv
     assert config.awaiting_retry and config.failure_kind(ENVIRONMENT) == GIVEN_UP
     assert config.failure_kind(INTERRUPTED) == INTERRUPTED and config.failure_kind(TRIAL) == TRIAL
     reason = config.given_up_reason("disk full")
-    assert reason.startswith(f"given up after {MAX_RETRIES + 1} failures outside the configuration (the last: disk full")
+    assert reason.startswith(
+        f"given up after {MAX_RETRIES + 1} failures outside the configuration (the last: disk full"
+    )
     assert all(f"attempt {n}: reason {n}" in reason for n in range(MAX_RETRIES))
     assert Ledger(trials[:-1]).configurations[0].failure_kind(INTERRUPTED) == INTERRUPTED
 
@@ -72,9 +84,12 @@ def test_a_failure_outside_the_configuration_is_retried_until_the_bound_then_giv
 
 
 def test_a_dead_workers_attempt_is_killed_and_retried_or_discarded_when_its_run_had_not_begun():
-    trials = [attempt(0, TrialState.RUNNING), attempt(1, TrialState.RUNNING, seed=1, started=False),
-              attempt(2, TrialState.FAIL, seed=2, failure=INTERRUPTED),
-              attempt(3, TrialState.RUNNING, seed=2, retry_of=2, started=False)]  # a retry that died before its run
+    trials = [
+        attempt(0, TrialState.RUNNING),
+        attempt(1, TrialState.RUNNING, seed=1, started=False),
+        attempt(2, TrialState.FAIL, seed=2, failure=INTERRUPTED),
+        attempt(3, TrialState.RUNNING, seed=2, retry_of=2, started=False),
+    ]  # a retry that died before its run
     d = decide(trials, n_trials=3, grid=[], samples=True, gone=everybody_gone)
     assert [(f.attempt.number, f.kind) for f in d.fail] == [(0, KILLED), (1, NOT_STARTED), (3, NOT_STARTED)]
     assert "retried from its last checkpoint" in d.fail[0].reason and "discarded" in d.fail[1].reason
@@ -94,8 +109,11 @@ def test_a_dead_workers_attempt_past_the_bound_is_given_up_and_counts():
 
 
 def test_a_discarded_attempt_does_not_block_its_configuration():
-    trials = [attempt(0, TrialState.FAIL, seed=1, failure=NOT_STARTED), attempt(1, TrialState.FAIL, seed=2, failure=DUPLICATE),
-              attempt(2, seed=3)]
+    trials = [
+        attempt(0, TrialState.FAIL, seed=1, failure=NOT_STARTED),
+        attempt(1, TrialState.FAIL, seed=2, failure=DUPLICATE),
+        attempt(2, seed=3),
+    ]
     ledger = Ledger(trials)
     assert ledger.duplicate_of({"seed": 1}, 9) is None and ledger.duplicate_of({"seed": 2}, 9) is None
     assert ledger.duplicate_of({"seed": 3}, 9) == 2 and ledger.duplicate_of({"seed": 3}, 2) is None

@@ -17,8 +17,15 @@ from test_corrupted_check import DEFECTS as CORRUPTED_DEFECTS
 from test_corrupted_check import write_synthetic
 from test_datasets import IMPORT_DEFECTS, cut_short, write_cifar10, write_folder, write_tinyimagenet
 
-TRAIN = ["run.progress=false", "optim.epochs=1", "ensemble_size=2", "model.hidden=[8]", "optim.batch_size=2",
-         "eval.corruptions=[none]", "eval.grad_samples=0"]
+TRAIN = [
+    "run.progress=false",
+    "optim.epochs=1",
+    "ensemble_size=2",
+    "model.hidden=[8]",
+    "optim.batch_size=2",
+    "eval.corruptions=[none]",
+    "eval.grad_samples=0",
+]
 
 
 def train_args(tmp: Path, *extra: str) -> list[str]:
@@ -27,11 +34,13 @@ def train_args(tmp: Path, *extra: str) -> list[str]:
 
 # ---------------------------------------------------------------- ImageFolder import
 
+
 def import_case(make: Callable[[Path], object]) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         write_folder(tmp / "src")
         make(tmp / "src")
         return ["data", "import-folder", str(tmp / "src"), "mine", "--root", str(tmp / "data")]
+
     return build
 
 
@@ -50,11 +59,13 @@ IMAGEFOLDER = {
 
 # ---------------------------------------------------------------- CIFAR python batches
 
+
 def cifar_case(damage: Callable[[Path], object]) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         write_cifar10(tmp / "data")
         damage(tmp / "data" / "cifar-10-batches-py")
         return train_args(tmp, "data.name=cifar10")
+
     return build
 
 
@@ -64,6 +75,7 @@ def repickle(name: str, change: Callable[[dict], object]) -> Callable[[Path], No
             batch = pickle.load(f, encoding="latin1")
         with open(folder / name, "wb") as f:
             pickle.dump(change(batch), f, protocol=2)
+
     return damage
 
 
@@ -88,11 +100,13 @@ CIFAR = {
 
 # ---------------------------------------------------------------- Tiny-ImageNet folder
 
+
 def tiny_case(damage: Callable[[Path], object]) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         write_tinyimagenet(tmp / "data")
         damage(tmp / "data" / "tiny-imagenet-200")
         return train_args(tmp, "data.name=tinyimagenet")
+
     return build
 
 
@@ -104,24 +118,34 @@ TINY = {
     "a wnid without training images": tiny_case(lambda f: append_line(f / "wnids.txt", "n04\n")),
     "a wnid that is a path": tiny_case(lambda f: append_line(f / "wnids.txt", "../../n04\n")),
     "a validation image missing": tiny_case(lambda f: (f / "val" / "images" / "val_0.JPEG").unlink()),
-    "a validation image named by a path": tiny_case(lambda f: append_line(f / "val" / "val_annotations.txt",
-                                                                          "../../wnids.txt\tn01\t0\t0\t1\t1\n")),
-    "a validation wnid not listed": tiny_case(lambda f: append_line(f / "val" / "val_annotations.txt",
-                                                                    "val_0.JPEG\tn77\t0\t0\t1\t1\n")),
+    "a validation image named by a path": tiny_case(
+        lambda f: append_line(f / "val" / "val_annotations.txt", "../../wnids.txt\tn01\t0\t0\t1\t1\n")
+    ),
+    "a validation wnid not listed": tiny_case(
+        lambda f: append_line(f / "val" / "val_annotations.txt", "val_0.JPEG\tn77\t0\t0\t1\t1\n")
+    ),
     "a training image cut short": tiny_case(lambda f: cut_short(f / "train" / "n01" / "images" / "n01_1.JPEG")),
     "a training image of another size": tiny_case(
-        lambda f: Image.new("RGB", (32, 32)).save(f / "train" / "n03" / "images" / "n03_0.JPEG")),
+        lambda f: Image.new("RGB", (32, 32)).save(f / "train" / "n03" / "images" / "n03_0.JPEG")
+    ),
     "the validation annotations missing": tiny_case(lambda f: (f / "val" / "val_annotations.txt").unlink()),
 }
 
 
 # ---------------------------------------------------------------- corrupted sets (official npy layout)
 
+
 def corrupted_case(make: Callable) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         make(tmp / "synth-C", write_synthetic(tmp / "data"))
-        return train_args(tmp, "data.name=synth", "eval.corruptions=[fog]", "eval.generate_corrupted=false",
-                          f"eval.corrupted_root={tmp / 'synth-C'}")
+        return train_args(
+            tmp,
+            "data.name=synth",
+            "eval.corruptions=[fog]",
+            "eval.generate_corrupted=false",
+            f"eval.corrupted_root={tmp / 'synth-C'}",
+        )
+
     return build
 
 
@@ -129,6 +153,7 @@ def source_record(text: str) -> Callable:
     def make(root: Path, dataset) -> None:
         CORRUPTED_DEFECTS["label order"][0](root, dataset)  # any set; the record is read first
         (root / "forde-source.json").write_text(text)
+
     return make
 
 
@@ -141,14 +166,17 @@ CORRUPTED = {
 
 # ---------------------------------------------------------------- study YAML (the sweep launcher)
 
-STUDY = ("name: s\nbase: quickstart\nconfig: {optim: {epochs: 1}, eval: {corruptions: [none]}}\nn_trials: 2\n"
-         "objectives: [{metric: test/nll, direction: minimize}]\nsearch_space:\n  method.alpha: {low: 0.0, high: 1.0}\n")
+STUDY = (
+    "name: s\nbase: quickstart\nconfig: {optim: {epochs: 1}, eval: {corruptions: [none]}}\nn_trials: 2\n"
+    "objectives: [{metric: test/nll, direction: minimize}]\nsearch_space:\n  method.alpha: {low: 0.0, high: 1.0}\n"
+)
 
 
 def study_case(text: str) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         (tmp / "study.yaml").write_text(text)
         return ["--study", str(tmp / "study.yaml"), "--out", str(tmp / "studies"), "--no-wandb"]
+
     return build
 
 
@@ -156,8 +184,9 @@ STUDIES = {
     "a name that leaves --out": study_case(STUDY.replace("name: s", "name: ../../s")),
     "an absolute name": study_case(STUDY.replace("name: s", "name: /tmp/s")),
     "a YAML syntax error": study_case(STUDY.replace("n_trials: 2", "n_trials: [2")),
-    "a YAML tag that would run code": study_case(STUDY.replace("n_trials: 2", "n_trials: !!python/object/apply:os.system"
-                                                                              " ['touch exploited']")),
+    "a YAML tag that would run code": study_case(
+        STUDY.replace("n_trials: 2", "n_trials: !!python/object/apply:os.system ['touch exploited']")
+    ),
     "a list, not a mapping": study_case("- base: quickstart\n"),
     "an unknown top-level key": study_case(STUDY + "budget: 3\n"),
     "an empty range": study_case(STUDY.replace("low: 0.0, high: 1.0", "low: 1.0, high: 0.0")),
@@ -170,10 +199,12 @@ STUDIES = {
 
 # ---------------------------------------------------------------- config files and overrides
 
+
 def config_file(text: str) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         (tmp / "cfg.yaml").write_text(text)
         return ["train", str(tmp / "cfg.yaml"), f"run.out_dir={tmp / 'runs'}", *TRAIN]
+
     return build
 
 
@@ -192,9 +223,18 @@ OVERRIDES = {
 }
 
 
-CASES = [pytest.param(table, build, id=f"{table}: {name}") for table, cases in
-         (("imagefolder", IMAGEFOLDER), ("cifar", CIFAR), ("tinyimagenet", TINY), ("corrupted", CORRUPTED),
-          ("study", STUDIES), ("config", OVERRIDES)) for name, build in cases.items()]
+CASES = [
+    pytest.param(table, build, id=f"{table}: {name}")
+    for table, cases in (
+        ("imagefolder", IMAGEFOLDER),
+        ("cifar", CIFAR),
+        ("tinyimagenet", TINY),
+        ("corrupted", CORRUPTED),
+        ("study", STUDIES),
+        ("config", OVERRIDES),
+    )
+    for name, build in cases.items()
+]
 
 
 @pytest.mark.parametrize("table, build", CASES)

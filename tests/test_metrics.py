@@ -25,7 +25,9 @@ def lp(rows):
 
 def test_ensemble_predictive_is_mean_of_member_probabilities():
     members = torch.stack([lp([[0.9, 0.1], [0.2, 0.8]]), lp([[0.5, 0.5], [0.6, 0.4]])])
-    torch.testing.assert_close(ensemble_log_probs(members).exp(), torch.tensor([[0.7, 0.3], [0.4, 0.6]], dtype=torch.float64))
+    torch.testing.assert_close(
+        ensemble_log_probs(members).exp(), torch.tensor([[0.7, 0.3], [0.4, 0.6]], dtype=torch.float64)
+    )
 
 
 def test_accuracy_and_nll_by_hand():
@@ -61,8 +63,10 @@ def test_epistemic_uncertainty_by_hand():
     agree = torch.stack([lp([[0.3, 0.7]]), lp([[0.3, 0.7]])])  # identical members: no epistemic part
     assert epistemic_uncertainty(agree) == pytest.approx(0.0, abs=1e-12)
     mixed = torch.stack([lp([[0.5, 0.5]]), lp([[0.9, 0.1]])])
+
     def h(p):
         return -sum(q * math.log(q) for q in p)
+
     assert epistemic_uncertainty(mixed) == pytest.approx(h([0.7, 0.3]) - (h([0.5, 0.5]) + h([0.9, 0.1])) / 2)
 
 
@@ -96,8 +100,10 @@ def test_pooled_ece_is_the_ece_of_the_pool_not_the_mean_of_the_sets():
     n = 10
     conf = torch.full((n,), 0.9, dtype=torch.float64)
     labels = torch.zeros(n, dtype=torch.long)
-    sets = [(members_with(conf, torch.zeros(n, dtype=torch.long)), labels),
-            (members_with(conf, torch.tensor([0] * 8 + [1, 2])), labels)]
+    sets = [
+        (members_with(conf, torch.zeros(n, dtype=torch.long)), labels),
+        (members_with(conf, torch.tensor([0] * 8 + [1, 2])), labels),
+    ]
     per_set = [ece(ensemble_log_probs(lp), y) for lp, y in sets]
     assert per_set == pytest.approx([0.1, 0.1])
     pool = PooledMetrics()
@@ -127,7 +133,9 @@ def test_pooled_metrics_match_the_concatenated_predictions():
     brute = prediction_metrics(torch.cat([lp for lp, _, _ in sets], 1), torch.cat([y for _, y, _ in sets]))
     for key in ("accuracy", "nll", "ece", "epistemic"):
         assert pooled[key] == pytest.approx(brute[key], rel=1e-12, abs=1e-14)
-    assert pooled["grad_cosine_distance"] == pytest.approx(gradient_cosine_distance(torch.cat([gr for _, _, gr in sets], 1)))
+    assert pooled["grad_cosine_distance"] == pytest.approx(
+        gradient_cosine_distance(torch.cat([gr for _, _, gr in sets], 1))
+    )
     each = [prediction_metrics(lp, y) for lp, y, _ in sets]
     for key in ("accuracy", "nll", "epistemic"):
         assert pooled[key] == pytest.approx(sum(e[key] for e in each) / 4, rel=1e-12)

@@ -14,8 +14,15 @@ from forde.models import build_model
 from forde.train import evaluate_run, load_checkpoint
 
 
-@pytest.mark.parametrize("name,shape,width", [("resnet18", (3, 32, 32), 8), ("preact_resnet18", (3, 64, 64), 8),
-                                              ("wrn16_4", (3, 32, 32), 16), ("mlp", (1, 8, 8), 64)])
+@pytest.mark.parametrize(
+    "name,shape,width",
+    [
+        ("resnet18", (3, 32, 32), 8),
+        ("preact_resnet18", (3, 64, 64), 8),
+        ("wrn16_4", (3, 32, 32), 16),
+        ("mlp", (1, 8, 8), 64),
+    ],
+)
 def test_models_map_images_to_logits(name, shape, width):
     model = build_model(ModelConfig(name=name, width=width, hidden=[16]), shape, 7)
     assert model(torch.randn(2, *shape)).shape == (2, 7)
@@ -63,8 +70,10 @@ def test_blocks_set_the_depth_of_the_residual_networks():
     assert len(preact.layers) == 3 and preact(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("name,shape", [("resnet18", (3, 32, 32)), ("preact_resnet18", (3, 32, 32)),
-                                        ("wrn16_4", (3, 32, 32)), ("mlp", (1, 8, 8))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("resnet18", (3, 32, 32)), ("preact_resnet18", (3, 32, 32)), ("wrn16_4", (3, 32, 32)), ("mlp", (1, 8, 8))],
+)
 def test_zero_init_classifier_starts_every_model_at_zero_logits(name, shape):
     cfg = ModelConfig(name=name, width=8, hidden=[16], zero_init_classifier=True)
     ens = build_ensemble(cfg, 2, shape, 7, seed=0).train()

@@ -22,9 +22,24 @@ from test_corruptions import small_split
 from test_train import tiny
 
 
-@pytest.mark.parametrize("name, ok", [("run", True), ("seed-0.v2", True), ("..x", True), ("", False), (".", False),
-                                      ("..", False), ("../../x", False), ("/etc", False), ("a/b", False),
-                                      ("a\\b", False), ("a\0b", False), ("x" * 256, False), (3, False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("run", True),
+        ("seed-0.v2", True),
+        ("..x", True),
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("../../x", False),
+        ("/etc", False),
+        ("a/b", False),
+        ("a\\b", False),
+        ("a\0b", False),
+        ("x" * 256, False),
+        (3, False),
+    ],
+)
 def test_a_path_component_is_one_entry_of_a_folder(name, ok):
     assert is_path_component(name) is ok
 
@@ -32,8 +47,18 @@ def test_a_path_component_is_one_entry_of_a_folder(name, ok):
 @pytest.mark.parametrize("override", ["run.name=../../x", "run.name=/tmp/x", "data.name=../x", "run.name=.."])
 def test_names_that_become_paths_are_refused_before_anything_is_written(tmp_path, capsys, override):
     out = tmp_path / "a" / "b"
-    code = main(["train", "quickstart", f"run.out_dir={out}", "optim.epochs=1", "eval.corruptions=[none]",
-                 "run.progress=false", f"data.root={tmp_path / 'data'}", override])
+    code = main(
+        [
+            "train",
+            "quickstart",
+            f"run.out_dir={out}",
+            "optim.epochs=1",
+            "eval.corruptions=[none]",
+            "run.progress=false",
+            f"data.root={tmp_path / 'data'}",
+            override,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     key = override.split("=")[0]
@@ -49,8 +74,10 @@ def test_eval_writes_only_inside_the_run_directory(tmp_path, capsys):
 
 
 def write_study(path, name: str):
-    path.write_text(f"name: {name}\nbase: quickstart\nconfig: {{optim: {{epochs: 1}}, eval: {{corruptions: [none]}}}}\n"
-                    "n_trials: 1\nobjectives: [{metric: test/nll, direction: minimize}]\n")
+    path.write_text(
+        f"name: {name}\nbase: quickstart\nconfig: {{optim: {{epochs: 1}}, eval: {{corruptions: [none]}}}}\n"
+        "n_trials: 1\nobjectives: [{metric: test/nll, direction: minimize}]\n"
+    )
     return path
 
 
@@ -73,8 +100,17 @@ def test_the_launcher_writes_nothing_outside_out_for_a_study_named_to_escape(tmp
 def test_class_names_from_dataset_files_never_become_paths_outside_the_set(tmp_path):
     images, labels = small_split()
     with pytest.raises(ValueError, match=r"class dir or file name '\.\./\.\./escaped'"):
-        generate_corrupted_set(images, labels, tmp_path / "out", layout="folder", class_dirs=("a", "../../escaped", "c"),
-                               corruptions=["contrast"], severities=[1], progress=False, workers=1)
+        generate_corrupted_set(
+            images,
+            labels,
+            tmp_path / "out",
+            layout="folder",
+            class_dirs=("a", "../../escaped", "c"),
+            corruptions=["contrast"],
+            severities=[1],
+            progress=False,
+            workers=1,
+        )
     assert not (tmp_path / "escaped").exists()
 
 
@@ -86,8 +122,11 @@ def test_a_report_skips_runs_whose_names_would_leave_its_folder(tmp_path, caplog
     config.data.name = "../../../escaped"
     OmegaConf.save(config, bad / "config.yaml")
     out = tmp_path / "study" / "report"
-    report(argparse.Namespace(study_dir=tmp_path / "study", out=out, paper=False, storage=None, study_name=None,
-                              wandb=None))
+    report(
+        argparse.Namespace(
+            study_dir=tmp_path / "study", out=out, paper=False, storage=None, study_name=None, wandb=None
+        )
+    )
     assert f"skipping {bad}: its dataset and model name '../../../escaped-mlp-M3'" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study"] and (out / "digits-mlp-M3" / "benchmark.md").exists()
     assert not list(tmp_path.rglob("escaped*"))

@@ -77,7 +77,7 @@ def test_device_loader_matches_per_image_reference(device):
         batches = _epoch(loader)
         assert [len(y) for _, y in batches] == [16, 16, 16, 2]
         for i, (x, y) in enumerate(batches):
-            idx = order[i * 16:(i + 1) * 16]
+            idx = order[i * 16 : (i + 1) * 16]
             dy, dx, flip = (t.cpu() for t in sample_crop_flip(len(idx), 4, gen))
             assert torch.equal(y, idx.cpu())  # labels are the indices
             assert torch.equal(x, reference_batch(images[idx.cpu()], dy, dx, flip))
@@ -130,12 +130,17 @@ def test_cuda_pipeline_gives_the_cpu_batches():
     batches. (The generators differ between devices, so the draws are made once and shared.)"""
     images = _images(64, seed=3)
     dy, dx, flip = sample_crop_flip(64, 4, torch.Generator().manual_seed(4))
+
     def on(device):
-        return normalize(crop_flip(images.to(device), dy.to(device), dx.to(device), flip.to(device), pad=4),
-                                      *_mean_std(device))
+        return normalize(
+            crop_flip(images.to(device), dy.to(device), dx.to(device), flip.to(device), pad=4), *_mean_std(device)
+        )
+
     torch.testing.assert_close(on("cuda").cpu(), on("cpu"), rtol=0, atol=1e-6)
     split = Split(images, torch.arange(64))
-    for (xc, yc), (xg, yg) in zip(eval_batches(split, 20, MEAN, STD, "cpu"), eval_batches(split, 20, MEAN, STD, "cuda")):
+    for (xc, yc), (xg, yg) in zip(
+        eval_batches(split, 20, MEAN, STD, "cpu"), eval_batches(split, 20, MEAN, STD, "cuda")
+    ):
         assert xg.is_cuda and torch.equal(yg.cpu(), yc)
         torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-6)
     cpu_loader = _epoch(_loader(n=64, shuffle=False, augment=False))

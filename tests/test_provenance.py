@@ -30,10 +30,22 @@ def place_official_set(root: Path, dataset, name: str) -> None:
 
 
 def config(tmp_path, *extra):
-    return load_config("quickstart", [f"data.root={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'runs'}",
-                                      "eval.corruptions=[gaussian_noise,fog]", "eval.severities=[1,2]", "optim.epochs=1",
-                                      "model.hidden=[16]", "ensemble_size=2", "eval.grad_samples=50", "run.progress=false",
-                                      "run.wandb.mode=offline", *extra])
+    return load_config(
+        "quickstart",
+        [
+            f"data.root={tmp_path / 'data'}",
+            f"run.out_dir={tmp_path / 'runs'}",
+            "eval.corruptions=[gaussian_noise,fog]",
+            "eval.severities=[1,2]",
+            "optim.epochs=1",
+            "model.hidden=[16]",
+            "ensemble_size=2",
+            "eval.grad_samples=50",
+            "run.progress=false",
+            "run.wandb.mode=offline",
+            *extra,
+        ],
+    )
 
 
 def test_results_and_wandb_record_code_data_and_each_sets_source(tmp_path):
@@ -52,13 +64,23 @@ def test_results_and_wandb_record_code_data_and_each_sets_source(tmp_path):
     sources = {(s["corruption"], s["severity"]): s for s in prov["corrupted_sets"]}
     assert sources[("fog", 1)] == {"corruption": "fog", "severity": 1, "source": "official"}
     made = sources[("gaussian_noise", 2)]
-    assert (made["source"], made["generator"], made["seed"], made["code"]) == ("generated", GENERATOR_VERSION, 0,
-                                                                               provenance.code_version())
+    assert (made["source"], made["generator"], made["seed"], made["code"]) == (
+        "generated",
+        GENERATOR_VERSION,
+        0,
+        provenance.code_version(),
+    )
     assert [r["source"] for r in results["corrupted"]["per_set"]] == ["generated"] * 2 + ["official"] * 2
     assert results["summary"]["corrupted/regenerated_sets"] == 2
     [wandb_dir] = run_dir_of(cfg).glob("wandb/offline-run-*")
-    record = json.loads(subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
-                                       capture_output=True, text=True, check=True).stdout)
+    record = json.loads(
+        subprocess.run(
+            [WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert record["config"]["provenance"]["corrupted_sets"] == prov["corrupted_sets"]
     assert record["config"]["code"]["commit"] == prov["code"]["commit"]
     assert record["summary"]["corrupted/regenerated_sets"] == 2

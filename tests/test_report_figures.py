@@ -15,18 +15,25 @@ from test_report_tables import write_run
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
-def full_summary(accuracy: float, nll: float, ece: float, drop: float, diversity: float, epistemic: float,
-                 rng: random.Random) -> tuple[dict, list[dict]]:
+def full_summary(
+    accuracy: float, nll: float, ece: float, drop: float, diversity: float, epistemic: float, rng: random.Random
+) -> tuple[dict, list[dict]]:
     """A summary and per-set rows with corrupted results that fall with severity, as a trained ensemble's do."""
     summary = {"test/accuracy": accuracy, "test/nll": nll, "test/ece": ece}
     summary.update({"test/grad_cosine_distance": diversity, "test/epistemic": epistemic})
     per_set = []
     for k in SEVERITIES:
-        rows = [{"corruption": c, "severity": k, "source": "generated",
-                 "accuracy": max(0.05, accuracy - drop * k * (0.5 + (i % 7) / 6) + rng.gauss(0, 0.01)),
-                 "nll": nll + 0.08 * k * (0.5 + (i % 5) / 4) + rng.gauss(0, 0.01),
-                 "ece": max(0.0, ece - 0.005 * k + rng.gauss(0, 0.005))}
-                for i, c in enumerate(CORRUPTIONS)]
+        rows = [
+            {
+                "corruption": c,
+                "severity": k,
+                "source": "generated",
+                "accuracy": max(0.05, accuracy - drop * k * (0.5 + (i % 7) / 6) + rng.gauss(0, 0.01)),
+                "nll": nll + 0.08 * k * (0.5 + (i % 5) / 4) + rng.gauss(0, 0.01),
+                "ece": max(0.0, ece - 0.005 * k + rng.gauss(0, 0.005)),
+            }
+            for i, c in enumerate(CORRUPTIONS)
+        ]
         per_set += rows
         mean = {m: sum(r[m] for r in rows) / len(rows) for m in ("accuracy", "nll", "ece")}
         summary.update({f"corrupted/severity_{k}/{m}": v for m, v in mean.items()})
@@ -66,17 +73,32 @@ def paper_lite_study(out: Path) -> Path:
     for number, (variant, seed) in enumerate(grid):
         method, alpha, _, acc, nll, ece, drop, diversity, epistemic = PAPER_LITE[variant]
         noise = rng.gauss(0, 0.012)
-        summary, per_set = full_summary(acc + noise, nll - noise / 2 + rng.gauss(0, 0.01), ece + rng.gauss(0, 0.008),
-                                        drop, diversity + rng.gauss(0, 0.01), epistemic + rng.gauss(0, 0.003), rng)
+        summary, per_set = full_summary(
+            acc + noise,
+            nll - noise / 2 + rng.gauss(0, 0.01),
+            ece + rng.gauss(0, 0.008),
+            drop,
+            diversity + rng.gauss(0, 0.01),
+            epistemic + rng.gauss(0, 0.003),
+            rng,
+        )
         folder, name = (out / "runs", f"trial-{number:04d}") if seed < 3 else (out / "extra", f"{method}-s{seed}")
         run = write_run(folder, name, method, seed, summary, alpha, per_set)
         if seed < 3:
             params = {"method.name": method, "seed": seed} | ({"method.alpha": alpha} if method == "forde" else {})
-            dists = {"method.name": optuna.distributions.CategoricalDistribution(["de", "forde", "lit"]),
-                     "seed": optuna.distributions.CategoricalDistribution([0, 1, 2]),
-                     "method.alpha": optuna.distributions.CategoricalDistribution([0.0, 0.2, 1.0])}
-            opt.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                    value=summary["corrupted/accuracy"], user_attrs={"run_dir": str(run)}))
+            dists = {
+                "method.name": optuna.distributions.CategoricalDistribution(["de", "forde", "lit"]),
+                "seed": optuna.distributions.CategoricalDistribution([0, 1, 2]),
+                "method.alpha": optuna.distributions.CategoricalDistribution([0.0, 0.2, 1.0]),
+            }
+            opt.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions={k: dists[k] for k in params},
+                    value=summary["corrupted/accuracy"],
+                    user_attrs={"run_dir": str(run)},
+                )
+            )
     return out
 
 
@@ -143,7 +165,7 @@ def test_every_method_has_a_hue_of_its_own_and_keeps_it_in_every_figure(runs):
     assert sum(h is None for h in hues.values()) <= 1  # at most one method (the baseline) without a hue
     coloured = [(v, h) for v, h in hues.items() if h is not None]
     for i, (a, ha) in enumerate(coloured):
-        for b, hb in coloured[i + 1:]:
+        for b, hb in coloured[i + 1 :]:
             assert min(abs(ha - hb), 360 - abs(ha - hb)) >= 12, f"{a} and {b} share a hue"
     assert hue(color("FoRDE-Tuned (α=0.4)")) == pytest.approx(hues["FoRDE-Tuned (α=0.2)"], abs=2)  # shades of one hue
     setting = setting_of(runs[0])
@@ -176,7 +198,9 @@ def test_benchmark_figure_shows_each_method_minus_de_beside_the_papers_gaps(runs
     diamonds = {round(line.get_ydata()[0]): line.get_xdata()[0] for line in ca.lines if line.get_marker() == "D"}
     assert len(diamonds) == 7 and diamonds[labels.index("FoRDE-PCA")] == pytest.approx(80.5 - 78.1)
     for title, ax in panels.items():  # our methods and their spreads, not the paper's scale, span every axis
-        ours = [x for bars in ax.containers for lines in bars[2] for segment in lines.get_segments() for x, _ in segment]
+        ours = [
+            x for bars in ax.containers for lines in bars[2] for segment in lines.get_segments() for x, _ in segment
+        ]
         low, high = ax.get_xlim()
         assert (max(ours) - min(ours)) / (high - low) > 1 / 3, title
     plt.close(fig)
@@ -215,7 +239,7 @@ def test_optuna_figures_keep_their_titles_and_legends_clear_and_leave_the_seed_o
     fig = importance_figure(opt, objective)
     ax = fig.axes[0]
     titles = [t for t in texts(fig) if t in (ax.title, ax._left_title, ax._right_title)]
-    assert all(not overlaps(a, b) for i, a in enumerate(titles) for b in titles[i + 1:])
+    assert all(not overlaps(a, b) for i, a in enumerate(titles) for b in titles[i + 1 :])
     assert objective.label in ax.get_title(loc="left")
     assert [t.get_text() for t in ax.get_yticklabels()] == ["method.alpha", "method.name"]  # seed: not a setting
     assert "seed left out (5 configurations ran at several seeds" in ax.get_title(loc="left")

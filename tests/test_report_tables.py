@@ -13,14 +13,27 @@ from forde.analysis.results import find_runs
 from forde.analysis.tables import benchmark_table, difference_table, to_markdown
 
 
-def write_run(root: Path, name: str, method: str, seed: int, summary: dict, alpha: float | None = None,
-              per_set: list[dict] | None = None, size: int = 4, seconds: tuple[float, float] = (300.0, 200.0)) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    method: str,
+    seed: int,
+    summary: dict,
+    alpha: float | None = None,
+    per_set: list[dict] | None = None,
+    size: int = 4,
+    seconds: tuple[float, float] = (300.0, 200.0),
+) -> Path:
     """One run directory as `forde train` leaves it (only what the report reads): a ResNet18 of width 16 on CIFAR-10."""
     run = root / name
     run.mkdir(parents=True, exist_ok=True)
-    config = {"seed": seed, "ensemble_size": size, "data": {"name": "cifar10"},
-              "model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]},
-              "method": {"name": method, "alpha": 1.0 if alpha is None else alpha}}
+    config = {
+        "seed": seed,
+        "ensemble_size": size,
+        "data": {"name": "cifar10"},
+        "model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]},
+        "method": {"name": method, "alpha": 1.0 if alpha is None else alpha},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"summary": summary, "train_time_s": seconds[0], "eval_time_s": seconds[1]}
     if per_set:
@@ -29,8 +42,14 @@ def write_run(root: Path, name: str, method: str, seed: int, summary: dict, alph
     return run
 
 
-def summary(accuracy: float, nll: float = 1.0, ece: float = 0.05, corrupted: float | None = None,
-            pooled_cece: bool = True, recorded: bool = True) -> dict:
+def summary(
+    accuracy: float,
+    nll: float = 1.0,
+    ece: float = 0.05,
+    corrupted: float | None = None,
+    pooled_cece: bool = True,
+    recorded: bool = True,
+) -> dict:
     """Clean metrics, and corrupted ones (cA = `corrupted`) as a run writes them: pooled cECE beside the per-set mean
     (`pooled_cece`), the count of corrupted sets generated here (`recorded`)."""
     out = {"test/accuracy": accuracy, "test/nll": nll, "test/ece": ece}
@@ -96,8 +115,11 @@ def test_differences_carry_the_benchmark_marks_and_footnotes(tmp_path):
     lit = row(differences, "LIT")
     assert lit["Δ cA (%) ↑"].endswith("†*") and lit["Δ cNLL ↓"].endswith("†*") and lit["Δ cECE ↓"].endswith("†*‡")
     assert not lit["Δ Accuracy (%) ↑"].endswith(("†", "*", "‡"))
-    for mark in ("† computed on corrupted sets generated here", "* from results that do not record",
-                 "‡ cECE of results written before cECE pooled"):
+    for mark in (
+        "† computed on corrupted sets generated here",
+        "* from results that do not record",
+        "‡ cECE of results written before cECE pooled",
+    ):
         assert mark in benchmark and mark in differences
     assert "A Δ cECE marked ‡ may set a per-set mean against a pooled cECE" in differences
 
@@ -109,7 +131,10 @@ def test_the_papers_tuned_row_stands_beside_its_own_alpha_only(tmp_path):
     assert row(benchmark, "FoRDE-Tuned (α=0.4)")["NLL (paper)"] == "—"
     paper_row = row(benchmark, "FoRDE-Tuned (α=0.2)")  # CIFAR-10's tuned alpha in the paper: a row of its own
     assert (paper_row["Seeds"], paper_row["NLL ↓"], paper_row["NLL (paper)"]) == ("—", "—", "0.114")
-    assert "The paper's FoRDE-Tuned is its α = 0.2 (appendix D.4), so it stands beside our runs at that α only." in benchmark
+    assert (
+        "The paper's FoRDE-Tuned is its α = 0.2 (appendix D.4), so it stands beside our runs at that α only."
+        in benchmark
+    )
     write_run(tmp_path, "tuned-0.2", "forde", 0, summary(0.85), alpha=0.2)
     benchmark, _ = tables(tmp_path, paper=True)
     ours = row(benchmark, "FoRDE-Tuned (α=0.2)")
@@ -124,4 +149,7 @@ def test_a_difference_that_rounds_to_zero_has_no_sign_and_the_note_says_how_numb
     assert row(differences, "LIT")["Δ ECE ↓"] == "0.000 ± 0.000 (2/2)"
     assert "−0.000" not in differences and "-0.000" not in benchmark
     assert "Mean ± sample standard deviation over seeds (n − 1 denominator" in benchmark
-    assert "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 4)" in benchmark
+    assert (
+        "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 4)"
+        in benchmark
+    )

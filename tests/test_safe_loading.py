@@ -31,8 +31,16 @@ class RunsACommand:
 
 
 def tiny_args(tmp_path, name="run"):
-    return [f"run.out_dir={tmp_path}", f"run.name={name}", "run.progress=false", "ensemble_size=3", "model.hidden=[32]",
-            "optim.epochs=2", f"data.root={tmp_path / 'data'}", "eval.corruptions=[none]"]
+    return [
+        f"run.out_dir={tmp_path}",
+        f"run.name={name}",
+        "run.progress=false",
+        "ensemble_size=3",
+        "model.hidden=[32]",
+        "optim.epochs=2",
+        f"data.root={tmp_path / 'data'}",
+        "eval.corruptions=[none]",
+    ]
 
 
 def one_error_line(capsys) -> str:
@@ -80,8 +88,11 @@ def test_a_checkpoint_of_another_format_is_one_line_with_the_fix(tmp_path):
     state = torch.load(run / CHECKPOINT, weights_only=True)
     state["history"][0]["train/loss"] = np.float64(state["history"][0]["train/loss"])
     torch.save(state, run / CHECKPOINT)
-    with pytest.raises(RunDirError, match=rf"{run / CHECKPOINT} was not loaded: it holds numpy.*Delete it unless you "
-                                          rf"trust its origin; the run then resumes from {PREVIOUS_CHECKPOINT}"):
+    with pytest.raises(
+        RunDirError,
+        match=rf"{run / CHECKPOINT} was not loaded: it holds numpy.*Delete it unless you "
+        rf"trust its origin; the run then resumes from {PREVIOUS_CHECKPOINT}",
+    ):
         load_checkpoint(run)
     torch.save({"epoch": 1}, run / CHECKPOINT)
     with pytest.raises(RunDirError, match=r"is not a checkpoint of `forde train` \(missing or malformed: ensemble"):

@@ -26,8 +26,10 @@ from sweep_support import FAST, STUDIES, env_for, epochs_trained, launch_cmd
 PARTITION = os.environ.get("FORDE_TEST_SLURM_PARTITION")
 
 
-@pytest.mark.parametrize("text,minutes", [("90", 90), ("30:30", 31), ("24:00:00", 1440), ("1-12", 2160),
-                                          ("2-00:30", 2910), ("1-00:00:01", 1441)])
+@pytest.mark.parametrize(
+    "text,minutes",
+    [("90", 90), ("30:30", 31), ("24:00:00", 1440), ("1-12", 2160), ("2-00:30", 2910), ("1-00:00:01", 1441)],
+)
 def test_slurm_time_formats(text, minutes):
     assert time_minutes(text) == minutes
 
@@ -43,15 +45,18 @@ def test_slurm_spec_maps_one_gpu_to_one_array_task():
     assert cpu.workers == 3 and "gres" not in executor_parameters(cpu, "forde-x")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("partition=gpu,gpu=4,time=60", r"unknown key 'gpu'; known keys: time, partition"),
-    ("nodes=two,time=60", r"nodes: must be a whole number, got 'two'"),
-    ("nodes=0,time=60", r"nodes: must be at least 1"),
-    ("partition=gpu", r"time limit, e.g. time=24:00:00"),
-    ("time=1:2:3:4", r"time: '1:2:3:4' is not a Slurm time limit"),
-    ("time=2", r"too short.*at least 3 minutes"),
-    ("partition", r"'partition' is not key=value"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("partition=gpu,gpu=4,time=60", r"unknown key 'gpu'; known keys: time, partition"),
+        ("nodes=two,time=60", r"nodes: must be a whole number, got 'two'"),
+        ("nodes=0,time=60", r"nodes: must be at least 1"),
+        ("partition=gpu", r"time limit, e.g. time=24:00:00"),
+        ("time=1:2:3:4", r"time: '1:2:3:4' is not a Slurm time limit"),
+        ("time=2", r"too short.*at least 3 minutes"),
+        ("partition", r"'partition' is not key=value"),
+    ],
+)
 def test_bad_slurm_specs_name_the_key(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_spec(text)
@@ -59,13 +64,15 @@ def test_bad_slurm_specs_name_the_key(text, message):
 
 def test_slurm_without_slurm_fails_before_preparing_anything(tmp_path):
     env = {**env_for(tmp_path), "PATH": str(Path(sys.executable).parent)}  # python, but no sbatch
-    out = subprocess.run(launch_cmd(tmp_path, "--slurm", "time=60", "--no-wandb", *FAST), env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        launch_cmd(tmp_path, "--slurm", "time=60", "--no-wandb", *FAST), env=env, capture_output=True, text=True
+    )
     assert out.returncode == 2 and "sbatch and sinfo are not on PATH" in out.stderr
     assert not (tmp_path / "studies").exists() and not (tmp_path / "data").exists()
 
 
 # --- against a real Slurm -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def slurm():
@@ -82,8 +89,12 @@ def slurm():
 def submit(tmp_path, submitted, *args, study="quickstart", storage: str | None = None):
     """Submit with the given storage (default: --slurm's own, a journal file in the study directory)."""
     where = ["--storage", storage] if storage else []
-    out = subprocess.run(launch_cmd(tmp_path, *where, "--no-wandb", *args, study=study), env=env_for(tmp_path),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        launch_cmd(tmp_path, *where, "--no-wandb", *args, study=study),
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     job = re.search(r"as job array (\d+)", out.stdout).group(1)
     submitted.append(job)
@@ -91,8 +102,9 @@ def submit(tmp_path, submitted, *args, study="quickstart", storage: str | None =
 
 
 def squeue(job: str) -> list[str]:
-    return subprocess.run(["squeue", "--noheader", "-j", job, "--format=%i %T %r"], capture_output=True,
-                          text=True).stdout.split("\n")[:-1]
+    return subprocess.run(
+        ["squeue", "--noheader", "-j", job, "--format=%i %T %r"], capture_output=True, text=True
+    ).stdout.split("\n")[:-1]
 
 
 def wait_until(condition, timeout: float, what: str):
@@ -110,8 +122,15 @@ def study_trials(tmp_path, name="quickstart", storage: str | None = None):
 
 
 def test_slurm_array_runs_the_study_one_gpu_per_worker(tmp_path, slurm):
-    job, printed = submit(tmp_path, slurm, "--n-trials", "4", "--slurm",
-                          f"partition={PARTITION},gpus_per_node=2,cpus_per_worker=1,time=10", *FAST)
+    job, printed = submit(
+        tmp_path,
+        slurm,
+        "--n-trials",
+        "4",
+        "--slurm",
+        f"partition={PARTITION},gpus_per_node=2,cpus_per_worker=1,time=10",
+        *FAST,
+    )
     for hint in (f"squeue -j {job}", f"scancel {job}", f"slurm/{job}_<task>_0_log.out"):
         assert hint in printed
     folder = tmp_path / "studies" / "quickstart" / "slurm"
@@ -136,12 +155,20 @@ def test_slurm_array_runs_the_study_one_gpu_per_worker(tmp_path, slurm):
 def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slurm):
     epochs = 60
     sqlite = f"sqlite:///{tmp_path / 'study.db'}"
-    job, _ = submit(tmp_path, slurm, "--n-trials", "1", "--slurm",
-                    f"partition={PARTITION},gpus_per_node=0,cpus_per_worker=1,time=60",
-                    f"optim.epochs={epochs}", "model.hidden=[32]", "eval.corruptions=[none]", storage=sqlite)
+    job, _ = submit(
+        tmp_path,
+        slurm,
+        "--n-trials",
+        "1",
+        "--slurm",
+        f"partition={PARTITION},gpus_per_node=0,cpus_per_worker=1,time=60",
+        f"optim.epochs={epochs}",
+        "model.hidden=[32]",
+        "eval.corruptions=[none]",
+        storage=sqlite,
+    )
     run_dir = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
-    wait_until(lambda: (run_dir / "checkpoint.pt").exists() and len(epochs_trained(run_dir)) >= 3, 180,
-               "three epochs")
+    wait_until(lambda: (run_dir / "checkpoint.pt").exists() and len(epochs_trained(run_dir)) >= 3, 180, "three epochs")
     # what Slurm sends 90 s before the time limit (submitit's --signal=USR2@90), and at preemption
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_until(lambda: squeue(job) and squeue(job)[0].split()[1] == "PENDING", 60, "the requeue")
@@ -164,16 +191,34 @@ def test_preempted_slurm_worker_is_requeued_and_resumes_its_trial(tmp_path, slur
 
 
 def test_bad_partition_study_or_request_submits_nothing(tmp_path, slurm):
-    out = subprocess.run(launch_cmd(tmp_path, "--slurm", "partition=nosuch,time=60", *FAST), env=env_for(tmp_path),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        launch_cmd(tmp_path, "--slurm", "partition=nosuch,time=60", *FAST),
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "no partition 'nosuch'; partitions: " in out.stderr and PARTITION in out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text((STUDIES / "quickstart.yaml").read_text() + "  method.alpah: {low: 0.0, high: 1.0}\nname: bad\n")
-    out = subprocess.run(launch_cmd(tmp_path, "--slurm", f"partition={PARTITION},time=60", study=str(bad)),
-                         env=env_for(tmp_path), capture_output=True, text=True)
+    out = subprocess.run(
+        launch_cmd(tmp_path, "--slurm", f"partition={PARTITION},time=60", study=str(bad)),
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "did you mean 'method.alpha'" in out.stderr
     assert not (tmp_path / "studies").exists()
-    out = subprocess.run(launch_cmd(tmp_path, "--slurm", f"partition={PARTITION},time=60,mem=999999G", *FAST,
-                                    "--storage", f"sqlite:///{tmp_path / 'study.db'}"),
-                         env=env_for(tmp_path), capture_output=True, text=True)
+    out = subprocess.run(
+        launch_cmd(
+            tmp_path,
+            "--slurm",
+            f"partition={PARTITION},time=60,mem=999999G",
+            *FAST,
+            "--storage",
+            f"sqlite:///{tmp_path / 'study.db'}",
+        ),
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "sbatch refused the workers" in out.stderr and "job array" not in out.stdout

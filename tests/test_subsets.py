@@ -41,16 +41,28 @@ def test_subset_larger_than_the_split_is_a_config_error(tmp_path):
 
 
 def test_corrupted_sets_are_generated_from_the_whole_test_set_and_subset_like_it(tmp_path):
-    cfg = load_config("quickstart", [f"data.root={tmp_path}", "data.test_subset=60", "data.split_seed=2",
-                                     "eval.corruptions=[gaussian_noise,contrast]", "eval.severities=[1,3]",
-                                     "run.progress=false"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={tmp_path}",
+            "data.test_subset=60",
+            "data.split_seed=2",
+            "eval.corruptions=[gaussian_noise,contrast]",
+            "eval.severities=[1,3]",
+            "run.progress=false",
+        ],
+    )
     ds = load_dataset(cfg.data)
     root = prepare_corrupted(cfg, ds)
     idx = stratified_subset(ds.full.test.labels, 60, 2, "test")
     assert torch.equal(ds.test.inputs, ds.full.test.inputs[idx])
     sets = list(corrupted_sets(cfg, ds))
-    assert [(s.corruption, s.severity) for s in sets] == [("gaussian_noise", 1), ("gaussian_noise", 3),
-                                                          ("contrast", 1), ("contrast", 3)]
+    assert [(s.corruption, s.severity) for s in sets] == [
+        ("gaussian_noise", 1),
+        ("gaussian_noise", 3),
+        ("contrast", 1),
+        ("contrast", 3),
+    ]
     for s in sets:
         whole = load_corrupted(root, s.corruption, s.severity)
         assert len(whole) == len(ds.full.test)  # the files hold every test image

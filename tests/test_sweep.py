@@ -30,8 +30,13 @@ from sweep_support import (
     wandb_record,
 )
 
-SOME_CORRUPTIONS = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[gaussian_noise,contrast]",
-                    "eval.severities=[1,5]", "eval.grad_samples=100"]
+SOME_CORRUPTIONS = [
+    "optim.epochs=3",
+    "model.hidden=[32]",
+    "eval.corruptions=[gaussian_noise,contrast]",
+    "eval.severities=[1,5]",
+    "eval.grad_samples=100",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -135,17 +140,22 @@ search_space:
     while (params := take(sweep)) is not None:
         drawn.append(params)
     assert sorted(tuple(sorted(p.items())) for p in drawn) == [
-        (("ensemble_size", m), ("seed", s)) for m in (3, 4) for s in (0, 1)]
+        (("ensemble_size", m), ("seed", s)) for m in (3, 4) for s in (0, 1)
+    ]
     trials = sweep.opt.get_trials()
     duplicates = [t for t in trials if t.user_attrs.get("failure") == "duplicate"]
-    assert duplicates and all(t.state == TrialState.FAIL and "discarded" in t.user_attrs["fail_reason"] for t in duplicates)
+    assert duplicates and all(
+        t.state == TrialState.FAIL and "discarded" in t.user_attrs["fail_reason"] for t in duplicates
+    )
     assert budget_used(trials) == 4  # duplicates use no budget
     assert "search space looks exhausted" in caplog.text
 
 
 def test_a_config_error_or_a_divergence_fails_once_with_its_reason(tmp_path):
     path = tmp_path / "batch.yaml"
-    path.write_text((STUDIES / "quickstart.yaml").read_text() + "  optim.batch_size: {choices: [64, 4096]}\nname: batch\n")
+    path.write_text(
+        (STUDIES / "quickstart.yaml").read_text() + "  optim.batch_size: {choices: [64, 4096]}\nname: batch\n"
+    )
     study = load_study(path, FAST)
     study_dir = tmp_path / "studies" / "batch"
     study_dir.mkdir(parents=True)
@@ -200,22 +210,26 @@ def write_study(tmp_path, body: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("body,message", [
-    ("search_space:\n  method.alpah: {low: 0.0, high: 1.0}\n", r"method.alpah.*did you mean 'method.alpha'"),
-    ("search_space:\n  method.alpha: {low: 0.5, high: 0.5}\n", r"empty range \[0.5, 0.5\]"),
-    ("search_space:\n  ensemble_size: {choices: []}\n", r"choices must be a non-empty list"),
-    ("search_space:\n  optim.lr: {low: 0.0, high: 0.1, log: true}\n", r"log range needs low > 0"),
-    ("search_space:\n  method.alpha: {low: 0.0, high: 2.0}\n", r"method.alpha"),
-    ("config: {data: {name: imagenet}}\n", r"imagenet"),
-    ("n_trials: 0\n", r"n_trials"),
-    ("objectives: [{metric: val/nll, direction: minimize}]\n", r"val/nll.*val_fraction"),
-    ("sampler: {name: bayes}\n", r"sampler.name"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("search_space:\n  method.alpah: {low: 0.0, high: 1.0}\n", r"method.alpah.*did you mean 'method.alpha'"),
+        ("search_space:\n  method.alpha: {low: 0.5, high: 0.5}\n", r"empty range \[0.5, 0.5\]"),
+        ("search_space:\n  ensemble_size: {choices: []}\n", r"choices must be a non-empty list"),
+        ("search_space:\n  optim.lr: {low: 0.0, high: 0.1, log: true}\n", r"log range needs low > 0"),
+        ("search_space:\n  method.alpha: {low: 0.0, high: 2.0}\n", r"method.alpha"),
+        ("config: {data: {name: imagenet}}\n", r"imagenet"),
+        ("n_trials: 0\n", r"n_trials"),
+        ("objectives: [{metric: val/nll, direction: minimize}]\n", r"val/nll.*val_fraction"),
+        ("sampler: {name: bayes}\n", r"sampler.name"),
+    ],
+)
 def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
     path = write_study(tmp_path, body)
     code = launch(tmp_path, study=str(path))
     assert code == 2
     import re
+
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "studies" / "bad" / "runs").exists()
 
@@ -223,19 +237,25 @@ def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
 def test_a_bad_override_is_blamed_on_the_config_not_on_a_searched_key(tmp_path, capsys):
     assert launch(tmp_path, "optim.epochs=0") == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("launch.py: study 'quickstart': config: optim.epochs = 0: must be at least 1; set a positive number, "
-                   "e.g. optim.epochs=300 (the paper's)")
+    assert err == (
+        "launch.py: study 'quickstart': config: optim.epochs = 0: must be at least 1; set a positive number, "
+        "e.g. optim.epochs=300 (the paper's)"
+    )
 
 
 def test_missing_dataset_fails_before_training(tmp_path, capsys):
-    path = write_study(tmp_path, "config: {data: {name: cifar10, root: %s}, model: {name: resnet18}}\n" % (tmp_path / "empty"))
+    path = write_study(
+        tmp_path, "config: {data: {name: cifar10, root: %s}, model: {name: resnet18}}\n" % (tmp_path / "empty")
+    )
     assert launch(tmp_path, study=str(path)) == 2
     assert "cifar10" in capsys.readouterr().err
     assert not (tmp_path / "studies" / "bad" / "runs").exists()
 
 
 def test_conditional_parameters_and_grid_expansion(tmp_path):
-    path = grid_study(tmp_path, """
+    path = grid_study(
+        tmp_path,
+        """
 search_space:
   method.name: {choices: [forde, de]}
   method.alpha: {low: 0.0, high: 1.0, when: {method.name: forde}}
@@ -243,7 +263,8 @@ search_space:
 grid:
   - {method.name: forde, method.alpha: [0.0, 1.0], seed: [0, 1]}
   - {method.name: de, seed: [0, 1]}
-""")
+""",
+    )
     study = load_study(path)
     assert study.n_trials == 6
     assert {"method.name": "de", "seed": 1} in study.grid
@@ -253,31 +274,44 @@ grid:
 
 
 def test_grid_study_runs_each_point_once(tmp_path):
-    path = grid_study(tmp_path, """
+    path = grid_study(
+        tmp_path,
+        """
 search_space:
   method.name: {choices: [forde, de]}
   method.alpha: {choices: [0.0, 1.0], when: {method.name: forde}}
 grid:
   - {method.name: forde, method.alpha: [0.0, 1.0]}
   - {method.name: de}
-""")
-    assert launch(tmp_path, "--no-wandb", "optim.epochs=1", "model.hidden=[16]", "eval.corruptions=[none]",
-                  study=str(path)) == 0
+""",
+    )
+    assert (
+        launch(
+            tmp_path, "--no-wandb", "optim.epochs=1", "model.hidden=[16]", "eval.corruptions=[none]", study=str(path)
+        )
+        == 0
+    )
     trials = load(tmp_path, "grid").get_trials()
     assert sorted((t.params["method.name"], t.params.get("method.alpha")) for t in trials) == [
-        ("de", None), ("forde", 0.0), ("forde", 1.0)]
+        ("de", None),
+        ("forde", 0.0),
+        ("forde", 1.0),
+    ]
     assert all(t.state == TrialState.COMPLETE for t in trials)
 
 
 def test_a_stopped_grid_trial_resumes_before_the_points_nobody_started(tmp_path, monkeypatch):
     """Grid points are queued one at a time, so the retry of a stopped trial (a partly trained run) is taken
     before the points nobody started, not after all of them."""
-    path = grid_study(tmp_path, """
+    path = grid_study(
+        tmp_path,
+        """
 search_space:
   seed: {choices: [0, 1, 2]}
 grid:
   - {seed: [0, 1, 2]}
-""")
+""",
+    )
     real_save, stopped = forde.train.save_checkpoint, []
 
     def stop_after_the_first_save(state, run_dir):
@@ -290,10 +324,15 @@ grid:
     args = ["--no-wandb", "optim.epochs=2", "model.hidden=[16]", "eval.corruptions=[none]"]
     assert launch(tmp_path, *args, study=str(path)) == 128 + signal.SIGTERM
     assert launch(tmp_path, *args, study=str(path)) == 0
-    done = sorted((t for t in load(tmp_path, "grid").get_trials() if t.state == TrialState.COMPLETE),
-                  key=lambda t: t.datetime_start)
+    done = sorted(
+        (t for t in load(tmp_path, "grid").get_trials() if t.state == TrialState.COMPLETE),
+        key=lambda t: t.datetime_start,
+    )
     assert [(Path(t.user_attrs["run_dir"]).name, t.params["seed"]) for t in done] == [
-        ("trial-0000", 0), ("trial-0002", 1), ("trial-0003", 2)]
+        ("trial-0000", 0),
+        ("trial-0002", 1),
+        ("trial-0003", 2),
+    ]
     assert epochs_trained(stopped[0]) == [1, 2]
 
 

@@ -55,18 +55,31 @@ def test_failures_are_told_apart_the_right_way_round(tmp_path):
     import wandb
 
     run_dir = tmp_path / "runs" / "trial-0000"
-    for err in (ConfigError("optim.batch_size = 4096 ..."), NonFiniteLossError("training loss became nan"),
-                RuntimeError("anything else"), KeyError("test/grad_cosine_distance"), ValueError("a bug"),
-                FileNotFoundError(2, "No such file or directory", "/elsewhere/weights.pt")):
+    for err in (
+        ConfigError("optim.batch_size = 4096 ..."),
+        NonFiniteLossError("training loss became nan"),
+        RuntimeError("anything else"),
+        KeyError("test/grad_cosine_distance"),
+        ValueError("a bug"),
+        FileNotFoundError(2, "No such file or directory", "/elsewhere/weights.pt"),
+    ):
         assert classify(err, [tmp_path]) == TRIAL, err
     refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError(111, "Connection refused"))
-    storage = optuna.exceptions.StorageInternalError("An exception is raised during the commit. This typically "
-                                                     "happens due to invalid data in the commit, e.g. exceeding max length.")
+    storage = optuna.exceptions.StorageInternalError(
+        "An exception is raised during the commit. This typically "
+        "happens due to invalid data in the commit, e.g. exceeding max length."
+    )
     storage.__cause__ = refused
-    for err in (MissingDataError("data.name = 'cifar10': found neither ..."), PermissionError(13, "Permission denied"),
-                OSError(28, "No space left on device"), wandb.errors.CommError("timeout"), refused, storage,
-                ConnectionResetError(104, "Connection reset by peer"),
-                FileExistsError(17, "File exists", str(run_dir))):  # a file in the way of the run directory
+    for err in (
+        MissingDataError("data.name = 'cifar10': found neither ..."),
+        PermissionError(13, "Permission denied"),
+        OSError(28, "No space left on device"),
+        wandb.errors.CommError("timeout"),
+        refused,
+        storage,
+        ConnectionResetError(104, "Connection reset by peer"),
+        FileExistsError(17, "File exists", str(run_dir)),
+    ):  # a file in the way of the run directory
         assert classify(err, [tmp_path]) == ENVIRONMENT, err
 
 
@@ -150,8 +163,18 @@ def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
     import sqlalchemy
 
     name = f"hiccup_{os.getpid()}_{int(time.time())}"
-    args = ["--n-trials", "2", "--workers", "2", "--no-wandb", "optim.epochs=20", "model.hidden=[32]",
-            "eval.corruptions=[none]", "--storage", url]
+    args = [
+        "--n-trials",
+        "2",
+        "--workers",
+        "2",
+        "--no-wandb",
+        "optim.epochs=20",
+        "model.hidden=[32]",
+        "eval.corruptions=[none]",
+        "--storage",
+        url,
+    ]
     proc = start(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), tmp_path)
     wait_for(lambda: trained_at_least(tmp_path / "studies" / name / "runs" / "trial-0000", 1), 240, "training", proc)
     admin = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -160,9 +183,14 @@ def test_a_database_dropping_its_connections_costs_no_trial(tmp_path):
     while proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
         with admin.connect() as conn:
-            terminated += len(conn.execute(sqlalchemy.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
+            terminated += len(
+                conn.execute(
+                    sqlalchemy.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).all()
+            )
     stderr = output(proc, timeout=60)
     assert terminated > 0
     assert proc.returncode == 0, stderr[-3000:]
@@ -200,9 +228,10 @@ def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
         "with storage.budget_lock(study.name):\n"
         "    sweep.carry_out(sweep.decide())\n"
         "    sweep.opt.ask()\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     assert subprocess.run([sys.executable, "-c", dies_taking_a_trial]).returncode == -signal.SIGKILL
-    ghost, = load(tmp_path, name).get_trials()
+    (ghost,) = load(tmp_path, name).get_trials()
     assert ghost.state == TrialState.RUNNING and "worker" not in ghost.user_attrs
 
     assert launch(tmp_path, *args, study=study_arg) == 0
@@ -220,8 +249,17 @@ def write(tmp_path, name, text) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["unreachable database", "journal on a file", "runs not writable",
-                                  "YAML syntax", "searched key overridden", "a GPU that is not there"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unreachable database",
+        "journal on a file",
+        "runs not writable",
+        "YAML syntax",
+        "searched key overridden",
+        "a GPU that is not there",
+    ],
+)
 def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
     args = []
     if case == "unreachable database":
@@ -235,7 +273,10 @@ def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
         write(tmp_path, "studies/quickstart/runs", "not a folder")
         message = r"cannot write to .*studies/quickstart/runs"
     elif case == "YAML syntax":
-        args = ["--study", write(tmp_path, "broken.yaml", "base: quickstart\nsearch_space:\n  a: {low: 1, high\n  b: 2\n")]
+        args = [
+            "--study",
+            write(tmp_path, "broken.yaml", "base: quickstart\nsearch_space:\n  a: {low: 1, high\n  b: 2\n"),
+        ]
         message = r"broken.yaml: YAML syntax error at line 4, column 4: did not find expected ',' or '}'; fix that line"
     elif case == "searched key overridden":
         args = ["optim.lr=0.05"]
@@ -254,9 +295,12 @@ def test_gpu_ids_count_among_the_visible_gpus():
     assert gpu_devices("0,1", None, 4) == ["0", "1"]
     assert gpu_devices("0, 1", "2,3", 2) == ["2", "3"]  # Slurm or the user narrowed what this process sees
     assert gpu_devices("1", "GPU-5d0c,GPU-77a1", 2) == ["GPU-77a1"]
-    for gpus, visible, count, message in [("0,0", None, 2, "expected distinct GPU ids"), ("a", None, 2, "expected distinct"),
-                                          ("2", "0,1", 2, "no GPU 2; this machine shows 2 (ids 0-1, after CUDA_VISIBLE_DEVICES=0,1)"),
-                                          ("0", None, 0, "torch sees no CUDA device")]:
+    for gpus, visible, count, message in [
+        ("0,0", None, 2, "expected distinct GPU ids"),
+        ("a", None, 2, "expected distinct"),
+        ("2", "0,1", 2, "no GPU 2; this machine shows 2 (ids 0-1, after CUDA_VISIBLE_DEVICES=0,1)"),
+        ("0", None, 0, "torch sees no CUDA device"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             gpu_devices(gpus, visible, count)
 
@@ -290,7 +334,9 @@ def test_a_folder_serves_one_study(tmp_path, capsys):
     other = f"journal:{tmp_path / 'other.log'}"
     assert launch(tmp_path, "--n-trials", "1", "--no-wandb", "--storage", other, *FAST) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'studies' / 'quickstart'} holds the runs of another study of this name (storage sqlite:///" in err
+    assert (
+        f"{tmp_path / 'studies' / 'quickstart'} holds the runs of another study of this name (storage sqlite:///" in err
+    )
     assert "continue that study with its --storage, or give this one its own folder with another --out" in err
     assert load(tmp_path, storage=other).get_trials() == []
     assert launch(tmp_path, "--n-trials", "2", "--no-wandb", *FAST) == 0

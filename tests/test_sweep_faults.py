@@ -64,18 +64,24 @@ def trainer(monkeypatch, wrap):
 def test_an_error_nobody_classified_fails_its_trial_once_and_the_sweep_goes_on(tmp_path, monkeypatch, caplog):
     """A bug in a user's model or metric (here a KeyError for seed 1) is the trial's own failure: it fails once,
     counts, is not retried, and the other configurations run; its traceback is in the log."""
+
     def with_a_bug(real):
         def train(cfg, callbacks=(), **kwargs):
             if cfg.seed == 1:
                 raise KeyError("test/grad_cosine_distance")
             return real(cfg, callbacks, **kwargs)
+
         return train
 
     trainer(monkeypatch, with_a_bug)
     assert launch(tmp_path, *QUICK, study=str(grid_study(tmp_path, SEEDS))) == 0
     trials = load(tmp_path, "grid").get_trials()
     assert sorted((t.params["seed"], t.state) for t in trials) == [
-        (0, TrialState.COMPLETE), (1, TrialState.FAIL), (2, TrialState.COMPLETE), (3, TrialState.COMPLETE)]
+        (0, TrialState.COMPLETE),
+        (1, TrialState.FAIL),
+        (2, TrialState.COMPLETE),
+        (3, TrialState.COMPLETE),
+    ]
     [failed] = [t for t in trials if t.state == TrialState.FAIL]
     assert failed.user_attrs["failure"] == "trial" and "KeyError" in failed.user_attrs["fail_reason"]
     assert budget_used(trials) == 4
@@ -84,13 +90,17 @@ def test_an_error_nobody_classified_fails_its_trial_once_and_the_sweep_goes_on(t
 
 def test_a_study_of_gradient_diversity_with_one_member_ensembles_is_refused_before_training(tmp_path, capsys):
     path = tmp_path / "diversity.yaml"
-    path.write_text("name: diversity\nbase: quickstart\nn_trials: 2\nconfig: {method: {name: de}}\n"
-                    "objectives: [{metric: test/grad_cosine_distance, direction: maximize}]\n"
-                    "search_space:\n  ensemble_size: {choices: [1, 3]}\n")
+    path.write_text(
+        "name: diversity\nbase: quickstart\nn_trials: 2\nconfig: {method: {name: de}}\n"
+        "objectives: [{metric: test/grad_cosine_distance, direction: maximize}]\n"
+        "search_space:\n  ensemble_size: {choices: [1, 3]}\n"
+    )
     assert launch(tmp_path, *QUICK, study=str(path)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("search_space.ensemble_size: an ensemble of 1 member has no gradient diversity, which objective "
-                        "'test/grad_cosine_distance' measures; use ensembles of 2 or more members")
+    assert err.endswith(
+        "search_space.ensemble_size: an ensemble of 1 member has no gradient diversity, which objective "
+        "'test/grad_cosine_distance' measures; use ensembles of 2 or more members"
+    )
     assert not (tmp_path / "data").exists()
 
 
@@ -99,8 +109,12 @@ def test_a_grid_study_keeps_to_its_budget_and_to_its_grid(tmp_path):
     assert launch(tmp_path, "--n-trials", "2", *QUICK, study=str(path)) == 0
     assert sorted(t.params["seed"] for t in load(tmp_path, "grid").get_trials()) == [0, 1]
     two = tmp_path / "two.yaml"  # n_trials past the grid: the grid, and no point off it
-    two.write_text(path.read_text().replace("[0, 1, 2, 3]}\ngrid:\n  - {seed: [0, 1, 2, 3]}", "[0, 1, 2, 3]}\ngrid:\n"
-                                            "  - {seed: [0, 1]}") + "n_trials: 6\nname: two\n")
+    two.write_text(
+        path.read_text().replace(
+            "[0, 1, 2, 3]}\ngrid:\n  - {seed: [0, 1, 2, 3]}", "[0, 1, 2, 3]}\ngrid:\n  - {seed: [0, 1]}"
+        )
+        + "n_trials: 6\nname: two\n"
+    )
     assert launch(tmp_path, *QUICK, study=str(two)) == 0
     trials = load(tmp_path, "two").get_trials()
     assert sorted(t.params["seed"] for t in trials) == [0, 1] and all(t.state == TrialState.COMPLETE for t in trials)
@@ -133,8 +147,15 @@ def test_a_retry_whose_worker_dies_before_its_run_begins_is_discarded_not_killed
     script = tmp_path / "dies.py"
     script.write_text(DIES_TAKING_ITS_TRIAL)
     for _ in range(2):
-        cmd = [sys.executable, str(script), "--study", str(STUDIES / "quickstart.yaml"), "--out",
-               str(tmp_path / "studies"), *args]
+        cmd = [
+            sys.executable,
+            str(script),
+            "--study",
+            str(STUDIES / "quickstart.yaml"),
+            "--out",
+            str(tmp_path / "studies"),
+            *args,
+        ]
         assert subprocess.run(cmd, env=env_for(tmp_path), capture_output=True).returncode == -signal.SIGKILL
     assert launch(tmp_path, *args) == 0
     trials = load(tmp_path).get_trials()
@@ -163,6 +184,7 @@ def test_a_trial_that_finishes_after_it_was_declared_dead_is_no_failure(tmp_path
             backend.set_trial_user_attr(trial_id, "fail_reason", "its worker sent no heartbeat for 60 s")
             backend.set_trial_state_values(trial_id, TrialState.FAIL)
             return results
+
         return train
 
     trainer(monkeypatch, declared_dead_meanwhile)
@@ -192,8 +214,12 @@ def test_a_stopped_trial_is_recorded_before_its_tracker_finishes(tmp_path, monke
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(forde.train, "save_checkpoint", stop_after_the_first_save)
-    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", "optim.epochs=3", "model.hidden=[16]",
-                  "eval.corruptions=[none]") == 128 + signal.SIGTERM
+    assert (
+        launch(
+            tmp_path, "--n-trials", "1", "--no-wandb", "optim.epochs=3", "model.hidden=[16]", "eval.corruptions=[none]"
+        )
+        == 128 + signal.SIGTERM
+    )
     assert seen == [("interrupted", TrialState.FAIL, "interrupted")]
 
 
@@ -202,11 +228,15 @@ def test_storage_errors_are_described_by_their_cause():
     the driver's own."""
     import sqlalchemy.exc
 
-    for cause, text in [(ConnectionRefusedError(111, "Connection refused"), "Connection refused"),
-                        (OSError(28, "No space left on device"), "No space left on device")]:
-        err = optuna.exceptions.StorageInternalError("An exception is raised during the commit. This typically "
-                                                     "happens due to invalid data in the commit, e.g. exceeding max "
-                                                     "length.")
+    for cause, text in [
+        (ConnectionRefusedError(111, "Connection refused"), "Connection refused"),
+        (OSError(28, "No space left on device"), "No space left on device"),
+    ]:
+        err = optuna.exceptions.StorageInternalError(
+            "An exception is raised during the commit. This typically "
+            "happens due to invalid data in the commit, e.g. exceeding max "
+            "length."
+        )
         err.__cause__ = sqlalchemy.exc.OperationalError("INSERT ...", {}, cause)
         assert text in describe(err) and "invalid data" not in describe(err)
 
@@ -234,8 +264,9 @@ def test_the_launcher_waits_out_a_storage_error_after_its_workers_exit(tmp_path,
     def dropped_once():
         if not failed:
             failed.append(True)
-            raise sqlalchemy.exc.OperationalError("SELECT ...", {}, Exception(
-                "terminating connection due to administrator command"))
+            raise sqlalchemy.exc.OperationalError(
+                "SELECT ...", {}, Exception("terminating connection due to administrator command")
+            )
         return read()
 
     monkeypatch.setattr(sweep, "trials", dropped_once)
@@ -254,8 +285,16 @@ def test_a_database_outage_between_trials_is_waited_out(tmp_path):
     real = make_url(url)
     proxy = FlakyProxy(real.host, real.port)
     name = f"outage_{os.getpid()}_{int(time.time())}"
-    args = ["--n-trials", "3", "--storage", proxy.url(url), "--no-wandb", "optim.epochs=2", "model.hidden=[16]",
-            "eval.corruptions=[none]"]
+    args = [
+        "--n-trials",
+        "3",
+        "--storage",
+        proxy.url(url),
+        "--no-wandb",
+        "optim.epochs=2",
+        "model.hidden=[16]",
+        "eval.corruptions=[none]",
+    ]
     proc = start(launch_cmd(tmp_path, *args, study=str(named_study(tmp_path, name))), tmp_path)
 
     def one_done() -> bool:
@@ -279,8 +318,18 @@ def test_a_full_disk_is_one_line_naming_the_file_and_costs_no_budget(tmp_path, s
     stops after three in a row with exit code 3 and one line naming the cause and the file; once space is freed,
     the same command finishes the study."""
     disk = small_disk_factory(16 << 20)
-    cmd = [sys.executable, str(REPO / "sweeps" / "launch.py"), "--study", "quickstart", "--out", str(disk),
-           "--no-wandb", "optim.epochs=2", "model.hidden=[512]", "eval.corruptions=[none]"]
+    cmd = [
+        sys.executable,
+        str(REPO / "sweeps" / "launch.py"),
+        "--study",
+        "quickstart",
+        "--out",
+        str(disk),
+        "--no-wandb",
+        "optim.epochs=2",
+        "model.hidden=[512]",
+        "eval.corruptions=[none]",
+    ]
     first = subprocess.run([*cmd, "--n-trials", "1"], env=env_for(tmp_path), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     filler = fill(disk, leave_bytes=0)  # not even room for the database: the launcher says so
@@ -313,9 +362,22 @@ def test_heartbeats_do_not_grow_the_journal(tmp_path, monkeypatch):
     for beat_s in (3600, 0.05):
         monkeypatch.setattr(sweep_storage, "HEARTBEAT_S", beat_s)
         journal = tmp_path / f"journal-{beat_s}.log"
-        assert launch(tmp_path, "--n-trials", "1", "--storage", f"journal:{journal}", "--out",
-                      str(tmp_path / f"studies-{beat_s}"), "--no-wandb", "optim.epochs=8", "model.hidden=[32]",
-                      "eval.corruptions=[none]") == 0
+        assert (
+            launch(
+                tmp_path,
+                "--n-trials",
+                "1",
+                "--storage",
+                f"journal:{journal}",
+                "--out",
+                str(tmp_path / f"studies-{beat_s}"),
+                "--no-wandb",
+                "optim.epochs=8",
+                "model.hidden=[32]",
+                "eval.corruptions=[none]",
+            )
+            == 0
+        )
         sizes[beat_s] = journal.stat().st_size
     assert abs(sizes[0.05] - sizes[3600]) < 2048, sizes
 

@@ -44,8 +44,11 @@ def alive(pid: int) -> bool:
 
 def running_workers(opt) -> dict[int, int]:
     """trial number -> worker pid, for the trials running now."""
-    return {t.number: int(t.user_attrs["worker"].rpartition(":")[2])
-            for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if "worker" in t.user_attrs}
+    return {
+        t.number: int(t.user_attrs["worker"].rpartition(":")[2])
+        for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if "worker" in t.user_attrs
+    }
 
 
 def test_killed_launcher_and_workers_resume_without_racing_or_repeating(tmp_path):
@@ -54,12 +57,20 @@ def test_killed_launcher_and_workers_resume_without_racing_or_repeating(tmp_path
     samples a configuration no earlier trial had."""
     args = ["--workers", "2", "--n-trials", "3", f"optim.epochs={EPOCHS}", *SMALL]
     runs = tmp_path / "studies" / "quickstart" / "runs"
-    proc = subprocess.Popen(launch_cmd(tmp_path, *args), env=env_for(tmp_path), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: all(trained_at_least(runs / f"trial-000{i}", 2) for i in (0, 1)), 240, "two trials at epoch 2", proc)
+    proc = subprocess.Popen(
+        launch_cmd(tmp_path, *args),
+        env=env_for(tmp_path),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: all(trained_at_least(runs / f"trial-000{i}", 2) for i in (0, 1)), 240, "two trials at epoch 2", proc
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     import torch
+
     killed_at = {i: torch.load(runs / f"trial-000{i}" / "checkpoint.pt", weights_only=False)["epoch"] for i in (0, 1)}
     assert all(2 <= e < EPOCHS for e in killed_at.values())
     assert [t.state for t in load(tmp_path).get_trials()] == [TrialState.RUNNING] * 2
@@ -154,8 +165,9 @@ def test_a_launcher_running_its_own_trial_stops_it_on_two_quick_signals(tmp_path
     on), stops the trial, which is recorded interrupted (not left running, to be taken for killed)."""
     args = ["--n-trials", "1", "--no-wandb", f"optim.epochs={EPOCHS}", *SMALL]
     proc = start(launch_cmd(tmp_path, *args), tmp_path)
-    wait_for(lambda: trained_at_least(tmp_path / "studies" / "quickstart" / "runs" / "trial-0000", 1), 240,
-             "epoch 1", proc)
+    wait_for(
+        lambda: trained_at_least(tmp_path / "studies" / "quickstart" / "runs" / "trial-0000", 1), 240, "epoch 1", proc
+    )
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -180,18 +192,34 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     and from the launcher), Ctrl-C (SIGINT to the terminal's process group), twice, or kill -9 of the launcher
     alone: both workers stop (no orphans), mark their trials interrupted (never killed: that counts toward
     giving a configuration up), and nothing prints a traceback."""
-    args = ["--workers", "2", "--n-trials", "2", "--no-wandb", f"optim.epochs={EPOCHS}", *SMALL]  # long enough to be stopped
+    args = [
+        "--workers",
+        "2",
+        "--n-trials",
+        "2",
+        "--no-wandb",
+        f"optim.epochs={EPOCHS}",
+        *SMALL,
+    ]  # long enough to be stopped
     runs = tmp_path / "studies" / "quickstart" / "runs"
     proc = start(launch_cmd(tmp_path, *args), tmp_path, start_new_session=True)
-    wait_for(lambda: all(trained_at_least(runs / f"trial-000{i}", 1) for i in (0, 1)), 240, "two trials at epoch 1", proc)
+    wait_for(
+        lambda: all(trained_at_least(runs / f"trial-000{i}", 1) for i in (0, 1)), 240, "two trials at epoch 1", proc
+    )
     workers = running_workers(load(tmp_path))
     assert len(workers) == 2
-    {"SIGTERM": lambda: proc.send_signal(signal.SIGTERM), "SIGTERM to the group": lambda: term_group(proc.pid, workers.values()),
-     "Ctrl-C": lambda: os.killpg(proc.pid, signal.SIGINT), "Ctrl-C twice": lambda: ctrl_c_twice(proc.pid),
-     "kill -9": proc.kill}[how]()
+    {
+        "SIGTERM": lambda: proc.send_signal(signal.SIGTERM),
+        "SIGTERM to the group": lambda: term_group(proc.pid, workers.values()),
+        "Ctrl-C": lambda: os.killpg(proc.pid, signal.SIGINT),
+        "Ctrl-C twice": lambda: ctrl_c_twice(proc.pid),
+        "kill -9": proc.kill,
+    }[how]()
     stderr = output(proc, timeout=120)
-    assert proc.returncode == {"SIGTERM": 143, "SIGTERM to the group": 143, "Ctrl-C": 130, "Ctrl-C twice": 130,
-                               "kill -9": -9}[how]
+    assert (
+        proc.returncode
+        == {"SIGTERM": 143, "SIGTERM to the group": 143, "Ctrl-C": 130, "Ctrl-C twice": 130, "kill -9": -9}[how]
+    )
     wait_for(lambda: not any(alive(pid) for pid in workers.values()), 60, "the workers to exit")
     assert "Traceback" not in stderr, stderr
     if how != "kill -9":
@@ -200,7 +228,7 @@ def test_stopping_the_launcher_stops_its_workers_and_leaves_trials_resumable(tmp
     stopped = [t for t in trials if t.number in (0, 1)]
     assert all(t.state == TrialState.FAIL and t.user_attrs["failure"] == "interrupted" for t in stopped)
     reasons = ("interrupted by SIGTERM", "a second SIGINT to the launcher killed its worker")
-    assert all(any(r in t.user_attrs["fail_reason"] for r in reasons[:1 + (how == "Ctrl-C twice")]) for t in stopped)
+    assert all(any(r in t.user_attrs["fail_reason"] for r in reasons[: 1 + (how == "Ctrl-C twice")]) for t in stopped)
     assert len(logical(trials)) == 2
     if how != "kill -9":  # the launcher queued them to resume; after kill -9 the next launch does
         assert [t.system_attrs["failed_trial"] for t in trials if t.state == TrialState.WAITING] == [0, 1]

@@ -23,9 +23,20 @@ TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 
 
 def tiny(tmp_path, *extra, name="run"):
-    return load_config("quickstart", [f"run.out_dir={tmp_path}", f"run.name={name}", "run.progress=false",
-                                      "ensemble_size=3", "model.hidden=[32]", "optim.epochs=3",
-                                      f"data.root={tmp_path / 'data'}", "eval.corruptions=[none]", *extra])
+    return load_config(
+        "quickstart",
+        [
+            f"run.out_dir={tmp_path}",
+            f"run.name={name}",
+            "run.progress=false",
+            "ensemble_size=3",
+            "model.hidden=[32]",
+            "optim.epochs=3",
+            f"data.root={tmp_path / 'data'}",
+            "eval.corruptions=[none]",
+            *extra,
+        ],
+    )
 
 
 def strip(results):
@@ -173,7 +184,10 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     data = (run / CHECKPOINT).read_bytes()
     (run / CHECKPOINT).write_bytes(data[: len(data) // 2])  # a copy cut short
     resumed = train(tiny(tmp_path, "optim.epochs=4"))
-    assert f"{run / CHECKPOINT} is unreadable" in caplog.text and "resuming from checkpoint.prev.pt (epoch 2)" in caplog.text
+    assert (
+        f"{run / CHECKPOINT} is unreadable" in caplog.text
+        and "resuming from checkpoint.prev.pt (epoch 2)" in caplog.text
+    )
     assert strip(resumed) == strip(straight)
     for k, v in final_weights(tmp_path / "straight").items():
         assert torch.equal(v, final_weights(run)[k]), k
@@ -185,7 +199,9 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     (run / RESULTS).unlink()
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         (run / name).write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(RunDirError, match=rf"{run / CHECKPOINT} is unreadable.*To start this run over, move {run} aside"):
+    with pytest.raises(
+        RunDirError, match=rf"{run / CHECKPOINT} is unreadable.*To start this run over, move {run} aside"
+    ):
         train(tiny(tmp_path, "optim.epochs=4"))
 
 

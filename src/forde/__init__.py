@@ -35,11 +35,20 @@ if TYPE_CHECKING:  # `X as X`: re-exported for type checkers; at run time __geta
     from forde.methods.likelihoods import Gaussian as Gaussian
 
 _PUBLIC = {
-    "FoRDELoss": "forde.losses", "DeepEnsembleLoss": "forde.losses", "WeightRDELoss": "forde.losses",
-    "FunctionRDELoss": "forde.losses", "LITLoss": "forde.losses", "EnsembleLoss": "forde.losses",
-    "LossOutput": "forde.methods.base", "Categorical": "forde.methods.likelihoods", "Gaussian": "forde.methods.likelihoods",
-    "pca_projection": "forde.data.pca", "input_pca": "forde.data.pca", "PCA": "forde.data.pca",
-    "Ensemble": "forde.ensemble", "InputGradients": "forde.ensemble",
+    "FoRDELoss": "forde.losses",
+    "DeepEnsembleLoss": "forde.losses",
+    "WeightRDELoss": "forde.losses",
+    "FunctionRDELoss": "forde.losses",
+    "LITLoss": "forde.losses",
+    "EnsembleLoss": "forde.losses",
+    "LossOutput": "forde.methods.base",
+    "Categorical": "forde.methods.likelihoods",
+    "Gaussian": "forde.methods.likelihoods",
+    "pca_projection": "forde.data.pca",
+    "input_pca": "forde.data.pca",
+    "PCA": "forde.data.pca",
+    "Ensemble": "forde.ensemble",
+    "InputGradients": "forde.ensemble",
 }
 __all__ = [*_PUBLIC, "metrics"]
 

@@ -15,12 +15,20 @@ log = logging.getLogger("forde")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
-HEADLINE = (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE"), ("epistemic", "epistemic"),
-            ("grad_cosine_distance", "grad. cos. dist."))
+HEADLINE = (
+    ("accuracy", "accuracy"),
+    ("nll", "NLL"),
+    ("ece", "ECE"),
+    ("epistemic", "epistemic"),
+    ("grad_cosine_distance", "grad. cos. dist."),
+)
 
 
 def headline(summary: dict) -> str:
@@ -29,7 +37,9 @@ def headline(summary: dict) -> str:
     lines = [f"{'':26}" + "".join(f"{label:>18}" for _, label in HEADLINE)]
     for prefix, name in rows:
         if f"{prefix}/accuracy" in summary:
-            lines.append(f"{name:26}" + "".join(f"{summary.get(f'{prefix}/{k}', float('nan')):18.4f}" for k, _ in HEADLINE))
+            lines.append(
+                f"{name:26}" + "".join(f"{summary.get(f'{prefix}/{k}', float('nan')):18.4f}" for k, _ in HEADLINE)
+            )
     return "\n".join(lines)
 
 
@@ -84,15 +94,29 @@ def cmd_data_corrupt(args: argparse.Namespace) -> None:
         missing = missing_corrupted(out, names, args.severities)
         if missing:
             shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise MissingDataError(f"{out} lacks {len(missing)} of the {len(names) * len(args.severities)} sets "
-                                   f"asked for ({shown}); `forde data corrupt --dataset {args.dataset} --out {out}` "
-                                   "generates them")
-        print(f"{out}: all {len(names) * len(args.severities)} sets fit the {ds.name} test set "
-              f"({len(ds.full.test)} images of {'x'.join(map(str, ds.input_shape[1:]))}, {ds.num_classes} classes)")
+            raise MissingDataError(
+                f"{out} lacks {len(missing)} of the {len(names) * len(args.severities)} sets "
+                f"asked for ({shown}); `forde data corrupt --dataset {args.dataset} --out {out}` "
+                "generates them"
+            )
+        print(
+            f"{out}: all {len(names) * len(args.severities)} sets fit the {ds.name} test set "
+            f"({len(ds.full.test)} images of {'x'.join(map(str, ds.input_shape[1:]))}, {ds.num_classes} classes)"
+        )
         return
-    run_corrupt_command(ds.test.inputs, ds.test.labels, out, None, GENERATION_SEED, names, args.severities,
-                        layout_for(ds), args.workers, class_dirs=ds.class_names or None,
-                        on_commit=source_recorder(out, ds, GENERATION_SEED))
+    run_corrupt_command(
+        ds.test.inputs,
+        ds.test.labels,
+        out,
+        None,
+        GENERATION_SEED,
+        names,
+        args.severities,
+        layout_for(ds),
+        args.workers,
+        class_dirs=ds.class_names or None,
+        on_commit=source_recorder(out, ds, GENERATION_SEED),
+    )
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
@@ -146,13 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
     root_default = os.environ.get("FORDE_DATA", "data")
-    p = data.add_parser("import-folder", help="turn an ImageFolder tree (SRC/train/<class>/*, SRC/test/<class>/*) "
-                                              "into a dataset that data.name=NAME loads")
+    p = data.add_parser(
+        "import-folder",
+        help="turn an ImageFolder tree (SRC/train/<class>/*, SRC/test/<class>/*) "
+        "into a dataset that data.name=NAME loads",
+    )
     p.add_argument("src")
     p.add_argument("name")
     p.add_argument("--root", default=root_default, help="data root (default: $FORDE_DATA or ./data)")
-    p.add_argument("--allow-empty-classes", action="store_true",
-                   help="keep class folders that hold no images (default: refuse them)")
+    p.add_argument(
+        "--allow-empty-classes",
+        action="store_true",
+        help="keep class folders that hold no images (default: refuse them)",
+    )
     p.set_defaults(func=cmd_data_import)
     p = data.add_parser("pca", help="compute (or reuse) the PCA cache of a dataset's training split")
     p.add_argument("--dataset", required=True)
@@ -165,9 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corruptions", nargs="+", default=["all"], help="all, benchmark, or names")
     p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--check", metavar="DIR", default=None,
-                   help="generate nothing: check the sets in DIR (an official release, a copy) against the test set, "
-                        "as training does before its first epoch")
+    p.add_argument(
+        "--check",
+        metavar="DIR",
+        default=None,
+        help="generate nothing: check the sets in DIR (an official release, a copy) against the test set, "
+        "as training does before its first epoch",
+    )
     p.set_defaults(func=cmd_data_corrupt)
     p = data.add_parser("grid", help="picture of one test image under every corruption x severity")
     p.add_argument("--dataset", required=True)
@@ -204,15 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forde: config error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("forde: interrupted; what was finished is kept, and the same command continues from there",
-              file=sys.stderr)
+        print(
+            "forde: interrupted; what was finished is kept, and the same command continues from there", file=sys.stderr
+        )
         return 130
     except OSError as err:  # a full disk: one line naming the file; finished work stays and resumes
         if err.errno != errno.ENOSPC:
             raise
         where = f" writing {err.filename}" if err.filename else ""
-        print(f"forde: no space left on the device{where}; free space there (or write elsewhere) and run the same "
-              "command again: what was finished is kept", file=sys.stderr)
+        print(
+            f"forde: no space left on the device{where}; free space there (or write elsewhere) and run the same "
+            "command again: what was finished is kept",
+            file=sys.stderr,
+        )
         return 2
     except Exception as err:  # a run directory that cannot be read back: one line with the fix, no traceback
         train = sys.modules.get("forde.train")  # (only commands that imported it can raise it)

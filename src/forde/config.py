@@ -61,11 +61,17 @@ _CALLABLE_NAME = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
 class ModelConfig:
     name: str = "mlp"  # a built-in network, timm:NAME, or PACKAGE.MODULE:CALLABLE (your own; see docs/models.md)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of timm's or your network's constructor
-    width: int = 64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
+    width: int = (
+        64  # channels of the first residual stage (64 = the paper's nets; 16 = the small ResNet of the benchmarks)
+    )
     hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # MLP hidden layer sizes
-    blocks: list[int] = field(default_factory=lambda: list(RESNET18_BLOCKS))  # residual blocks per stage ([1,1,1,1]: ResNet10)
+    blocks: list[int] = field(
+        default_factory=lambda: list(RESNET18_BLOCKS)
+    )  # residual blocks per stage ([1,1,1,1]: ResNet10)
     zero_init_classifier: bool = False  # the release's classifier layer starts at zero (weights and bias)
-    execution: Literal["auto", "loop", "vmap"] = "auto"  # members one after another, or vectorised (same results); auto: the device's default
+    execution: Literal["auto", "loop", "vmap"] = (
+        "auto"  # members one after another, or vectorised (same results); auto: the device's default
+    )
 
 
 GradTarget = Literal["logit", "log_prob"]
@@ -130,7 +136,9 @@ class RunConfig:
     out_dir: str = "runs"
     name: str | None = None  # run directory name; default: <dataset>-<method>-M<size>-seed<seed>
     resume: bool = True  # continue from the run directory's last checkpoint when there is one
-    restart: bool = False  # the run directory holds another config (e.g. a diverged lr): start over, old files kept in previous-N/
+    restart: bool = (
+        False  # the run directory holds another config (e.g. a diverged lr): start over, old files kept in previous-N/
+    )
     progress: bool = True  # per-epoch progress bar
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -174,7 +182,11 @@ BUILTIN_CONFIGS = "configs"
 
 
 def builtin_config_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("forde").joinpath(BUILTIN_CONFIGS).iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files("forde").joinpath(BUILTIN_CONFIGS).iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
 def read_config_yaml(source: str | Path) -> DictConfig:
@@ -207,8 +219,10 @@ def load_yaml(path: Path) -> DictConfig | ListConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix that line "
-                          "(`key: value` pairs, consistent indentation, closed brackets and quotes)") from None
+        raise ConfigError(
+            f"{path}: YAML syntax error{where}: {problem}; fix that line "
+            "(`key: value` pairs, consistent indentation, closed brackets and quotes)"
+        ) from None
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -310,7 +324,11 @@ def identity(cfg: TrainConfig) -> dict[str, Any]:
 def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every identity key that differs."""
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
 
 
 def model_source(name: str) -> tuple[str, str | None, str | None]:
@@ -321,15 +339,25 @@ def model_source(name: str) -> tuple[str, str | None, str | None]:
         return "builtin", None, None
     if name.startswith("timm:"):
         _check(len(name) > len("timm:"), "model.name", name, "names no timm model", "set e.g. model.name=timm:resnet18")
-        return "timm", None, name[len("timm:"):]
+        return "timm", None, name[len("timm:") :]
     found = _CALLABLE_NAME.fullmatch(name)
-    _check(found is not None, "model.name", name, f"is none of {MODEL_FORMS}",
-           "set e.g. model.name=resnet18, model.name=timm:resnet18 or model.name=my_models:ViT")
+    _check(
+        found is not None,
+        "model.name",
+        name,
+        f"is none of {MODEL_FORMS}",
+        "set e.g. model.name=resnet18, model.name=timm:resnet18 or model.name=my_models:ViT",
+    )
     assert found is not None  # _check raised otherwise
     module, attr = found.groups()
-    _check(module.split(".")[0] not in sys.stdlib_module_names, "model.name", name,
-           f"{module} is part of Python's standard library, which holds no networks", "name a network class or a "
-           "function that builds one, from your own module or an installed package (e.g. model.name=my_models:ViT)")
+    _check(
+        module.split(".")[0] not in sys.stdlib_module_names,
+        "model.name",
+        name,
+        f"{module} is part of Python's standard library, which holds no networks",
+        "name a network class or a "
+        "function that builds one, from your own module or an installed package (e.g. model.name=my_models:ViT)",
+    )
     return "callable", module, attr
 
 
@@ -344,61 +372,163 @@ def validate(cfg: TrainConfig) -> None:
     from forde.names import RULE, is_path_component
 
     m, o, d, e = cfg.method, cfg.optim, cfg.data, cfg.eval
-    _check(is_path_component(d.name), "data.name", d.name, f"{RULE}: it names a folder under data.root",
-           "set e.g. data.name=cifar10")
-    _check(cfg.run.name is None or is_path_component(cfg.run.name), "run.name", cfg.run.name,
-           f"{RULE}: it names the run directory inside run.out_dir", "set e.g. run.name=my-run (or leave it unset)")
-    _check(cfg.ensemble_size >= 1, "ensemble_size", cfg.ensemble_size, "must be at least 1", "set ensemble_size=10 (the paper's size)")
+    _check(
+        is_path_component(d.name),
+        "data.name",
+        d.name,
+        f"{RULE}: it names a folder under data.root",
+        "set e.g. data.name=cifar10",
+    )
+    _check(
+        cfg.run.name is None or is_path_component(cfg.run.name),
+        "run.name",
+        cfg.run.name,
+        f"{RULE}: it names the run directory inside run.out_dir",
+        "set e.g. run.name=my-run (or leave it unset)",
+    )
+    _check(
+        cfg.ensemble_size >= 1,
+        "ensemble_size",
+        cfg.ensemble_size,
+        "must be at least 1",
+        "set ensemble_size=10 (the paper's size)",
+    )
     validate_method(m, cfg.ensemble_size)
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")
-    _check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "Nesterov needs momentum > 0", "set optim.momentum=0.9 or optim.nesterov=false")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be non-negative", "set optim.weight_decay=5e-4")
+    _check(
+        not o.nesterov or o.momentum > 0,
+        "optim.nesterov",
+        o.nesterov,
+        "Nesterov needs momentum > 0",
+        "set optim.momentum=0.9 or optim.nesterov=false",
+    )
+    _check(
+        o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be non-negative", "set optim.weight_decay=5e-4"
+    )
     _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "must be at least 1", "set optim.batch_size=128")
-    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be at least 1", "set a positive number, e.g. optim.epochs=300 (the paper's)")
+    _check(
+        o.epochs >= 1,
+        "optim.epochs",
+        o.epochs,
+        "must be at least 1",
+        "set a positive number, e.g. optim.epochs=300 (the paper's)",
+    )
     _check(0 < o.lr_ratio <= 1, "optim.lr_ratio", o.lr_ratio, "must lie in (0, 1]", "set optim.lr_ratio=0.01")
-    _check(0 <= o.decay_start <= o.decay_end <= 1, "optim.decay_start/decay_end", (o.decay_start, o.decay_end),
-           "need 0 <= decay_start <= decay_end <= 1", "set optim.decay_start=0.5 optim.decay_end=0.9")
-    _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", o.warmup_epochs, "must lie in [0, epochs)", "set optim.warmup_epochs=0")
-    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in [0, 1)", "set data.val_fraction=0.1")
+    _check(
+        0 <= o.decay_start <= o.decay_end <= 1,
+        "optim.decay_start/decay_end",
+        (o.decay_start, o.decay_end),
+        "need 0 <= decay_start <= decay_end <= 1",
+        "set optim.decay_start=0.5 optim.decay_end=0.9",
+    )
+    _check(
+        0 <= o.warmup_epochs < o.epochs,
+        "optim.warmup_epochs",
+        o.warmup_epochs,
+        "must lie in [0, epochs)",
+        "set optim.warmup_epochs=0",
+    )
+    _check(
+        0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in [0, 1)", "set data.val_fraction=0.1"
+    )
     _check(cfg.model.width >= 1, "model.width", cfg.model.width, "must be at least 1", "set model.width=64")
-    _check(all(h >= 1 for h in cfg.model.hidden) and len(cfg.model.hidden) >= 1, "model.hidden", cfg.model.hidden,
-           "needs at least one positive layer size", "set model.hidden=[128,128,128]")
+    _check(
+        all(h >= 1 for h in cfg.model.hidden) and len(cfg.model.hidden) >= 1,
+        "model.hidden",
+        cfg.model.hidden,
+        "needs at least one positive layer size",
+        "set model.hidden=[128,128,128]",
+    )
     mc = cfg.model
     kind = model_source(mc.name)[0]
-    _check(kind != "builtin" or not mc.kwargs, "model.kwargs", mc.kwargs,
-           f"passes arguments to the constructor of a timm or your own network, not to the built-in {mc.name}",
-           "remove model.kwargs, or set model.width / model.hidden / model.blocks")
+    _check(
+        kind != "builtin" or not mc.kwargs,
+        "model.kwargs",
+        mc.kwargs,
+        f"passes arguments to the constructor of a timm or your own network, not to the built-in {mc.name}",
+        "remove model.kwargs, or set model.width / model.hidden / model.blocks",
+    )
     reserved = ("num_classes", "in_chans") if kind == "timm" else ("num_classes",)
     taken = [k for k in mc.kwargs if k in reserved]
-    _check(not taken, "model.kwargs", mc.kwargs, f"sets {', '.join(taken)}, which the dataset sets",
-           f"remove model.kwargs.{taken[0] if taken else ''}")
-    _check(len(mc.blocks) >= 1 and all(b >= 1 for b in mc.blocks), "model.blocks", mc.blocks,
-           "needs at least one stage of at least one block", "set model.blocks=[2,2,2,2] (ResNet18)")
-    _check(mc.name in BLOCK_MODELS or tuple(mc.blocks) == RESNET18_BLOCKS, "model.blocks", mc.blocks,
-           f"sets the depth of {' and '.join(BLOCK_MODELS)} only, not of model.name = {mc.name}",
-           "leave model.blocks at [2,2,2,2]")
+    _check(
+        not taken,
+        "model.kwargs",
+        mc.kwargs,
+        f"sets {', '.join(taken)}, which the dataset sets",
+        f"remove model.kwargs.{taken[0] if taken else ''}",
+    )
+    _check(
+        len(mc.blocks) >= 1 and all(b >= 1 for b in mc.blocks),
+        "model.blocks",
+        mc.blocks,
+        "needs at least one stage of at least one block",
+        "set model.blocks=[2,2,2,2] (ResNet18)",
+    )
+    _check(
+        mc.name in BLOCK_MODELS or tuple(mc.blocks) == RESNET18_BLOCKS,
+        "model.blocks",
+        mc.blocks,
+        f"sets the depth of {' and '.join(BLOCK_MODELS)} only, not of model.name = {mc.name}",
+        "leave model.blocks at [2,2,2,2]",
+    )
     for key, n in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset)):
         _check(n is None or n >= 1, key, n, "must be a positive sample count or null (all samples)", f"set {key}=null")
-    _check(cfg.run.wandb.init_timeout > 0, "run.wandb.init_timeout", cfg.run.wandb.init_timeout, "must be positive",
-           "set run.wandb.init_timeout=30")
+    _check(
+        cfg.run.wandb.init_timeout > 0,
+        "run.wandb.init_timeout",
+        cfg.run.wandb.init_timeout,
+        "must be positive",
+        "set run.wandb.init_timeout=30",
+    )
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1", "set eval.batch_size=1000")
     _check(e.every >= 1, "eval.every", e.every, "must be at least 1", "set eval.every=1")
-    _check(e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000")
-    _check(len(e.severities) >= 1 and all(1 <= s <= 5 for s in e.severities), "eval.severities", e.severities,
-           "must be a non-empty list of values in 1..5", "set eval.severities=[1,2,3,4,5]")
+    _check(
+        e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000"
+    )
+    _check(
+        len(e.severities) >= 1 and all(1 <= s <= 5 for s in e.severities),
+        "eval.severities",
+        e.severities,
+        "must be a non-empty list of values in 1..5",
+        "set eval.severities=[1,2,3,4,5]",
+    )
     unknown = [c for c in e.corruptions if c not in CORRUPTIONS and c not in CORRUPTION_SELECTIONS]
-    _check(not unknown, "eval.corruptions", e.corruptions,
-           f"unknown corruption(s) {unknown}", f"use all, benchmark, none or names from {', '.join(CORRUPTIONS)}")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", cfg.device,
-           "must be auto, cpu, cuda or cuda:N", "set device=auto")
-    _check(cfg.precision != "bf16" or cfg.device != "cpu", "precision", cfg.precision,
-           "bf16 autocast is for CUDA devices", "set precision=fp32 (or auto) on the CPU")
-    _check(not cfg.cuda.graphs or cfg.device != "cpu", "cuda.graphs", cfg.cuda.graphs,
-           "CUDA graphs need a CUDA device", "set cuda.graphs=false on the CPU")
-    _check(not (cfg.cuda.graphs and ramped(m)), "cuda.graphs", cfg.cuda.graphs,
-           "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
-           "set cuda.graphs=false, or method.repulsion_ramp_epochs=0")
+    _check(
+        not unknown,
+        "eval.corruptions",
+        e.corruptions,
+        f"unknown corruption(s) {unknown}",
+        f"use all, benchmark, none or names from {', '.join(CORRUPTIONS)}",
+    )
+    _check(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        "device",
+        cfg.device,
+        "must be auto, cpu, cuda or cuda:N",
+        "set device=auto",
+    )
+    _check(
+        cfg.precision != "bf16" or cfg.device != "cpu",
+        "precision",
+        cfg.precision,
+        "bf16 autocast is for CUDA devices",
+        "set precision=fp32 (or auto) on the CPU",
+    )
+    _check(
+        not cfg.cuda.graphs or cfg.device != "cpu",
+        "cuda.graphs",
+        cfg.cuda.graphs,
+        "CUDA graphs need a CUDA device",
+        "set cuda.graphs=false on the CPU",
+    )
+    _check(
+        not (cfg.cuda.graphs and ramped(m)),
+        "cuda.graphs",
+        cfg.cuda.graphs,
+        "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
+        "set cuda.graphs=false, or method.repulsion_ramp_epochs=0",
+    )
 
 
 def ramped(m: MethodConfig) -> bool:
@@ -409,28 +539,77 @@ def ramped(m: MethodConfig) -> bool:
 def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "method.") -> None:
     """The method's checks; `ensemble_size` None skips the one that needs it, `prefix` names the keys in errors
     (`method.` in configs, none for the Python API's keyword arguments)."""
+
     def check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
         _check(ok, prefix + key, value, rule, fix.format(p=prefix))
 
-    check(0.0 <= m.alpha <= 1.0, "alpha", m.alpha, "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)", "set e.g. {p}alpha=0.4")
+    check(
+        0.0 <= m.alpha <= 1.0,
+        "alpha",
+        m.alpha,
+        "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)",
+        "set e.g. {p}alpha=0.4",
+    )
     check(m.bandwidth_scale > 0, "bandwidth_scale", m.bandwidth_scale, "must be positive", "set {p}bandwidth_scale=1.0")
-    check(m.bandwidth is None or m.bandwidth > 0, "bandwidth", m.bandwidth, "must be positive or null (median heuristic)",
-          "set {p}bandwidth=null" if prefix else "set bandwidth=None")
+    check(
+        m.bandwidth is None or m.bandwidth > 0,
+        "bandwidth",
+        m.bandwidth,
+        "must be positive or null (median heuristic)",
+        "set {p}bandwidth=null" if prefix else "set bandwidth=None",
+    )
     check(m.eps > 0, "eps", m.eps, "must be positive", "set {p}eps=1e-12")
-    check(m.median in get_args(MedianMode), "median", m.median, f"must be one of {get_args(MedianMode)}",
-          "set {p}median=per_column")
-    check(m.grad_target in get_args(GradTarget), "grad_target", m.grad_target, f"must be one of {get_args(GradTarget)}",
-          "set {p}grad_target=logit")
+    check(
+        m.median in get_args(MedianMode),
+        "median",
+        m.median,
+        f"must be one of {get_args(MedianMode)}",
+        "set {p}median=per_column",
+    )
+    check(
+        m.grad_target in get_args(GradTarget),
+        "grad_target",
+        m.grad_target,
+        f"must be one of {get_args(GradTarget)}",
+        "set {p}grad_target=logit",
+    )
     if m.name in KERNEL_METHODS and m.bandwidth is None and ensemble_size is not None:
-        _check(ensemble_size >= 2, "ensemble_size", ensemble_size,
-               f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
-               f"set ensemble_size>=2, or a fixed {prefix}bandwidth")
-    check(m.repulsion_every >= 1, "repulsion_every", m.repulsion_every, "must be at least 1", "set {p}repulsion_every=1")
-    check(0 < m.repulsion_subset <= 1, "repulsion_subset", m.repulsion_subset, "must lie in (0, 1]", "set {p}repulsion_subset=1.0")
-    check(m.repulsion_ramp_start > 0, "repulsion_ramp_start", m.repulsion_ramp_start, "must be positive",
-          "set {p}repulsion_ramp_start=1.0 (no ramp) or e.g. 100")
-    check(m.repulsion_ramp_epochs >= 0, "repulsion_ramp_epochs", m.repulsion_ramp_epochs, "must be non-negative",
-          "set {p}repulsion_ramp_epochs=0 (no ramp) or e.g. 80")
-    check(not ramped(m) or m.name == "forde", "repulsion_ramp_epochs", m.repulsion_ramp_epochs,
-          f"the repulsion ramp is a FoRDE option, but method.name = {m.name}", "set {p}repulsion_ramp_epochs=0")
+        _check(
+            ensemble_size >= 2,
+            "ensemble_size",
+            ensemble_size,
+            f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
+            f"set ensemble_size>=2, or a fixed {prefix}bandwidth",
+        )
+    check(
+        m.repulsion_every >= 1, "repulsion_every", m.repulsion_every, "must be at least 1", "set {p}repulsion_every=1"
+    )
+    check(
+        0 < m.repulsion_subset <= 1,
+        "repulsion_subset",
+        m.repulsion_subset,
+        "must lie in (0, 1]",
+        "set {p}repulsion_subset=1.0",
+    )
+    check(
+        m.repulsion_ramp_start > 0,
+        "repulsion_ramp_start",
+        m.repulsion_ramp_start,
+        "must be positive",
+        "set {p}repulsion_ramp_start=1.0 (no ramp) or e.g. 100",
+    )
+    check(
+        m.repulsion_ramp_epochs >= 0,
+        "repulsion_ramp_epochs",
+        m.repulsion_ramp_epochs,
+        "must be non-negative",
+        "set {p}repulsion_ramp_epochs=0 (no ramp) or e.g. 80",
+    )
+    check(
+        not ramped(m) or m.name == "forde",
+        "repulsion_ramp_epochs",
+        m.repulsion_ramp_epochs,
+        f"the repulsion ramp is a FoRDE option, but method.name = {m.name}",
+        "set {p}repulsion_ramp_epochs=0",
+    )
     check(m.lit_weight >= 0, "lit_weight", m.lit_weight, "must be non-negative", "set {p}lit_weight=1.0")

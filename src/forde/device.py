@@ -46,11 +46,18 @@ class DeviceSettings:
         return contextlib.nullcontext()
 
     def describe(self) -> str:
-        parts = [str(self.device), self.precision, "channels_last" if self.channels_last else "contiguous", self.execution]
+        parts = [
+            str(self.device),
+            self.precision,
+            "channels_last" if self.channels_last else "contiguous",
+            self.execution,
+        ]
         if self.device.type == "cuda":
-            parts += [f"tf32 convolutions {'on' if self.tf32 else 'off'}",
-                      f"cudnn.benchmark {'on' if self.cudnn_benchmark else 'off'}",
-                      f"CUDA graphs {'on' if self.graphs else 'off'}"]
+            parts += [
+                f"tf32 convolutions {'on' if self.tf32 else 'off'}",
+                f"cudnn.benchmark {'on' if self.cudnn_benchmark else 'off'}",
+                f"CUDA graphs {'on' if self.graphs else 'off'}",
+            ]
         return ", ".join(parts)
 
 
@@ -58,15 +65,25 @@ def resolve_settings(cfg: TrainConfig) -> DeviceSettings:
     """The settings `cfg` asks for on its device, `auto` values filled in from config.DEVICE_DEFAULTS."""
     device = resolve_device(cfg.device)
     defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+
     def pick(value, key):
         return defaults[key] if value in ("auto", None) else value
+
     precision = pick(cfg.precision, "precision")
     if precision == "bf16" and device.type != "cuda":
-        raise ConfigError(f"precision = bf16 but the device is {device}; bf16 autocast is for CUDA devices, "
-                          "set precision=fp32 (or auto)")
+        raise ConfigError(
+            f"precision = bf16 but the device is {device}; bf16 autocast is for CUDA devices, "
+            "set precision=fp32 (or auto)"
+        )
     if cfg.cuda.graphs and device.type != "cuda":
         raise ConfigError(f"cuda.graphs = true but the device is {device}; set cuda.graphs=false or run on a GPU")
     cuda = device.type == "cuda"
-    return DeviceSettings(device, precision, pick(cfg.channels_last, "channels_last"),
-                          pick(cfg.model.execution, "execution"), tf32=cuda and cfg.cuda.tf32,
-                          cudnn_benchmark=cuda and cfg.cuda.cudnn_benchmark, graphs=cuda and cfg.cuda.graphs)
+    return DeviceSettings(
+        device,
+        precision,
+        pick(cfg.channels_last, "channels_last"),
+        pick(cfg.model.execution, "execution"),
+        tf32=cuda and cfg.cuda.tf32,
+        cudnn_benchmark=cuda and cfg.cuda.cudnn_benchmark,
+        graphs=cuda and cfg.cuda.graphs,
+    )

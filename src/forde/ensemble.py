@@ -79,8 +79,10 @@ class Ensemble(nn.Module):
         params = {n: torch.stack(ps) for n, ps in zip(names, zip(*(m.parameters() for m in self.members)))}
         buffer_names = [n for n, _ in template.named_buffers()]
         buffers = {n: torch.stack(bs) for n, bs in zip(buffer_names, zip(*(m.buffers() for m in self.members)))}
+
         def call(p, b, xi):
             return functional_call(template, (p, b), (xi,))
+
         with native_derivatives():  # vmap does not run custom autograd Functions
             out = vmap(call, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
         if self.training and buffers:
@@ -90,8 +92,9 @@ class Ensemble(nn.Module):
                         b.copy_(buffers[n][i])
         return out
 
-    def output_gradients(self, x: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], create_graph: bool = True
-                         ) -> InputGradients:
+    def output_gradients(
+        self, x: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], create_graph: bool = True
+    ) -> InputGradients:
         """Outputs [M, B, C] and g[i, b] = d pick(outputs)[i, b] / d x_b flattened to [M, B, D].
 
         `pick` maps the outputs to the one scalar per member and sample that is differentiated. With
@@ -104,8 +107,9 @@ class Ensemble(nn.Module):
         (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
         return InputGradients(outputs, grads.flatten(2))
 
-    def input_gradients(self, x: torch.Tensor, y: torch.Tensor, target: str = "logit", create_graph: bool = True
-                        ) -> InputGradients:
+    def input_gradients(
+        self, x: torch.Tensor, y: torch.Tensor, target: str = "logit", create_graph: bool = True
+    ) -> InputGradients:
         """Logits [M, B, C] and the input gradients [M, B, D] of the true-class output (see `true_class_output`).
 
         With `create_graph=False` the gradients are plain tensors, e.g. for `metrics.gradient_cosine_distance`."""

@@ -66,8 +66,9 @@ def input_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch
     return torch.cat(grads, 1)
 
 
-def predictions_and_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext
-                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def predictions_and_gradients(
+    ensemble: Ensemble, split: Split, ctx: EvalContext
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Member log-probabilities [M, N, C], and input gradients [M, n, D] where gradient diversity is measured."""
     member_log_probs = predict(ensemble, split, ctx)
     grads = input_gradients(ensemble, split, ctx) if ctx.grad_samples > 0 and len(ensemble) > 1 else None
@@ -80,15 +81,20 @@ def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext) -> dict:
     return ensemble_metrics(member_log_probs, split.labels, grads)
 
 
-def evaluate_corrupted(ensemble: Ensemble, sets: Iterable[CorruptedSet], ctx: EvalContext,
-                       progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
+def evaluate_corrupted(
+    ensemble: Ensemble,
+    sets: Iterable[CorruptedSet],
+    ctx: EvalContext,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> dict:
     """Per-set metrics (with each set's source: generated here or not) and the pooled summary."""
     corrupted = CorruptedMetrics()
     for s in progress(sets):
         split = s.load()
         member_log_probs, grads = predictions_and_gradients(ensemble, split, ctx)
-        row = corrupted.add(s.corruption, s.severity, member_log_probs, split.labels, grads,
-                            source=s.provenance["source"])
+        row = corrupted.add(
+            s.corruption, s.severity, member_log_probs, split.labels, grads, source=s.provenance["source"]
+        )
         log.debug("%s s%d: acc %.4f nll %.4f", s.corruption, s.severity, row["accuracy"], row["nll"])
     return {"per_set": corrupted.per_set, "summary": corrupted.summary()}
 

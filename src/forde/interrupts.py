@@ -85,7 +85,9 @@ def deferred(*signums: int, repeat_acts_now: bool = False) -> Iterator[None]:
     only the first is acted on: a second is ignored, or with `repeat_acts_now` acts at once, wherever it lands
     (a second Ctrl-C), and then stop signals are ignored until the block is left. Signals arriving after it are
     ignored."""
-    wrapped = {s: (h, functools.partial(_record, h, repeat_acts_now)) for s in signums if callable(h := signal.getsignal(s))}
+    wrapped = {
+        s: (h, functools.partial(_record, h, repeat_acts_now)) for s in signums if callable(h := signal.getsignal(s))
+    }
     for signum, (_, wrapper) in wrapped.items():
         signal.signal(signum, wrapper)
     stopped = False

@@ -62,8 +62,9 @@ def lengthscale_weights(eigenvalues: torch.Tensor, alpha: float, mix: str = "pre
     return eigenvalues / (alpha + (1.0 - alpha) * eigenvalues)
 
 
-def projection(eigenvectors: torch.Tensor, eigenvalues: torch.Tensor, alpha: float, mix: str = "precision"
-               ) -> torch.Tensor | None:
+def projection(
+    eigenvectors: torch.Tensor, eigenvalues: torch.Tensor, alpha: float, mix: str = "precision"
+) -> torch.Tensor | None:
     """P = U diag(sqrt(w)), so that |(s_i - s_j) P|^2 is the weighted distance; None at alpha = 0,
     where the weighted distance is the plain one (U is orthogonal)."""
     if alpha == 0.0:
@@ -80,7 +81,9 @@ def pairwise_sq_dists(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     distances themselves and the formula does not cancel when the members are close."""
     shift = cols.detach().mean(0, keepdim=True)
     r, c = (rows - shift).transpose(0, 1), (cols - shift).transpose(0, 1)  # [B, M, D]
-    d = torch.baddbmm((r.square().sum(-1)[:, :, None] + c.square().sum(-1)[:, None, :]), r, c.transpose(1, 2), alpha=-2.0)
+    d = torch.baddbmm(
+        (r.square().sum(-1)[:, :, None] + c.square().sum(-1)[:, None, :]), r, c.transpose(1, 2), alpha=-2.0
+    )
     return d.clamp_min(0.0)
 
 
@@ -114,8 +117,14 @@ def kernel_matrix(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.exp(-d / h).mean(0)
 
 
-def repulsion(z: torch.Tensor, *, bandwidth: float | None = None, median_mode: str = "all_pairs",
-              bandwidth_scale: float = 1.0, weight: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def repulsion(
+    z: torch.Tensor,
+    *,
+    bandwidth: float | None = None,
+    median_mode: str = "all_pairs",
+    bandwidth_scale: float = 1.0,
+    weight: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """weight * sum_i log sum_j k_ij on features z [M, B, D], j side (and bandwidth) held constant;
     weight defaults to 1/B. Computed in `kernel_dtype(z)`, autocast off."""
     weight = 1.0 / z.shape[1] if weight is None else weight
@@ -123,8 +132,11 @@ def repulsion(z: torch.Tensor, *, bandwidth: float | None = None, median_mode: s
         z = z.to(kernel_dtype(z))
         d = pairwise_sq_dists(z, z.detach())
         d_const = d.detach()
-        h = (torch.full_like(d_const[:, :1, :1], bandwidth) if bandwidth is not None
-             else median_bandwidth(d_const, median_mode, bandwidth_scale))
+        h = (
+            torch.full_like(d_const[:, :1, :1], bandwidth)
+            if bandwidth is not None
+            else median_bandwidth(d_const, median_mode, bandwidth_scale)
+        )
         k = kernel_matrix(d, h)
         loss = k.sum(1).log().sum() * weight
     return loss, {"bandwidth": h.mean().detach(), "kernel_offdiag": _offdiag_mean(k.detach())}

@@ -44,8 +44,9 @@ class EnsembleLoss:
         validate_method(cfg, None, prefix="")
         self.method, self.cfg = method, cfg
 
-    def __call__(self, members: Members, x: torch.Tensor, y: torch.Tensor, *, step: int = 0, epoch: float = 0.0
-                 ) -> LossOutput:
+    def __call__(
+        self, members: Members, x: torch.Tensor, y: torch.Tensor, *, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         """The loss on one batch.
 
         Args:
@@ -62,8 +63,10 @@ class EnsembleLoss:
         ensemble = as_ensemble(members)
         self._check(ensemble, x)
         if self.cfg.name in KERNEL_METHODS and self.cfg.bandwidth is None and len(ensemble) < 2:
-            raise ValueError(f"{len(ensemble)} member: the median-heuristic bandwidth divides by ln(M), so it needs at "
-                             "least 2 members; pass more members or a fixed bandwidth=")
+            raise ValueError(
+                f"{len(ensemble)} member: the median-heuristic bandwidth divides by ln(M), so it needs at "
+                "least 2 members; pass more members or a fixed bandwidth="
+            )
         return self.method.loss(ensemble, x, y, step=step, epoch=epoch)
 
     def _check(self, ensemble: Ensemble, x: torch.Tensor) -> None:
@@ -106,18 +109,38 @@ class FoRDELoss(EnsembleLoss):
         likelihood: The data term and the differentiated output; `Categorical(grad_target)` by default.
     """
 
-    def __init__(self, projection: torch.Tensor | None = None, *, bandwidth_scale: float = 1.0,
-                 bandwidth: float | None = None, median: MedianMode = "per_column",
-                 grad_target: GradTarget = "logit", eps: float = 1e-12, repulsion_every: int = 1,
-                 repulsion_subset: float = 1.0, repulsion_ramp_start: float = 1.0, repulsion_ramp_epochs: int = 0,
-                 likelihood: Likelihood | None = None):
+    def __init__(
+        self,
+        projection: torch.Tensor | None = None,
+        *,
+        bandwidth_scale: float = 1.0,
+        bandwidth: float | None = None,
+        median: MedianMode = "per_column",
+        grad_target: GradTarget = "logit",
+        eps: float = 1e-12,
+        repulsion_every: int = 1,
+        repulsion_subset: float = 1.0,
+        repulsion_ramp_start: float = 1.0,
+        repulsion_ramp_epochs: int = 0,
+        likelihood: Likelihood | None = None,
+    ):
         if projection is not None and (projection.dim() != 2 or not projection.is_floating_point()):
-            raise ValueError(f"projection: expected a float [D, D] matrix from pca_projection (or None), got "
-                             f"{projection.dtype} {tuple(projection.shape)}")
-        cfg = MethodConfig(name="forde", bandwidth_scale=bandwidth_scale, bandwidth=bandwidth, median=median,
-                           grad_target=grad_target, eps=eps, repulsion_every=repulsion_every,
-                           repulsion_subset=repulsion_subset, repulsion_ramp_start=repulsion_ramp_start,
-                           repulsion_ramp_epochs=repulsion_ramp_epochs)
+            raise ValueError(
+                f"projection: expected a float [D, D] matrix from pca_projection (or None), got "
+                f"{projection.dtype} {tuple(projection.shape)}"
+            )
+        cfg = MethodConfig(
+            name="forde",
+            bandwidth_scale=bandwidth_scale,
+            bandwidth=bandwidth,
+            median=median,
+            grad_target=grad_target,
+            eps=eps,
+            repulsion_every=repulsion_every,
+            repulsion_subset=repulsion_subset,
+            repulsion_ramp_start=repulsion_ramp_start,
+            repulsion_ramp_epochs=repulsion_ramp_epochs,
+        )
         super().__init__(FoRDE(cfg, projection, likelihood), cfg)
 
     method: FoRDE
@@ -125,8 +148,10 @@ class FoRDELoss(EnsembleLoss):
     def _check(self, ensemble: Ensemble, x: torch.Tensor) -> None:
         projection = self.method.projection
         if projection is not None and x[0].numel() != projection.shape[0]:
-            raise ValueError(f"projection is [{projection.shape[0]}, {projection.shape[1]}] but the inputs have "
-                             f"{x[0].numel()} features per sample; compute it from inputs shaped like x")
+            raise ValueError(
+                f"projection is [{projection.shape[0]}, {projection.shape[1]}] but the inputs have "
+                f"{x[0].numel()} features per sample; compute it from inputs shaped like x"
+            )
 
 
 class WeightRDELoss(EnsembleLoss):
@@ -139,16 +164,19 @@ class WeightRDELoss(EnsembleLoss):
         likelihood: The data term; `Categorical()` by default.
     """
 
-    def __init__(self, *, bandwidth_scale: float = 1.0, bandwidth: float | None = None,
-                 likelihood: Likelihood | None = None):
+    def __init__(
+        self, *, bandwidth_scale: float = 1.0, bandwidth: float | None = None, likelihood: Likelihood | None = None
+    ):
         cfg = MethodConfig(name="rde_weight", bandwidth_scale=bandwidth_scale, bandwidth=bandwidth)
         super().__init__(WeightRDE(cfg, likelihood), cfg)
 
     def _check(self, ensemble: Ensemble, x: torch.Tensor) -> None:
         sizes = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in ensemble.members]
         if len(set(sizes)) > 1:
-            raise ValueError(f"members with {sizes} trainable parameters: weight-space RDE compares the members' "
-                             "parameter vectors, so every member needs the same architecture")
+            raise ValueError(
+                f"members with {sizes} trainable parameters: weight-space RDE compares the members' "
+                "parameter vectors, so every member needs the same architecture"
+            )
 
 
 class FunctionRDELoss(EnsembleLoss):
@@ -161,8 +189,9 @@ class FunctionRDELoss(EnsembleLoss):
         likelihood: The data term and the compared predictions; `Categorical()` by default.
     """
 
-    def __init__(self, *, bandwidth_scale: float = 1.0, bandwidth: float | None = None,
-                 likelihood: Likelihood | None = None):
+    def __init__(
+        self, *, bandwidth_scale: float = 1.0, bandwidth: float | None = None, likelihood: Likelihood | None = None
+    ):
         cfg = MethodConfig(name="rde_function", bandwidth_scale=bandwidth_scale, bandwidth=bandwidth)
         super().__init__(FunctionRDE(cfg, likelihood), cfg)
 
@@ -178,7 +207,13 @@ class LITLoss(EnsembleLoss):
         likelihood: The data term and the differentiated output; `Categorical(grad_target)` by default.
     """
 
-    def __init__(self, *, lit_weight: float = 1.0, grad_target: GradTarget = "logit",
-                 eps: float = 1e-12, likelihood: Likelihood | None = None):
+    def __init__(
+        self,
+        *,
+        lit_weight: float = 1.0,
+        grad_target: GradTarget = "logit",
+        eps: float = 1e-12,
+        likelihood: Likelihood | None = None,
+    ):
         cfg = MethodConfig(name="lit", lit_weight=lit_weight, grad_target=grad_target, eps=eps)
         super().__init__(LIT(cfg, likelihood), cfg)

@@ -174,6 +174,7 @@ def summarize_corrupted(per_set: list[dict], pooled: dict[int, dict]) -> dict:
     Accuracy, NLL, epistemic uncertainty and gradient diversity of the pool equal the mean over its
     sets, as the sets have equal sizes.
     """
+
     def group(severities) -> dict:
         levels = [pooled[k] for k in severities if k in pooled]
         if not levels:
@@ -207,8 +208,15 @@ class CorruptedMetrics:
         self.per_set: list[dict] = []
         self.pools: dict[int, PooledMetrics] = {}
 
-    def add(self, corruption: str, severity: int, member_log_probs: torch.Tensor, labels: torch.Tensor,
-            grads: torch.Tensor | None = None, **info) -> dict:
+    def add(
+        self,
+        corruption: str,
+        severity: int,
+        member_log_probs: torch.Tensor,
+        labels: torch.Tensor,
+        grads: torch.Tensor | None = None,
+        **info,
+    ) -> dict:
         """Add one corrupted set and return its own metrics.
 
         Args:
@@ -223,7 +231,12 @@ class CorruptedMetrics:
             The set's row, also kept in `per_set`: its name, severity, `info` and the `ensemble_metrics`
             but `member_accuracy`.
         """
-        row = {"corruption": corruption, "severity": severity, **info, **ensemble_metrics(member_log_probs, labels, grads)}
+        row = {
+            "corruption": corruption,
+            "severity": severity,
+            **info,
+            **ensemble_metrics(member_log_probs, labels, grads),
+        }
         row.pop("member_accuracy")
         pool = self.pools.setdefault(severity, PooledMetrics(self.n_bins))
         pool.add(member_log_probs, labels)

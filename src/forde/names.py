@@ -13,5 +13,9 @@ RULE = "must be a single file or folder name (not empty, '.' or '..', no '/' or 
 
 def is_path_component(name: object) -> bool:
     """Whether `name` names one entry inside a folder, and nothing outside it."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-            and len(name.encode("utf-8", "surrogateescape")) <= MAX_BYTES)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and len(name.encode("utf-8", "surrogateescape")) <= MAX_BYTES
+    )

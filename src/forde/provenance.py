@@ -64,9 +64,13 @@ def dataset_provenance(dataset) -> dict:
     from forde.data.pca import fingerprint
 
     full = dataset.full
-    out = {"name": full.name, "train_fingerprint": fingerprint(full.train.inputs, full.mean, full.std),
-           "test_fingerprint": test_fingerprint(dataset), "train_size": len(dataset.train),
-           "test_size": len(dataset.test)}
+    out = {
+        "name": full.name,
+        "train_fingerprint": fingerprint(full.train.inputs, full.mean, full.std),
+        "test_fingerprint": test_fingerprint(dataset),
+        "train_size": len(dataset.train),
+        "test_size": len(dataset.test),
+    }
     if dataset.val is not None:
         out["val_size"] = len(dataset.val)
     return out
@@ -75,6 +79,10 @@ def dataset_provenance(dataset) -> dict:
 def run_provenance(dataset, corrupted_sets) -> dict:
     """What results.json records beside the metrics: code version, dataset fingerprints, and per corrupted
     set its source ("generated" here, with generator version and seed, or "official": a file from elsewhere)."""
-    return {"code": code_version(), "dataset": dataset_provenance(dataset),
-            "corrupted_sets": [{"corruption": s.corruption, "severity": s.severity, **s.provenance}
-                               for s in corrupted_sets]}
+    return {
+        "code": code_version(),
+        "dataset": dataset_provenance(dataset),
+        "corrupted_sets": [
+            {"corruption": s.corruption, "severity": s.severity, **s.provenance} for s in corrupted_sets
+        ],
+    }

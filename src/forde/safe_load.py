@@ -55,12 +55,17 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 # What a pickled NumPy array needs, as NumPy 1 and 2 write it under every protocol, and what Python 2
 # pickles (the CIFAR release) need to turn their byte strings into bytes.
-NUMPY_ARRAYS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),
-})
+NUMPY_ARRAYS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 def pickle_load(path: str | Path, allowed: frozenset[tuple[str, str]] = NUMPY_ARRAYS, **kwargs) -> Any:

@@ -66,8 +66,16 @@ def resolve_mode(cfg: WandbConfig) -> WandbMode:
 def per_set_table(per_set: list[dict]):
     import wandb
 
-    cols: list[str | int] = ["corruption", "severity", "source", "accuracy", "nll", "ece", "epistemic",
-                             "grad_cosine_distance"]
+    cols: list[str | int] = [
+        "corruption",
+        "severity",
+        "source",
+        "accuracy",
+        "nll",
+        "ece",
+        "epistemic",
+        "grad_cosine_distance",
+    ]
     return wandb.Table(columns=cols, data=[[row.get(c) for c in cols] for row in per_set])
 
 
@@ -75,8 +83,11 @@ def per_severity_table(summary: dict):
     import wandb
 
     cols: list[str | int] = ["severity", "accuracy", "nll", "ece", "ece_set_mean", "epistemic", "grad_cosine_distance"]
-    rows = [[group.removeprefix("severity_")] + [vals.get(c) for c in cols[1:]]
-            for group, vals in summary.items() if group.startswith("severity_")]
+    rows = [
+        [group.removeprefix("severity_")] + [vals.get(c) for c in cols[1:]]
+        for group, vals in summary.items()
+        if group.startswith("severity_")
+    ]
     return wandb.Table(columns=cols, data=rows)
 
 
@@ -91,7 +102,9 @@ class WandbRun:
     `finish(outcome)` marks how the run ended: finished, pruned, failed or interrupted (summary key
     `outcome`, and a tag for every outcome but finished)."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, run_id: str, name: str, extra_config: dict[str, Any] | None = None):
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, run_id: str, name: str, extra_config: dict[str, Any] | None = None
+    ):
         import wandb
 
         self.mode = resolve_mode(cfg.run.wandb)
@@ -102,9 +115,16 @@ class WandbRun:
         os.environ.setdefault("WANDB_SILENT", "true")
         w = cfg.run.wandb
         kwargs: dict[str, Any] = dict(
-            project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), name=name, id=run_id,
-            resume="allow", dir=str(self.run_dir),
-            config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir), "code": code_version()})
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            tags=list(w.tags),
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            config={**to_dict(cfg), **(extra_config or {}), "run_dir": str(self.run_dir), "code": code_version()},
+        )
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.mode == "offline":
@@ -114,8 +134,12 @@ class WandbRun:
             if self.mode != "online":
                 self._lost(err)
                 return
-            log.warning("W&B online run %s did not start within %gs (%s); logging offline instead",
-                        name, w.init_timeout, _first_line(err))
+            log.warning(
+                "W&B online run %s did not start within %gs (%s); logging offline instead",
+                name,
+                w.init_timeout,
+                _first_line(err),
+            )
             wandb.teardown()  # the failed online run still holds its id in this process's W&B service
             self.mode = "offline"
             try:
@@ -133,11 +157,17 @@ class WandbRun:
         for old in sorted(wandb_dir.glob(f"offline-run-*-{self.run_id}")):
             (wandb_dir / "replaced").mkdir(exist_ok=True)
             shutil.move(str(old), wandb_dir / "replaced" / old.name)
-            log.info("W&B: %s is superseded by this session's offline copy; moved to %s", old.name, wandb_dir / "replaced")
+            log.info(
+                "W&B: %s is superseded by this session's offline copy; moved to %s", old.name, wandb_dir / "replaced"
+            )
 
     def _lost(self, err: Exception) -> None:
-        log.warning("W&B %s logging of %s stopped (%s); the run goes on and its run directory keeps every metric",
-                    self.mode, self.run_dir, _first_line(err))
+        log.warning(
+            "W&B %s logging of %s stopped (%s); the run goes on and its run directory keeps every metric",
+            self.mode,
+            self.run_dir,
+            _first_line(err),
+        )
         self.run = None
 
     def _log(self, metrics: dict, step: int) -> None:
@@ -173,8 +203,12 @@ class WandbRun:
                 self.run.config.update({"provenance": results["provenance"]}, allow_val_change=True)
             corrupted = results.get("corrupted")
             if corrupted:
-                self.run.log({"corrupted/per_set": per_set_table(corrupted["per_set"]),
-                              "corrupted/per_severity": per_severity_table(corrupted["summary"])})
+                self.run.log(
+                    {
+                        "corrupted/per_set": per_set_table(corrupted["per_set"]),
+                        "corrupted/per_severity": per_severity_table(corrupted["summary"]),
+                    }
+                )
         except Exception as err:
             self._lost(err)
 

@@ -118,7 +118,8 @@ def load_checkpoint(run_dir: Path) -> dict | None:
             raise RunDirError(
                 f"{path} was not loaded: it holds {err.name or 'an object'}, not only tensors and plain values, and "
                 "unpickling it could run code (checkpoints of forde runs never hold such objects). Delete it unless "
-                f"you trust its origin; the run then resumes from {PREVIOUS_CHECKPOINT} or starts over") from None
+                f"you trust its origin; the run then resumes from {PREVIOUS_CHECKPOINT} or starts over"
+            ) from None
         except Exception as err:  # a cut-short zip, a file of another kind: torch raises many types here
             unreadable.append(f"{path} is unreadable ({first_line(err)})")
             continue
@@ -127,26 +128,37 @@ def load_checkpoint(run_dir: Path) -> dict | None:
             log.warning("%s; resuming from %s (epoch %d)", unreadable[0], path.name, state["epoch"])
         return state
     if unreadable:
-        raise RunDirError(f"{'; '.join(unreadable)}. To start this run over, move {run_dir} aside "
-                          f"(e.g. `mv {run_dir} {run_dir}.damaged`) and run again")
+        raise RunDirError(
+            f"{'; '.join(unreadable)}. To start this run over, move {run_dir} aside "
+            f"(e.g. `mv {run_dir} {run_dir}.damaged`) and run again"
+        )
     return None
 
 
-CHECKPOINT_KEYS = {"epoch": int, "ensemble": dict, "optimizer": dict, "loader": dict, "torch_rng": torch.Tensor,
-                   "history": list}
+CHECKPOINT_KEYS = {
+    "epoch": int,
+    "ensemble": dict,
+    "optimizer": dict,
+    "loader": dict,
+    "torch_rng": torch.Tensor,
+    "history": list,
+}
 
 
 def _check_state(path: Path, state: Any) -> None:
     """A loaded checkpoint has the entries `Trainer.state_dict` writes, of their types."""
     if not isinstance(state, dict):
-        raise RunDirError(f"{path} holds a {type(state).__name__}, not a checkpoint of `forde train`; "
-                          "move it aside and run again")
+        raise RunDirError(
+            f"{path} holds a {type(state).__name__}, not a checkpoint of `forde train`; move it aside and run again"
+        )
     wrong = [k for k, kind in CHECKPOINT_KEYS.items() if not isinstance(state.get(k), kind)]
     if "history" not in wrong and not all(isinstance(h, dict) and "train/epoch_time_s" in h for h in state["history"]):
         wrong.append("history")
     if wrong:
-        raise RunDirError(f"{path} is not a checkpoint of `forde train` (missing or malformed: {', '.join(wrong)}); "
-                          "move it aside and run again")
+        raise RunDirError(
+            f"{path} is not a checkpoint of `forde train` (missing or malformed: {', '.join(wrong)}); "
+            "move it aside and run again"
+        )
 
 
 def restore(run_dir: Path, load: Callable[[Any], Any], state: Any) -> None:
@@ -154,8 +166,10 @@ def restore(run_dir: Path, load: Callable[[Any], Any], state: Any) -> None:
     try:
         load(state)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise RunDirError(f"the checkpoint in {run_dir} does not fit the model of {run_dir / CONFIG} "
-                          f"({first_line(err)}); move it aside and run again") from None
+        raise RunDirError(
+            f"the checkpoint in {run_dir} does not fit the model of {run_dir / CONFIG} "
+            f"({first_line(err)}); move it aside and run again"
+        ) from None
 
 
 def read_results(run_dir: Path) -> dict | None:
@@ -170,8 +184,11 @@ def read_results(run_dir: Path) -> dict | None:
         return None
     summary = results.get("summary") if isinstance(results, dict) else None
     if not (isinstance(summary, dict) and all(isinstance(v, (int, float)) for v in summary.values())):
-        log.warning("%s holds no results of `forde train` (no summary of numbers); evaluating the last checkpoint "
-                    "again to rewrite it", path)
+        log.warning(
+            "%s holds no results of `forde train` (no summary of numbers); evaluating the last checkpoint "
+            "again to rewrite it",
+            path,
+        )
         return None
     return results
 
@@ -212,8 +229,14 @@ class Setup:
 
     @property
     def eval_ctx(self) -> EvalContext:
-        return eval_context(self.cfg.eval, self.dataset, self.device, self.cfg.method.grad_target,
-                            autocast=self.autocast, prepare=self.prepare)
+        return eval_context(
+            self.cfg.eval,
+            self.dataset,
+            self.device,
+            self.cfg.method.grad_target,
+            autocast=self.autocast,
+            prepare=self.prepare,
+        )
 
 
 def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
@@ -225,15 +248,23 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | Non
     if dataset is None:
         check_model(cfg.model, *input_spec(cfg.data), cfg.data.name)
         dataset = load_dataset(cfg.data)
-    ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(device)
+    ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(
+        device
+    )
     ensemble.execution = settings.execution
+
     def prepare(x):
         return x
+
     if settings.channels_last and len(dataset.input_shape) == 3:
         ensemble = ensemble.to(memory_format=torch.channels_last)
+
         def prepare(x):
             return x.contiguous(memory_format=torch.channels_last)
-    return Setup(cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare)
+
+    return Setup(
+        cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare
+    )
 
 
 def _json_default(x):
@@ -252,22 +283,39 @@ class Trainer:
         self.callbacks = list(callbacks)
         o = self.cfg.optim
         if o.batch_size > len(setup.dataset.train):
-            raise ConfigError(f"optim.batch_size = {o.batch_size} exceeds the {len(setup.dataset.train)} training samples "
-                              f"of {setup.dataset.name}; lower optim.batch_size")
-        self.optimizer = torch.optim.SGD(setup.ensemble.parameters(), lr=o.lr, momentum=o.momentum,
-                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
-        self.loader = DeviceLoader(setup.dataset.train, o.batch_size, setup.dataset.mean, setup.dataset.std,
-                                   setup.device if self.cfg.data.on_device else "cpu", shuffle=True,
-                                   augment=self.cfg.data.augment, seed=self.cfg.seed + 1, drop_last=True)
+            raise ConfigError(
+                f"optim.batch_size = {o.batch_size} exceeds the {len(setup.dataset.train)} training samples "
+                f"of {setup.dataset.name}; lower optim.batch_size"
+            )
+        self.optimizer = torch.optim.SGD(
+            setup.ensemble.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+        self.loader = DeviceLoader(
+            setup.dataset.train,
+            o.batch_size,
+            setup.dataset.mean,
+            setup.dataset.std,
+            setup.device if self.cfg.data.on_device else "cpu",
+            shuffle=True,
+            augment=self.cfg.data.augment,
+            seed=self.cfg.seed + 1,
+            drop_last=True,
+        )
         self.step = make_step(setup.method, setup.ensemble, setup.autocast, setup.settings.graphs)
         self.epoch = 0
         self.history: list[dict] = []
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "ensemble": self.s.ensemble.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
-                "config": to_dict(self.cfg)}
+        return {
+            "epoch": self.epoch,
+            "ensemble": self.s.ensemble.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "config": to_dict(self.cfg),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.s.ensemble.load_state_dict(state["ensemble"])
@@ -290,16 +338,26 @@ class Trainer:
         correct = torch.zeros((), device=s.device)
         seen = 0
         start = time.perf_counter()
-        bar = tqdm(self.loader, total=steps, desc=f"epoch {self.epoch + 1}/{o.epochs}", leave=False,
-                   disable=not self.cfg.run.progress, dynamic_ncols=True)
+        bar = tqdm(
+            self.loader,
+            total=steps,
+            desc=f"epoch {self.epoch + 1}/{o.epochs}",
+            leave=False,
+            disable=not self.cfg.run.progress,
+            dynamic_ncols=True,
+        )
         for step, (x, y) in enumerate(bar):
             interrupts.check()
             lr = lr_at(self.epoch + step / steps, o)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             y = y.to(s.device, non_blocking=True)
-            loss, logits, stats = self.step(s.prepare(x.to(s.device, non_blocking=True)), y,
-                                            step=self.epoch * steps + step, epoch=self.epoch + step / steps)
+            loss, logits, stats = self.step(
+                s.prepare(x.to(s.device, non_blocking=True)),
+                y,
+                step=self.epoch * steps + step,
+                epoch=self.epoch + step / steps,
+            )
             self.optimizer.step()
             for k, v in {"loss": loss, **stats}.items():  # some statistics exist on some steps only
                 sums[k] = sums.get(k, 0) + v.float()
@@ -311,8 +369,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'].item() / (step + 1):.4f}", lr=f"{lr:.4g}")
         elapsed = time.perf_counter() - start
         out = {f"train/{k}": (v / counts[k]).item() for k, v in sums.items()}
-        out.update({"train/accuracy": correct.item() / seen, "train/lr": lr, "train/epoch_time_s": elapsed,
-                    "train/images_per_s": seen / elapsed})
+        out.update(
+            {
+                "train/accuracy": correct.item() / seen,
+                "train/lr": lr,
+                "train/epoch_time_s": elapsed,
+                "train/images_per_s": seen / elapsed,
+            }
+        )
         return out
 
     def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
@@ -321,7 +385,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"training loss became {loss_sum.item()} in epoch {self.epoch + 1} (by step {step + 1}); "
                 f"{self.run_dir / CHECKPOINT} still holds epoch {last}. Lower optim.lr and run again with "
-                f"run.restart=true (this attempt's files move to {self.run_dir}/previous-N/), or check the data.")
+                f"run.restart=true (this attempt's files move to {self.run_dir}/previous-N/), or check the data."
+            )
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -340,7 +405,15 @@ class Trainer:
 
 
 def _brief(metrics: dict) -> str:
-    keys = ("train/loss", "train/accuracy", "val/accuracy", "val/nll", "test/accuracy", "test/nll", "train/epoch_time_s")
+    keys = (
+        "train/loss",
+        "train/accuracy",
+        "val/accuracy",
+        "val/nll",
+        "test/accuracy",
+        "test/nll",
+        "train/epoch_time_s",
+    )
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
@@ -359,8 +432,10 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
         results["val"] = evaluate_split(setup.ensemble, setup.dataset.val, setup.eval_ctx)
     sets = list(corrupted_sets(setup))
     if sets:
+
         def bar(it):
             return tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
+
         results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
     results["summary"] = flat_summary(results)
     results["provenance"] = run_provenance(setup.dataset, sets)
@@ -372,8 +447,12 @@ def flat_summary(results: dict) -> dict:
 
     `corrupted/regenerated_sets` counts the corrupted sets generated here rather than read from the
     official files (absent when some set's source is unknown)."""
-    out = {f"{split}/{k}": v for split in ("test", "val") for k, v in results.get(split, {}).items()
-           if not isinstance(v, list)}
+    out = {
+        f"{split}/{k}": v
+        for split in ("test", "val")
+        for k, v in results.get(split, {}).items()
+        if not isinstance(v, list)
+    }
     for group, vals in results.get("corrupted", {}).get("summary", {}).items():
         prefix = "corrupted" if group == "all" else f"corrupted/{group}"
         out.update({f"{prefix}/{k}": v for k, v in vals.items()})
@@ -389,22 +468,32 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     Nothing else is written here: config.yaml is written once data and model are built, so a run that
     fails before training leaves nothing in the way of the next command."""
     run_dir = run_dir_of(cfg)
-    if not (run_dir / CONFIG).exists() or not any((run_dir / f).exists() for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS)):
+    if not (run_dir / CONFIG).exists() or not any(
+        (run_dir / f).exists() for f in (CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS)
+    ):
         return run_dir
     from forde.config import load_config
 
     changes = identity_changes(identity(load_config(run_dir / CONFIG)), identity(cfg))
     if changes and cfg.run.restart:
         archive = _archive(run_dir)
-        log.warning("run.restart: %s held a run with another config (%s); its files moved to %s",
-                    run_dir, "; ".join(changes), archive)
+        log.warning(
+            "run.restart: %s held a run with another config (%s); its files moved to %s",
+            run_dir,
+            "; ".join(changes),
+            archive,
+        )
     elif changes:
-        raise ConfigError(f"run directory {run_dir} holds a run with a different config ({'; '.join(changes)}). "
-                          "To resume it, set those keys back; to start this config over there, add run.restart=true "
-                          f"(the old files move to {run_dir}/previous-N/); or choose another run.name")
+        raise ConfigError(
+            f"run directory {run_dir} holds a run with a different config ({'; '.join(changes)}). "
+            "To resume it, set those keys back; to start this config over there, add run.restart=true "
+            f"(the old files move to {run_dir}/previous-N/); or choose another run.name"
+        )
     elif not cfg.run.resume and (run_dir / CHECKPOINT).exists():
-        raise ConfigError(f"run directory {run_dir} already has a checkpoint and run.resume=false; "
-                          "set run.resume=true to continue it, or choose another run.name")
+        raise ConfigError(
+            f"run directory {run_dir} already has a checkpoint and run.resume=false; "
+            "set run.resume=true to continue it, or choose another run.name"
+        )
     return run_dir
 
 
@@ -444,15 +533,29 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
         restore(run_dir, trainer.load_state_dict, state)
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
         tell_history(callbacks, trainer.history)
-    log.info("%s %s: %s, M=%d, %s on %s (%d train images), %s",
-             "training" if trainer.epoch < cfg.optim.epochs else "trained; evaluating", run_dir, cfg.method.name,
-             cfg.ensemble_size, cfg.model.name, setup.dataset.name, len(setup.dataset.train), setup.settings.describe())
+    log.info(
+        "%s %s: %s, M=%d, %s on %s (%d train images), %s",
+        "training" if trainer.epoch < cfg.optim.epochs else "trained; evaluating",
+        run_dir,
+        cfg.method.name,
+        cfg.ensemble_size,
+        cfg.model.name,
+        setup.dataset.name,
+        len(setup.dataset.train),
+        setup.settings.describe(),
+    )
     start = time.perf_counter()
     trainer.fit()
-    results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
-               "ensemble_size": cfg.ensemble_size, "epochs": trainer.epoch,
-               "train_time_s": sum(h["train/epoch_time_s"] for h in trainer.history),
-               "session_time_s": time.perf_counter() - start}
+    results = {
+        "run_dir": str(run_dir),
+        "method": cfg.method.name,
+        "dataset": cfg.data.name,
+        "seed": cfg.seed,
+        "ensemble_size": cfg.ensemble_size,
+        "epochs": trainer.epoch,
+        "train_time_s": sum(h["train/epoch_time_s"] for h in trainer.history),
+        "session_time_s": time.perf_counter() - start,
+    }
     evaluated = time.perf_counter()
     results.update(final_evaluation(setup, corrupted_sets))
     results["eval_time_s"] = time.perf_counter() - evaluated  # the final evaluation: test, validation, corrupted sets
@@ -468,7 +571,16 @@ def _brief_summary(summary: dict) -> str:
     return "  ".join(f"{k} {summary[k]:.4f}" for k in keys if k in summary)
 
 
-EVAL_OVERRIDABLE = ("eval.", "device", "precision", "channels_last", "cuda.", "model.execution", "run.progress", "data.root")
+EVAL_OVERRIDABLE = (
+    "eval.",
+    "device",
+    "precision",
+    "channels_last",
+    "cuda.",
+    "model.execution",
+    "run.progress",
+    "data.root",
+)
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS) -> dict:
@@ -476,8 +588,9 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     from forde.config import load_config
 
     if not is_path_component(out_name):
-        raise ConfigError(f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; "
-                          "e.g. --out results-c.json")
+        raise ConfigError(
+            f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; e.g. --out results-c.json"
+        )
     overrides = overrides or []
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
     if bad:
@@ -491,9 +604,15 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
     setup = build(cfg)
     restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
-    results = {"run_dir": str(run_dir), "method": cfg.method.name, "dataset": cfg.data.name, "seed": cfg.seed,
-               "ensemble_size": cfg.ensemble_size, "epochs": state["epoch"],
-               **final_evaluation(setup)}
+    results = {
+        "run_dir": str(run_dir),
+        "method": cfg.method.name,
+        "dataset": cfg.data.name,
+        "seed": cfg.seed,
+        "ensemble_size": cfg.ensemble_size,
+        "epochs": state["epoch"],
+        **final_evaluation(setup),
+    }
     write_atomic(run_dir / out_name, to_json(results))
     log.info("wrote %s: %s", run_dir / out_name, _brief_summary(results["summary"]))
     return results

@@ -42,8 +42,16 @@ class Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    def __init__(self, num_classes: int, in_chans: int = 1, patch_size: int = 2, dim: int = 16, depth: int = 2,
-                 heads: int = 2, attention: str = "sdpa"):
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 1,
+        patch_size: int = 2,
+        dim: int = 16,
+        depth: int = 2,
+        heads: int = 2,
+        attention: str = "sdpa",
+    ):
         super().__init__()
         self.patch = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         self.position = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # depthwise

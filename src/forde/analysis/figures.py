@@ -20,8 +20,11 @@ from forde.analysis.variants import BASE, TUNED, color
 from forde.data.corruption_names import CORRUPTIONS
 
 ACCURACY, NLL, ECE = ("Accuracy (%)", "accuracy", 100.0, "↑"), ("NLL", "nll", 1.0, "↓"), ("ECE", "ece", 1.0, "↓")
-LENGTHSCALE_PANELS = (("Clean data", "test/accuracy"), ("Severity 1, 2, 3", "corrupted/severity_1-3/accuracy"),
-                      ("Severity 4, 5", "corrupted/severity_4-5/accuracy"))
+LENGTHSCALE_PANELS = (
+    ("Clean data", "test/accuracy"),
+    ("Severity 1, 2, 3", "corrupted/severity_1-3/accuracy"),
+    ("Severity 4, 5", "corrupted/severity_4-5/accuracy"),
+)
 SPREAD = "± one sample standard deviation over seeds"
 BASELINE = "DE"
 
@@ -60,7 +63,8 @@ def seeds_note(groups: dict[str, list[Run]]) -> str:
         if n != common:
             exceptions.setdefault(n, []).append(v)
     return f"{common} seed{'s' if common != 1 else ''} each" + "".join(
-        f"; {', '.join(vs)}: {n}" for n, vs in sorted(exceptions.items()))
+        f"; {', '.join(vs)}: {n}" for n, vs in sorted(exceptions.items())
+    )
 
 
 def _legend_below(fig, labels: list[str], markers: bool = True, note: str = "") -> None:
@@ -107,17 +111,26 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
             ax.axhspan(low, high, color=BASE["DE"], alpha=0.1, lw=0)
             ax.axhline(baseline.mean * 100.0, ls="--", color=BASE["DE"], lw=1.2)
         mean, std = _mean_std(stats[key], 100.0)
-        ax.fill_between(alphas, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=TUNED, alpha=0.2, lw=0)
+        ax.fill_between(
+            alphas, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=TUNED, alpha=0.2, lw=0
+        )
         ax.plot(alphas, mean, "o-", color=TUNED)
         if len(counts) > 1:  # the seeds behind each point, where alphas have different numbers of them
             for a, m, s in zip(alphas, mean, stats[key]):
                 if s:
-                    ax.annotate(f"n={s.n}", (a, m), textcoords="offset points", xytext=(0, -5), ha="center",
-                                va="top", fontsize=6, color=TUNED)
+                    ax.annotate(
+                        f"n={s.n}",
+                        (a, m),
+                        textcoords="offset points",
+                        xytext=(0, -5),
+                        ha="center",
+                        va="top",
+                        fontsize=6,
+                        color=TUNED,
+                    )
         ax.set_title(title)
         ax.set_xlabel("α")
-    for ax in axes[0][len(panels):]:
+    for ax in axes[0][len(panels) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("Accuracy (%)")
     fig.suptitle(f"{_title(setting, runs)}\nFoRDE's lengthscales from identity (α = 0) to PCA (α = 1)")
@@ -148,11 +161,21 @@ def benchmark_figure(table: Table, runs: list[Run]):
     for ax, col in zip(axes.flat, cols):
         paper_base = _paper_value(table, BASELINE, col.key)
         for y, row in enumerate(rows):
-            s = stat(paired_differences(groups.get(row.variant, []), base, col.key).values()) if base else \
-                row.cells.get(col.key)
+            s = (
+                stat(paired_differences(groups.get(row.variant, []), base, col.key).values())
+                if base
+                else row.cells.get(col.key)
+            )
             if s:
-                ax.errorbar(s.mean * col.scale, y, xerr=s.std * col.scale if s.n > 1 else None, fmt="o",
-                            color=color(row.variant), capsize=2, elinewidth=1)
+                ax.errorbar(
+                    s.mean * col.scale,
+                    y,
+                    xerr=s.std * col.scale if s.n > 1 else None,
+                    fmt="o",
+                    color=color(row.variant),
+                    capsize=2,
+                    elinewidth=1,
+                )
             mine = _paper_value(table, row.variant, col.key)
             if paper and mine is not None and paper_base is not None:
                 ax.plot(mine - paper_base, y, "D", mfc="none", mec="0.35", ms=4)
@@ -169,7 +192,7 @@ def benchmark_figure(table: Table, runs: list[Run]):
         ax.set_yticks(range(len(rows)), [r.variant for r in rows])
         ax.grid(axis="y", visible=False)
     axes[0][0].invert_yaxis()
-    for ax in axes.flat[len(cols):]:
+    for ax in axes.flat[len(cols) :]:
         ax.set_visible(False)
     regenerated = any(REGENERATED in marks for r in rows for marks in r.marks.values())
     fig.suptitle(table.setting.title + (REGENERATED_NOTE if regenerated else ""))
@@ -180,8 +203,10 @@ def benchmark_figure(table: Table, runs: list[Run]):
         labels.append(f"paper ({table.paper_source}) minus the paper's DE")
     note = f"Error bars {SPREAD} ({seeds_note(groups)})."
     if table.paper_source and not base:
-        note += (f" The paper's numbers ({table.paper_source}) are drawn as differences to its DE, beside ours: that"
-                 " needs runs of DE and another method here.")
+        note += (
+            f" The paper's numbers ({table.paper_source}) are drawn as differences to its DE, beside ours: that"
+            " needs runs of DE and another method here."
+        )
     _layout(fig, handles, labels, note=note)
     return fig
 
@@ -236,7 +261,7 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
             ax.errorbar(sev, mean, yerr=std, color=color(v), marker="o", ms=2.5, capsize=1, lw=1)
         ax.set_title(name.replace("_", " "))
         ax.set_xticks(sev)
-    for ax in axes.flat[len(types) + 1:]:
+    for ax in axes.flat[len(types) + 1 :]:
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("Accuracy (%)")
@@ -250,9 +275,19 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
 def _type_stat(runs: list[Run], corruption: str, severity: int) -> Stat | None:
     if corruption == "Average":
         return metric_stat(runs, severity_key("accuracy", severity))
-    return stat(seed_values(runs, lambda r: next((row["accuracy"] for row in r.per_set
-                                                  if row["corruption"] == corruption and row["severity"] == severity),
-                                                 None)).values())
+    return stat(
+        seed_values(
+            runs,
+            lambda r: next(
+                (
+                    row["accuracy"]
+                    for row in r.per_set
+                    if row["corruption"] == corruption and row["severity"] == severity
+                ),
+                None,
+            ),
+        ).values()
+    )
 
 
 @style.styled
@@ -268,8 +303,14 @@ def ensemble_size_figure(runs: list[Run], title: str):
         for v, rs in groups.items():
             sizes = sorted({r.ensemble_size for r in rs})
             mean, std = _mean_std([metric_stat([r for r in rs if r.ensemble_size == m], key) for m in sizes], 1.0)
-            ax.fill_between(sizes, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                            color=color(v), alpha=0.2, lw=0)
+            ax.fill_between(
+                sizes,
+                [a - b for a, b in zip(mean, std)],
+                [a + b for a, b in zip(mean, std)],
+                color=color(v),
+                alpha=0.2,
+                lw=0,
+            )
             ax.plot(sizes, mean, "o-", color=color(v))
             ax.set_xticks(sizes)
         ax.set_title(name)
@@ -284,9 +325,14 @@ def ensemble_size_figure(runs: list[Run], title: str):
 def diversity_figure(runs: list[Run], setting: Setting):
     """Input-gradient cosine distance and epistemic uncertainty against severity (appendix D.1). Neither is
     a score (more is not always better), so their titles carry no arrow."""
-    metrics = [(label, m) for label, m in (("Input-gradient cosine distance", "grad_cosine_distance"),
-                                            ("Epistemic uncertainty", "epistemic"))
-               if any(r.metric(f"test/{m}") is not None for r in runs)]
+    metrics = [
+        (label, m)
+        for label, m in (
+            ("Input-gradient cosine distance", "grad_cosine_distance"),
+            ("Epistemic uncertainty", "epistemic"),
+        )
+        if any(r.metric(f"test/{m}") is not None for r in runs)
+    ]
     if not metrics:
         raise Skip("no gradient-diversity or epistemic-uncertainty results")
     xs = severities(runs)
@@ -296,13 +342,20 @@ def diversity_figure(runs: list[Run], setting: Setting):
     for ax, (label, metric) in zip(axes[0], metrics):
         for i, (v, rs) in enumerate(groups.items()):
             mean, std = _mean_std([metric_stat(rs, severity_key(metric, k)) for k in xs], 1.0)
-            ax.bar([x + (i - (len(groups) - 1) / 2) * width for x in xs], mean, width, yerr=std, color=color(v),
-                   error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.55"})
+            ax.bar(
+                [x + (i - (len(groups) - 1) / 2) * width for x in xs],
+                mean,
+                width,
+                yerr=std,
+                color=color(v),
+                error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.55"},
+            )
         ax.set_xticks(xs, ["clean" if k == 0 else str(k) for k in xs])
         ax.set_xlabel("Corruption severity")
         ax.set_title(label)
         ax.grid(axis="x", visible=False)
     fig.suptitle(_title(setting, runs))
-    _legend_below(fig, list(groups), markers=False,
-                  note=f"Bars: mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
+    _legend_below(
+        fig, list(groups), markers=False, note=f"Bars: mean over seeds; error bars {SPREAD} ({seeds_note(groups)})."
+    )
     return fig

@@ -72,8 +72,9 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequen
     for (dataset, model, arch), runs_here in sorted(group(runs, lambda r: (r.dataset, r.model, r.arch)).items()):
         every_size = Setting(dataset, model, 0, arch)
         title = every_size.title.rsplit(", M = ", 1)[0]
-        report.figure(out / every_size.slug.rsplit("-M", 1)[0] / "ensemble_size", figures.ensemble_size_figure,
-                      runs_here, title)
+        report.figure(
+            out / every_size.slug.rsplit("-M", 1)[0] / "ensemble_size", figures.ensemble_size_figure, runs_here, title
+        )
     for opt in studies:
         for name, draw, args in study_figures(opt):
             report.figure(out / "optuna" / opt.study_name / name, draw, *args)
@@ -82,7 +83,13 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequen
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+    return (
+        f"{seconds:.1f} s"
+        if seconds < 60
+        else f"{seconds / 60:.1f} min"
+        if seconds < 3600
+        else f"{seconds / 3600:.2f} h"
+    )
 
 
 def _index(report: Report, out: Path, runs: list[Run]) -> str:
@@ -90,8 +97,11 @@ def _index(report: Report, out: Path, runs: list[Run]) -> str:
     timed = [r for r in runs if "train" in r.seconds and "eval" in r.seconds]
     if timed:
         train, evaluate = (duration(sum(r.seconds[k] for r in timed)) for k in ("train", "eval"))
-        lines += [f"Compute: {len(timed)} runs trained for {train} and were evaluated in {evaluate}, summed over "
-                  "runs (each run's train_time_s and eval_time_s in results.json).", ""]
+        lines += [
+            f"Compute: {len(timed)} runs trained for {train} and were evaluated in {evaluate}, summed over "
+            "runs (each run's train_time_s and eval_time_s in results.json).",
+            "",
+        ]
     lines += ["## Written", ""]
     lines += [f"- {p.relative_to(out)}" for p in report.written]
     if report.skipped:
@@ -124,5 +134,7 @@ def run(args: argparse.Namespace) -> Report:
     out = args.out or args.study_dir / "report"
     runs, studies = named_safely(runs, optuna_studies(args.study_dir, args.storage, args.study_name))
     report = make_report(runs, out, args.paper, studies)
-    print(f"{len(report.written)} files written to {out}; {len(report.skipped)} figures skipped (see {out / 'index.md'})")
+    print(
+        f"{len(report.written)} files written to {out}; {len(report.skipped)} figures skipped (see {out / 'index.md'})"
+    )
     return report

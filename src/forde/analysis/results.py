@@ -82,10 +82,18 @@ def make_run(config: dict, summary: dict, per_set: list[dict] | None = None, sou
     """A Run from a (flat or nested) config and a flat summary."""
     method = dig(config, "method.name", "unknown")
     alpha = dig(config, "method.alpha")
-    return Run(method=method, dataset=dig(config, "data.name", "unknown"), model=dig(config, "model.name", "unknown"),
-               seed=int(dig(config, "seed") or 0), ensemble_size=int(dig(config, "ensemble_size") or 0),
-               alpha=float(alpha) if method == "forde" and alpha is not None else None,
-               summary=dict(summary), per_set=list(per_set or []), source=source, arch=architecture(config))
+    return Run(
+        method=method,
+        dataset=dig(config, "data.name", "unknown"),
+        model=dig(config, "model.name", "unknown"),
+        seed=int(dig(config, "seed") or 0),
+        ensemble_size=int(dig(config, "ensemble_size") or 0),
+        alpha=float(alpha) if method == "forde" and alpha is not None else None,
+        summary=dict(summary),
+        per_set=list(per_set or []),
+        source=source,
+        arch=architecture(config),
+    )
 
 
 def architecture(config: dict) -> str:
@@ -94,7 +102,9 @@ def architecture(config: dict) -> str:
     if dig(config, "model.name") in (None, "mlp"):
         return ""
     width, blocks = dig(config, "model.width", 64), list(dig(config, "model.blocks", None) or [2, 2, 2, 2])
-    parts = ([f"width {width}"] if width != 64 else []) + (["blocks " + "-".join(map(str, blocks))] if blocks != [2, 2, 2, 2] else [])
+    parts = ([f"width {width}"] if width != 64 else []) + (
+        ["blocks " + "-".join(map(str, blocks))] if blocks != [2, 2, 2, 2] else []
+    )
     return ", ".join(parts)
 
 
@@ -130,8 +140,13 @@ def find_runs(folder: str | Path) -> list[Run]:
         try:
             runs.append(load_run_dir(results.parent))
         except (OSError, ValueError, KeyError) as err:
-            log.warning("skipping %s: %s is unreadable (%s); `forde eval %s` rewrites it from the checkpoint",
-                        results.parent, results.name, err, results.parent)
+            log.warning(
+                "skipping %s: %s is unreadable (%s); `forde eval %s` rewrites it from the checkpoint",
+                results.parent,
+                results.name,
+                err,
+                results.parent,
+            )
     if archived:
         log.info("%s: left out %d archived attempt(s) in previous-N/ folders", folder, archived)
     return runs
@@ -157,8 +172,12 @@ def load_optuna(storage: str, study_name: str | None = None, base: Path | None =
                     loaded.add(run_dir.resolve())
                     runs.append(load_run_dir(run_dir))
             elif isinstance(trial.user_attrs.get("summary"), dict):
-                config = {**study.user_attrs, **study.user_attrs.get("settings", {}),
-                          **trial.user_attrs.get("config_params", {}), **trial.params}
+                config = {
+                    **study.user_attrs,
+                    **study.user_attrs.get("settings", {}),
+                    **trial.user_attrs.get("config_params", {}),
+                    **trial.params,
+                }
                 runs.append(make_run(config, trial.user_attrs["summary"], source=f"optuna:{name}#{trial.number}"))
             else:
                 skipped += 1
@@ -213,9 +232,16 @@ def load_study(study_dir: str | Path, storage: str | None = None, study_name: st
     storage = storage or find_url(study_dir)
     if storage:
         seen = {Path(r.source).resolve() for r in runs}
-        extra = [r for r in load_optuna(storage, study_name, base=study_dir)
-                 if r.source.startswith("optuna:") or Path(r.source).resolve() not in seen]
+        extra = [
+            r
+            for r in load_optuna(storage, study_name, base=study_dir)
+            if r.source.startswith("optuna:") or Path(r.source).resolve() not in seen
+        ]
         runs += extra
-        log.info("%s: %d run directories, %d more runs from the Optuna storage", study_dir, len(runs) - len(extra), len(extra))
+        log.info(
+            "%s: %d run directories, %d more runs from the Optuna storage",
+            study_dir,
+            len(runs) - len(extra),
+            len(extra),
+        )
     return runs
-

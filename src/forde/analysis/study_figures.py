@@ -104,8 +104,9 @@ def _axes(result) -> list:
 def history_figure(opt: optuna.Study, objective: Objective):
     _completed(opt)
     ax = _quiet(optuna.visualization.matplotlib.plot_optimization_history, opt, **objective.kwargs)
-    ax.scatter([objective.completed_best.number], [objective.value(objective.completed_best)], label=objective.label,
-               **BEST)
+    ax.scatter(
+        [objective.completed_best.number], [objective.value(objective.completed_best)], label=objective.label, **BEST
+    )
     ax.legend(loc="best", fontsize=7)
     return ax.figure
 
@@ -146,7 +147,9 @@ def slice_figure(opt: optuna.Study, objective: Objective):
         param = ax.get_xlabel()
         if param in best.params:  # a categorical axis holds the choices' repr() as matplotlib categories
             categorical = isinstance(best.distributions[param], optuna.distributions.CategoricalDistribution)
-            ax.scatter([repr(best.params[param]) if categorical else best.params[param]], [objective.value(best)], **BEST)
+            ax.scatter(
+                [repr(best.params[param]) if categorical else best.params[param]], [objective.value(best)], **BEST
+            )
     axes[0].figure.suptitle("\n".join(filter(None, [objective.label, seed_note(opt)])), fontsize=8)
     return axes[0].figure
 
@@ -158,8 +161,14 @@ def intermediate_figure(opt: optuna.Study, objective: Objective):
     best = objective.best
     if best is not None and best.intermediate_values:
         steps = sorted(best.intermediate_values)
-        ax.plot(steps, [best.intermediate_values[s] for s in steps], color=BEST["color"], lw=2.5, zorder=10,
-                label=f"best: trial {best.number}")
+        ax.plot(
+            steps,
+            [best.intermediate_values[s] for s in steps],
+            color=BEST["color"],
+            lw=2.5,
+            zorder=10,
+            label=f"best: trial {best.number}",
+        )
         ax.legend(loc="best", fontsize=7)
     return ax.figure
 

@@ -19,19 +19,36 @@ log = logging.getLogger(__name__)
 
 TEXT_WIDTH = 6.75  # inches: a two-column paper's full text width
 RC: dict[RcKeyType, Any] = {
-    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
-    "legend.fontsize": 7, "figure.titlesize": 9, "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False,
-    "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5, "lines.linewidth": 1.3, "lines.markersize": 3.5,
-    "savefig.dpi": 200, "savefig.bbox": "tight", "savefig.pad_inches": 0.03, "pdf.fonttype": 42,
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "figure.titlesize": 9,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.3,
+    "lines.markersize": 3.5,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03,
+    "pdf.fonttype": 42,
 }
 
 
 def styled(draw):
     """Run a drawing function under the paper style (rcParams are read when artists are created)."""
+
     @functools.wraps(draw)
     def wrapper(*args, **kwargs):
         with plt.rc_context(RC):
             return draw(*args, **kwargs)
+
     return wrapper
 
 

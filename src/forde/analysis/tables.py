@@ -35,10 +35,16 @@ class Column:
         return text if float(text) == 0 else ("+" if value > 0 else "−") + text
 
 
-CLEAN = (Column("NLL", "test/nll", False, 3), Column("Accuracy (%)", "test/accuracy", True, 1, 100.0),
-         Column("ECE", "test/ece", False, 3))
-CORRUPTED = (Column("cA (%)", "corrupted/accuracy", True, 1, 100.0), Column("cNLL", "corrupted/nll", False, 3),
-             Column("cECE", "corrupted/ece", False, 3))
+CLEAN = (
+    Column("NLL", "test/nll", False, 3),
+    Column("Accuracy (%)", "test/accuracy", True, 1, 100.0),
+    Column("ECE", "test/ece", False, 3),
+)
+CORRUPTED = (
+    Column("cA (%)", "corrupted/accuracy", True, 1, 100.0),
+    Column("cNLL", "corrupted/nll", False, 3),
+    Column("cECE", "corrupted/ece", False, 3),
+)
 
 
 # Marks on corrupted-data cells, explained under the table
@@ -47,7 +53,7 @@ FOOTNOTES = {
     REGENERATED: "computed on corrupted sets generated here (the published recipe, not the released files)",
     UNRECORDED: "from results that do not record whether their corrupted sets were generated here",
     SET_MEAN_ECE: "cECE of results written before cECE pooled each severity's sets: the mean of the per-set "
-                  "ECEs, which reads higher than the pooled cECE",
+    "ECEs, which reads higher than the pooled cECE",
 }
 
 
@@ -96,9 +102,15 @@ def benchmark_table(runs: list[Run], setting: Setting, paper: bool = False) -> T
     """One row per variant present (plus paper-only variants when `paper`), corrupted columns only when
     some run has corrupted results."""
     columns = CLEAN + (CORRUPTED if any(r.metric("corrupted/accuracy") is not None for r in runs) else ())
-    rows = [Row(v, seed_count(rs), {c.key: metric_stat(rs, c.key) for c in columns},
-                marks={c.key: corrupted_marks(rs, c.key) for c in columns if c in CORRUPTED})
-            for v, rs in by_variant(runs).items()]
+    rows = [
+        Row(
+            v,
+            seed_count(rs),
+            {c.key: metric_stat(rs, c.key) for c in columns},
+            marks={c.key: corrupted_marks(rs, c.key) for c in columns if c in CORRUPTED},
+        )
+        for v, rs in by_variant(runs).items()
+    ]
     source = None
     if paper:
         key = (setting.dataset, setting.model)
@@ -150,8 +162,12 @@ def _cells(table: Table, row: Row, pm: str, bold: str) -> list[str]:
 
 def to_markdown(table: Table) -> str:
     head = _header(table, {"↑": "↑", "↓": "↓"}, "(paper)")
-    lines = [f"### {table.setting.title}", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|"]
+    lines = [
+        f"### {table.setting.title}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|",
+    ]
     lines += ["| " + " | ".join(_cells(table, r, "±", "**{}**")) + " |" for r in table.rows]
     lines += ["", _note(table)]
     return "\n".join(lines) + "\n"
@@ -160,38 +176,59 @@ def to_markdown(table: Table) -> str:
 def to_latex(table: Table) -> str:
     head = [_tex(h) for h in _header(table, {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}, "(paper)")]
     rows = [[_tex(c) for c in _cells(table, r, r"$\pm$", r"\textbf{{{}}}")] for r in table.rows]
-    tabular = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule",
-               *(" & ".join(r) + r" \\" for r in rows), r"\bottomrule", r"\end{tabular}"]
+    tabular = [
+        r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}",
+        r"\toprule",
+        " & ".join(head) + r" \\",
+        r"\midrule",
+        *(" & ".join(r) + r" \\" for r in rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
     env = "table"
     if table.paper_source:  # twice the columns: the full text width, scaled to fit
         env = "table*"
         tabular[0] = r"\resizebox{\textwidth}{!}{" + tabular[0]
         tabular[-1] += "}"
-    lines = [rf"\begin{{{env}}}[t]", r"\centering", r"\small",
-             rf"\caption{{{_tex(table.setting.title)}. {_tex(_note(table))}}}", *tabular, rf"\end{{{env}}}"]
+    lines = [
+        rf"\begin{{{env}}}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{_tex(table.setting.title)}. {_tex(_note(table))}}}",
+        *tabular,
+        rf"\end{{{env}}}",
+    ]
     return "\n".join(lines) + "\n"
 
 
-SEEDS_NOTE = ("Seeds: distinct seeds; runs repeated at one seed count once, as their mean. Mean ± sample standard "
-              "deviation over seeds (n − 1 denominator; the value alone for one seed); (n=k): a cell from only k of the "
-              "row's seeds.")
+SEEDS_NOTE = (
+    "Seeds: distinct seeds; runs repeated at one seed count once, as their mean. Mean ± sample standard "
+    "deviation over seeds (n − 1 denominator; the value alone for one seed); (n=k): a cell from only k of the "
+    "row's seeds."
+)
 
 
 def _note(table: Table) -> str:
     note = SEEDS_NOTE + " Best mean in bold."
     if any(c in table.columns for c in CORRUPTED):
-        note += (" cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"
-                 " set, averaged over the severities (as the paper's release computes them).")
+        note += (
+            " cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"
+            " set, averaged over the severities (as the paper's release computes them)."
+        )
     note += footnotes("".join(m for r in table.rows for m in r.marks.values()))
     if table.paper_source:
         key = (table.setting.dataset, table.setting.model)
         here = ", ".join(filter(None, [table.setting.arch, f"M = {table.setting.ensemble_size}"]))
-        note += (f" (paper): the numbers Trinh et al. (2024) report in {table.paper_source} "
-                 f"({paper_numbers.PROTOCOL[key]}; here: {here}).")
+        note += (
+            f" (paper): the numbers Trinh et al. (2024) report in {table.paper_source} "
+            f"({paper_numbers.PROTOCOL[key]}; here: {here})."
+        )
         alpha = paper_numbers.TUNED_ALPHA.get(key)
         if alpha is not None and "FoRDE-Tuned" in paper_numbers.reported(*key):
-            note += (f" The paper's FoRDE-Tuned is its α = {alpha:g} (appendix D.4), so it stands beside our runs at"
-                     " that α only.")
+            note += (
+                f" The paper's FoRDE-Tuned is its α = {alpha:g} (appendix D.4), so it stands beside our runs at"
+                " that α only."
+            )
     return note
 
 
@@ -223,16 +260,24 @@ def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") ->
     if not rows:
         return None
     head = ["Method", "Seeds", *(f"Δ {c.label} {c.arrow}" for c in columns)]
-    note = (f"Each variant's value minus {baseline}'s on the same seed: mean ± sample standard deviation over the "
-            f"seeds both ran (Seeds; runs repeated at one seed count once, as their mean); (k/n): on k of the n "
-            f"seeds that have this metric on both sides the variant did better than {baseline}. A mean within about "
-            "its standard deviation of zero is inside seed noise; one that rounds to zero shows without a sign.")
+    note = (
+        f"Each variant's value minus {baseline}'s on the same seed: mean ± sample standard deviation over the "
+        f"seeds both ran (Seeds; runs repeated at one seed count once, as their mean); (k/n): on k of the n "
+        f"seeds that have this metric on both sides the variant did better than {baseline}. A mean within about "
+        "its standard deviation of zero is inside seed noise; one that rounds to zero shows without a sign."
+    )
     note += footnotes(used)
     if SET_MEAN_ECE in used:
         note += f" A Δ cECE marked {SET_MEAN_ECE} may set a per-set mean against a pooled cECE, which biases it."
-    lines = [f"### {setting.title}: difference to {baseline}, paired by seed", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
-             *("| " + " | ".join(r) + " |" for r in rows), "", note]
+    lines = [
+        f"### {setting.title}: difference to {baseline}, paired by seed",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        note,
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -247,7 +292,16 @@ def _difference(column: Column, diffs: dict[int, float]) -> str:
 
 
 def _tex(text: str) -> str:
-    for plain, tex in (("%", r"\%"), ("α", r"$\alpha$"), ("±", r"$\pm$"), ("—", "--"), ("_", r"\_"),
-                       ("†", r"\dag{}"), ("‡", r"\ddag{}"), ("*", r"$^*$"), ("−", "$-$")):
+    for plain, tex in (
+        ("%", r"\%"),
+        ("α", r"$\alpha$"),
+        ("±", r"$\pm$"),
+        ("—", "--"),
+        ("_", r"\_"),
+        ("†", r"\dag{}"),
+        ("‡", r"\ddag{}"),
+        ("*", r"$^*$"),
+        ("−", "$-$"),
+    ):
         text = text.replace(plain, tex)
     return text

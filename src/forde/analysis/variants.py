@@ -36,7 +36,7 @@ def variant(method: str, alpha: float | None = None) -> str:
 
 def tuned_alpha(label: str) -> float | None:
     if label.startswith("FoRDE-Tuned (α="):
-        return float(label[len("FoRDE-Tuned (α="):-1])
+        return float(label[len("FoRDE-Tuned (α=") : -1])
     return None
 
 

@@ -102,8 +102,12 @@ def with_subsets(ds: Dataset, train: int | None, test: int | None, seed: int) ->
     """The dataset with stratified subsets of its training and test splits; `.full` keeps the whole ones."""
     if train is None and test is None:
         return ds
-    return replace(ds, train=subset_split(ds.train, train, seed, "train"), test=subset_split(ds.test, test, seed, "test"),
-                   parent=ds)
+    return replace(
+        ds,
+        train=subset_split(ds.train, train, seed, "train"),
+        test=subset_split(ds.test, test, seed, "test"),
+        parent=ds,
+    )
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -115,7 +119,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     c = images.shape[1]
     counts = torch.zeros(c, 256, dtype=torch.int64)
     for start in range(0, images.shape[0], chunk):
-        block = images[start:start + chunk].transpose(0, 1).reshape(c, -1)
+        block = images[start : start + chunk].transpose(0, 1).reshape(c, -1)
         for k in range(c):
             counts[k] += torch.bincount(block[k], minlength=256)
     levels = torch.arange(256, dtype=torch.float64) / 255.0
@@ -128,5 +132,6 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 def image_dataset(name: str, train: Split, test: Split, class_names, val: Split | None = None) -> Dataset:
     """A uint8 image Dataset normalised with its training images' channel statistics."""
     mean, std = channel_stats(train.inputs)
-    return Dataset(name, train, test, num_classes=len(class_names), mean=mean, std=std, val=val,
-                   class_names=tuple(class_names))
+    return Dataset(
+        name, train, test, num_classes=len(class_names), mean=mean, std=std, val=val, class_names=tuple(class_names)
+    )

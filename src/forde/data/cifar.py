@@ -26,18 +26,23 @@ def read_batch(path: Path) -> dict:
     """One pickled batch (a dict); latin1 turns the release's Python 2 strings into str. Only plain values
     and NumPy arrays are built while reading (see forde.safe_load)."""
     if not path.is_file():
-        raise DataError(f"{path} is missing; the CIFAR release has it: download again (data.download=true) or "
-                        "copy the whole batches folder")
+        raise DataError(
+            f"{path} is missing; the CIFAR release has it: download again (data.download=true) or "
+            "copy the whole batches folder"
+        )
     try:
         batch = pickle_load(path, encoding="latin1")
     except UnsafePickleError as err:
-        raise DataError(f"{path} was not read: it holds {err.name}, which unpickling would call; the CIFAR release "
-                        "holds only arrays, lists and strings: replace the file with the release's") from None
+        raise DataError(
+            f"{path} was not read: it holds {err.name}, which unpickling would call; the CIFAR release "
+            "holds only arrays, lists and strings: replace the file with the release's"
+        ) from None
     except Exception as err:  # cut short, or not a pickle at all
         raise DataError(f"{path} is unreadable ({first_line(err)}); replace it with the release's file") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch (a dict); replace it with the "
-                        "release's file")
+        raise DataError(
+            f"{path} holds a {type(batch).__name__}, not a CIFAR batch (a dict); replace it with the release's file"
+        )
     return batch
 
 
@@ -56,8 +61,9 @@ def _batch_arrays(path: Path, batch: dict, num_classes: int) -> tuple[np.ndarray
     if labels is None or labels.shape != (len(data),):
         raise DataError(f"{path}: expected {len(data)} integer labels under 'labels' (or 'fine_labels'); {fix}")
     if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
-        raise DataError(f"{path}: labels range over {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}; "
-                        f"{fix}")
+        raise DataError(
+            f"{path}: labels range over {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}; {fix}"
+        )
     return data, labels
 
 
@@ -72,8 +78,9 @@ def read_split(folder: Path, files: list[str], num_classes: int) -> Split:
 def read_class_names(path: Path, key: str) -> list[str]:
     names = read_batch(path).get(key)
     if not (isinstance(names, list) and names and all(is_path_component(n) for n in names)):
-        raise DataError(f"{path}: '{key}' must be a list of class names, each a plain file name; replace it with "
-                        "the release's file")
+        raise DataError(
+            f"{path}: '{key}' must be a list of class names, each a plain file name; replace it with the release's file"
+        )
     return names
 
 

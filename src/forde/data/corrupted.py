@@ -51,26 +51,38 @@ def prepare_corrupted(cfg: TrainConfig, dataset: Dataset) -> Path | None:
     from forde.data.corrupted_loader import missing_corrupted
 
     if not dataset.is_image:
-        raise ConfigError(f"eval.corruptions = {list(cfg.eval.corruptions)} but {dataset.name} is not an image dataset; "
-                          "set eval.corruptions=[none]")
+        raise ConfigError(
+            f"eval.corruptions = {list(cfg.eval.corruptions)} but {dataset.name} is not an image dataset; "
+            "set eval.corruptions=[none]"
+        )
     root = corrupted_root(cfg, dataset)
     check_source(root, dataset)
     raise_problems(root, dataset, names, cfg.eval.severities)
     missing = missing_corrupted(root, names, cfg.eval.severities)
     if missing and not cfg.eval.generate_corrupted:
         shown = ", ".join(f"{n} s{s}" for n, s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise MissingDataError(f"{root} lacks {len(missing)} corrupted set(s) ({shown}); point eval.corrupted_root at the "
-                          "official release, or set eval.generate_corrupted=true to build them locally")
+        raise MissingDataError(
+            f"{root} lacks {len(missing)} corrupted set(s) ({shown}); point eval.corrupted_root at the "
+            "official release, or set eval.generate_corrupted=true to build them locally"
+        )
     if missing:
         from forde.data.corrupted_sets import generate_corrupted_set
 
         log.info("building %d missing corrupted set(s) in %s (seed %d)", len(missing), root, GENERATION_SEED)
         test = dataset.full.test  # the whole test set, whatever data.test_subset: the files are shared by every run
         # every name, not only those with missing sets: blocks left by a stopped run are joined into files too
-        generate_corrupted_set(test.inputs, test.labels, root, seed=GENERATION_SEED, corruptions=names,
-                               severities=cfg.eval.severities, layout=layout_for(dataset),
-                               class_dirs=dataset.class_names or None, progress=cfg.run.progress,
-                               on_commit=source_recorder(root, dataset, GENERATION_SEED))
+        generate_corrupted_set(
+            test.inputs,
+            test.labels,
+            root,
+            seed=GENERATION_SEED,
+            corruptions=names,
+            severities=cfg.eval.severities,
+            layout=layout_for(dataset),
+            class_dirs=dataset.class_names or None,
+            progress=cfg.run.progress,
+            on_commit=source_recorder(root, dataset, GENERATION_SEED),
+        )
     return root
 
 
@@ -88,15 +100,21 @@ def read_source_record(root: Path) -> dict:
     path = root / SOURCE_FILE
     if not path.exists():
         return {}
-    fix = (f"restore it, or delete {root} and generate the sets again (without it, the sets generated there "
-           "would be reported as official)")
+    fix = (
+        f"restore it, or delete {root} and generate the sets again (without it, the sets generated there "
+        "would be reported as official)"
+    )
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
     generated = record.get("generated", {}) if isinstance(record, dict) else None
-    if not (isinstance(record, dict) and isinstance(record.get("test_fingerprint"), str) and isinstance(generated, dict)
-            and all(isinstance(v, dict) for v in generated.values())):
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("test_fingerprint"), str)
+        and isinstance(generated, dict)
+        and all(isinstance(v, dict) for v in generated.values())
+    ):
         raise DataError(f"{path} is not a record of generated sets (test_fingerprint, generated); {fix}")
     return record
 
@@ -115,11 +133,16 @@ def source_recorder(root: Path, dataset: Dataset, seed: int) -> Callable[[str, i
             from forde.data.corrupted_loader import missing_corrupted
 
             absent = set(missing_corrupted(root))
-            generated = {f"{n}/{k}": {"generator": None, "seed": record.get("seed")}
-                         for n in CORRUPTIONS for k in SEVERITIES if (n, k) not in absent}
+            generated = {
+                f"{n}/{k}": {"generator": None, "seed": record.get("seed")}
+                for n in CORRUPTIONS
+                for k in SEVERITIES
+                if (n, k) not in absent
+            }
         generated[f"{name}/{severity}"] = {"generator": GENERATOR_VERSION, "seed": seed, "code": code_version()}
         record.update({"test_fingerprint": fingerprint, "seed": seed, "generated": generated})
         write_atomic(root / SOURCE_FILE, json.dumps(record, indent=1))
+
     return add
 
 
@@ -137,6 +160,7 @@ def set_provenance(root: Path) -> Callable[[str, int], dict]:
     def lookup(name: str, severity: int) -> dict:
         entry = generated.get(f"{name}/{severity}")
         return {"source": "generated", **entry} if entry is not None else {"source": "official"}
+
     return lookup
 
 
@@ -144,8 +168,10 @@ def check_source(root: Path, dataset: Dataset) -> None:
     """Sets generated here from other test images (an older import, another split) must not be reused."""
     record = read_source_record(root)
     if record and record["test_fingerprint"] != test_fingerprint(dataset):
-        raise ConfigError(f"the corrupted sets in {root} were generated from other {dataset.name} test images; "
-                          f"remove {root} to rebuild them, or set eval.corrupted_root elsewhere")
+        raise ConfigError(
+            f"the corrupted sets in {root} were generated from other {dataset.name} test images; "
+            f"remove {root} to rebuild them, or set eval.corrupted_root elsewhere"
+        )
 
 
 def corrupted_sets(cfg: TrainConfig, dataset: Dataset) -> Iterator[CorruptedSet]:
@@ -163,6 +189,8 @@ def corrupted_sets(cfg: TrainConfig, dataset: Dataset) -> Iterator[CorruptedSet]
     subset = lambda split: subset_split(split, cfg.data.test_subset, cfg.data.split_seed, "test")  # noqa: E731
     for name in names:
         for severity in cfg.eval.severities:
+
             def load(n: str = name, k: int = severity) -> Split:
                 return subset(load_corrupted(root, n, k))
+
             yield CorruptedSet(name, severity, load, provenance(name, severity))

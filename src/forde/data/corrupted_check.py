@@ -47,14 +47,14 @@ class Expected:
         self.regenerate = f"`forde data corrupt --dataset {dataset.name} --out {root}` regenerates it"
 
 
-def check_corrupted(root: str | Path, dataset: Dataset, names: Iterable[str],
-                    severities: Iterable[int]) -> list[str]:
+def check_corrupted(root: str | Path, dataset: Dataset, names: Iterable[str], severities: Iterable[int]) -> list[str]:
     """One line per problem of the sets of `names` x `severities` present under `root` (absent sets are
     not problems here: they are generated, or reported as missing)."""
     root, expected = Path(root), Expected(dataset, Path(root))
     problems: list[str] = []
-    npy_sets = [n for n in names if (root / f"{n}.npy").is_file()
-                or any(part_path(root, n, s).is_file() for s in severities)]
+    npy_sets = [
+        n for n in names if (root / f"{n}.npy").is_file() or any(part_path(root, n, s).is_file() for s in severities)
+    ]
     if npy_sets:
         problems += _check_labels(root / LABELS_FILE, expected)
     for name in names:
@@ -81,27 +81,37 @@ def _load(path: Path) -> tuple[np.ndarray | None, str | None]:
 
 def _check_labels(path: Path, e: Expected) -> list[str]:
     if not path.is_file():
-        return [f"{path} is missing: the npy layout needs the labels beside the arrays; copy it from the release, "
-                f"or {e.regenerate}"]
+        return [
+            f"{path} is missing: the npy layout needs the labels beside the arrays; copy it from the release, "
+            f"or {e.regenerate}"
+        ]
     labels, why = _load(path)
     fix = f"copy it from the release again, or {e.regenerate}"
     if labels is None:
         return [f"{path} is unreadable or cut short ({why}); {fix}"]
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        return [f"{path} is {labels.dtype} {labels.shape}, expected integer labels of shape "
-                f"({len(SEVERITIES) * e.n},); {fix}"]
+        return [
+            f"{path} is {labels.dtype} {labels.shape}, expected integer labels of shape "
+            f"({len(SEVERITIES) * e.n},); {fix}"
+        ]
     if len(labels) != len(SEVERITIES) * e.n:
-        return [f"{path} has {len(labels)} labels, expected {len(SEVERITIES) * e.n} (the {e.n} test labels for each of "
-                f"the {len(SEVERITIES)} severities): it belongs to another test set or is incomplete; {fix}"]
+        return [
+            f"{path} has {len(labels)} labels, expected {len(SEVERITIES) * e.n} (the {e.n} test labels for each of "
+            f"the {len(SEVERITIES)} severities): it belongs to another test set or is incomplete; {fix}"
+        ]
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= e.num_classes:
-        return [f"{path} holds labels {low}..{high}, but the dataset has {e.num_classes} classes "
-                f"(0..{e.num_classes - 1}): it belongs to another dataset; {fix}"]
+        return [
+            f"{path} holds labels {low}..{high}, but the dataset has {e.num_classes} classes "
+            f"(0..{e.num_classes - 1}): it belongs to another dataset; {fix}"
+        ]
     blocks = np.asarray(labels).reshape(len(SEVERITIES), e.n)
     wrong = [s for s, block in zip(SEVERITIES, blocks) if not np.array_equal(block, e.labels)]
     if wrong:
-        return [f"{path}: the labels of severity {wrong[0]} differ from the test labels in the test set's order, "
-                f"which the npy layout promises (rows in test-set order): it belongs to another test set; {fix}"]
+        return [
+            f"{path}: the labels of severity {wrong[0]} differ from the test labels in the test set's order, "
+            f"which the npy layout promises (rows in test-set order): it belongs to another test set; {fix}"
+        ]
     return []
 
 
@@ -114,15 +124,21 @@ def _check_array(path: Path, rows: int, e: Expected) -> list[str]:
     if images.shape == want and images.dtype == np.uint8:
         return []
     if images.ndim == 4 and images.shape == (rows, e.channels, e.height, e.width):
-        return [f"{path} is channels-first {images.shape}, but the layout is channels-last (N, H, W, C) = {want}: "
-                f"read as it is, every image would be scrambled; convert it once with {CHANNELS_FIRST_FIX}"]
+        return [
+            f"{path} is channels-first {images.shape}, but the layout is channels-last (N, H, W, C) = {want}: "
+            f"read as it is, every image would be scrambled; convert it once with {CHANNELS_FIRST_FIX}"
+        ]
     if images.dtype != np.uint8:
         return [f"{path} is {images.dtype}, expected uint8 pixels 0..255 of shape {want}; {fix}"]
     if images.ndim == 4 and images.shape[0] == rows and images.shape[1:3] != (e.height, e.width):
-        return [f"{path} holds {images.shape[1]}x{images.shape[2]} images, but the test images are "
-                f"{e.height}x{e.width}: it belongs to another dataset; {fix}"]
-    return [f"{path} has shape {images.shape}, expected {want} (the {e.n} test images"
-            f"{' at each of the 5 severities' if rows != e.n else ''}, H, W, C); {fix}"]
+        return [
+            f"{path} holds {images.shape[1]}x{images.shape[2]} images, but the test images are "
+            f"{e.height}x{e.width}: it belongs to another dataset; {fix}"
+        ]
+    return [
+        f"{path} has shape {images.shape}, expected {want} (the {e.n} test images"
+        f"{' at each of the 5 severities' if rows != e.n else ''}, H, W, C); {fix}"
+    ]
 
 
 def _check_folder(folder: Path, e: Expected) -> list[str]:
@@ -132,14 +148,18 @@ def _check_folder(folder: Path, e: Expected) -> list[str]:
     if unknown:
         return [f"{folder / unknown[0]} is not a class of the dataset ({len(unknown)} such folder(s)); {fix}"]
     if list(e.class_dirs) != sorted(e.class_dirs):
-        return [f"{folder}: the dataset's class names are not in sorted order, so the folder layout (label = sorted "
-                "position) cannot label them; use the npy layout for this dataset"]
+        return [
+            f"{folder}: the dataset's class names are not in sorted order, so the folder layout (label = sorted "
+            "position) cannot label them; use the npy layout for this dataset"
+        ]
     files = {c: sorted(p for p in (folder / c).iterdir() if p.is_file()) for c in present}
     for label, cls in enumerate(e.class_dirs):
         have, want = len(files.get(cls, [])), e.class_counts.get(label, 0)
         if have != want:
-            return [f"{folder / cls} holds {have} images, the test set {want} of this class: the set is incomplete "
-                    f"or of another test set; {fix}"]
+            return [
+                f"{folder / cls} holds {have} images, the test set {want} of this class: the set is incomplete "
+                f"or of another test set; {fix}"
+            ]
     paths = [p for c in present for p in files[c]]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         bad = [line for line in pool.map(lambda p: _check_image(p, e), paths, chunksize=64) if line]

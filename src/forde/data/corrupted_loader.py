@@ -40,8 +40,9 @@ def load_corrupted(root, name: str, severity: int, *, layout: str | None = None)
     return Split(inputs, torch.from_numpy(labels.astype(np.int64)))
 
 
-def missing_corrupted(root, corruptions: Iterable[str] = CORRUPTIONS,
-                      severities: Iterable[int] = SEVERITIES) -> list[tuple[str, int]]:
+def missing_corrupted(
+    root, corruptions: Iterable[str] = CORRUPTIONS, severities: Iterable[int] = SEVERITIES
+) -> list[tuple[str, int]]:
     """The (corruption, severity) pairs that `load_corrupted` cannot find under root."""
     root = Path(root)
     has_labels = (root / LABELS_FILE).is_file()
@@ -56,8 +57,9 @@ def missing_corrupted(root, corruptions: Iterable[str] = CORRUPTIONS,
     return missing
 
 
-def corrupted_set_exists(root, corruptions: Iterable[str] = CORRUPTIONS,
-                         severities: Iterable[int] = SEVERITIES) -> bool:
+def corrupted_set_exists(
+    root, corruptions: Iterable[str] = CORRUPTIONS, severities: Iterable[int] = SEVERITIES
+) -> bool:
     return not missing_corrupted(root, corruptions, severities)
 
 
@@ -70,9 +72,11 @@ def _detect_layout(root: Path, name: str, severity: int) -> str:
 
 
 def _missing_message(root: Path, name: str, severity: int) -> str:
-    return (f"no {name} severity {severity} under {root}: expected {root / (name + '.npy')} with "
-            f"{root / LABELS_FILE} (CIFAR-10-C layout) or {root / name / str(severity)}/<class>/<image> "
-            f"(Tiny-ImageNet-C layout); `forde data corrupt` can generate it")
+    return (
+        f"no {name} severity {severity} under {root}: expected {root / (name + '.npy')} with "
+        f"{root / LABELS_FILE} (CIFAR-10-C layout) or {root / name / str(severity)}/<class>/<image> "
+        f"(Tiny-ImageNet-C layout); `forde data corrupt` can generate it"
+    )
 
 
 def _read_npy(root: Path, name: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +88,7 @@ def _read_npy(root: Path, name: str, severity: int) -> tuple[np.ndarray, np.ndar
     if full.is_file():
         data = np.load(full, mmap_mode="r")
         n = len(data) // len(SEVERITIES)
-        block = data[(severity - 1) * n:severity * n]
+        block = data[(severity - 1) * n : severity * n]
     elif part_path(root, name, severity).is_file():
         block = np.load(part_path(root, name, severity), mmap_mode="r")
         n = len(block)
@@ -93,7 +97,7 @@ def _read_npy(root: Path, name: str, severity: int) -> tuple[np.ndarray, np.ndar
     labels = np.load(labels_path, mmap_mode="r")
     if len(labels) != len(SEVERITIES) * n:
         raise ValueError(f"{labels_path} has {len(labels)} labels, expected {len(SEVERITIES) * n}")
-    return np.asarray(block), np.asarray(labels[(severity - 1) * n:severity * n])
+    return np.asarray(block), np.asarray(labels[(severity - 1) * n : severity * n])
 
 
 def _read_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:

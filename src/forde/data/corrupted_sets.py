@@ -74,11 +74,22 @@ class _Job:
     file_names: tuple[str, ...]
 
 
-def generate_corrupted_set(split_images, labels, out_dir, *, table: str | None = None, seed: int = 0,
-                           corruptions: Iterable[str] = CORRUPTIONS, severities: Iterable[int] = SEVERITIES,
-                           layout: str = "npy", progress: bool = True, class_dirs: Sequence[str] | None = None,
-                           file_names: Sequence[str] | None = None, workers: int | None = None,
-                           on_commit: Callable[[str, int], None] | None = None) -> GenerationReport:
+def generate_corrupted_set(
+    split_images,
+    labels,
+    out_dir,
+    *,
+    table: str | None = None,
+    seed: int = 0,
+    corruptions: Iterable[str] = CORRUPTIONS,
+    severities: Iterable[int] = SEVERITIES,
+    layout: str = "npy",
+    progress: bool = True,
+    class_dirs: Sequence[str] | None = None,
+    file_names: Sequence[str] | None = None,
+    workers: int | None = None,
+    on_commit: Callable[[str, int], None] | None = None,
+) -> GenerationReport:
     """Write a -C set for uint8 [N, C, H, W] images (torch or NumPy) and their labels; see the module docstring.
 
     `class_dirs[label]` and `file_names[i]` name the folder layout's paths (default: zero-padded class index and
@@ -128,8 +139,9 @@ def _make_job(split_images, labels, out_dir, table, seed, layout, class_dirs, fi
     escaping = [n for n in (*class_dirs, *file_names) if not is_path_component(n)]
     if escaping:
         raise ValueError(f"class dir or file name {escaping[0]!r} {RULE}")
-    return _Job(images, labels, Path(out_dir), table or default_table(images.shape[1]), seed, layout,
-                class_dirs, file_names)
+    return _Job(
+        images, labels, Path(out_dir), table or default_table(images.shape[1]), seed, layout, class_dirs, file_names
+    )
 
 
 def _numbered(count: int, suffix: str) -> tuple[str, ...]:
@@ -138,8 +150,14 @@ def _numbered(count: int, suffix: str) -> tuple[str, ...]:
     return tuple(f"{i:0{width}d}{suffix}" for i in range(count))
 
 
-def _run_jobs(job: _Job, pending: list[tuple[str, int]], workers: int, progress: bool, done: int,
-              on_commit: Callable[[str, int], None] | None) -> None:
+def _run_jobs(
+    job: _Job,
+    pending: list[tuple[str, int]],
+    workers: int,
+    progress: bool,
+    done: int,
+    on_commit: Callable[[str, int], None] | None,
+) -> None:
     bar = tqdm(total=done + len(pending), initial=done, desc="corrupting", unit="job", disable=not progress)
 
     def commit(name: str, severity: int) -> None:
@@ -159,8 +177,9 @@ def _run_jobs(job: _Job, pending: list[tuple[str, int]], workers: int, progress:
             return
         # spawn, not fork: a forked child can inherit OpenCV's/OpenMP's thread-pool locks held and hang
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(min(workers, len(pending)), mp_context=context, initializer=_init_worker,
-                                   initargs=(job,))
+        pool = ProcessPoolExecutor(
+            min(workers, len(pending)), mp_context=context, initializer=_init_worker, initargs=(job,)
+        )
         try:
             futures = [pool.submit(_pool_job, name, severity) for name, severity in pending]
             for future in as_completed(futures):
@@ -218,8 +237,12 @@ def _run_job(job: _Job, name: str, severity: int) -> None:
 
 def _remove_leftovers(out_dir: Path) -> None:
     """Temporary files and folders of an interrupted run (every output is renamed into place when complete)."""
-    for path in [*out_dir.glob("*.tmp"), *out_dir.glob(".*.tmp*"), *out_dir.glob(f"{PARTS_DIR}/*.tmp"),
-                 *out_dir.glob("*/.*.tmp")]:
+    for path in [
+        *out_dir.glob("*.tmp"),
+        *out_dir.glob(".*.tmp*"),
+        *out_dir.glob(f"{PARTS_DIR}/*.tmp"),
+        *out_dir.glob("*/.*.tmp"),
+    ]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -233,6 +256,7 @@ def _is_done(job: _Job, name: str, severity: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- npy layout
+
 
 def part_path(root: Path, name: str, severity: int) -> Path:
     """Where one severity block of the npy layout waits until all five exist."""
@@ -287,8 +311,9 @@ def _assemble_npy(job: _Job, name: str) -> bool:
     shape = (sum(len(b) for b in blocks),) + blocks[0].shape[1:]
     with removed_on_failure(tmp, final):  # written in order, not through a memory map: a full disk is an OSError
         with open(tmp, "wb") as f:  # (a memory-mapped page that cannot be stored kills the process with SIGBUS)
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                     "fortran_order": False, "shape": shape})
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+            )
             for block in blocks:
                 f.write(np.ascontiguousarray(block, dtype=np.uint8).data)
         del blocks
@@ -306,17 +331,20 @@ def _remove_parts(parts: list[Path]) -> None:
 
 # ---------------------------------------------------------------------------------------------- folder layout
 
+
 def _save_folder(job: _Job, images: np.ndarray, tmp: Path) -> None:
     """One severity's JPEGs, in the folder `tmp` (a stale one was removed by _remove_leftovers)."""
     for label in np.unique(job.labels):
         (tmp / job.class_dirs[label]).mkdir(parents=True)
     for img, label, file_name in zip(images, job.labels, job.file_names):
         pixels = img[..., 0] if img.shape[-1] == 1 else img
-        Image.fromarray(pixels).save(tmp / job.class_dirs[label] / file_name, format="JPEG",
-                                     quality=JPEG_QUALITY, optimize=True)
+        Image.fromarray(pixels).save(
+            tmp / job.class_dirs[label] / file_name, format="JPEG", quality=JPEG_QUALITY, optimize=True
+        )
 
 
 # ---------------------------------------------------------------------------------------------- preview, command
+
 
 def save_corruption_grid(image_hwc: np.ndarray, path, *, table: str | None = None, seed: int = 0) -> Path:
     """One image under every corruption (rows) at clean + severities 1-5 (columns), for checking by eye.
@@ -329,15 +357,24 @@ def save_corruption_grid(image_hwc: np.ndarray, path, *, table: str | None = Non
     image = np.asarray(image_hwc, dtype=np.uint8)
     image = image[..., None] if image.ndim == 2 else image
     table = table or default_table(image.shape[0])
-    rows = [[image] + [corrupt(image[None], name, s, corruption_rng(seed, name, s), table)[0] for s in SEVERITIES]
-            for name in CORRUPTIONS]
+    rows = [
+        [image] + [corrupt(image[None], name, s, corruption_rng(seed, name, s), table)[0] for s in SEVERITIES]
+        for name in CORRUPTIONS
+    ]
     mosaic, centres_x, centres_y = _tile(rows)
     fig = Figure(figsize=(1.0 * len(rows[0]) + 1.6, 1.0 * len(rows) + 0.7))
-    ax = fig.add_axes((1.5 / fig.get_figwidth(), 0.1 / fig.get_figheight(),
-                       1 - 1.6 / fig.get_figwidth(), 1 - 0.7 / fig.get_figheight()))
+    ax = fig.add_axes(
+        (
+            1.5 / fig.get_figwidth(),
+            0.1 / fig.get_figheight(),
+            1 - 1.6 / fig.get_figwidth(),
+            1 - 0.7 / fig.get_figheight(),
+        )
+    )
     grey = image.shape[-1] == 1
-    ax.imshow(mosaic[..., 0] if grey else mosaic, cmap="gray" if grey else None, vmin=0, vmax=255,
-              interpolation="nearest")
+    ax.imshow(
+        mosaic[..., 0] if grey else mosaic, cmap="gray" if grey else None, vmin=0, vmax=255, interpolation="nearest"
+    )
     ax.set_xticks(centres_x, ["clean"] + [f"severity {s}" for s in SEVERITIES])
     ax.set_yticks(centres_y, CORRUPTIONS)
     ax.xaxis.tick_top()
@@ -357,31 +394,59 @@ def _tile(rows: list[list[np.ndarray]]) -> tuple[np.ndarray, list[float], list[f
     canvas = np.full((len(rows) * pitch, len(rows[0]) * pitch, channels), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
-            canvas[r * pitch:r * pitch + side, c * pitch:c * pitch + side] = cell
+            canvas[r * pitch : r * pitch + side, c * pitch : c * pitch + side] = cell
     centres = lambda count: [i * pitch + (side - 1) / 2 for i in range(count)]  # noqa: E731
     return canvas, centres(len(rows[0])), centres(len(rows))
 
 
-def run_corrupt_command(images, labels, out_dir, table: str | None, seed: int, corruptions: Iterable[str],
-                        severities: Iterable[int], layout: str, workers: int | None, *,
-                        class_dirs: Sequence[str] | None = None, file_names: Sequence[str] | None = None,
-                        on_commit: Callable[[str, int], None] | None = None) -> GenerationReport:
+def run_corrupt_command(
+    images,
+    labels,
+    out_dir,
+    table: str | None,
+    seed: int,
+    corruptions: Iterable[str],
+    severities: Iterable[int],
+    layout: str,
+    workers: int | None,
+    *,
+    class_dirs: Sequence[str] | None = None,
+    file_names: Sequence[str] | None = None,
+    on_commit: Callable[[str, int], None] | None = None,
+) -> GenerationReport:
     """What `forde data corrupt` runs: generate the set and say what was done and where."""
     names = select(list(corruptions))
     severities = sorted(set(severities))
     side = images.shape[-1]
-    print(f"corrupting {len(images)} images of {side}x{side} with the '{table or default_table(side)}' parameters "
-          f"(seed {seed}): {len(names)} corruptions x severities {severities}, {layout} layout, "
-          f"{workers or os.cpu_count()} workers -> {Path(out_dir).resolve()}")
-    report = generate_corrupted_set(images, labels, out_dir, table=table, seed=seed, corruptions=names,
-                                    severities=severities, layout=layout, class_dirs=class_dirs,
-                                    file_names=file_names, workers=workers, on_commit=on_commit)
-    print(f"{len(report.written)} (corruption, severity) outputs written, {len(report.skipped)} already there, "
-          f"in {report.seconds:.1f} s")
+    print(
+        f"corrupting {len(images)} images of {side}x{side} with the '{table or default_table(side)}' parameters "
+        f"(seed {seed}): {len(names)} corruptions x severities {severities}, {layout} layout, "
+        f"{workers or os.cpu_count()} workers -> {Path(out_dir).resolve()}"
+    )
+    report = generate_corrupted_set(
+        images,
+        labels,
+        out_dir,
+        table=table,
+        seed=seed,
+        corruptions=names,
+        severities=severities,
+        layout=layout,
+        class_dirs=class_dirs,
+        file_names=file_names,
+        workers=workers,
+        on_commit=on_commit,
+    )
+    print(
+        f"{len(report.written)} (corruption, severity) outputs written, {len(report.skipped)} already there, "
+        f"in {report.seconds:.1f} s"
+    )
     if layout == "npy":
         print(f"complete files: {', '.join(n + '.npy' for n in report.assembled) or 'none new'}")
         partial = sorted({n for n in names if not (report.out_dir / f"{n}.npy").is_file()})
         if partial:
-            print(f"only some severities of {', '.join(partial)}: their blocks stay in "
-                  f"{report.out_dir / PARTS_DIR} until all 5 severities exist")
+            print(
+                f"only some severities of {', '.join(partial)}: their blocks stay in "
+                f"{report.out_dir / PARTS_DIR} until all 5 severities exist"
+            )
     return report

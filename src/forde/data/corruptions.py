@@ -60,56 +60,94 @@ class CorruptionTable:
 # snow (mean, std, zoom, threshold, blur radius, blur sigma, blend); spatter (mean, std, sigma, threshold,
 # intensity, 0 = water / 1 = mud); saturate (S multiplier, S offset); elastic (alpha, sigma, jitter) / side.
 TABLES: dict[str, CorruptionTable] = {
-    "cifar": CorruptionTable("cifar", 32, 0.2, {
-        "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
-        "shot_noise": (500, 250, 100, 75, 50),
-        "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
-        "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
-        "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
-        "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
-        "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
-        "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
-                 (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-                 (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
-        "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
-        "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
-        "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
-        "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
-        "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
-                              (0.1, 0.03, 0.03)),
-        "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-        "jpeg_compression": (80, 65, 58, 50, 40),
-        "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
-        "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1),
-        "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
-                    (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),
-        "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
-    }),
-    "tiny": CorruptionTable("tiny", 64, 0.3, {
-        "gaussian_noise": (0.04, 0.08, 0.12, 0.15, 0.18),
-        "shot_noise": (250, 100, 50, 30, 15),
-        "impulse_noise": (0.01, 0.02, 0.05, 0.08, 0.14),
-        "defocus_blur": ((0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1)),
-        "glass_blur": ((0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)),
-        "motion_blur": ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)),
-        "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
-        "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.8), (0.1, 0.2, 1, 0.5, 10, 4, 0.8),
-                 (0.15, 0.3, 1.75, 0.55, 10, 4, 0.7), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.65),
-                 (0.3, 0.3, 1.25, 0.65, 14, 12, 0.6)),
-        "frost": ((1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)),
-        "fog": ((0.4, 3), (0.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)),
-        "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
-        "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
-        "elastic_transform": ((0, 0, 0.08), (0.05, 0.3, 0.06), (0.1, 0.08, 0.06), (0.1, 0.03, 0.03),
-                              (0.16, 0.03, 0.02)),
-        "pixelate": (0.9, 0.8, 0.7, 0.6, 0.5),
-        "jpeg_compression": (65, 58, 50, 40, 25),
-        "speckle_noise": (0.15, 0.2, 0.25, 0.3, 0.35),
-        "gaussian_blur": (0.5, 0.75, 1, 1.25, 1.5),
-        "spatter": ((0.62, 0.1, 0.7, 0.7, 0.6, 0), (0.65, 0.1, 0.8, 0.7, 0.6, 0), (0.65, 0.3, 1, 0.69, 0.6, 0),
-                    (0.65, 0.1, 0.7, 0.68, 0.6, 1), (0.65, 0.1, 0.5, 0.67, 0.6, 1)),
-        "saturate": ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (30, 0.2)),
-    }),
+    "cifar": CorruptionTable(
+        "cifar",
+        32,
+        0.2,
+        {
+            "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+            "shot_noise": (500, 250, 100, 75, 50),
+            "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+            "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+            "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+            "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+            "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
+            "snow": (
+                (0.1, 0.2, 1, 0.6, 8, 3, 0.95),
+                (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+                (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+                (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+                (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+            ),
+            "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
+            "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+            "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
+            "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+            "elastic_transform": (
+                (0, 0, 0.08),
+                (0.05, 0.2, 0.07),
+                (0.08, 0.06, 0.06),
+                (0.1, 0.04, 0.05),
+                (0.1, 0.03, 0.03),
+            ),
+            "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+            "jpeg_compression": (80, 65, 58, 50, 40),
+            "speckle_noise": (0.06, 0.1, 0.12, 0.16, 0.2),
+            "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1),
+            "spatter": (
+                (0.62, 0.1, 0.7, 0.7, 0.5, 0),
+                (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+                (0.65, 0.3, 1, 0.69, 0.5, 0),
+                (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+                (0.65, 0.1, 0.5, 0.68, 0.6, 1),
+            ),
+            "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+        },
+    ),
+    "tiny": CorruptionTable(
+        "tiny",
+        64,
+        0.3,
+        {
+            "gaussian_noise": (0.04, 0.08, 0.12, 0.15, 0.18),
+            "shot_noise": (250, 100, 50, 30, 15),
+            "impulse_noise": (0.01, 0.02, 0.05, 0.08, 0.14),
+            "defocus_blur": ((0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1)),
+            "glass_blur": ((0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)),
+            "motion_blur": ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)),
+            "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),
+            "snow": (
+                (0.1, 0.2, 1, 0.6, 8, 3, 0.8),
+                (0.1, 0.2, 1, 0.5, 10, 4, 0.8),
+                (0.15, 0.3, 1.75, 0.55, 10, 4, 0.7),
+                (0.25, 0.3, 2.25, 0.6, 12, 6, 0.65),
+                (0.3, 0.3, 1.25, 0.65, 14, 12, 0.6),
+            ),
+            "frost": ((1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)),
+            "fog": ((0.4, 3), (0.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)),
+            "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
+            "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
+            "elastic_transform": (
+                (0, 0, 0.08),
+                (0.05, 0.3, 0.06),
+                (0.1, 0.08, 0.06),
+                (0.1, 0.03, 0.03),
+                (0.16, 0.03, 0.02),
+            ),
+            "pixelate": (0.9, 0.8, 0.7, 0.6, 0.5),
+            "jpeg_compression": (65, 58, 50, 40, 25),
+            "speckle_noise": (0.15, 0.2, 0.25, 0.3, 0.35),
+            "gaussian_blur": (0.5, 0.75, 1, 1.25, 1.5),
+            "spatter": (
+                (0.62, 0.1, 0.7, 0.7, 0.6, 0),
+                (0.65, 0.1, 0.8, 0.7, 0.6, 0),
+                (0.65, 0.3, 1, 0.69, 0.6, 0),
+                (0.65, 0.1, 0.7, 0.68, 0.6, 1),
+                (0.65, 0.1, 0.5, 0.67, 0.6, 1),
+            ),
+            "saturate": ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (30, 0.2)),
+        },
+    ),
 }
 
 
@@ -118,8 +156,9 @@ def default_table(side: int) -> str:
     return "cifar" if side <= 48 else "tiny"
 
 
-def corrupt(images: np.ndarray, name: str, severity: int, rng: np.random.Generator,
-            table: str | None = None) -> np.ndarray:
+def corrupt(
+    images: np.ndarray, name: str, severity: int, rng: np.random.Generator, table: str | None = None
+) -> np.ndarray:
     """Corrupt uint8 [N, H, W, C] images (C = 3, or 1: grey is corrupted as RGB and averaged back).
 
     `table` is "cifar" or "tiny"; None picks by side (see `default_table`); sides other than the table's follow
@@ -135,9 +174,9 @@ def corrupt(images: np.ndarray, name: str, severity: int, rng: np.random.Generat
     params = spec.params[name][severity - 1]
     out = np.empty_like(images)
     for start in range(0, len(images), _CHUNK):
-        chunk = images[start:start + _CHUNK]
+        chunk = images[start : start + _CHUNK]
         result = _FUNCTIONS[name](chunk, params, rng.spawn(len(chunk)), spec)
-        out[start:start + len(chunk)] = result.astype(np.uint8)  # truncation toward zero, values are in 0..255
+        out[start : start + len(chunk)] = result.astype(np.uint8)  # truncation toward zero, values are in 0..255
     return out
 
 
@@ -156,6 +195,7 @@ def _check_request(images: np.ndarray, name: str, severity: int, table: str | No
 
 # ---------------------------------------------------------------------------------------------- shared steps
 
+
 def _per_image(rngs: list[np.random.Generator], draw: Callable[[np.random.Generator], np.ndarray]) -> np.ndarray:
     """Stack one draw per image, each from that image's own generator."""
     return np.stack([draw(g) for g in rngs])
@@ -166,8 +206,9 @@ def _to_255(x01: np.ndarray) -> np.ndarray:
     return np.clip(x01, 0, 1) * 255
 
 
-def _gaussian(batch: np.ndarray, sigma: float, mode: Literal["nearest", "reflect"] = "nearest",
-              truncate: float = 4.0) -> np.ndarray:
+def _gaussian(
+    batch: np.ndarray, sigma: float, mode: Literal["nearest", "reflect"] = "nearest", truncate: float = 4.0
+) -> np.ndarray:
     """scikit-image `gaussian` applied to every image of a batch: blurs axes 1 and 2 only (images and channels
     stay separate); the defaults are scikit-image's."""
     sigmas = (0, sigma, sigma) + (0,) * (batch.ndim - 3)
@@ -185,7 +226,7 @@ def _clipped_zoom(batch: np.ndarray, factor: float) -> np.ndarray:
     crop = int(np.ceil(side / factor))
     top = (side - crop) // 2
     weights = _zoom_matrix(crop, factor, side)
-    x = np.moveaxis(batch[:, top:top + crop, top:top + crop].astype(np.float64), (1, 2), (-2, -1))
+    x = np.moveaxis(batch[:, top : top + crop, top : top + crop].astype(np.float64), (1, 2), (-2, -1))
     return np.moveaxis(weights @ x @ weights.T, (-2, -1), (1, 2)).astype(batch.dtype)
 
 
@@ -227,7 +268,7 @@ def _imagemagick_motion_blur(x: np.ndarray, radius: float, sigma: float, angles:
     """
     n, h, w = x.shape[:3]
     i = np.arange(motion_blur_taps(radius))
-    weights = np.exp(-(i ** 2) / (2.0 * sigma ** 2))
+    weights = np.exp(-(i**2) / (2.0 * sigma**2))
     weights /= weights.sum()
     offsets = np.stack([motion_blur_offsets(radius, a) for a in angles])  # [N, taps, 2]
     images = np.arange(n)[:, None, None]
@@ -263,7 +304,7 @@ def _plasma_fractal(rngs: list[np.random.Generator], size: int, decay: float) ->
     def wibbled_mean(neighbour_sum: np.ndarray) -> np.ndarray:
         nonlocal used
         count = neighbour_sum.shape[1] * neighbour_sum.shape[2]
-        uniform = -wibble + (2 * wibble) * draws[:, used:used + count].reshape(neighbour_sum.shape)
+        uniform = -wibble + (2 * wibble) * draws[:, used : used + count].reshape(neighbour_sum.shape)
         used += count
         return neighbour_sum / 4 + wibble * uniform
 
@@ -275,9 +316,11 @@ def _plasma_fractal(rngs: list[np.random.Generator], size: int, decay: float) ->
         grid[:, half::step, half::step] = wibbled_mean(squares)
         centres = grid[:, half::step, half::step]
         grid[:, ::step, half::step] = wibbled_mean(
-            (centres + np.roll(centres, 1, axis=1)) + (corners + np.roll(corners, -1, axis=2)))
+            (centres + np.roll(centres, 1, axis=1)) + (corners + np.roll(corners, -1, axis=2))
+        )
         grid[:, half::step, ::step] = wibbled_mean(
-            (centres + np.roll(centres, 1, axis=2)) + (corners + np.roll(corners, -1, axis=1)))
+            (centres + np.roll(centres, 1, axis=2)) + (corners + np.roll(corners, -1, axis=1))
+        )
         step //= 2
         wibble /= decay
     grid -= grid.min(axis=(1, 2), keepdims=True)
@@ -309,7 +352,7 @@ def disk_kernel(radius: float, alias_sigma: float) -> np.ndarray:
         raise ValueError("the published defocus radii are all <= 8")
     grid = np.arange(-8, 9)
     xx, yy = np.meshgrid(grid, grid)
-    disk = np.array(xx ** 2 + yy ** 2 <= radius ** 2, dtype=np.float32)
+    disk = np.array(xx**2 + yy**2 <= radius**2, dtype=np.float32)
     disk /= np.sum(disk)
     return cv2.GaussianBlur(disk, ksize=(3, 3), sigmaX=alias_sigma)
 
@@ -336,6 +379,7 @@ def glass_blur_shuffle(x: np.ndarray, delta: int, shifts: np.ndarray) -> np.ndar
 # ---------------------------------------------------------------------------------------------- the corruptions
 # Each takes uint8 [N, H, W, 3], the severity's parameters, one generator per image and the table, and returns
 # values in 0..255 (float, or uint8 where the script's last step yields uint8).
+
 
 def _gaussian_noise(x, std, rngs, spec):
     return _to_255(x / 255.0 + _per_image(rngs, lambda g: g.normal(size=x.shape[1:], scale=std)))
@@ -426,7 +470,7 @@ def _frost(x, params, rngs, spec):
     for g in rngs:
         texture = textures[g.integers(5)]
         top, left = g.integers(0, texture.shape[0] - side), g.integers(0, texture.shape[1] - side)
-        crops.append(texture[top:top + side, left:left + side, ::-1])  # BGR -> RGB
+        crops.append(texture[top : top + side, left : left + side, ::-1])  # BGR -> RGB
     return np.clip(image_weight * x + frost_weight * np.stack(crops), 0, 255)
 
 
@@ -455,18 +499,24 @@ def _elastic_transform(x, params, rngs, spec):
     side = x.shape[1]
     alpha, sigma, jitter = (side * p for p in params)
     centre, offset = np.float32(side // 2), side // 3
-    anchors = np.array([[centre + offset, centre + offset], [centre + offset, centre - offset],
-                        [centre - offset, centre - offset]], dtype=np.float32)
+    anchors = np.array(
+        [[centre + offset, centre + offset], [centre + offset, centre - offset], [centre - offset, centre - offset]],
+        dtype=np.float32,
+    )
     jitters, fields_x, fields_y = [], [], []
     for g in rngs:  # draw order of the scripts: affine jitter, then the x field, then the y field
         jitters.append(g.uniform(-jitter, jitter, size=(3, 2)).astype(np.float32))
         fields_x.append(g.uniform(-1, 1, size=(side, side)))
         fields_y.append(g.uniform(-1, 1, size=(side, side)))
     x = x.astype(np.float32) / 255.0
-    warped = np.stack([
-        cv2.warpAffine(img, cv2.getAffineTransform(anchors, anchors + jit), (side, side),
-                       borderMode=cv2.BORDER_REFLECT_101)
-        for img, jit in zip(x, jitters)])
+    warped = np.stack(
+        [
+            cv2.warpAffine(
+                img, cv2.getAffineTransform(anchors, anchors + jit), (side, side), borderMode=cv2.BORDER_REFLECT_101
+            )
+            for img, jit in zip(x, jitters)
+        ]
+    )
     dx = (_gaussian(np.stack(fields_x), sigma, mode="reflect", truncate=3) * alpha).astype(np.float32)
     dy = (_gaussian(np.stack(fields_y), sigma, mode="reflect", truncate=3) * alpha).astype(np.float32)
     grid = np.indices(dx.shape)  # image, row, column
@@ -484,8 +534,9 @@ def _pixelate(x, factor, rngs, spec):
     side = x.shape[1]
     small = pixelate_side(side, factor)
     box = Image.Resampling.BOX
-    return np.stack([np.asarray(Image.fromarray(img).resize((small, small), box).resize((side, side), box))
-                     for img in x])
+    return np.stack(
+        [np.asarray(Image.fromarray(img).resize((small, small), box).resize((side, side), box)) for img in x]
+    )
 
 
 def _jpeg_compression(x, quality, rngs, spec):
@@ -552,11 +603,24 @@ def _saturate(x, params, rngs, spec):
 
 
 _FUNCTIONS: dict[str, Callable] = {
-    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
-    "defocus_blur": _defocus_blur, "glass_blur": _glass_blur, "motion_blur": _motion_blur, "zoom_blur": _zoom_blur,
-    "snow": _snow, "frost": _frost, "fog": _fog, "brightness": _brightness,
-    "contrast": _contrast, "elastic_transform": _elastic_transform, "pixelate": _pixelate,
+    "gaussian_noise": _gaussian_noise,
+    "shot_noise": _shot_noise,
+    "impulse_noise": _impulse_noise,
+    "defocus_blur": _defocus_blur,
+    "glass_blur": _glass_blur,
+    "motion_blur": _motion_blur,
+    "zoom_blur": _zoom_blur,
+    "snow": _snow,
+    "frost": _frost,
+    "fog": _fog,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "elastic_transform": _elastic_transform,
+    "pixelate": _pixelate,
     "jpeg_compression": _jpeg_compression,
-    "speckle_noise": _speckle_noise, "gaussian_blur": _gaussian_blur, "spatter": _spatter, "saturate": _saturate,
+    "speckle_noise": _speckle_noise,
+    "gaussian_blur": _gaussian_blur,
+    "spatter": _spatter,
+    "saturate": _saturate,
 }
 assert tuple(_FUNCTIONS) == CORRUPTIONS and all(tuple(t.params) == CORRUPTIONS for t in TABLES.values())

@@ -42,7 +42,8 @@ def missing_data_error(name: str, release: Path, root: str | Path) -> MissingDat
         f"data.name = {name!r}: found neither the release files at {release} nor an imported folder at "
         f"{imported_dir(root, name)}. Either set data.download=true on a machine with internet access (it "
         f"downloads into data.root = {root}), or decode an ImageFolder tree of it once with "
-        f"`forde data import-folder SRC {name}` ({LAYOUT}).")
+        f"`forde data import-folder SRC {name}` ({LAYOUT})."
+    )
 
 
 def load_imported(root: str | Path, name: str) -> Dataset:
@@ -58,15 +59,22 @@ def _list_split(split_dir: Path, class_index: dict[str, int], allow_empty: bool)
     paths, labels = [], []
     for cls in _subdirs(split_dir):
         if cls not in class_index:
-            raise DataError(f"{split_dir / cls}: class '{cls}' has no folder in the train split; add "
-                            f"{split_dir.parent / 'train' / cls} with its training images, or remove {split_dir / cls}")
+            raise DataError(
+                f"{split_dir / cls}: class '{cls}' has no folder in the train split; add "
+                f"{split_dir.parent / 'train' / cls} with its training images, or remove {split_dir / cls}"
+            )
         files = sorted(p for p in (split_dir / cls).iterdir() if is_image_file(p))
         if not files and not allow_empty:
-            raise DataError(f"{split_dir / cls} holds no images (files ending in {', '.join(IMAGE_SUFFIXES)}); add "
-                            "them, remove the folder, or pass --allow-empty-classes to keep the class without images")
+            raise DataError(
+                f"{split_dir / cls} holds no images (files ending in {', '.join(IMAGE_SUFFIXES)}); add "
+                "them, remove the folder, or pass --allow-empty-classes to keep the class without images"
+            )
         if not files:
-            log.warning("%s holds no images; its class is kept without %s images (--allow-empty-classes)",
-                        split_dir / cls, split_dir.name)
+            log.warning(
+                "%s holds no images; its class is kept without %s images (--allow-empty-classes)",
+                split_dir / cls,
+                split_dir.name,
+            )
         paths += files
         labels += [class_index[cls]] * len(files)
     if not paths:
@@ -79,20 +87,32 @@ def import_folder(src: str | Path, name: str, root: str | Path, allow_empty_clas
     the class folder in the sorted train class folders; all images must share one size. A class folder
     without images is refused unless `allow_empty_classes` (a model would silently learn fewer classes)."""
     if not NAME_PATTERN.fullmatch(name) or name in RESERVED:
-        raise ConfigError(f"dataset name {name!r}: use letters, digits, '_', '.', '-' (not starting with a "
-                          f"symbol), and not {', '.join(RESERVED)}")
+        raise ConfigError(
+            f"dataset name {name!r}: use letters, digits, '_', '.', '-' (not starting with a "
+            f"symbol), and not {', '.join(RESERVED)}"
+        )
     src = Path(src)
     for required in ("train", "test"):
         if not (src / required).is_dir():
             raise MissingDataError(f"{src / required} is not a folder; import-folder expects {LAYOUT}")
     class_names = _subdirs(src / "train")
     class_index = {c: i for i, c in enumerate(class_names)}
-    listed = {s: _list_split(src / s, class_index, allow_empty_classes)
-              for s in ("train", "val", "test") if (src / s).is_dir()}
+    listed = {
+        s: _list_split(src / s, class_index, allow_empty_classes)
+        for s in ("train", "val", "test")
+        if (src / s).is_dir()
+    }
     splits = decode_splits(listed, desc=f"importing {name}")
     dest = imported_dir(root, name)
     save_store(dest, splits, class_names)
     sizes = ", ".join(f"{split} {len(data)}" for split, data in splits.items())
-    log.info("imported %s as '%s' into %s: %s, %d classes, images %s", src, name, dest, sizes, len(class_names),
-             tuple(splits["train"].inputs.shape[1:]))
+    log.info(
+        "imported %s as '%s' into %s: %s, %d classes, images %s",
+        src,
+        name,
+        dest,
+        sizes,
+        len(class_names),
+        tuple(splits["train"].inputs.shape[1:]),
+    )
     return dest

@@ -52,7 +52,8 @@ def decode_images(paths: Sequence[Path], desc: str = "decoding images", chunk: i
             if image.shape != first.shape:
                 raise DataError(
                     f"all images must share one size, but {paths[i]} is {image.shape[2]}x{image.shape[1]} while "
-                    f"{paths[0]} is {first.shape[2]}x{first.shape[1]}; resize them to one size first")
+                    f"{paths[0]} is {first.shape[2]}x{first.shape[1]}; resize them to one size first"
+                )
             out[i] = image
         return end - start
 
@@ -71,6 +72,8 @@ def decode_splits(listed: dict[str, tuple[list[Path], list[int]]], desc: str) ->
     images = decode_images([p for paths, _ in listed.values() for p in paths], desc=desc)
     splits, start = {}, 0
     for split, (paths, labels) in listed.items():
-        splits[split] = Split(torch.from_numpy(images[start:start + len(paths)]), torch.tensor(labels, dtype=torch.int64))
+        splits[split] = Split(
+            torch.from_numpy(images[start : start + len(paths)]), torch.tensor(labels, dtype=torch.int64)
+        )
         start += len(paths)
     return splits

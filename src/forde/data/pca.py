@@ -59,8 +59,10 @@ def covariance_float64(inputs: torch.Tensor, mean, std, chunk: int = 2048) -> to
     mean_t = torch.as_tensor(mean, dtype=torch.float64)
     std_t = torch.as_tensor(std, dtype=torch.float64)
     n = inputs.shape[0]
+
     def flat(s):
-        return normalize(inputs[s:s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
+        return normalize(inputs[s : s + chunk], mean_t, std_t, torch.float64).reshape(min(chunk, n - s), -1)
+
     mu = sum(flat(s).sum(0) for s in range(0, n, chunk)) / n
     cov: torch.Tensor | None = None
     for s in range(0, n, chunk):
@@ -83,7 +85,7 @@ def covariance_uint8(images: torch.Tensor, std, block: int = EXACT_BLOCK) -> tor
     out = np.zeros((d, d), dtype=np.float32, order="F")  # SYRK writes its upper triangle here
     sums = np.zeros(d, dtype=np.int64)
     for s in tqdm(range(0, n, block), desc="PCA covariance", unit="block"):
-        x = flat[s:s + block]
+        x = flat[s : s + block]
         sums += x.sum(0, dtype=np.int64)
         shifted = x.astype(np.float32)
         shifted -= 128.0
@@ -114,8 +116,9 @@ def compute_pca(inputs: torch.Tensor, mean, std) -> PCA:
     return pca_from_covariance(covariance(inputs, mean, std))
 
 
-def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None = None,
-              std: Sequence[float] | None = None) -> PCA:
+def input_pca(
+    inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> PCA:
     """The PCA of the training inputs as the members see them, computed as `forde train` computes it.
 
     Args:
@@ -138,24 +141,32 @@ def input_pca(inputs: torch.Tensor | Iterable, *, mean: Sequence[float] | None =
         raise ValueError(f"a PCA needs at least 2 training inputs, got {len(x)}")
     features = x[0].numel()
     if features > MAX_FEATURES:
-        raise ValueError(f"inputs of {features} features per sample: their PCA needs a {features} x {features} float64 "
-                         f"matrix ({features**2 * 8 / 2**30:.0f} GiB); use the identity kernel (projection=None) or "
-                         f"smaller inputs (at most {MAX_FEATURES} features)")
+        raise ValueError(
+            f"inputs of {features} features per sample: their PCA needs a {features} x {features} float64 "
+            f"matrix ({features**2 * 8 / 2**30:.0f} GiB); use the identity kernel (projection=None) or "
+            f"smaller inputs (at most {MAX_FEATURES} features)"
+        )
     if x.dtype == torch.uint8:
         if x.dim() != 4 or mean is None or std is None or not len(mean) == len(std) == x.shape[1]:
-            raise ValueError(f"uint8 inputs {tuple(x.shape)}: pass images [N, C, H, W] with mean= and std=, C values "
-                             "each, the normalisation (x / 255 - mean) / std the members see; or pass the float inputs")
+            raise ValueError(
+                f"uint8 inputs {tuple(x.shape)}: pass images [N, C, H, W] with mean= and std=, C values "
+                "each, the normalisation (x / 255 - mean) / std the members see; or pass the float inputs"
+            )
         return compute_pca(x, tuple(mean), tuple(std))
     if mean is not None or std is not None:
-        raise ValueError("mean= and std= describe uint8 images; float inputs are used as given, so pass them "
-                         "normalised as the members see them and leave out mean and std")
+        raise ValueError(
+            "mean= and std= describe uint8 images; float inputs are used as given, so pass them "
+            "normalised as the members see them and leave out mean and std"
+        )
     return compute_pca(x.float() if not x.is_floating_point() else x, (0.0,), (1.0,))
 
 
 def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
     """A tensor of inputs (CPU) from a tensor, a dataset of samples, or any other iterable of batches."""
+
     def first(item):
         return torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).detach().cpu()
+
     if isinstance(inputs, torch.Tensor):
         return inputs.detach().cpu()
     try:
@@ -166,12 +177,20 @@ def stacked_inputs(inputs: torch.Tensor | Iterable) -> torch.Tensor:
             return torch.stack([first(inputs[i]) for i in range(len(cast(Sized, inputs)))])
         return torch.cat([first(batch) for batch in inputs])
     except (TypeError, RuntimeError) as err:
-        raise ValueError(f"training inputs: expected a tensor, a dataset of samples or an iterable of batches, each "
-                         f"an input tensor or an (input, target) pair; got {type(inputs).__name__} ({err})") from None
+        raise ValueError(
+            f"training inputs: expected a tensor, a dataset of samples or an iterable of batches, each "
+            f"an input tensor or an (input, target) pair; got {type(inputs).__name__} ({err})"
+        ) from None
 
 
-def pca_projection(inputs: torch.Tensor | Iterable | PCA, alpha: float = 1.0, mix: AlphaMix = "precision", *,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor | None:
+def pca_projection(
+    inputs: torch.Tensor | Iterable | PCA,
+    alpha: float = 1.0,
+    mix: AlphaMix = "precision",
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor | None:
     """FoRDE's lengthscales from the PCA of the training inputs: the `projection` of `FoRDELoss`.
 
     The kernel compares the members' unit-normalised input gradients s by the distance
@@ -242,8 +261,12 @@ def read_cache(path: Path, dim: int) -> PCA | None:
         data = torch_load(path)
         values, vectors = data["eigenvalues"], data["eigenvectors"]
         tensors = isinstance(values, torch.Tensor) and isinstance(vectors, torch.Tensor)
-        if not (tensors and values.shape == (dim,) and vectors.shape == (dim, dim)
-                and values.dtype == vectors.dtype == torch.float64):
+        if not (
+            tensors
+            and values.shape == (dim,)
+            and vectors.shape == (dim, dim)
+            and values.dtype == vectors.dtype == torch.float64
+        ):
             raise ValueError(f"expected float64 eigenvalues [{dim}] and eigenvectors [{dim}, {dim}]")
     except Exception as err:  # a cut-short file, a file of another kind, or one that would run code when unpickled
         log.warning("PCA: the cache %s is unusable (%s); computing it again", path, first_line(err))
@@ -263,7 +286,13 @@ def run_pca_command(cfg: DataConfig, top: int = 10) -> PCA:
     ds = load_dataset(cfg)
     pca = dataset_pca(ds, cfg.root)
     share = pca.eigenvalues / pca.eigenvalues.sum()
-    log.info("PCA of %s (%d training inputs, D = %d): top %d eigenvalues %s; they explain %.1f%% of the variance",
-             ds.name, len(ds.train), len(pca.eigenvalues), top,
-             ", ".join(f"{v:.4g}" for v in pca.eigenvalues[:top].tolist()), 100 * share[:top].sum().item())
+    log.info(
+        "PCA of %s (%d training inputs, D = %d): top %d eigenvalues %s; they explain %.1f%% of the variance",
+        ds.name,
+        len(ds.train),
+        len(pca.eigenvalues),
+        top,
+        ", ".join(f"{v:.4g}" for v in pca.eigenvalues[:top].tolist()),
+        100 * share[:top].sum().item(),
+    )
     return pca

@@ -13,8 +13,9 @@ import torch
 from forde.data.base import Split
 
 
-def normalize(inputs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32
-              ) -> torch.Tensor:
+def normalize(
+    inputs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """uint8 images -> (x/255 - mean)/std per channel; float features -> (x - mean)/std; computed in `dtype`."""
     mean, std = mean.to(dtype), std.to(dtype)
     if inputs.dtype == torch.uint8:
@@ -53,8 +54,20 @@ class DeviceLoader:
     batches it would have drawn without the interruption.
     """
 
-    def __init__(self, split: Split, batch_size: int, mean, std, device: torch.device | str, *, shuffle: bool,
-                 augment: bool, seed: int = 0, pad: int = 4, drop_last: bool = False):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean,
+        std,
+        device: torch.device | str,
+        *,
+        shuffle: bool,
+        augment: bool,
+        seed: int = 0,
+        pad: int = 4,
+        drop_last: bool = False,
+    ):
         self.device = torch.device(device)
         self.inputs = split.inputs.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -70,10 +83,13 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
-                 else torch.arange(n, device=self.device))
+        order = (
+            torch.randperm(n, generator=self.generator, device=self.device)
+            if self.shuffle
+            else torch.arange(n, device=self.device)
+        )
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.inputs[idx]
             if self.augment:
                 x = crop_flip(x, *sample_crop_flip(len(idx), self.pad, self.generator), pad=self.pad)
@@ -86,13 +102,14 @@ class DeviceLoader:
         self.generator.set_state(state["generator"])
 
 
-def eval_batches(split: Split, batch_size: int, mean, std, device: torch.device | str
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    split: Split, batch_size: int, mean, std, device: torch.device | str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Stream a split to the device in order, batch by batch (the split itself may stay on the CPU)."""
     device = torch.device(device)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device)
     for start in range(0, len(split), batch_size):
-        x = split.inputs[start:start + batch_size].to(device, non_blocking=True)
-        y = split.labels[start:start + batch_size].to(device, non_blocking=True)
+        x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
+        y = split.labels[start : start + batch_size].to(device, non_blocking=True)
         yield normalize(x, mean_t, std_t), y

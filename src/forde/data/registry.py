@@ -54,7 +54,8 @@ def _unknown(cfg: DataConfig) -> ConfigError:
     return ConfigError(
         f"data.name = {cfg.name!r}: unknown dataset; built in: {', '.join(sorted(LOADERS))}; imported under "
         f"data.root = {cfg.root}: {', '.join(imported) or 'none'}. Import an ImageFolder tree ({LAYOUT}) with "
-        f"`forde data import-folder SRC {cfg.name}`.")
+        f"`forde data import-folder SRC {cfg.name}`."
+    )
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -63,12 +64,19 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     ds = _read(cfg)
     if ds.val is not None:
         if cfg.val_fraction > 0:
-            raise ConfigError(f"data.val_fraction = {cfg.val_fraction}: dataset {cfg.name!r} has its own validation "
-                              "split; set data.val_fraction=0 to use it")
+            raise ConfigError(
+                f"data.val_fraction = {cfg.val_fraction}: dataset {cfg.name!r} has its own validation "
+                "split; set data.val_fraction=0 to use it"
+            )
     else:
         ds.train, ds.val = split_train_val(ds.train, cfg.val_fraction, cfg.split_seed)
-    for key, n, split in (("data.train_subset", cfg.train_subset, ds.train), ("data.test_subset", cfg.test_subset, ds.test)):
+    for key, n, split in (
+        ("data.train_subset", cfg.train_subset, ds.train),
+        ("data.test_subset", cfg.test_subset, ds.test),
+    ):
         if n is not None and n > len(split):
-            raise ConfigError(f"{key} = {n} exceeds the {len(split)} samples of {cfg.name}'s "
-                              f"{key.split('.')[1].split('_')[0]} split; lower it, or set {key}=null for all of them")
+            raise ConfigError(
+                f"{key} = {n} exceeds the {len(split)} samples of {cfg.name}'s "
+                f"{key.split('.')[1].split('_')[0]} split; lower it, or set {key}=null for all of them"
+            )
     return with_subsets(ds, cfg.train_subset, cfg.test_subset, cfg.split_seed)

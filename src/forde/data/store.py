@@ -55,8 +55,10 @@ def load_store(directory: str | Path, name: str) -> Dataset:
     directory = Path(directory)
     meta = _read_meta(directory / META)
     if meta.get("format") != FORMAT:
-        raise DataError(f"{directory} holds format {meta.get('format')}, this version reads {FORMAT}: delete it and "
-                        "import (or load) the dataset again")
+        raise DataError(
+            f"{directory} holds format {meta.get('format')}, this version reads {FORMAT}: delete it and "
+            "import (or load) the dataset again"
+        )
     splits = {s: _read_split(directory, s, len(meta["class_names"])) for s in meta["splits"]}
     return image_dataset(name, splits["train"], splits["test"], meta["class_names"], val=splits.get("val"))
 
@@ -70,8 +72,9 @@ def store_spec(directory: str | Path) -> tuple[tuple[int, ...], int]:
     try:
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
     except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"{path} is unreadable ({first_line(err)}); delete {directory} and import (or load) the "
-                        "dataset again") from None
+        raise DataError(
+            f"{path} is unreadable ({first_line(err)}); delete {directory} and import (or load) the dataset again"
+        ) from None
     return tuple(shape[1:]), len(meta["class_names"])
 
 
@@ -101,10 +104,16 @@ def _read_split(directory: Path, split: str, num_classes: int) -> Split:
             raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
     images, labels = arrays
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise DataError(f"{directory / f'{split}_images.npy'} is {images.dtype} {images.shape}, expected uint8 "
-                        f"[N, C, H, W] with C = 1 or 3; {fix}")
-    if labels.dtype != np.int64 or labels.shape != (len(images),) or (
-            len(labels) and not (0 <= labels.min() and labels.max() < num_classes)):
-        raise DataError(f"{directory / f'{split}_labels.npy'} must hold {len(images)} int64 labels in "
-                        f"0..{num_classes - 1}; {fix}")
+        raise DataError(
+            f"{directory / f'{split}_images.npy'} is {images.dtype} {images.shape}, expected uint8 "
+            f"[N, C, H, W] with C = 1 or 3; {fix}"
+        )
+    if (
+        labels.dtype != np.int64
+        or labels.shape != (len(images),)
+        or (len(labels) and not (0 <= labels.min() and labels.max() < num_classes))
+    ):
+        raise DataError(
+            f"{directory / f'{split}_labels.npy'} must hold {len(images)} int64 labels in 0..{num_classes - 1}; {fix}"
+        )
     return Split(torch.from_numpy(images), torch.from_numpy(labels))

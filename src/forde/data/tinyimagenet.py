@@ -60,7 +60,9 @@ def list_release(folder: Path) -> tuple[dict[str, tuple[list[Path], list[int]]],
     if not test:
         raise DataError(f"{annotations} lists no validation images; {fix}")
     test.sort()
-    listed = {split: ([p for p, _ in pairs], [y for _, y in pairs]) for split, pairs in (("train", train), ("test", test))}
+    listed = {
+        split: ([p for p, _ in pairs], [y for _, y in pairs]) for split, pairs in (("train", train), ("test", test))
+    }
     return listed, wnids
 
 

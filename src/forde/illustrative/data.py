@@ -27,13 +27,16 @@ def regression_features(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([u, u.square()], -1)
 
 
-def pentagon_clusters(n_per_class: int = 40, radius: float = 5.0, std: float = 1.0, seed: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def pentagon_clusters(
+    n_per_class: int = 40, radius: float = 5.0, std: float = 1.0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Five isotropic Gaussian clusters (one class each) centred on a regular pentagon of the given
     radius, the first at the top: inputs float64 [5n, 2], labels int64 [5n]."""
     g = torch.Generator().manual_seed(seed)
     angles = math.pi / 2 + 2 * math.pi * torch.arange(5, dtype=torch.float64) / 5
     centres = radius * torch.stack([angles.cos(), angles.sin()], -1)
-    x = centres.repeat_interleave(n_per_class, 0) + std * torch.randn(5 * n_per_class, 2, generator=g, dtype=torch.float64)
+    x = centres.repeat_interleave(n_per_class, 0) + std * torch.randn(
+        5 * n_per_class, 2, generator=g, dtype=torch.float64
+    )
     y = torch.arange(5).repeat_interleave(n_per_class)
     return x, y

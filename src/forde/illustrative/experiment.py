@@ -110,7 +110,7 @@ def fit(method: Method, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, cf
     for step in range(cfg.steps):
         if step % per_epoch == 0:
             order = torch.randperm(len(y), generator=gen)
-        idx = order[(step % per_epoch) * cfg.batch_size:][:cfg.batch_size]
+        idx = order[(step % per_epoch) * cfg.batch_size :][: cfg.batch_size]
         loss, _, stats = method.loss(ensemble, x[idx], y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,10 +139,15 @@ def run_regression(cfg: ToyConfig = REGRESSION) -> tuple[dict[str, Panel], dict[
             means = ensemble(regression_features(grid)).squeeze(-1)  # [M, G]
             train_pred = ensemble(regression_features(x)).squeeze(-1).mean(0)
         spread = means.std(0, unbiased=False)
-        panels[name] = Panel(name, means, far, spread[far].mean().item(),
-                             (train_pred - y).square().mean().sqrt().item(), stats)
-        log.info("1-D %-13s mean predictive std away from data %.4f  (train RMSE %.4f)", name,
-                 panels[name].score, panels[name].fit)
+        panels[name] = Panel(
+            name, means, far, spread[far].mean().item(), (train_pred - y).square().mean().sqrt().item(), stats
+        )
+        log.info(
+            "1-D %-13s mean predictive std away from data %.4f  (train RMSE %.4f)",
+            name,
+            panels[name].score,
+            panels[name].fit,
+        )
     return panels, {"x": x, "y": y, "grid": grid}
 
 
@@ -164,6 +169,11 @@ def run_classification(cfg: ToyConfig = CLASSIFICATION) -> tuple[dict[str, Panel
             train_acc = (ensemble((x - mean) / std).softmax(-1).mean(0).argmax(-1) == y).double().mean().item()
         ent = entropy(probs.log()).float().view(cfg.grid, cfg.grid)
         panels[name] = Panel(name, ent, far, ent[far].mean().item(), train_acc, stats)
-        log.info("2-D %-13s mean predictive entropy away from data %.4f nats (max %.3f; train accuracy %.3f)",
-                 name, panels[name].score, math.log(5), train_acc)
+        log.info(
+            "2-D %-13s mean predictive entropy away from data %.4f nats (max %.3f; train accuracy %.3f)",
+            name,
+            panels[name].score,
+            math.log(5),
+            train_acc,
+        )
     return panels, {"x": x, "y": y, "grid": axis}

@@ -13,8 +13,12 @@ from forde.analysis.variants import color
 from forde.illustrative.experiment import Panel
 
 LABELS = {"de": "DE", "rde_weight": "Weight-RDE", "rde_function": "Function-RDE", "forde": "FoRDE"}
-COLORS = {"de": color("DE"), "rde_weight": color("Weight-RDE"), "rde_function": color("Function-RDE"),
-          "forde": color("FoRDE-Identity")}  # the toy FoRDE uses identity lengthscales
+COLORS = {
+    "de": color("DE"),
+    "rde_weight": color("Weight-RDE"),
+    "rde_function": color("Function-RDE"),
+    "forde": color("FoRDE-Identity"),
+}  # the toy FoRDE uses identity lengthscales
 CLASS_COLORS = ListedColormap(["#E41A1C", "#377EB8", "#4DAF4A", "#984EA3", "#FF7F00"])
 
 
@@ -46,8 +50,16 @@ def regression_figure(panels: dict[str, Panel], data: dict[str, torch.Tensor]):
 
 
 def _score(ax, text: str) -> None:
-    ax.text(0.03, 0.03, text, transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left",
-            bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+    ax.text(
+        0.03,
+        0.03,
+        text,
+        transform=ax.transAxes,
+        fontsize=6.5,
+        va="bottom",
+        ha="left",
+        bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
+    )
 
 
 def _shade(ax, grid: np.ndarray, far: np.ndarray) -> None:
@@ -64,8 +76,15 @@ def classification_figure(panels: dict[str, Panel], data: dict[str, torch.Tensor
     extent = (axis[0], axis[-1], axis[0], axis[-1])
     image = None
     for ax, (name, p) in zip(axes[0], panels.items()):
-        image = ax.imshow(p.grid_values.numpy(), origin="lower", extent=extent, cmap="magma", vmin=0.0,
-                          vmax=math.log(5), interpolation="bilinear")
+        image = ax.imshow(
+            p.grid_values.numpy(),
+            origin="lower",
+            extent=extent,
+            cmap="magma",
+            vmin=0.0,
+            vmax=math.log(5),
+            interpolation="bilinear",
+        )
         ax.scatter(data["x"][:, 0], data["x"][:, 1], c=data["y"], cmap=CLASS_COLORS, s=3, lw=0.2, edgecolors="white")
         ax.set_title(LABELS.get(name, name))
         _score(ax, f"away from data: {p.score:.3f}")

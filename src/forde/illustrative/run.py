@@ -40,7 +40,8 @@ def run(out_dir: Path, tasks: tuple[str, ...] = tuple(TASKS), **overrides) -> di
         panels, data = train(cfg)
         style.save(draw(panels, data), out_dir / f"illustrative_{task}")
         numbers[task] = {
-            "score": score_name, "away_from_data": f"grid points farther than {cfg.far:g} from every training input",
+            "score": score_name,
+            "away_from_data": f"grid points farther than {cfg.far:g} from every training input",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
             "methods": {name: {"score": p.score, "fit": p.fit, "final_step": p.stats} for name, p in panels.items()},
         }
@@ -54,10 +55,14 @@ def markdown(numbers: dict) -> str:
     lines = []
     for task, entry in numbers.items():
         fit = "train RMSE" if task == "regression" else "train accuracy"
-        lines += [f"### {task}: {entry['score']} away from the data",
-                  f"({entry['away_from_data']}; {entry['config']['members']} members, {entry['config']['steps']} "
-                  f"steps of batch {entry['config']['batch_size']}, seed {entry['config']['seed']})", "",
-                  f"| method | {entry['score']} | {fit} |", "|---|---:|---:|"]
+        lines += [
+            f"### {task}: {entry['score']} away from the data",
+            f"({entry['away_from_data']}; {entry['config']['members']} members, {entry['config']['steps']} "
+            f"steps of batch {entry['config']['batch_size']}, seed {entry['config']['seed']})",
+            "",
+            f"| method | {entry['score']} | {fit} |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {LABELS.get(m, m)} | {v['score']:.4f} | {v['fit']:.4f} |" for m, v in entry["methods"].items()]
         if task == "classification":
             lines.append(f"\n(maximum entropy with 5 classes: ln 5 = {math.log(5):.4f})")
@@ -77,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ToyConfig)
-                 if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(ToyConfig) if getattr(args, f.name, None) is not None
+    }
     if args.methods:
         overrides["methods"] = tuple(args.methods)
     run(args.out, tuple(args.task or TASKS), **overrides)

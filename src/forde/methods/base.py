@@ -30,8 +30,9 @@ class LossOutput(NamedTuple):
 class Method(Protocol):
     name: str
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
-             ) -> LossOutput:
+    def loss(
+        self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         """The loss on one batch. `step` counts optimizer steps from the start of training, for methods that
         act on some steps only; `epoch` is the fractional epoch (completed epochs + share of this one), for schedules."""
         ...

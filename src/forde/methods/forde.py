@@ -57,15 +57,18 @@ class FoRDE:
         """Whether `step` is a repulsion step: the two kinds of step are two different computations."""
         return step % self.cfg.repulsion_every == 0
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
-             ) -> LossOutput:
+    def loss(
+        self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         cfg, batch = self.cfg, len(y)
         if not self.step_kind(step):  # a plain data step between repulsion steps
             outputs = ensemble(x)
             nll = self.likelihood.nll(outputs, y)
             return LossOutput(nll, outputs, {self.likelihood.name: nll.detach()})
+
         def pick(out, target):
             return self.likelihood.pick(out, target)
+
         if cfg.repulsion_subset >= 1.0:
             outputs, grads = ensemble.output_gradients(x, lambda out: pick(out, y), create_graph=True)
         else:  # data term on the whole batch, kernel on its first k samples (the batch is already shuffled)
@@ -75,8 +78,13 @@ class FoRDE:
                 _, grads = ensemble.output_gradients(x[:k], lambda out: pick(out, y[:k]), create_graph=True)
         nll = self.likelihood.nll(outputs, y)
         ramp = repulsion_weight(epoch, cfg.repulsion_ramp_start, cfg.repulsion_ramp_epochs)
-        rep, stats = repulsion(self.features(grads), bandwidth=cfg.bandwidth, median_mode=cfg.median,
-                               bandwidth_scale=cfg.bandwidth_scale, weight=ramp * cfg.repulsion_every / batch)
+        rep, stats = repulsion(
+            self.features(grads),
+            bandwidth=cfg.bandwidth,
+            median_mode=cfg.median,
+            bandwidth_scale=cfg.bandwidth_scale,
+            weight=ramp * cfg.repulsion_every / batch,
+        )
         if cfg.repulsion_ramp_epochs > 0:
             stats["repulsion_weight"] = torch.tensor(ramp)
         return LossOutput(nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats})
@@ -93,7 +101,9 @@ def repulsion_weight(epoch: float, start: float, epochs: int) -> float:
 def batch_stats_only(module: torch.nn.Module):
     """Batch norm normalises with batch statistics but leaves its running statistics alone: the extra
     pass over a subset of the batch must not count as a second training batch."""
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [
+        m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     for m in norms:
         m.track_running_stats = False
     try:

@@ -39,8 +39,9 @@ class LIT:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
-             ) -> LossOutput:
+    def loss(
+        self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         outputs, grads = ensemble.output_gradients(x, lambda out: self.likelihood.pick(out, y), create_graph=True)
         nll = self.likelihood.nll(outputs, y)
         penalty = self.cfg.lit_weight * squared_cosine_penalty(grads, self.cfg.eps)

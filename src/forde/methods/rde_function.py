@@ -31,12 +31,14 @@ class FunctionRDE:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
-             ) -> LossOutput:
+    def loss(
+        self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
         with full_precision(outputs):  # bf16 logits: the probabilities (and the kernel) in float32 at least
             f = self.likelihood.predictive(outputs.to(kernel_dtype(outputs))).reshape(len(ensemble), 1, -1)
-        rep, stats = repulsion(f, bandwidth=self.cfg.bandwidth, bandwidth_scale=self.cfg.bandwidth_scale,
-                             weight=1.0 / len(y))
+        rep, stats = repulsion(
+            f, bandwidth=self.cfg.bandwidth, bandwidth_scale=self.cfg.bandwidth_scale, weight=1.0 / len(y)
+        )
         return LossOutput(nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats})

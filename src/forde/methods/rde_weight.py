@@ -26,8 +26,9 @@ from forde.methods.likelihoods import Categorical, Likelihood
 def member_parameters(ensemble: Ensemble) -> torch.Tensor:
     """[M, 1, P]: each member's trainable parameters as one vector (one "sample" for the kernel). Buffers such
     as batch-norm statistics are not the particles' coordinates."""
-    return torch.stack([torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members]
-                       ).unsqueeze(1)
+    return torch.stack(
+        [torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members]
+    ).unsqueeze(1)
 
 
 class WeightRDE:
@@ -37,10 +38,15 @@ class WeightRDE:
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
-             ) -> LossOutput:
+    def loss(
+        self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         outputs = ensemble(x)
         nll = self.likelihood.nll(outputs, y)
-        rep, stats = repulsion(member_parameters(ensemble), bandwidth=self.cfg.bandwidth,
-                               bandwidth_scale=self.cfg.bandwidth_scale, weight=1.0 / len(y))
+        rep, stats = repulsion(
+            member_parameters(ensemble),
+            bandwidth=self.cfg.bandwidth,
+            bandwidth_scale=self.cfg.bandwidth_scale,
+            weight=1.0 / len(y),
+        )
         return LossOutput(nll + rep, outputs, {self.likelihood.name: nll.detach(), "repulsion": rep.detach(), **stats})

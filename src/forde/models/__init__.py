@@ -32,14 +32,18 @@ def check_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, d
                 out = model(torch.zeros(batch))
         except Exception as err:
             problem = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ConfigError(f"model.name = {cfg.name!r} fails on a batch {batch} of {data_name} inputs "
-                              f"({type(err).__name__}: {problem}); make the network accept inputs of that shape "
-                              "(e.g. model.kwargs.img_size for a ViT)") from None
+            raise ConfigError(
+                f"model.name = {cfg.name!r} fails on a batch {batch} of {data_name} inputs "
+                f"({type(err).__name__}: {problem}); make the network accept inputs of that shape "
+                "(e.g. model.kwargs.img_size for a ViT)"
+            ) from None
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if shape != [2, num_classes]:
-        raise ConfigError(f"model.name = {cfg.name!r} maps a batch {batch} of {data_name} inputs to {shape}, not to "
-                          f"logits [2, {num_classes}] ({num_classes} classes); make its forward return one row of "
-                          "class scores per input")
+        raise ConfigError(
+            f"model.name = {cfg.name!r} maps a batch {batch} of {data_name} inputs to {shape}, not to "
+            f"logits [2, {num_classes}] ({num_classes} classes); make its forward return one row of "
+            "class scores per input"
+        )
 
 
 def zero_classifier(model: nn.Module) -> None:
@@ -47,8 +51,10 @@ def zero_classifier(model: nn.Module) -> None:
     release's networks start: all logits are 0 at initialisation, so members differ in their features only."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linear:
-        raise ConfigError("model.zero_init_classifier = true zeros the network's last nn.Linear layer, but it has "
-                          "none; set model.zero_init_classifier=false")
+        raise ConfigError(
+            "model.zero_init_classifier = true zeros the network's last nn.Linear layer, but it has "
+            "none; set model.zero_init_classifier=false"
+        )
     nn.init.zeros_(linear[-1].weight)
     if linear[-1].bias is not None:
         nn.init.zeros_(linear[-1].bias)
@@ -58,8 +64,10 @@ def _architecture(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int)
     if cfg.name == "mlp":
         return MLP(in_shape, num_classes, list(cfg.hidden))
     if len(in_shape) != 3:
-        raise ConfigError(f"model.name = {cfg.name!r} needs image inputs [C, H, W], the data has shape {list(in_shape)}; "
-                          "use model.name=mlp for feature data")
+        raise ConfigError(
+            f"model.name = {cfg.name!r} needs image inputs [C, H, W], the data has shape {list(in_shape)}; "
+            "use model.name=mlp for feature data"
+        )
     channels = in_shape[0]
     if cfg.name == "resnet18":
         return ResNet18(num_classes, channels, cfg.width, tuple(cfg.blocks))

@@ -21,7 +21,9 @@ from torch.autograd.function import once_differentiable
 
 def _backward(gy, x, weight, mean, invstd, eps):
     """PyTorch's training-mode batch norm backward: (gx, sum(gy * xhat), sum(gy)), sums per channel."""
-    return torch.ops.aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+    return torch.ops.aten.native_batch_norm_backward(
+        gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
+    )
 
 
 class _BatchNormBackward(torch.autograd.Function):
@@ -32,15 +34,19 @@ class _BatchNormBackward(torch.autograd.Function):
         gx, gw, gb = _backward(gy, x, weight, mean, invstd, eps)
         ctx.save_for_backward(gy, x, weight, mean, invstd, gx, gw, gb)
         ctx.eps = eps
-        ctx.set_materialize_grads(False)  # an output nothing used (gw, gb of the input-gradient pass) gets None, not zeros
+        ctx.set_materialize_grads(
+            False
+        )  # an output nothing used (gw, gb of the input-gradient pass) gets None, not zeros
         return gx, gw, gb
 
     @staticmethod
     @once_differentiable
     def backward(ctx, ggx, ggw, ggb):
         g, x, weight, mean, invstd, gx, s_gx, s_g = ctx.saved_tensors
+
         def per_channel(t):
             return t.view([1, -1] + [1] * (x.dim() - 2))
+
         dims = [0, *range(2, x.dim())]
         n = x.numel() // x.shape[1]
         gg = gx_out = gw_out = None
@@ -69,7 +75,9 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         return y

@@ -23,8 +23,9 @@ from torch.nn.modules.utils import _pair
 def _backward(gy, x, w, conv, mask):
     """PyTorch's convolution backward: (gx, gw) where `mask` asks for them."""
     stride, padding, dilation, groups = conv
-    gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0], groups,
-                                                    [mask[0], mask[1], False])
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gy, x, w, None, stride, padding, dilation, False, [0, 0], groups, [mask[0], mask[1], False]
+    )
     return gx, gw
 
 

@@ -40,9 +40,12 @@ def _import(name: str, module: str):
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
         if err.name is not None and (module + ".").startswith(err.name + "."):  # the module itself, or its package
-            _fail(name, f"no module {err.name!r} in the working directory ({cwd}) or the installed packages",
-                  f"run from the folder that holds {module.replace('.', '/')}.py, add that folder to PYTHONPATH, "
-                  "or install its package")
+            _fail(
+                name,
+                f"no module {err.name!r} in the working directory ({cwd}) or the installed packages",
+                f"run from the folder that holds {module.replace('.', '/')}.py, add that folder to PYTHONPATH, "
+                "or install its package",
+            )
         _fail(name, f"importing {module} failed ({_first_line(err)})", f"install {err.name or 'what it imports'}")
     except Exception as err:  # a syntax error, or an error raised by the module's own code
         _fail(name, f"importing {module} failed ({_first_line(err)})", f"fix {module}")
@@ -61,9 +64,12 @@ def resolve_callable(name: str) -> Callable[..., Any]:
         _fail(name, f"{module} has no attribute {attr!r}", f"name a class or function defined in {module}")
     is_network_class = isinstance(found, type) and issubclass(found, nn.Module)
     if not (is_network_class or type(found) is types.FunctionType) or _is_stdlib(getattr(found, "__module__", None)):
-        _fail(name, f"{module}.{attr} is a {type(found).__name__} from {getattr(found, '__module__', None) or 'nowhere'}, "
-                    "not an nn.Module subclass or a Python function defined outside the standard library",
-              "name the network class, or a function that returns the network")
+        _fail(
+            name,
+            f"{module}.{attr} is a {type(found).__name__} from {getattr(found, '__module__', None) or 'nowhere'}, "
+            "not an nn.Module subclass or a Python function defined outside the standard library",
+            "name the network class, or a function that returns the network",
+        )
     return found
 
 
@@ -76,8 +82,11 @@ def _timm_create(name: str, timm_name: str) -> Callable[..., Any]:
         import difflib
 
         close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
-        _fail(name, f"timm has no model {timm_name!r}" + (f" (close: {', '.join(close)})" if close else ""),
-              "list timm's models with python -c \"import timm; print(timm.list_models('*vit*'))\"")
+        _fail(
+            name,
+            f"timm has no model {timm_name!r}" + (f" (close: {', '.join(close)})" if close else ""),
+            "list timm's models with python -c \"import timm; print(timm.list_models('*vit*'))\"",
+        )
     return lambda **kwargs: timm.create_model(timm_name, **kwargs)
 
 
@@ -87,8 +96,10 @@ def build_external(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int
     kwargs = dict(cfg.kwargs, num_classes=num_classes)
     if kind == "timm":
         if len(in_shape) != 3:
-            raise ConfigError(f"model.name = {cfg.name!r} needs image inputs [C, H, W], the data has shape "
-                              f"{list(in_shape)}; use model.name=mlp for feature data")
+            raise ConfigError(
+                f"model.name = {cfg.name!r} needs image inputs [C, H, W], the data has shape "
+                f"{list(in_shape)}; use model.name=mlp for feature data"
+            )
         assert timm_name is not None  # a timm:NAME name has it
         make, kwargs["in_chans"] = _timm_create(cfg.name, timm_name), in_shape[0]
     else:
@@ -99,9 +110,15 @@ def build_external(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int
     except ConfigError:
         raise
     except Exception as err:
-        _fail(cfg.name, f"building it with ({shown}) failed ({_first_line(err)})",
-              "fix model.kwargs (model.kwargs.KEY=VALUE), or the network's constructor")
+        _fail(
+            cfg.name,
+            f"building it with ({shown}) failed ({_first_line(err)})",
+            "fix model.kwargs (model.kwargs.KEY=VALUE), or the network's constructor",
+        )
     if not isinstance(model, nn.Module):
-        _fail(cfg.name, f"returned a {type(model).__name__}, not a torch.nn.Module",
-              "name a function that returns the network")
+        _fail(
+            cfg.name,
+            f"returned a {type(model).__name__}, not a torch.nn.Module",
+            "name a function that returns the network",
+        )
     return model

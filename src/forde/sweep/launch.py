@@ -76,8 +76,9 @@ def check_writable(study_dir: Path) -> None:
             probe.write_text("")
             probe.unlink()
         except OSError as err:
-            raise ConfigError(f"cannot write to {folder} ({err.strerror or err}); make it writable or choose "
-                              "another --out") from None
+            raise ConfigError(
+                f"cannot write to {folder} ({err.strerror or err}); make it writable or choose another --out"
+            ) from None
 
 
 def check_settings(opt: optuna.Study, study: Study) -> None:
@@ -89,9 +90,11 @@ def check_settings(opt: optuna.Study, study: Study) -> None:
         return
     changes = identity_changes(saved, current)
     if changes:
-        raise ConfigError(f"study '{study.name}' was started with other settings; changed: {'; '.join(changes)}. "
-                          "Re-run with the overrides it was started with to continue it, or run the new settings as "
-                          "a new study (a copy of the study file with another `name:`)")
+        raise ConfigError(
+            f"study '{study.name}' was started with other settings; changed: {'; '.join(changes)}. "
+            "Re-run with the overrides it was started with to continue it, or run the new settings as "
+            "a new study (a copy of the study file with another `name:`)"
+        )
 
 
 def gpu_devices(gpus: str, visible: str | None, count: int) -> list[str]:
@@ -101,12 +104,16 @@ def gpu_devices(gpus: str, visible: str | None, count: int) -> list[str]:
     if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
         raise ConfigError(f"--gpus {gpus}: expected distinct GPU ids separated by commas, e.g. --gpus 0,1")
     if count == 0:
-        raise ConfigError(f"--gpus {gpus}: torch sees no CUDA device on this machine; drop --gpus to train on the "
-                          "CPU (--workers N), or install a CUDA build of torch")
+        raise ConfigError(
+            f"--gpus {gpus}: torch sees no CUDA device on this machine; drop --gpus to train on the "
+            "CPU (--workers N), or install a CUDA build of torch"
+        )
     missing = [i for i in ids if int(i) >= count]
     if missing:
-        raise ConfigError(f"--gpus {gpus}: no GPU {', '.join(missing)}; this machine shows {count} (ids 0-{count - 1}"
-                          f"{', after CUDA_VISIBLE_DEVICES=' + visible if visible else ''})")
+        raise ConfigError(
+            f"--gpus {gpus}: no GPU {', '.join(missing)}; this machine shows {count} (ids 0-{count - 1}"
+            f"{', after CUDA_VISIBLE_DEVICES=' + visible if visible else ''})"
+        )
     names = visible.split(",") if visible else ids
     return [names[int(i)].strip() if visible else i for i in ids]
 
@@ -120,13 +127,16 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
     mine = opt.user_attrs.get(STUDY_ID)
     runs = study_dir / "runs"
     claimed_by_another = held is not None and held[0] != mine
-    runs_of_another = (mine is None and held is None and not opt.get_trials(deepcopy=False)
-                       and any(runs.glob("*/config.yaml")))
+    runs_of_another = (
+        mine is None and held is None and not opt.get_trials(deepcopy=False) and any(runs.glob("*/config.yaml"))
+    )
     if claimed_by_another or runs_of_another:
         where = f" (storage {held[1]})" if held and len(held) > 1 else ""
-        raise ConfigError(f"{study_dir} holds the runs of another study of this name{where}, not of the one in "
-                          f"{storage.display}; continue that study with its --storage, or give this one its own "
-                          "folder with another --out")
+        raise ConfigError(
+            f"{study_dir} holds the runs of another study of this name{where}, not of the one in "
+            f"{storage.display}; continue that study with its --storage, or give this one its own "
+            "folder with another --out"
+        )
     if mine is None:
         mine = uuid.uuid4().hex
         opt.set_user_attr(STUDY_ID, mine)
@@ -146,8 +156,14 @@ def spawn_workers(args: argparse.Namespace, devices: Sequence[str | None], sweep
                 env["CUDA_VISIBLE_DEVICES"] = dev
             else:  # CPU workers split the cores instead of each taking all of them
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-            cmd = [sys.executable, "-m", "forde.sweep.launch", "--parent-pid", str(os.getpid()),
-                   *worker_argv(args, sweep.storage.url)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "forde.sweep.launch",
+                "--parent-pid",
+                str(os.getpid()),
+                *worker_argv(args, sweep.storage.url),
+            ]
             p = subprocess.Popen(cmd, env=env)
             procs[p] = dev
             log.info("started worker pid %d%s", p.pid, f" on GPU {dev}" if dev is not None else "")
@@ -170,9 +186,12 @@ def account_for_workers(sweep: Sweep, procs: dict[subprocess.Popen, str | None],
         with sweep.storage.budget_lock(sweep.study.name):
             for worker, t in last_trial.items():
                 if worker in killed and t.state == TrialState.RUNNING:
-                    sweep.fail(t.number, INTERRUPTED,
-                               f"interrupted: a second {signal.Signals(received[1]).name} to the launcher killed its "
-                               "worker; resumes from its last checkpoint when the sweep is re-run")
+                    sweep.fail(
+                        t.number,
+                        INTERRUPTED,
+                        f"interrupted: a second {signal.Signals(received[1]).name} to the launcher killed its "
+                        "worker; resumes from its last checkpoint when the sweep is re-run",
+                    )
     sweep.settle()  # a dead worker's trial: failed with its reason, queued again
     ledger = Ledger(sweep.trials())
     code = 0
@@ -180,8 +199,13 @@ def account_for_workers(sweep: Sweep, procs: dict[subprocess.Popen, str | None],
         where = f" (GPU {dev})" if dev is not None else ""
         if p.returncode < 0 and not received:
             trial = last_trial.get(f"{host}:{p.pid}")
-            log.error("worker %d%s was killed by %s%s", p.pid, where, signal.Signals(-p.returncode).name,
-                      "" if trial is None else f" during trial {trial.number}; " + what_became_of(ledger, trial))
+            log.error(
+                "worker %d%s was killed by %s%s",
+                p.pid,
+                where,
+                signal.Signals(-p.returncode).name,
+                "" if trial is None else f" during trial {trial.number}; " + what_became_of(ledger, trial),
+            )
             code = max(code, 1)
         elif p.returncode == EXIT_ENVIRONMENT:
             code = EXIT_ENVIRONMENT
@@ -227,8 +251,9 @@ def launch(args: argparse.Namespace) -> int:
     with storage.budget_lock(study.name):
         check_owner(sweep.opt, storage, study_dir)
     shutil.copyfile(args.study_file, study_dir / "study.yaml")
-    log.info("study '%s': %d configurations, storage %s, directory %s", study.name, study.size, storage.display,
-             study_dir)
+    log.info(
+        "study '%s': %d configurations, storage %s, directory %s", study.name, study.size, storage.display, study_dir
+    )
     try:
         prepare_inputs(study)
     except ConfigError as err:
@@ -252,8 +277,9 @@ def finish(sweep: Sweep, study_dir: Path, code: int) -> int:
     """The summary: best.md, the study's state and what to do next. A full or read-only disk costs the file, not
     the summary."""
     study, storage = sweep.study, sweep.storage
-    table, state = patiently(lambda: (best_table(sweep.opt, study), status(sweep.trials(), study)),
-                             what="summarising the study")
+    table, state = patiently(
+        lambda: (best_table(sweep.opt, study), status(sweep.trials(), study)), what="summarising the study"
+    )
     try:
         (study_dir / "best.md").write_text(table)
     except OSError as err:
@@ -262,10 +288,14 @@ def finish(sweep: Sweep, study_dir: Path, code: int) -> int:
     print(table)
     offline = sorted(study_dir.glob("runs/*/wandb/offline-run-*"))
     if offline:
-        print(f"W&B runs were saved offline; browse them with `wandb leet {offline[0].parent}`, "
-              f"upload with `wandb sync {study_dir}/runs/*/wandb/offline-run-*`")
-    print(f"Browse the study live with `optuna-dashboard {storage.display.removeprefix('journal:')}` "
-          "(pip install optuna-dashboard); draw its figures with `forde report " + str(study_dir) + "`")
+        print(
+            f"W&B runs were saved offline; browse them with `wandb leet {offline[0].parent}`, "
+            f"upload with `wandb sync {study_dir}/runs/*/wandb/offline-run-*`"
+        )
+    print(
+        f"Browse the study live with `optuna-dashboard {storage.display.removeprefix('journal:')}` "
+        "(pip install optuna-dashboard); draw its figures with `forde report " + str(study_dir) + "`"
+    )
     return code
 
 

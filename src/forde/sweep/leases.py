@@ -36,8 +36,10 @@ class FileLease:
     def _numbers(self) -> tuple[list[int], set[int]]:
         """The lease files' numbers (ascending) and those released."""
         names = os.listdir(self.folder)
-        return (sorted(int(n) for n in names if n.isdigit()),
-                {int(n[:-len(FREE)]) for n in names if n.endswith(FREE) and n[:-len(FREE)].isdigit()})
+        return (
+            sorted(int(n) for n in names if n.isdigit()),
+            {int(n[: -len(FREE)]) for n in names if n.endswith(FREE) and n[: -len(FREE)].isdigit()},
+        )
 
     def _file(self, number: int) -> Path:
         return self.folder / f"{number:012d}"
@@ -59,8 +61,12 @@ class FileLease:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.5)
                     continue
-                log.warning("taking over the lock %s: its holder (%s) has not renewed it for %d s (it died, or was "
-                            "suspended)", self.folder, _read(self._file(top)) or "unknown", self.ttl_s)
+                log.warning(
+                    "taking over the lock %s: its holder (%s) has not renewed it for %d s (it died, or was suspended)",
+                    self.folder,
+                    _read(self._file(top)) or "unknown",
+                    self.ttl_s,
+                )
             if self._claim(top + 1):
                 return self
 
@@ -88,16 +94,24 @@ class FileLease:
 
     def held(self) -> bool:
         """Whether this process still holds the lease (no one took it over)."""
-        return bool(self.token) and _read(self._file(self.number)) == self.token and not (
-            self.folder / f"{self._file(self.number).name}{FREE}").exists() and self._numbers()[0][-1] == self.number
+        return (
+            bool(self.token)
+            and _read(self._file(self.number)) == self.token
+            and not (self.folder / f"{self._file(self.number).name}{FREE}").exists()
+            and self._numbers()[0][-1] == self.number
+        )
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.refresh_s):
             try:
                 os.utime(self._file(self.number))
             except OSError as err:
-                log.error("the lock %s was lost (%s): it was not renewed for %d s and another process took it over",
-                          self.folder, err.strerror, self.ttl_s)
+                log.error(
+                    "the lock %s was lost (%s): it was not renewed for %d s and another process took it over",
+                    self.folder,
+                    err.strerror,
+                    self.ttl_s,
+                )
                 return
 
     def __exit__(self, *exc) -> None:
@@ -107,8 +121,11 @@ class FileLease:
         if self.held():
             (self.folder / f"{self._file(self.number).name}{FREE}").touch()
         elif self.token:
-            log.error("the lock %s was taken over while this process held it (suspended for more than %d s?)",
-                      self.folder, self.ttl_s)
+            log.error(
+                "the lock %s was taken over while this process held it (suspended for more than %d s?)",
+                self.folder,
+                self.ttl_s,
+            )
         self.token, self.number = "", 0
 
 

@@ -45,7 +45,9 @@ from optuna.trial import FrozenTrial, TrialState
 from forde.sweep.storage import is_storage_error
 
 FAILURE, REASON = "failure", "fail_reason"  # user attributes of a failed attempt
-STARTED = "run_dir"  # user attribute set as the attempt's run begins (each attempt sets it: a retry does not inherit it)
+STARTED = (
+    "run_dir"  # user attribute set as the attempt's run begins (each attempt sets it: a retry does not inherit it)
+)
 WORKER = "worker"  # user attribute: host:pid of the worker that took the attempt
 CARRIED = ("config_params",)  # user attributes a retry inherits from the attempt it retries
 
@@ -57,9 +59,23 @@ DISCARDED = (DUPLICATE, NOT_STARTED)
 MAX_RETRIES = 3  # failures of the environment or kills of one configuration that are retried
 
 # errno values that say the environment failed, whatever the path
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE,
-                      errno.ENOTCONN, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
-                      errno.ENETUNREACH, errno.EMFILE, errno.ENFILE}
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.ESTALE,
+    errno.ENOTCONN,
+    errno.ETIMEDOUT,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EMFILE,
+    errno.ENFILE,
+}
 
 
 def fate(t: FrozenTrial) -> str:
@@ -142,8 +158,10 @@ class Configuration:
 
     def given_up_reason(self, reason: str) -> str:
         earlier = "; ".join(f"attempt {a.number}: {a.user_attrs.get(REASON, f)}" for a, f in self.failed_outside())
-        return (f"given up after {MAX_RETRIES + 1} failures outside the configuration (the last: {reason}; before: "
-                f"{earlier}). Fix the cause; the configuration counts toward n_trials")
+        return (
+            f"given up after {MAX_RETRIES + 1} failures outside the configuration (the last: {reason}; before: "
+            f"{earlier}). Fix the cause; the configuration counts toward n_trials"
+        )
 
 
 class Ledger:
@@ -157,8 +175,9 @@ class Ledger:
         for t in trials:
             if self.fates[t.number] not in DISCARDED:
                 groups[lineage(t)].append(t)
-        self.configurations = {n: Configuration(n, a, [self.fates[t.number] for t in a])
-                               for n, a in sorted(groups.items())}
+        self.configurations = {
+            n: Configuration(n, a, [self.fates[t.number] for t in a]) for n, a in sorted(groups.items())
+        }
 
     @property
     def budget_used(self) -> int:
@@ -175,8 +194,10 @@ class Ledger:
 
     def duplicate_of(self, params: dict[str, Any], number: int) -> int | None:
         """Another configuration with exactly these parameters, if any."""
-        return next((c.number for c in self.configurations.values() if c.number != number and params
-                     and c.params == params), None)
+        return next(
+            (c.number for c in self.configurations.values() if c.number != number and params and c.params == params),
+            None,
+        )
 
     def has_point(self, point: dict[str, Any]) -> bool:
         return any(all(c.params.get(k) == v for k, v in point.items()) for c in self.configurations.values())
@@ -206,8 +227,13 @@ class Decision:
     ledger: Ledger | None = None  # the trials as they are once this decision is carried out
 
 
-def decide(trials: list[FrozenTrial], n_trials: int, grid: list[dict[str, Any]], samples: bool,
-           gone: Callable[[FrozenTrial], str | None]) -> Decision:
+def decide(
+    trials: list[FrozenTrial],
+    n_trials: int,
+    grid: list[dict[str, Any]],
+    samples: bool,
+    gone: Callable[[FrozenTrial], str | None],
+) -> Decision:
     """The one answer to "may a worker start something now, and what?". `gone(attempt)` says why a running
     attempt's worker is gone (None while it lives); `samples` is False for a grid study."""
     before, d = Ledger(trials), Decision()
@@ -216,8 +242,13 @@ def decide(trials: list[FrozenTrial], n_trials: int, grid: list[dict[str, Any]],
         if why is None:
             continue
         if STARTED not in t.user_attrs:
-            d.fail.append(Failure(t, NOT_STARTED, f"{why}; its run had not begun, so it is discarded (the study "
-                                                  "draws or queues it again)"))
+            d.fail.append(
+                Failure(
+                    t,
+                    NOT_STARTED,
+                    f"{why}; its run had not begun, so it is discarded (the study draws or queues it again)",
+                )
+            )
             continue
         config = before.of(t)
         kind = config.failure_kind(KILLED)

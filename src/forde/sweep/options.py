@@ -27,18 +27,30 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="launch.py", description="Run (or resume) an Optuna study of FoRDE trainings.")
     p.add_argument("--study", required=True, help=f"a study name in {studies_dir} or a YAML path")
-    p.add_argument("--storage", default=None,
-                   help="sqlite:///PATH (default: study.db in the study directory), postgresql://USER@HOST/DB (workers "
-                        "on many machines share a database server) or journal:PATH (a log file on a shared filesystem)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="sqlite:///PATH (default: study.db in the study directory), postgresql://USER@HOST/DB (workers "
+        "on many machines share a database server) or journal:PATH (a log file on a shared filesystem)",
+    )
     p.add_argument("--out", type=Path, default=Path("studies"), help="parent of the study directory")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one worker process per GPU")
-    p.add_argument("--workers", type=positive, default=1, help="worker processes on this machine when --gpus is not given")
-    p.add_argument("--slurm", default=None, metavar="KEY=VALUE,...",
-                   help="submit the workers to Slurm as a job array and return, e.g. partition=gpu,nodes=2,"
-                        "gpus_per_node=4,time=24:00:00 (see forde.sweep.slurm)")
-    p.add_argument("--prepare", action="store_true",
-                   help="check the study, prepare its inputs and create it in the storage, then exit (for workers "
-                        "started elsewhere with the same --study and --storage, e.g. deploy/sweep.yaml)")
+    p.add_argument(
+        "--workers", type=positive, default=1, help="worker processes on this machine when --gpus is not given"
+    )
+    p.add_argument(
+        "--slurm",
+        default=None,
+        metavar="KEY=VALUE,...",
+        help="submit the workers to Slurm as a job array and return, e.g. partition=gpu,nodes=2,"
+        "gpus_per_node=4,time=24:00:00 (see forde.sweep.slurm)",
+    )
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="check the study, prepare its inputs and create it in the storage, then exit (for workers "
+        "started elsewhere with the same --study and --storage, e.g. deploy/sweep.yaml)",
+    )
     p.add_argument("--n-trials", type=positive, default=None, help="override the study's trial budget")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -77,9 +89,18 @@ def resolve(args: argparse.Namespace) -> tuple[Study, Path, SweepStorage]:
 
 def worker_argv(args: argparse.Namespace, storage_url: str) -> list[str]:
     """The launcher's arguments that run one worker of this study: a local process or a Slurm array task."""
-    return ["--worker", "--study", str(args.study_file), "--storage", storage_url, "--out", str(args.out),
-            *(["--no-wandb"] if args.no_wandb else []),
-            *(["--n-trials", str(args.n_trials)] if args.n_trials else []), *args.overrides]
+    return [
+        "--worker",
+        "--study",
+        str(args.study_file),
+        "--storage",
+        storage_url,
+        "--out",
+        str(args.out),
+        *(["--no-wandb"] if args.no_wandb else []),
+        *(["--n-trials", str(args.n_trials)] if args.n_trials else []),
+        *args.overrides,
+    ]
 
 
 EXIT_ENVIRONMENT = 3  # a lasting failure of the environment stopped the launcher or a worker
@@ -87,7 +108,9 @@ EXIT_ENVIRONMENT = 3  # a lasting failure of the environment stopped the launche
 
 def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], int]) -> int:
     """Run a launcher or a worker: logging, signal handlers, and one line (not a traceback) for bad input or a stop."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     previous = interrupts.install(worker=args.worker)
@@ -103,8 +126,11 @@ def run_command(args: argparse.Namespace, body: Callable[[argparse.Namespace], i
     except interrupts.Interrupted as err:
         stopped = True
         who = f"worker {os.getpid()}" if args.worker else "launch.py"
-        print(f"{who}: interrupted by {err}; the trials it stopped resume from their checkpoints when you re-run "
-              "the same command", file=sys.stderr)
+        print(
+            f"{who}: interrupted by {err}; the trials it stopped resume from their checkpoints when you re-run "
+            "the same command",
+            file=sys.stderr,
+        )
         return 128 + err.signum
     finally:
         if stopped:  # leaving: a repeated Ctrl-C landing in the interpreter's exit handlers would print a traceback

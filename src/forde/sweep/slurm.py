@@ -36,7 +36,7 @@ from forde.sweep.summary import best_table
 log = logging.getLogger("forde.sweep")
 
 EXAMPLE = "partition=gpu,nodes=2,gpus_per_node=4,time=24:00:00"
-SIGNAL_S = 90     # submitit's warning before the time limit (USR2): the worker requeues itself
+SIGNAL_S = 90  # submitit's warning before the time limit (USR2): the worker requeues itself
 MIN_MINUTES = 3
 
 
@@ -44,16 +44,16 @@ MIN_MINUTES = 3
 class SlurmSpec:
     """What `--slurm key=value,...` asks for."""
 
-    time: str = ""                    # each worker's time limit (Slurm syntax); required
-    partition: str | None = None      # the cluster's default partition when not given
+    time: str = ""  # each worker's time limit (Slurm syntax); required
+    partition: str | None = None  # the cluster's default partition when not given
     nodes: int = 1
-    gpus_per_node: int = 1            # one worker per GPU; 0 for CPU workers (one per node)
+    gpus_per_node: int = 1  # one worker per GPU; 0 for CPU workers (one per node)
     cpus_per_worker: int | None = None
-    mem: str | None = None            # memory per worker, Slurm syntax (e.g. 32G)
+    mem: str | None = None  # memory per worker, Slurm syntax (e.g. 32G)
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    resubmits: int = 20               # time-outs a worker may be resubmitted after (preemptions: unlimited)
+    resubmits: int = 20  # time-outs a worker may be resubmitted after (preemptions: unlimited)
 
     @property
     def workers(self) -> int:
@@ -73,9 +73,9 @@ def time_minutes(text: str) -> int:
     a = int(m.group(2))  # the one group every format has
     if days is not None:  # D-H[:M[:S]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:   # H:M:S
+    elif c is not None:  # H:M:S
         seconds = a * 3600 + (b or 0) * 60 + c  # b is set whenever c is
-    else:                 # M or M:S
+    else:  # M or M:S
         seconds = a * 60 + (b or 0)
     return math.ceil(seconds / 60)
 
@@ -100,16 +100,21 @@ def parse_spec(text: str) -> SlurmSpec:
             values[key] = value
     spec = SlurmSpec(**values)
     if not spec.time:
-        raise ConfigError("--slurm: give each worker's time limit, e.g. time=24:00:00 (D-HH:MM:SS or minutes); "
-                          "a worker that reaches it is resubmitted and continues")
+        raise ConfigError(
+            "--slurm: give each worker's time limit, e.g. time=24:00:00 (D-HH:MM:SS or minutes); "
+            "a worker that reaches it is resubmitted and continues"
+        )
     try:
         minutes = spec.minutes
     except ValueError:
-        raise ConfigError(f"--slurm time: '{spec.time}' is not a Slurm time limit; use e.g. 24:00:00, 1-12:00:00 or 90 "
-                          f"(minutes)") from None
+        raise ConfigError(
+            f"--slurm time: '{spec.time}' is not a Slurm time limit; use e.g. 24:00:00, 1-12:00:00 or 90 (minutes)"
+        ) from None
     if minutes < MIN_MINUTES:  # Slurm signals SIGNAL_S before the limit, up to a minute early
-        raise ConfigError(f"--slurm time: {spec.time} is too short; a worker is warned {SIGNAL_S} s before its limit "
-                          f"(up to a minute earlier), so give it at least {MIN_MINUTES} minutes")
+        raise ConfigError(
+            f"--slurm time: {spec.time} is too short; a worker is warned {SIGNAL_S} s before its limit "
+            f"(up to a minute earlier), so give it at least {MIN_MINUTES} minutes"
+        )
     for key in ("nodes", "cpus_per_worker"):
         if getattr(spec, key) == 0:
             raise ConfigError(f"--slurm {key}: must be at least 1")
@@ -119,8 +124,9 @@ def parse_spec(text: str) -> SlurmSpec:
 def check_cluster(spec: SlurmSpec) -> str:
     """Ask Slurm whether the job can run at all (before any data is prepared); returns the partition."""
     if not shutil.which("sbatch") or not shutil.which("sinfo"):
-        raise ConfigError("--slurm: Slurm's sbatch and sinfo are not on PATH; run the launcher on a login node "
-                          "of the cluster")
+        raise ConfigError(
+            "--slurm: Slurm's sbatch and sinfo are not on PATH; run the launcher on a login node of the cluster"
+        )
     out = subprocess.run(["sinfo", "--noheader", "--format=%P %G"], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise ConfigError(f"--slurm: sinfo failed ({out.stderr.strip()}); is the cluster reachable from here?")
@@ -136,20 +142,34 @@ def check_cluster(spec: SlurmSpec) -> str:
         which = f"partition '{spec.partition}'" if spec.partition else "a default partition"
         raise ConfigError(f"--slurm partition: the cluster has no {which}; partitions: {', '.join(sorted(gres))}")
     if spec.gpus_per_node and not any("gpu" in g for g in gres[partition]):
-        raise ConfigError(f"--slurm gpus_per_node={spec.gpus_per_node}: partition '{partition}' has no GPUs "
-                          f"(gres: {', '.join(sorted(gres[partition]))}); name a GPU partition, or set "
-                          f"gpus_per_node=0 for CPU workers")
+        raise ConfigError(
+            f"--slurm gpus_per_node={spec.gpus_per_node}: partition '{partition}' has no GPUs "
+            f"(gres: {', '.join(sorted(gres[partition]))}); name a GPU partition, or set "
+            f"gpus_per_node=0 for CPU workers"
+        )
     return partition
 
 
 def executor_parameters(spec: SlurmSpec, job_name: str) -> dict:
     """submitit SlurmExecutor parameters for one array task = one worker."""
-    params = {"job_name": job_name, "time": spec.minutes, "nodes": 1, "ntasks_per_node": 1,
-              "array_parallelism": spec.workers, "signal_delay_s": SIGNAL_S}
+    params = {
+        "job_name": job_name,
+        "time": spec.minutes,
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "array_parallelism": spec.workers,
+        "signal_delay_s": SIGNAL_S,
+    }
     if spec.gpus_per_node:
         params["gres"] = "gpu:1"
-    optional = {"partition": spec.partition, "cpus_per_task": spec.cpus_per_worker, "mem": spec.mem,
-                "account": spec.account, "qos": spec.qos, "constraint": spec.constraint}
+    optional = {
+        "partition": spec.partition,
+        "cpus_per_task": spec.cpus_per_worker,
+        "mem": spec.mem,
+        "account": spec.account,
+        "qos": spec.qos,
+        "constraint": spec.constraint,
+    }
     return params | {k: v for k, v in optional.items() if v is not None}
 
 
@@ -158,8 +178,15 @@ class SlurmWorker(submitit.helpers.Checkpointable):
     `checkpoint()` resubmits this same worker on timeout or preemption; its state lives in the storage
     and the run directories, so a restart is a continuation."""
 
-    def __init__(self, argv: list[str], study_file: Path, storage: str, study_dir: Path, overrides: list[str],
-                 n_trials: int | None):
+    def __init__(
+        self,
+        argv: list[str],
+        study_file: Path,
+        storage: str,
+        study_dir: Path,
+        overrides: list[str],
+        n_trials: int | None,
+    ):
         self.argv, self.study_file, self.storage, self.study_dir = argv, study_file, storage, study_dir
         self.overrides, self.n_trials = overrides, n_trials
 
@@ -168,12 +195,20 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:  # CPU workers use the cores Slurm gave them, not every core of the node
             import torch
+
             torch.set_num_threads(int(cpus))
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
         logging.getLogger("submitit").propagate = False  # it has its own handler; once is enough
-        log.info("Slurm job %s (array task %d, restart %s) on %s, CUDA_VISIBLE_DEVICES=%s", env.job_id, task,
-                 os.environ.get("SLURM_RESTART_COUNT", "0"), env.hostname, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        log.info(
+            "Slurm job %s (array task %d, restart %s) on %s, CUDA_VISIBLE_DEVICES=%s",
+            env.job_id,
+            task,
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
+            env.hostname,
+            os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        )
         code = worker.main(self.argv)
         self.write_best()
         return code
@@ -202,12 +237,14 @@ def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path, stor
     array_id = jobs[0].job_id.split("_")[0]  # a one-worker array is a plain job
     logs = str(jobs[0].paths.stdout).replace(jobs[0].job_id, f"{array_id}_<task>" if len(jobs) > 1 else array_id)
     each = "1 GPU" if spec.gpus_per_node else f"{spec.cpus_per_worker or 'the default number of'} CPU(s)"
-    print(f"\nstudy '{study_name}': {spec.workers} workers submitted to Slurm as job array {array_id} "
-          f"({each} and {spec.minutes // 60}:{spec.minutes % 60:02d}:00 each, partition {spec.partition}, "
-          f"storage {storage.display})\n"
-          f"  follow:   squeue -j {array_id}\n"
-          f"  logs:     {logs} and .err\n"
-          f"  cancel:   scancel {array_id}\n"
-          f"  results:  {study_dir}/best.md (rewritten as workers finish), forde report {study_dir}\n"
-          f"A worker that times out or is preempted is resubmitted and its trial resumes from its checkpoint.")
+    print(
+        f"\nstudy '{study_name}': {spec.workers} workers submitted to Slurm as job array {array_id} "
+        f"({each} and {spec.minutes // 60}:{spec.minutes % 60:02d}:00 each, partition {spec.partition}, "
+        f"storage {storage.display})\n"
+        f"  follow:   squeue -j {array_id}\n"
+        f"  logs:     {logs} and .err\n"
+        f"  cancel:   scancel {array_id}\n"
+        f"  results:  {study_dir}/best.md (rewritten as workers finish), forde report {study_dir}\n"
+        f"A worker that times out or is preempted is resubmitted and its trial resumes from its checkpoint."
+    )
     return 0

@@ -62,8 +62,17 @@ T = TypeVar("T")
 # What a storage raises when the database or the filesystem under it fails.
 STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
 # ... and of those, what passes: a dropped or refused connection, a locked database, a filesystem that stalled.
-TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNREFUSED, errno.ECONNRESET,
-                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+    errno.ENOTCONN,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EAGAIN,
+}
 LASTING = ("no space left", "disk is full", "diskfull", "read-only", "readonly", "permission denied", "quota")
 
 
@@ -75,8 +84,11 @@ def causes(err: BaseException) -> list[BaseException]:
     """`err` and the errors the database layer wrapped in it: Optuna's StorageInternalError around SQLAlchemy's
     error, around the driver's own (`orig`)."""
     chain = [err]
-    while is_storage_error(chain[-1]) and (inner := getattr(chain[-1], "orig", None) or chain[-1].__cause__) \
-            is not None and inner not in chain:
+    while (
+        is_storage_error(chain[-1])
+        and (inner := getattr(chain[-1], "orig", None) or chain[-1].__cause__) is not None
+        and inner not in chain
+    ):
         chain.append(inner)
     return chain
 
@@ -112,8 +124,13 @@ def patiently(call: Callable[..., T], *args, what: str = "", **kwargs) -> T:
         except STORAGE_ERRORS as err:
             if not is_transient(err) or time.monotonic() + pause > deadline:
                 raise
-            log.warning("storage unavailable%s (%s); trying again in %d s (for up to %d s in all)",
-                        f" while {what}" if what else "", describe(err), pause, OUTAGE_S)
+            log.warning(
+                "storage unavailable%s (%s); trying again in %d s (for up to %d s in all)",
+                f" while {what}" if what else "",
+                describe(err),
+                pause,
+                OUTAGE_S,
+            )
             interrupts.sleep(pause)
             pause = min(pause * 2, 30.0)
 
@@ -142,7 +159,7 @@ def find_url(study_dir: Path) -> str | None:
 def driver_url(url: str) -> str:
     """`postgresql://` with the driver the `postgres` extra installs (psycopg 3): SQLAlchemy before 2.1 would
     pick psycopg2, which is not installed."""
-    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+    return "postgresql+psycopg://" + url[len("postgresql://") :] if url.startswith("postgresql://") else url
 
 
 @dataclass
@@ -153,7 +170,9 @@ class SweepStorage:
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("sqlite:///", "postgresql", JOURNAL_PREFIX)):
-            raise StorageError(f"--storage {self.url!r}: give sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH")
+            raise StorageError(
+                f"--storage {self.url!r}: give sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH"
+            )
 
     @property
     def kind(self) -> str:
@@ -172,9 +191,9 @@ class SweepStorage:
     def path(self) -> Path | None:
         """The file behind a SQLite or journal storage."""
         if self.kind == "journal":
-            return Path(self.url[len(JOURNAL_PREFIX):]).expanduser().resolve()
+            return Path(self.url[len(JOURNAL_PREFIX) :]).expanduser().resolve()
         if self.kind == "sqlite":
-            return Path(self.url[len("sqlite:///"):])
+            return Path(self.url[len("sqlite:///") :])
         return None
 
     def _file(self) -> Path:
@@ -191,8 +210,11 @@ class SweepStorage:
             if self.kind == "journal":
                 self._optuna = JournalStorage(JournalFileBackend(str(self.path), JournalFileOpenLock(str(self.path))))
             else:
-                kwargs = ({"creator": sqlite_connector(self._file())} if self.kind == "sqlite" else
-                          {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}})
+                kwargs = (
+                    {"creator": sqlite_connector(self._file())}
+                    if self.kind == "sqlite"
+                    else {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+                )
                 self._optuna = RDBStorage(driver_url(self.url), engine_kwargs=kwargs)
         return self._optuna
 
@@ -204,7 +226,9 @@ class SweepStorage:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise StorageError(f"storage {self.display}: cannot create {folder} ({err.strerror}); choose another path") from None
+                raise StorageError(
+                    f"storage {self.display}: cannot create {folder} ({err.strerror}); choose another path"
+                ) from None
             if not os.access(folder, os.W_OK):
                 raise StorageError(f"storage {self.display}: {folder} is not writable; choose a writable path")
         try:
@@ -214,10 +238,12 @@ class SweepStorage:
                 self._read_once()
         except Exception as err:  # whatever the driver raises: say what and how to fix it, in one line
             self._optuna = None
-            hint = {"postgresql": "check that the server runs, the host, port, user and database, and that the "
-                                  "driver is installed (`pip install -e .[postgres]`)",
-                    "sqlite": "check the path and that no other program holds the file locked",
-                    "journal": "check that the path is on a shared, writable filesystem"}[self.kind]
+            hint = {
+                "postgresql": "check that the server runs, the host, port, user and database, and that the "
+                "driver is installed (`pip install -e .[postgres]`)",
+                "sqlite": "check the path and that no other program holds the file locked",
+                "journal": "check that the path is on a shared, writable filesystem",
+            }[self.kind]
             raise StorageError(f"cannot use the storage {self.display}: {describe(err)}; {hint}") from None
 
     def _read_once(self) -> None:
@@ -247,8 +273,12 @@ class SweepStorage:
         from sqlalchemy import create_engine, text
 
         if self._lock_engine is None:
-            self._lock_engine = create_engine(driver_url(self.url), pool_pre_ping=True, pool_size=1,
-                                              connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+            self._lock_engine = create_engine(
+                driver_url(self.url),
+                pool_pre_ping=True,
+                pool_size=1,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+            )
         key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)
         with self._lock_engine.connect() as conn:  # a session lock: the server drops it if this process dies
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
@@ -317,8 +347,23 @@ class Heartbeats:
             thread.join()
 
 
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "9p",
-                       "fuse.sshfs", "afs", "panfs", "wekafs")
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "ceph",
+    "glusterfs",
+    "beegfs",
+    "9p",
+    "fuse.sshfs",
+    "afs",
+    "panfs",
+    "wekafs",
+)
 
 
 def on_network_filesystem(path: Path) -> bool:

@@ -152,14 +152,18 @@ class Study:
         name = self.sampler.get("name", "tpe")
         if name == "tpe":
             kw.setdefault("constant_liar", True)  # parallel workers: running trials count as (pessimistic) results
+
             def make(seed: int | None) -> optuna.samplers.BaseSampler:
                 return optuna.samplers.TPESampler(seed=seed, **kw)
         elif name == "nsga2":
+
             def make(seed: int | None) -> optuna.samplers.BaseSampler:
                 return optuna.samplers.NSGAIISampler(seed=seed, **kw)
         else:  # random; grid: every trial comes from the study's `grid` (queued), this sampler is never consulted
+
             def make(seed: int | None) -> optuna.samplers.BaseSampler:
                 return optuna.samplers.RandomSampler(seed=seed, **kw)
+
         return TrialSeededSampler(make, self.sampler.get("seed"))
 
     def settings(self) -> dict[str, Any]:
@@ -208,7 +212,9 @@ def _parse_param(study: str, key: str, spec: Any) -> Param:
     allowed = {"low", "high", "log", "step", "choices", "value", "type"}
     unknown = set(spec) - allowed
     if unknown:
-        _fail(study, f"search_space.{key}: unknown field(s) {sorted(unknown)}; use low/high/log/step, choices, or value")
+        _fail(
+            study, f"search_space.{key}: unknown field(s) {sorted(unknown)}; use low/high/log/step, choices, or value"
+        )
     if "value" in spec:
         return Param(key, "fixed", value=spec["value"], when=when)
     if "choices" in spec:
@@ -264,7 +270,9 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
         local = path.parent / str(base_src)
         base_src = local if local.exists() else base_src
     try:
-        base = merge(read_config_yaml(base_src) if base_src is not None else None, raw.get("config") or {}, overrides or [])
+        base = merge(
+            read_config_yaml(base_src) if base_src is not None else None, raw.get("config") or {}, overrides or []
+        )
     except ConfigError as err:
         _fail(name, f"config: {err}")
 
@@ -273,16 +281,21 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     for o in overrides or []:
         key = o.split("=", 1)[0].lstrip("+~")
         if key in searched:
-            _fail(name, f"the override {o} sets {key}, which this study searches (search_space.{key}): the sampler's "
-                        f"value would replace it. Remove the override, or fix the value in a copy of the study file "
-                        f"(search_space: {{{key}: {o.split('=', 1)[1] if '=' in o else '...'}}})")
+            _fail(
+                name,
+                f"the override {o} sets {key}, which this study searches (search_space.{key}): the sampler's "
+                f"value would replace it. Remove the override, or fix the value in a copy of the study file "
+                f"(search_space: {{{key}: {o.split('=', 1)[1] if '=' in o else '...'}}})",
+            )
     objectives = [Objective(o.get("metric"), o.get("direction")) for o in raw.get("objectives") or []]
     if not objectives:
         _fail(name, "objectives: give at least one {metric: ..., direction: minimize|maximize}")
     for objective in objectives:
         if objective.direction not in DIRECTIONS:
-            _fail(name, f"objective {objective.metric}: direction must be minimize or maximize, "
-                        f"got {objective.direction!r}")
+            _fail(
+                name,
+                f"objective {objective.metric}: direction must be minimize or maximize, got {objective.direction!r}",
+            )
     sampler = dict(raw.get("sampler") or {"name": "tpe"})
     pruner = dict(raw.get("pruner") or {"name": "none"})
     if sampler.get("name", "tpe") not in SAMPLERS:
@@ -387,5 +400,8 @@ def _check_gradient_diversity(study: Study, metric: str, cfg: TrainConfig) -> No
     smallest = min(searched.extremes()) if searched else cfg.ensemble_size
     if smallest < 2:
         where = "search_space.ensemble_size" if searched else "ensemble_size"
-        _fail(study.name, f"{where}: an ensemble of {smallest} member has no gradient diversity, which objective "
-                          f"'{metric}' measures; use ensembles of 2 or more members")
+        _fail(
+            study.name,
+            f"{where}: an ensemble of {smallest} member has no gradient diversity, which objective "
+            f"'{metric}' measures; use ensembles of 2 or more members",
+        )

@@ -26,8 +26,11 @@ def best_table(opt: optuna.Study, study: Study) -> str:
         params = [_fmt(t.params.get(k, "")) for k in keys]
         lines.append("| " + " | ".join([str(t.number), *vals, *params, t.user_attrs.get("run_dir", "")]) + " |")
     title = "Pareto front" if study.multi_objective else "Best trial"
-    return f"{title} of study '{study.name}' ({', '.join(f'{o.metric} {o.direction}' for o in study.objectives)})\n\n" \
-           + "\n".join(lines) + "\n"
+    return (
+        f"{title} of study '{study.name}' ({', '.join(f'{o.metric} {o.direction}' for o in study.objectives)})\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def _fmt(v) -> str:
@@ -36,16 +39,19 @@ def _fmt(v) -> str:
 
 def state_counts(trials: list[FrozenTrial]) -> str:
     """'3 complete, 1 pruned, 1 failed (killed), 1 waiting': trial states, failures by their kind."""
-    counts = Counter(f"failed ({t.user_attrs.get(FAILURE, 'trial')})" if t.state == TrialState.FAIL else t.state.name.lower()
-                     for t in trials)
+    counts = Counter(
+        f"failed ({t.user_attrs.get(FAILURE, 'trial')})" if t.state == TrialState.FAIL else t.state.name.lower()
+        for t in trials
+    )
     return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no trials"
 
 
 def status(trials: list[FrozenTrial], study: Study) -> str:
     """The study's state in a few lines: trials, the budget, and each configuration given up with its reasons."""
     ledger = Ledger(trials)
-    lines = [f"study '{study.name}': {state_counts(trials)}; budget {ledger.budget_used} of {study.size} "
-             "configurations used"]
+    lines = [
+        f"study '{study.name}': {state_counts(trials)}; budget {ledger.budget_used} of {study.size} configurations used"
+    ]
     for config in ledger.given_up():
         lines.append(f"  configuration of trial {config.number} given up: {config.last.user_attrs.get(REASON, '?')}")
     return "\n".join(lines)

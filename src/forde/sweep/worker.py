@@ -65,14 +65,21 @@ def open_study(study: Study, storage: SweepStorage) -> optuna.Study:
     """Create or load the Optuna study (concurrent creators race safely), its objectives named by their metrics."""
     for attempt in range(5):
         try:
-            opt = optuna.create_study(study_name=study.name, storage=storage.optuna, directions=study.directions,
-                                      sampler=study.make_sampler(), pruner=study.make_pruner(), load_if_exists=True)
+            opt = optuna.create_study(
+                study_name=study.name,
+                storage=storage.optuna,
+                directions=study.directions,
+                sampler=study.make_sampler(),
+                pruner=study.make_pruner(),
+                load_if_exists=True,
+            )
             break
         except optuna.exceptions.DuplicatedStudyError:
             time.sleep(0.2 * (attempt + 1))
     else:
-        opt = optuna.load_study(study_name=study.name, storage=storage.optuna, sampler=study.make_sampler(),
-                                pruner=study.make_pruner())
+        opt = optuna.load_study(
+            study_name=study.name, storage=storage.optuna, sampler=study.make_sampler(), pruner=study.make_pruner()
+        )
     if opt.metric_names is None:
         opt.set_metric_names([o.metric for o in study.objectives])
     return opt
@@ -153,17 +160,30 @@ class Sweep:
 
     def requeue(self, failed: FrozenTrial) -> None:
         """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint."""
-        system = {"failed_trial": lineage(failed),
-                  "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number]}
+        system = {
+            "failed_trial": lineage(failed),
+            "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number],
+        }
         if "fixed_params" in failed.system_attrs:
             system["fixed_params"] = failed.system_attrs["fixed_params"]
-        self.opt.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
-            user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED}, system_attrs=system,
-            intermediate_values=failed.intermediate_values))
+        self.opt.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=failed.params,
+                distributions=failed.distributions,
+                user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED},
+                system_attrs=system,
+                intermediate_values=failed.intermediate_values,
+            )
+        )
         retry = f" (a retry of trial {lineage(failed)})" if lineage(failed) != failed.number else ""
-        log.info("trial %d%s (%s) queued again after: %s", failed.number, retry, failed.user_attrs.get(FAILURE),
-                 failed.user_attrs.get(REASON, "?"))
+        log.info(
+            "trial %d%s (%s) queued again after: %s",
+            failed.number,
+            retry,
+            failed.user_attrs.get(FAILURE),
+            failed.user_attrs.get(REASON, "?"),
+        )
 
     def settle(self) -> None:
         """Under the budget lock: fail dead workers' attempts and queue their retries, taking nothing."""
@@ -188,12 +208,19 @@ class Sweep:
                 twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
                 if twin is None:
                     return trial, params
-                self.fail(trial.number, DUPLICATE,
-                          f"the sampler proposed trial {twin}'s configuration again; discarded before it started")
-                log.info("trial %d: the sampler proposed trial %d's configuration again; drawing another",
-                         trial.number, twin)
-        log.warning("the sampler proposed only configurations the study has tried (%d draws in a row): the search "
-                    "space looks exhausted; stopping", MAX_DRAWS)
+                self.fail(
+                    trial.number,
+                    DUPLICATE,
+                    f"the sampler proposed trial {twin}'s configuration again; discarded before it started",
+                )
+                log.info(
+                    "trial %d: the sampler proposed trial %d's configuration again; drawing another", trial.number, twin
+                )
+        log.warning(
+            "the sampler proposed only configurations the study has tried (%d draws in a row): the search "
+            "space looks exhausted; stopping",
+            MAX_DRAWS,
+        )
         return None
 
 
@@ -232,8 +259,10 @@ class Ending:
 def _expected(err: BaseException) -> bool:
     """An error trials end with now and then (a bad config, divergence, out of memory, the environment): one line
     in the log; anything else comes with its traceback, to find the bug."""
-    return isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError)) or \
-        classify(err) == ENVIRONMENT
+    return (
+        isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError))
+        or classify(err) == ENVIRONMENT
+    )
 
 
 class TrialRunner:
@@ -263,22 +292,38 @@ class TrialRunner:
         tracker = None
         with sweep.heartbeats.running(trial.number, sweep.trial_id(trial.number)):
             try:
-                tracker = WandbRun(cfg, run_dir, run_id=f"{study.name}-{run_name}", name=run_name,
-                                   extra_config={"trial": number, "study": study.name, "params": params})
+                tracker = WandbRun(
+                    cfg,
+                    run_dir,
+                    run_id=f"{study.name}-{run_name}",
+                    name=run_name,
+                    extra_config={"trial": number, "study": study.name, "params": params},
+                )
                 results = self.train_fn(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
-                ending = Ending(DONE, values=[results["summary"][o.metric] for o in study.objectives],
-                                summary=results["summary"])
+                ending = Ending(
+                    DONE, values=[results["summary"][o.metric] for o in study.objectives], summary=results["summary"]
+                )
             except optuna.TrialPruned as err:
                 ending = Ending(PRUNED, reason=str(err))
             except (Interrupted, SystemExit) as err:  # SystemExit: submitit requeueing a preempted Slurm job
-                cause = f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
-                ending = Ending(INTERRUPTED, f"interrupted {cause}; resumes from its last checkpoint when the sweep "
-                                             "is re-run", stop=err)
+                cause = (
+                    f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
+                )
+                ending = Ending(
+                    INTERRUPTED,
+                    f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run",
+                    stop=err,
+                )
             except Exception as err:
                 cause = classify(err, own_paths)
                 ending = Ending(cause, describe(err))
-                log.error("trial %d failed (%s): %s", trial.number, "the environment" if cause == ENVIRONMENT
-                          else "the trial itself", ending.reason, exc_info=not _expected(err))
+                log.error(
+                    "trial %d failed (%s): %s",
+                    trial.number,
+                    "the environment" if cause == ENVIRONMENT else "the trial itself",
+                    ending.reason,
+                    exc_info=not _expected(err),
+                )
         try:
             patiently(self.record, trial, ending, what="recording a trial")  # the storage first ...
         finally:
@@ -295,13 +340,20 @@ class TrialRunner:
             try:
                 if ending.summary is not None:
                     trial.set_user_attr("summary", ending.summary)
-                told = opt.tell(trial, ending.values, state=TrialState.PRUNED if ending.cause == PRUNED else None,
-                                skip_if_finished=True)
+                told = opt.tell(
+                    trial,
+                    ending.values,
+                    state=TrialState.PRUNED if ending.cause == PRUNED else None,
+                    skip_if_finished=True,
+                )
             except UpdateFinishedTrialError:  # failed by another worker between the two writes, or during tell
                 told = sweep.backend.get_trial(sweep.trial_id(trial.number))
             if told.state == TrialState.FAIL:
-                log.warning("trial %d finished after another worker declared it dead; its retry reads the results "
-                            "from the run directory", trial.number)
+                log.warning(
+                    "trial %d finished after another worker declared it dead; its retry reads the results "
+                    "from the run directory",
+                    trial.number,
+                )
             return
         kind, reason = ending.cause, ending.reason or ending.cause
         if kind in (TRIAL, ENVIRONMENT):
@@ -315,8 +367,9 @@ class TrialRunner:
         sweep.fail(trial.number, kind, reason)
 
 
-def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wandb: bool = True,
-               train_fn: Callable | None = None) -> int:
+def run_worker(
+    study: Study, storage: SweepStorage, study_dir: Path, *, use_wandb: bool = True, train_fn: Callable | None = None
+) -> int:
     """Take trials until none is left; returns the process exit code (EXIT_ENVIRONMENT when a lasting
     problem of the environment stopped it). `train_fn` replaces forde.train.train (benchmarks, tests)."""
     sweep = patiently(Sweep, study, storage, what="opening the study")
@@ -337,9 +390,13 @@ def run_worker(study: Study, storage: SweepStorage, study_dir: Path, *, use_wand
             continue
         in_a_row += 1
         if in_a_row >= MAX_ENV_FAILURES:
-            log.error("worker %d: stopping after %d failures of the environment in a row; the last: %s. Fix the cause "
-                      "and re-run the same command: these trials resume from their checkpoints",
-                      os.getpid(), in_a_row, reason)
+            log.error(
+                "worker %d: stopping after %d failures of the environment in a row; the last: %s. Fix the cause "
+                "and re-run the same command: these trials resume from their checkpoints",
+                os.getpid(),
+                in_a_row,
+                reason,
+            )
             return EXIT_ENVIRONMENT
         interrupts.sleep(BACKOFF_S * in_a_row)
     log.info("worker %d: no trials left in study '%s'", os.getpid(), study.name)
