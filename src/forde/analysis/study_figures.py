@@ -9,6 +9,7 @@ Each function returns a figure or raises `Skip` with the reason.
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -125,7 +126,7 @@ def parallel_figure(opt: optuna.Study, objective: Objective):
     params, left_out = _hyperparameters(opt)
     ax = _quiet(optuna.visualization.matplotlib.plot_parallel_coordinate, opt, params=params, **objective.kwargs)
     if left_out:
-        ax.set_title(f"{ax.get_title()}\n{left_out}", fontsize=9)
+        ax.set_title("\n".join([ax.get_title(), *textwrap.wrap(left_out, 60)]), fontsize=9)  # within the figure
     ax.title.set_y(1.09)  # room for the best trial's legend under the title
     best = objective.value(objective.completed_best)
     # Optuna draws one polyline per trial starting at its objective value: redraw the best one on top, and name it
