@@ -391,7 +391,7 @@ class Trainer:
         )
         raise NonFiniteLossError(
             f"training loss became {loss_sum.item()} in epoch {self.epoch + 1} (by step {step + 1}): the run "
-            f"diverged at optim.lr={self.cfg.optim.lr}; lower optim.lr and {again}, or check the data"
+            f"diverged at optim.lr={self.cfg.optim.lr:g}; lower optim.lr and {again}, or check the data"
         )
 
     def fit(self) -> None:
