@@ -383,15 +383,14 @@ class Trainer:
         if torch.isfinite(loss_sum):
             return
         checkpoint = self.run_dir / CHECKPOINT
-        again = (
-            f"run again with run.restart=true ({checkpoint}, epoch {self.epoch}, the last good one, and this "
-            f"attempt's other files move to {self.run_dir}/previous-N/)"
-            if checkpoint.exists()
-            else "run again (no epoch finished, so no checkpoint was kept)"
-        )
+        if checkpoint.exists():
+            kept = f"{checkpoint} holds epoch {self.epoch}, the last good one"
+            again = f"run again with run.restart=true (this attempt's files move to {self.run_dir}/previous-N/)"
+        else:
+            kept, again = "no epoch finished, so no checkpoint was kept", "run again"
         raise NonFiniteLossError(
             f"training loss became {loss_sum.item()} in epoch {self.epoch + 1} (by step {step + 1}): the run "
-            f"diverged at optim.lr={self.cfg.optim.lr:g}; lower optim.lr and {again}, or check the data"
+            f"diverged at optim.lr={self.cfg.optim.lr:g} ({kept}); lower optim.lr and {again}, or check the data"
         )
 
     def fit(self) -> None:
