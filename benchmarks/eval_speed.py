@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--grad-samples", type=int, default=1000)
     p.add_argument("--sets", type=int, default=95, help="how many (corruption, severity) sets to time")
     p.add_argument("--out", default=None)
+    p.add_argument("--trust-code", action="store_true", help="build a network the run's config.yaml names as code")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. precision=bf16 channels_last=true")
     args = p.parse_args()
 
@@ -53,7 +54,9 @@ def main() -> None:
         "run.progress=false",
     ]
     if args.run:
-        cfg = load_config(args.run / CONFIG, [*common, f"data.root={args.root}", *args.overrides])
+        cfg = load_config(
+            args.run / CONFIG, [*common, f"data.root={args.root}", *args.overrides], trust_code=args.trust_code
+        )
         setup = build(cfg)
         setup.ensemble.load_state_dict(load_checkpoint(args.run)["ensemble"])
         what = f"the trained ensemble of {args.run.name}"

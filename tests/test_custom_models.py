@@ -283,7 +283,7 @@ def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch)
           - {{model.name: ["{VIT}", "timm:resnet10t"]}}
     """)
     )
-    assert launch(tmp_path, "--no-wandb", study=str(study)) == 0
+    assert launch(tmp_path, "--no-wandb", "--trust-code", study=str(study)) == 0  # the file names the networks
     trials = load(tmp_path, "own_models").get_trials()
     assert sorted(t.params["model.name"] for t in trials) == sorted([VIT, "timm:resnet10t"])
     assert all(t.state.name == "COMPLETE" for t in trials)
@@ -305,7 +305,7 @@ def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch)
 def test_a_study_with_a_bad_network_fails_before_its_inputs_are_prepared(tmp_path, capsys, no_data, body, message):
     study = tmp_path / "bad.yaml"
     study.write_text("base: quickstart\nn_trials: 2\nobjectives: [{metric: test/nll, direction: minimize}]\n" + body)
-    assert launch(tmp_path, study=str(study)) == 2
+    assert launch(tmp_path, "--trust-code", study=str(study)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert re.search(message, err), err

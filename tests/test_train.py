@@ -122,7 +122,9 @@ def test_cuda_graphs_train_as_the_eager_steps_do(tmp_path, method):
 
 
 def test_a_diverged_run_restarts_with_a_new_learning_rate(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="Lower optim.lr and run again with run.restart=true"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"the run diverged at optim.lr=1e\+12 \(.*\); lower optim.lr and run again"
+    ):
         train(tiny(tmp_path, "optim.lr=1e12", "method.name=de", name="diverged"))
     # a run stopped after two epochs (diverged, or killed), then asked to go on with another learning rate
     with pytest.raises(KeyboardInterrupt):
@@ -136,6 +138,22 @@ def test_a_diverged_run_restarts_with_a_new_learning_rate(tmp_path):
     assert load_config(kept / "config.yaml").optim.lr == 0.2  # the stopped attempt, kept
     assert torch.load(kept / CHECKPOINT, weights_only=False)["epoch"] == 2
     assert train(tiny(tmp_path, "optim.lr=0.05", "run.restart=true")) == results  # the same command again: done
+
+
+def test_a_run_that_diverges_after_an_epoch_names_the_checkpoint_it_kept(tmp_path):
+    cfg = tiny(tmp_path, "method.name=de")
+
+    class RaiseTheLearningRate:  # after the first epoch: the Trainer reads optim.lr from this config every step
+        def on_epoch_end(self, epoch, metrics):
+            cfg.optim.lr = 1e12
+
+        def on_train_end(self, results):
+            pass
+
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, callbacks=[RaiseTheLearningRate()])
+    kept = f"({tmp_path / 'run' / CHECKPOINT} holds epoch 1, the last good one); lower optim.lr and run again with "
+    assert "in epoch 2" in str(err.value) and kept + "run.restart=true" in str(err.value), err.value
 
 
 def test_forde_gradients_are_more_diverse_than_de(tmp_path):

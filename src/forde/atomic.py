@@ -7,6 +7,7 @@ target's, so that its one-line message says where.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -29,10 +30,22 @@ def removed_on_failure(tmp: Path, target: Path) -> Iterator[None]:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. a read-only file system: the error that got here is the news
+                tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.filename is None:
             raise OSError(err.errno, err.strerror or str(err), str(target)) from err
         raise
+
+
+def unwritable(folder: Path) -> str | None:
+    """None when `folder` takes new files; else why not (e.g. 'Read-only file system'), found by writing one."""
+    probe = temporary_name(folder / "write-test")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -46,7 +46,7 @@ def headline(summary: dict) -> str:
 def cmd_train(args: argparse.Namespace) -> None:
     from forde.train import run_dir_of, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, trust_code=args.trust_code)
     results = train(cfg)
     print(headline(results["summary"]))
     print(f"run directory: {run_dir_of(cfg)} (results.json holds every metric)")
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from forde.train import evaluate_run
 
-    results = evaluate_run(Path(args.run_dir), args.overrides, out_name=args.out)
+    results = evaluate_run(Path(args.run_dir), args.overrides, out_name=args.out, trust_code=args.trust_code)
     print(headline(results["summary"]))
 
 
@@ -148,7 +148,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    print(to_yaml(load_config(args.config, args.overrides, trust_code=True)), end="")  # printed, nothing built
+
+
+TRUST_HELP = (
+    "build the network that the config file names (model.name=PACKAGE.MODULE:CALLABLE, or a timm model with "
+    "model.kwargs), which runs its code: only for files you trust. A model.name given on the command line needs "
+    "no flag"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,12 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one ensemble and write a run directory")
     p.add_argument("config", help=f"a YAML file or a built-in config ({builtins})")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.alpha=0.4")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="re-evaluate a run directory's checkpoint")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="eval.* / device overrides, e.g. eval.corruptions=[none]")
-    p.add_argument("--out", default="results.json", help="file name written in the run directory")
+    p.add_argument(
+        "--out", default="results.json", help="file name written in the run directory (not one of the run's own files)"
+    )
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
@@ -227,7 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides after an option (`forde eval RUN --out F eval.corruptions=[none]`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     try:
         args.func(args)
@@ -252,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except Exception as err:  # a run directory that cannot be read back: one line with the fix, no traceback
+    except Exception as err:  # a run directory that cannot be read back or written, a diverged run: one line
         train = sys.modules.get("forde.train")  # (only commands that imported it can raise it)
-        if train is None or not isinstance(err, train.RunDirError):
+        if train is None or not isinstance(err, (train.RunDirError, train.NonFiniteLossError)):
             raise
         print(f"forde: {err}", file=sys.stderr)
         return 2

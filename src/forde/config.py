@@ -271,10 +271,17 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
     return merged.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML file or built-in config name, apply overrides, validate, return the typed config."""
+def load_config(
+    source: str | Path | None = None, overrides: list[str] | None = None, trust_code: bool = False
+) -> TrainConfig:
+    """Read a YAML file or built-in config name, apply overrides, validate, return the typed config.
+
+    A YAML file that chooses code to run (`code_from_file`) is refused unless `trust_code` (`--trust-code`)."""
     base = read_config_yaml(source) if source is not None else None
-    return to_train_config(merge(base, overrides or []))
+    cfg = to_train_config(merge(base, overrides or []))
+    if source is not None and Path(source).exists() and not trust_code:  # a file, not a built-in config
+        refuse_code_from_file(str(source), cfg.model, overrides or [])
+    return cfg
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -359,6 +366,42 @@ def model_source(name: str) -> tuple[str, str | None, str | None]:
         "function that builds one, from your own module or an installed package (e.g. model.name=my_models:ViT)",
     )
     return "callable", module, attr
+
+
+TRUST_FIX = "pass --trust-code if you trust this file"
+
+
+def runs_code(model: ModelConfig) -> bool:
+    """Whether building `model` runs code its config chooses: a PACKAGE.MODULE:CALLABLE, or a timm model given
+    keyword arguments (checkpoint_path, pretrained_cfg_overlay and the like make timm read files). The built-in
+    networks and timm's registered architectures without arguments run none."""
+    kind = model_source(model.name)[0]
+    return kind == "callable" or (kind == "timm" and bool(model.kwargs))
+
+
+def code_from_file(model: ModelConfig, overrides: list[str]) -> str | None:
+    """The field (model.name or model.kwargs) through which a file, not the command line, chooses code that
+    building `model` runs; None when the command line gave it (the user's own consent) or no code runs. A timm
+    name only picks a registered architecture: what matters there is who gave the arguments."""
+    if not runs_code(model):
+        return None
+    given = OmegaConf.to_container(OmegaConf.from_dotlist([o for o in overrides if o.startswith("model")]))
+    typed = given.get("model") if isinstance(given, dict) else None
+    typed = typed if isinstance(typed, dict) else {}
+    if typed.get("name") != model.name and model_source(model.name)[0] == "callable":
+        return "model.name"
+    return None if (typed.get("kwargs") or {}) == model.kwargs else "model.kwargs"
+
+
+def refuse_code_from_file(where: str, model: ModelConfig, overrides: list[str]) -> None:
+    """One line, before anything is imported or built: the file `where` names code to run (see code_from_file)."""
+    key = code_from_file(model, overrides)
+    if key == "model.name":
+        raise ConfigError(f"{where}: model.name {model.name!r} names code to run; {TRUST_FIX}")
+    if key == "model.kwargs":
+        raise ConfigError(
+            f"{where}: model.kwargs {model.kwargs} are arguments of the code {model.name!r} runs; {TRUST_FIX}"
+        )
 
 
 def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from forde import interrupts
-from forde.atomic import replace_atomic, write_atomic
+from forde.atomic import replace_atomic, unwritable, write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
 from forde.data.corrupted import CorruptedSet, prepare_corrupted
@@ -52,11 +52,11 @@ NAN_CHECK_EVERY = 50  # steps between finiteness checks (each forces a device sy
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training diverged; the run directory still holds the last good checkpoint."""
+    """Training diverged; the message says where, names the last good checkpoint if there is one, and the fix."""
 
 
 class RunDirError(RuntimeError):
-    """A run directory's files cannot be read back; the message names the file and the fix."""
+    """A run directory's files cannot be read back, or written; the message names the file and the fix."""
 
 
 class Callback(Protocol):
@@ -380,13 +380,18 @@ class Trainer:
         return out
 
     def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
-        if not torch.isfinite(loss_sum):
-            last = self.epoch if (self.run_dir / CHECKPOINT).exists() else 0
-            raise NonFiniteLossError(
-                f"training loss became {loss_sum.item()} in epoch {self.epoch + 1} (by step {step + 1}); "
-                f"{self.run_dir / CHECKPOINT} still holds epoch {last}. Lower optim.lr and run again with "
-                f"run.restart=true (this attempt's files move to {self.run_dir}/previous-N/), or check the data."
-            )
+        if torch.isfinite(loss_sum):
+            return
+        checkpoint = self.run_dir / CHECKPOINT
+        if checkpoint.exists():
+            kept = f"{checkpoint} holds epoch {self.epoch}, the last good one"
+            again = f"run again with run.restart=true (this attempt's files move to {self.run_dir}/previous-N/)"
+        else:
+            kept, again = "no epoch finished, so no checkpoint was kept", "run again"
+        raise NonFiniteLossError(
+            f"training loss became {loss_sum.item()} in epoch {self.epoch + 1} (by step {step + 1}): the run "
+            f"diverged at optim.lr={self.cfg.optim.lr:g} ({kept}); lower optim.lr and {again}, or check the data"
+        )
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -474,7 +479,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         return run_dir
     from forde.config import load_config
 
-    changes = identity_changes(identity(load_config(run_dir / CONFIG)), identity(cfg))
+    saved = load_config(run_dir / CONFIG, trust_code=True)  # only compared: nothing is built from it
+    changes = identity_changes(identity(saved), identity(cfg))
     if changes and cfg.run.restart:
         archive = _archive(run_dir)
         log.warning(
@@ -583,13 +589,24 @@ EVAL_OVERRIDABLE = (
 )
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS) -> dict:
-    """Re-evaluate a run directory's checkpoint (e.g. on more corruptions) and write `out_name` there."""
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, PREVIOUS_CHECKPOINT)  # what evaluate_run must never replace
+
+
+def evaluate_run(
+    run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS, trust_code: bool = False
+) -> dict:
+    """Re-evaluate a run directory's checkpoint (e.g. on more corruptions) and write `out_name` there (results.json
+    by default: the final evaluation, replaced). `trust_code`: build a network its config.yaml names as code."""
     from forde.config import load_config
 
     if not is_path_component(out_name):
         raise ConfigError(
             f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; e.g. --out results-c.json"
+        )
+    if out_name in RUN_FILES or (run_dir / out_name).is_dir():
+        raise ConfigError(
+            f"--out {out_name!r} would replace the run's own {run_dir / out_name}; name a new file, "
+            "e.g. --out results-c.json"
         )
     overrides = overrides or []
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
@@ -597,10 +614,16 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None, out_name: st
         raise ConfigError(f"forde eval accepts only {', '.join(EVAL_OVERRIDABLE)} overrides, got {bad}")
     if not (run_dir / CONFIG).exists():
         raise ConfigError(f"{run_dir / CONFIG} does not exist; is {run_dir} a run directory of `forde train`?")
-    cfg = load_config(run_dir / CONFIG, overrides)
+    cfg = load_config(run_dir / CONFIG, overrides, trust_code=trust_code)
     state = load_checkpoint(run_dir)
     if state is None:
         raise ConfigError(f"{run_dir / CHECKPOINT} does not exist; is {run_dir} a run directory of `forde train`?")
+    why = unwritable(run_dir)
+    if why is not None:
+        raise RunDirError(
+            f"cannot write {run_dir / out_name} ({why}); make {run_dir} writable, or copy the run directory "
+            "to a writable place and evaluate the copy"
+        )
     setup = build(cfg)
     restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)

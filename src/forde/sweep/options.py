@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
     )
     p.add_argument("--n-trials", type=positive, default=None, help="override the study's trial budget")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="build the networks that the study file (or its base config) names as code "
+        "(model.name=PACKAGE.MODULE:CALLABLE, or a timm model with model.kwargs): only for files you trust",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="training-config overrides for every trial, e.g. optim.epochs=10")
@@ -79,7 +85,7 @@ def find_study_file(name_or_path: str, studies_dir: Path) -> Path:
 def resolve(args: argparse.Namespace) -> tuple[Study, Path, SweepStorage]:
     """The study (with --n-trials applied), its directory and its storage (not opened yet)."""
     args.study_file = find_study_file(args.study, args.studies_dir)
-    study = load_study(args.study_file, args.overrides)
+    study = load_study(args.study_file, args.overrides, trust_code=args.trust_code)
     if args.n_trials:
         study.n_trials = args.n_trials
     study_dir = args.out / study.name
@@ -98,6 +104,7 @@ def worker_argv(args: argparse.Namespace, storage_url: str) -> list[str]:
         "--out",
         str(args.out),
         *(["--no-wandb"] if args.no_wandb else []),
+        *(["--trust-code"] if args.trust_code else []),
         *(["--n-trials", str(args.n_trials)] if args.n_trials else []),
         *args.overrides,
     ]

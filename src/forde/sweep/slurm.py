@@ -186,9 +186,10 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         study_dir: Path,
         overrides: list[str],
         n_trials: int | None,
+        trust_code: bool = False,
     ):
         self.argv, self.study_file, self.storage, self.study_dir = argv, study_file, storage, study_dir
-        self.overrides, self.n_trials = overrides, n_trials
+        self.overrides, self.n_trials, self.trust_code = overrides, n_trials, trust_code
 
     def __call__(self, task: int) -> int:
         env = submitit.JobEnvironment()
@@ -215,7 +216,7 @@ class SlurmWorker(submitit.helpers.Checkpointable):
 
     def write_best(self) -> None:
         """best.md as it stands when this worker finds nothing left to start (the last worker's is final)."""
-        study = load_study(self.study_file, self.overrides)
+        study = load_study(self.study_file, self.overrides, trust_code=self.trust_code)
         study.n_trials = self.n_trials or study.n_trials
         opt = worker.open_study(study, SweepStorage(self.storage))
         (self.study_dir / "best.md").write_text(best_table(opt, study))
@@ -226,7 +227,7 @@ def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path, stor
     out, study_dir = Path(args.out).resolve(), study_dir.resolve()
     study_file = Path(args.study_file).resolve()
     argv = worker_argv(argparse.Namespace(**{**vars(args), "study_file": study_file, "out": out}), storage.url)
-    worker = SlurmWorker(argv, study_file, storage.url, study_dir, list(args.overrides), args.n_trials)
+    worker = SlurmWorker(argv, study_file, storage.url, study_dir, list(args.overrides), args.n_trials, args.trust_code)
     executor = submitit.SlurmExecutor(folder=study_dir / "slurm", max_num_timeout=spec.resubmits)
     executor.update_parameters(**executor_parameters(spec, f"forde-{study_name}"))
     try:

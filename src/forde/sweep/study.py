@@ -33,7 +33,16 @@ from typing import Any, Literal, NoReturn
 import optuna
 from omegaconf import OmegaConf
 
-from forde.config import ConfigError, TrainConfig, identity, load_yaml, merge, read_config_yaml, to_train_config
+from forde.config import (
+    ConfigError,
+    TrainConfig,
+    identity,
+    load_yaml,
+    merge,
+    read_config_yaml,
+    refuse_code_from_file,
+    to_train_config,
+)
 from forde.names import RULE, is_path_component
 from forde.sweep.sampling import TrialSeededSampler
 
@@ -250,7 +259,9 @@ def _expand_grid(study: str, blocks: list[dict[str, Any]]) -> list[dict[str, Any
     return points
 
 
-def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
+def load_study(source: str | Path, overrides: list[str] | None = None, trust_code: bool = False) -> Study:
+    """The study in `source`, checked; `trust_code` (`--trust-code`) lets it name code to run as a network
+    (forde.config.code_from_file): without it, a study that does is refused before any network is built."""
     path = Path(source)
     if not path.exists():
         _fail(str(source), f"no study file at {path}")
@@ -309,11 +320,11 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     if not isinstance(n_trials, int) or n_trials < 1:
         _fail(name, f"n_trials must be a positive integer, got {n_trials!r}")
     study = Study(name, path, base, params, objectives, n_trials, sampler, pruner, grid)
-    check_study(study)
+    check_study(study, overrides or [], trust_code)
     return study
 
 
-def check_study(study: Study) -> None:
+def check_study(study: Study, overrides: list[str], trust_code: bool) -> None:
     """Build the training config of a representative point, of both ends of every range and of every grid point:
     any bad key or value, any objective the config cannot produce, and any network that does not build or does not
     map the dataset's inputs to logits fails here."""
@@ -354,15 +365,23 @@ def check_study(study: Study) -> None:
             _check_gradient_diversity(study, o.metric, cfg)
     if study.prune_metric:
         _check_metric(study.name, study.prune_metric, cfg, per_epoch=True)
-    _check_networks(study.name, networks)
+    _check_networks(study, networks, None if trust_code else overrides)
 
 
-def _check_networks(name: str, configs: dict[str, TrainConfig]) -> None:
+def _check_networks(study: Study, configs: dict[str, TrainConfig], untrusted: list[str] | None) -> None:
     """Every distinct network a trial can get (model settings and dataset) builds and maps a batch of the dataset's
-    shape to logits, before any data is read (forde.models.check_model)."""
+    shape to logits, before any data is read (forde.models.check_model). `untrusted`: the command-line overrides
+    when the study file is not trusted: a network it names as code is refused before any is built."""
     from forde.data.registry import input_spec
     from forde.models import check_model
 
+    name = study.name
+    if untrusted is not None:
+        for where, cfg in configs.items():
+            try:
+                refuse_code_from_file(str(study.path or name), cfg.model, untrusted)
+            except ConfigError as err:
+                _fail(name, f"{where}: {err}")
     checked = set()
     for where, cfg in configs.items():
         key = (repr(cfg.model), cfg.data.name, cfg.data.root)
