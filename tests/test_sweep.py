@@ -5,10 +5,12 @@ test_sweep_failures.py."""
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 import forde.train
@@ -222,6 +224,7 @@ def write_study(tmp_path, body: str) -> Path:
         ("n_trials: 0\n", r"n_trials"),
         ("objectives: [{metric: val/nll, direction: minimize}]\n", r"val/nll.*val_fraction"),
         ("sampler: {name: bayes}\n", r"sampler.name"),
+        ("search_space:\n  model.hidden: {choices: ['[8]', [8]]}\n", r"the choice '\[8\]' is stored as the list"),
     ],
 )
 def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
@@ -334,6 +337,35 @@ grid:
         ("trial-0003", 2),
     ]
     assert epochs_trained(stopped[0]) == [1, 2]
+
+
+LIST_CHOICES = "  model.hidden: {choices: [[16, 16], [8]]}\n"
+
+
+def test_list_valued_keys_are_searched_and_run(tmp_path):
+    """A list-valued key (model.hidden) sampled by the quickstart study: Optuna stores each choice as its flow-style
+    YAML (its categorical distributions take no lists), and each trial trains with the list it stands for."""
+    path = tmp_path / "lists.yaml"
+    quickstart = (STUDIES / "quickstart.yaml").read_text()
+    path.write_text(quickstart.replace("search_space:\n", "search_space:\n" + LIST_CHOICES) + "name: lists\n")
+    args = ["--n-trials", "2", "--no-wandb", "optim.epochs=1", "eval.corruptions=[none]"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Optuna warns of choices it cannot store
+        assert launch(tmp_path, *args, study=str(path)) == 0
+    trials = load(tmp_path, "lists").get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(trials) == 2
+    for t in trials:
+        assert t.params["model.hidden"] in ("[16, 16]", "[8]")
+        trained = OmegaConf.load(Path(t.user_attrs["run_dir"]) / "config.yaml").model.hidden
+        assert str(list(trained)).replace("'", "") == t.params["model.hidden"]
+
+
+def test_grid_points_of_list_values_run_once_each(tmp_path):
+    path = grid_study(tmp_path, "search_space:\n" + LIST_CHOICES + "grid:\n  - {model.hidden: [[16, 16], [8]]}\n")
+    assert launch(tmp_path, "--no-wandb", "optim.epochs=1", "eval.corruptions=[none]", study=str(path)) == 0
+    trials = load(tmp_path, "grid").get_trials()
+    assert sorted(t.params["model.hidden"] for t in trials) == ["[16, 16]", "[8]"]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
 
 
 def test_shipped_studies_are_valid():

@@ -137,7 +137,7 @@ class Sweep:
 
     def decide(self) -> Decision:
         s = self.study
-        return decide(self.trials(), s.n_trials, s.grid, s.samples, self.gone)
+        return decide(self.trials(), s.n_trials, [s.stored(p) for p in s.grid], s.samples, self.gone)
 
     def fail(self, number: int, kind: str, reason: str) -> bool:
         """Record why, then FAIL the attempt; False when it had finished meanwhile."""
