@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from forde.config import ConfigError, MissingDataError
 from forde.sweep.launch import gpu_devices
 from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
+from forde.sweep.storage import SweepStorage
 from forde.sweep.worker import EXIT_ENVIRONMENT
 from forde.train import NonFiniteLossError
 from sweep_support import (
@@ -241,6 +242,30 @@ def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
     assert len(done) == 2 and budget_used(trials) == 2
     if kind == "grid point":
         assert sorted(t.params["seed"] for t in done) == [0, 1]
+
+
+def test_the_retry_of_a_killed_worker_s_trial_is_logged_with_its_run_and_reason(tmp_path, caplog):
+    """The trial of a worker killed with kill -9 is failed and queued again by the next worker that looks: the log
+    names the trial's run and why it was queued again (the trial was read before it failed)."""
+    from forde.sweep.study import load_study
+    from forde.sweep.worker import Sweep
+
+    assert launch(tmp_path, "--prepare", "--n-trials", "2", "--no-wandb", *FAST) == 0
+    sweep = Sweep(
+        load_study(STUDIES / "quickstart.yaml", FAST), SweepStorage(f"sqlite:///{tmp_path}/studies/quickstart/study.db")
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = sweep.opt.ask()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    trial.set_user_attr("run_dir", str(tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"))
+    with caplog.at_level(logging.INFO, logger="forde.sweep"):
+        sweep.settle()
+    queued = [r.getMessage() for r in caplog.records if "queued again" in r.getMessage()]
+    assert queued == [
+        f"trial 0 (run trial-0000, killed) queued again after: its worker (pid {dead.pid} on {socket.gethostname()}) "
+        "died during the trial (killed, or out of memory); retried from its last checkpoint"
+    ]
 
 
 def write(tmp_path, name, text) -> str:
