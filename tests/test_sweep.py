@@ -368,6 +368,23 @@ def test_grid_points_of_list_values_run_once_each(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials)
 
 
+def test_status_shows_a_study_and_changes_nothing(tmp_path, capsys):
+    assert launch(tmp_path, "--status") == 2  # no study yet: one line, nothing created
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("launch.py: no study 'quickstart' in sqlite:///") and len(err.splitlines()) == 1
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "data").exists()
+
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
+    capsys.readouterr()
+    study_dir = tmp_path / "studies" / "quickstart"
+    before = {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()}
+    assert launch(tmp_path, "--status", "--workers", "2", "--n-trials", "1", *FAST) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study 'quickstart': 1 complete; budget 1 of 1 configurations used\n")
+    assert "Best trial of study 'quickstart' (val/nll minimize)" in out and "| 0 |" in out
+    assert {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()} == before
+
+
 def test_shipped_studies_are_valid():
     for path in sorted(STUDIES.glob("*.yaml")):
         study = load_study(path)
