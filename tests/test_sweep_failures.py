@@ -283,6 +283,8 @@ def write(tmp_path, name, text) -> str:
         "YAML syntax",
         "searched key overridden",
         "a GPU that is not there",
+        "GPU ids that are no numbers",
+        "too short a Slurm time limit",
     ],
 )
 def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
@@ -306,14 +308,22 @@ def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
     elif case == "searched key overridden":
         args = ["optim.lr=0.05"]
         message = r"the override optim.lr=0.05 sets optim.lr, which this study searches"
-    else:  # without CUDA, --gpus must not quietly train on the CPU
+    elif case == "a GPU that is not there":  # without CUDA, --gpus must not quietly train on the CPU
         args = ["--gpus", "64"]
         message = r"--gpus 64: (torch sees no CUDA device on this machine; drop --gpus|no GPU 64; this machine shows)"
+    elif case == "GPU ids that are no numbers":
+        args = ["--gpus", "a,b"]
+        message = r"--gpus a,b: expected distinct GPU ids separated by commas"
+    else:
+        args = ["--slurm", "time=1"]
+        message = r"--slurm time: 1 is too short"
     assert launch(tmp_path, *args) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "data").exists()
+    if case != "runs not writable":  # the storage is checked (and created) before the study directory
+        assert not (tmp_path / "studies" / "quickstart" / "study.db").exists()
 
 
 def test_gpu_ids_count_among_the_visible_gpus():

@@ -247,16 +247,16 @@ def launch(args: argparse.Namespace) -> int:
     if args.status:
         return show_status(study, storage)
     slurm_spec = None
-    if args.slurm:  # the cluster is checked before any data is prepared
+    if args.slurm:  # the cluster is checked before the storage is created and any data is prepared
         slurm_spec = slurm.parse_spec(args.slurm)
         slurm_spec.partition = slurm.check_cluster(slurm_spec)
-    storage.check()
-    check_writable(study_dir)
     devices: Sequence[str | None] = [None] * args.workers
     if args.gpus:
         import torch
 
         devices = gpu_devices(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    storage.check()
+    check_writable(study_dir)
     sweep = Sweep(study, storage)  # create the study once, before workers race to
     check_settings(sweep.opt, study)
     with storage.budget_lock(study.name):
