@@ -4,6 +4,7 @@ test_sweep_failures.py."""
 
 import json
 import os
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -235,6 +236,32 @@ def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
 
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "studies" / "bad" / "runs").exists()
+
+
+PASSWD = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+@pytest.mark.parametrize(
+    "study,message",
+    [
+        (
+            "base: passwd\n",
+            r"^launch.py: study 'bad': base: \S*passwd is not a config file: its YAML is one value, not a mapping",
+        ),
+        ("base: quickstart\nbudget: 3\n", r"unknown top-level key\(s\) \['budget'\]; known: \[.*'name'"),
+        (
+            "base: quickstart\nsearch_space:\n\tseed: {choices: [0, 1]}\n",
+            r"YAML syntax error at line 3, column 1: .*cannot start any token \(a tab; YAML indents with spaces only\)",
+        ),
+    ],
+)
+def test_study_file_errors_say_what_is_wrong_in_one_line(tmp_path, capsys, study, message):
+    (tmp_path / "passwd").write_text(PASSWD)
+    path = tmp_path / "bad.yaml"
+    path.write_text(study + "objectives: [{metric: test/nll, direction: minimize}]\n")
+    assert launch(tmp_path, study=str(path)) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1 and "root:x" not in err, err
 
 
 def test_a_bad_override_is_blamed_on_the_config_not_on_a_searched_key(tmp_path, capsys):

@@ -275,13 +275,24 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
     path = Path(source)
     if not path.exists():
         _fail(str(source), f"no study file at {path}")
-    raw = OmegaConf.to_container(load_yaml(path), resolve=False)
+    raw = OmegaConf.to_container(load_yaml(path, "study file"), resolve=False)
     if not isinstance(raw, dict):
         _fail(str(source), f"{path} must be a mapping of study keys (base, search_space, objectives, ...)")
     name = raw.pop("name", path.stem)
     if not is_path_component(name):
         _fail(str(source), f"name = {name!r} {RULE}: it names the study's folder under --out; set e.g. name: my_study")
-    known = {"base", "config", "n_trials", "objectives", "sampler", "pruner", "search_space", "grid", "description"}
+    known = {
+        "name",
+        "base",
+        "config",
+        "n_trials",
+        "objectives",
+        "sampler",
+        "pruner",
+        "search_space",
+        "grid",
+        "description",
+    }
     unknown = set(raw) - known
     if unknown:
         _fail(name, f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -291,9 +302,11 @@ def load_study(source: str | Path, overrides: list[str] | None = None) -> Study:
         local = path.parent / str(base_src)
         base_src = local if local.exists() else base_src
     try:
-        base = merge(
-            read_config_yaml(base_src) if base_src is not None else None, raw.get("config") or {}, overrides or []
-        )
+        base = read_config_yaml(base_src) if base_src is not None else None
+    except ConfigError as err:
+        _fail(name, f"base: {err}")
+    try:
+        base = merge(base, raw.get("config") or {}, overrides or [])
     except ConfigError as err:
         _fail(name, f"config: {err}")
 
