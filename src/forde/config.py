@@ -227,8 +227,8 @@ def load_yaml(path: Path, what: str) -> DictConfig | ListConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-        if mark and line[mark.column : mark.column + 1] == "\t":
+        lines = text.splitlines()
+        if mark and mark.line < len(lines) and lines[mark.line][mark.column : mark.column + 1] == "\t":
             problem += " (a tab; YAML indents with spaces only)"
         raise ConfigError(
             f"{path}: YAML syntax error{where}: {problem}; fix that line "
