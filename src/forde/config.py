@@ -216,7 +216,8 @@ def load_yaml(path: Path, what: str) -> DictConfig | ListConfig:
 
     try:
         text = path.read_text(errors="replace")
-        root = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, without building it
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # as OmegaConf reads it: the same error messages
+        root = yaml.compose(text, Loader=loader)  # the document's shape, without building it
         if root is not None and not isinstance(root, (yaml.MappingNode, yaml.SequenceNode)):
             raise ConfigError(
                 f"{path} is not a {what}: its YAML is one value, not a mapping of `key: value` lines; "
