@@ -180,6 +180,14 @@ def study_case(text: str) -> Callable[[Path], list[str]]:
     return build
 
 
+def base_file(text: str) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        (tmp / "base.yaml").write_text(text)
+        return study_case(STUDY.replace("base: quickstart", "base: base.yaml"))(tmp)
+
+    return build
+
+
 STUDIES = {
     "a name that leaves --out": study_case(STUDY.replace("name: s", "name: ../../s")),
     "an absolute name": study_case(STUDY.replace("name: s", "name: /tmp/s")),
@@ -194,6 +202,8 @@ STUDIES = {
     "no objectives": study_case(STUDY.replace("objectives: [{metric: test/nll, direction: minimize}]\n", "")),
     "n_trials as text": study_case(STUDY.replace("n_trials: 2", "n_trials: many")),
     "a base config that does not exist": study_case(STUDY.replace("base: quickstart", "base: ../nowhere.yaml")),
+    "a base file that is one number": base_file("42\n"),
+    "a study file that is one number": study_case("42\n"),
 }
 
 
@@ -219,6 +229,7 @@ OVERRIDES = {
     "an unknown dataset": lambda tmp: train_args(tmp, "data.name=mnist"),
     "a YAML tag that would run code": config_file("seed: !!python/object/apply:os.system ['touch exploited']\n"),
     "a config file that is a list": config_file("- 1\n- 2\n"),
+    "a config file that is one number": config_file("42\n"),
     "a config file cut mid-line": config_file("optim:\n  lr: [0.1\n"),
 }
 

@@ -4,11 +4,14 @@ test_sweep_failures.py."""
 
 import json
 import os
+import re
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 import forde.train
@@ -222,6 +225,7 @@ def write_study(tmp_path, body: str) -> Path:
         ("n_trials: 0\n", r"n_trials"),
         ("objectives: [{metric: val/nll, direction: minimize}]\n", r"val/nll.*val_fraction"),
         ("sampler: {name: bayes}\n", r"sampler.name"),
+        ("search_space:\n  model.hidden: {choices: ['[8]', [8]]}\n", r"the choice '\[8\]' is stored as the list"),
     ],
 )
 def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
@@ -232,6 +236,32 @@ def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
 
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "studies" / "bad" / "runs").exists()
+
+
+PASSWD = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+@pytest.mark.parametrize(
+    "study,message",
+    [
+        (
+            "base: passwd\n",
+            r"^launch.py: study 'bad': base: \S*passwd is not a config file: its YAML is one value, not a mapping",
+        ),
+        ("base: quickstart\nbudget: 3\n", r"unknown top-level key\(s\) \['budget'\]; known: \[.*'name'"),
+        (
+            "base: quickstart\nsearch_space:\n\tseed: {choices: [0, 1]}\n",
+            r"YAML syntax error at line 3, column 1: .*cannot start any token \(a tab; YAML indents with spaces only\)",
+        ),
+    ],
+)
+def test_study_file_errors_say_what_is_wrong_in_one_line(tmp_path, capsys, study, message):
+    (tmp_path / "passwd").write_text(PASSWD)
+    path = tmp_path / "bad.yaml"
+    path.write_text(study + "objectives: [{metric: test/nll, direction: minimize}]\n")
+    assert launch(tmp_path, study=str(path)) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1 and "root:x" not in err, err
 
 
 def test_a_bad_override_is_blamed_on_the_config_not_on_a_searched_key(tmp_path, capsys):
@@ -334,6 +364,52 @@ grid:
         ("trial-0003", 2),
     ]
     assert epochs_trained(stopped[0]) == [1, 2]
+
+
+LIST_CHOICES = "  model.hidden: {choices: [[16, 16], [8]]}\n"
+
+
+def test_list_valued_keys_are_searched_and_run(tmp_path):
+    """A list-valued key (model.hidden) sampled by the quickstart study: Optuna stores each choice as its flow-style
+    YAML (its categorical distributions take no lists), and each trial trains with the list it stands for."""
+    path = tmp_path / "lists.yaml"
+    quickstart = (STUDIES / "quickstart.yaml").read_text()
+    path.write_text(quickstart.replace("search_space:\n", "search_space:\n" + LIST_CHOICES) + "name: lists\n")
+    args = ["--n-trials", "2", "--no-wandb", "optim.epochs=1", "eval.corruptions=[none]"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Optuna warns of choices it cannot store
+        assert launch(tmp_path, *args, study=str(path)) == 0
+    trials = load(tmp_path, "lists").get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials) and len(trials) == 2
+    for t in trials:
+        assert t.params["model.hidden"] in ("[16, 16]", "[8]")
+        trained = OmegaConf.load(Path(t.user_attrs["run_dir"]) / "config.yaml").model.hidden
+        assert str(list(trained)).replace("'", "") == t.params["model.hidden"]
+
+
+def test_grid_points_of_list_values_run_once_each(tmp_path):
+    path = grid_study(tmp_path, "search_space:\n" + LIST_CHOICES + "grid:\n  - {model.hidden: [[16, 16], [8]]}\n")
+    assert launch(tmp_path, "--no-wandb", "optim.epochs=1", "eval.corruptions=[none]", study=str(path)) == 0
+    trials = load(tmp_path, "grid").get_trials()
+    assert sorted(t.params["model.hidden"] for t in trials) == ["[16, 16]", "[8]"]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_status_shows_a_study_and_changes_nothing(tmp_path, capsys):
+    assert launch(tmp_path, "--status") == 2  # no study yet: one line, nothing created
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("launch.py: no study 'quickstart' in sqlite:///") and len(err.splitlines()) == 1
+    assert not (tmp_path / "studies").exists() and not (tmp_path / "data").exists()
+
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
+    capsys.readouterr()
+    study_dir = tmp_path / "studies" / "quickstart"
+    before = {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()}
+    assert launch(tmp_path, "--status", "--workers", "2", "--n-trials", "1", *FAST) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study 'quickstart': 1 complete; budget 1 of 1 configurations used\n")
+    assert "Best trial of study 'quickstart' (val/nll minimize)" in out and "| 0 |" in out
+    assert {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()} == before
 
 
 def test_shipped_studies_are_valid():

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from forde.config import ConfigError, MissingDataError
 from forde.sweep.launch import gpu_devices
 from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
+from forde.sweep.storage import SweepStorage
 from forde.sweep.worker import EXIT_ENVIRONMENT
 from forde.train import NonFiniteLossError
 from sweep_support import (
@@ -243,6 +244,30 @@ def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
         assert sorted(t.params["seed"] for t in done) == [0, 1]
 
 
+def test_the_retry_of_a_killed_worker_s_trial_is_logged_with_its_run_and_reason(tmp_path, caplog):
+    """The trial of a worker killed with kill -9 is failed and queued again by the next worker that looks: the log
+    names the trial's run and why it was queued again (the trial was read before it failed)."""
+    from forde.sweep.study import load_study
+    from forde.sweep.worker import Sweep
+
+    assert launch(tmp_path, "--prepare", "--n-trials", "2", "--no-wandb", *FAST) == 0
+    sweep = Sweep(
+        load_study(STUDIES / "quickstart.yaml", FAST), SweepStorage(f"sqlite:///{tmp_path}/studies/quickstart/study.db")
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = sweep.opt.ask()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    trial.set_user_attr("run_dir", str(tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"))
+    with caplog.at_level(logging.INFO, logger="forde.sweep"):
+        sweep.settle()
+    queued = [r.getMessage() for r in caplog.records if "queued again" in r.getMessage()]
+    assert queued == [
+        f"trial 0 (run trial-0000, killed) queued again after: its worker (pid {dead.pid} on {socket.gethostname()}) "
+        "died during the trial (killed, or out of memory); retried from its last checkpoint"
+    ]
+
+
 def write(tmp_path, name, text) -> str:
     path = tmp_path / name
     path.write_text(text)
@@ -258,6 +283,8 @@ def write(tmp_path, name, text) -> str:
         "YAML syntax",
         "searched key overridden",
         "a GPU that is not there",
+        "GPU ids that are no numbers",
+        "too short a Slurm time limit",
     ],
 )
 def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
@@ -281,14 +308,22 @@ def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
     elif case == "searched key overridden":
         args = ["optim.lr=0.05"]
         message = r"the override optim.lr=0.05 sets optim.lr, which this study searches"
-    else:  # without CUDA, --gpus must not quietly train on the CPU
+    elif case == "a GPU that is not there":  # without CUDA, --gpus must not quietly train on the CPU
         args = ["--gpus", "64"]
         message = r"--gpus 64: (torch sees no CUDA device on this machine; drop --gpus|no GPU 64; this machine shows)"
+    elif case == "GPU ids that are no numbers":
+        args = ["--gpus", "a,b"]
+        message = r"--gpus a,b: expected distinct GPU ids separated by commas"
+    else:
+        args = ["--slurm", "time=1"]
+        message = r"--slurm time: 1 is too short"
     assert launch(tmp_path, *args) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "data").exists()
+    if case != "runs not writable":  # the storage is checked (and created) before the study directory
+        assert not (tmp_path / "studies" / "quickstart" / "study.db").exists()
 
 
 def test_gpu_ids_count_among_the_visible_gpus():

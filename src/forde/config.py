@@ -203,22 +203,34 @@ def read_config_yaml(source: str | Path) -> DictConfig:
         )
     if not path.exists():
         raise ConfigError(f"config file '{source}' does not exist")
-    cfg = load_yaml(path)
+    cfg = load_yaml(path, "config file")
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} holds a list; a config file is a mapping of keys, e.g. `optim: {{lr: 0.1}}`")
     return cfg
 
 
-def load_yaml(path: Path) -> DictConfig | ListConfig:
-    """A YAML file; a syntax error becomes one line naming the file, the place and the fix."""
+def load_yaml(path: Path, what: str) -> DictConfig | ListConfig:
+    """A YAML file (`what`: a config file, a study file) of keys or a list; a syntax error, or a file that reads as
+    one value (any text file does), becomes one line naming the file, the place and the fix."""
     import yaml
 
     try:
+        text = path.read_text(errors="replace")
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # as OmegaConf reads it: the same error messages
+        root = yaml.compose(text, Loader=loader)  # the document's shape, without building it
+        if root is not None and not isinstance(root, (yaml.MappingNode, yaml.SequenceNode)):
+            raise ConfigError(
+                f"{path} is not a {what}: its YAML is one value, not a mapping of `key: value` lines; "
+                f"give the path of a {what}"
+            )
         return OmegaConf.load(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        lines = text.splitlines()
+        if mark and mark.line < len(lines) and lines[mark.line][mark.column : mark.column + 1] == "\t":
+            problem += " (a tab; YAML indents with spaces only)"
         raise ConfigError(
             f"{path}: YAML syntax error{where}: {problem}; fix that line "
             "(`key: value` pairs, consistent indentation, closed brackets and quotes)"

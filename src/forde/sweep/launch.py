@@ -233,19 +233,30 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
     return run_command(args, serve if args.worker else launch)
 
 
+def show_status(study: Study, storage: SweepStorage) -> int:
+    """`--status`: the study's state and best trials, read from its storage; nothing is started, prepared or written."""
+    if not storage.exists() or study.name not in optuna.get_all_study_names(storage.optuna):
+        raise ConfigError(f"no study '{study.name}' in {storage.display} yet; launch it without --status to start it")
+    opt = optuna.load_study(study_name=study.name, storage=storage.optuna)
+    print(f"{status(opt.get_trials(deepcopy=False), study)}\n\n{best_table(opt, study)}", end="")
+    return 0
+
+
 def launch(args: argparse.Namespace) -> int:
     study, study_dir, storage = resolve(args)
+    if args.status:
+        return show_status(study, storage)
     slurm_spec = None
-    if args.slurm:  # the cluster is checked before any data is prepared
+    if args.slurm:  # the cluster is checked before the storage is created and any data is prepared
         slurm_spec = slurm.parse_spec(args.slurm)
         slurm_spec.partition = slurm.check_cluster(slurm_spec)
-    storage.check()
-    check_writable(study_dir)
     devices: Sequence[str | None] = [None] * args.workers
     if args.gpus:
         import torch
 
         devices = gpu_devices(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    storage.check()
+    check_writable(study_dir)
     sweep = Sweep(study, storage)  # create the study once, before workers race to
     check_settings(sweep.opt, study)
     with storage.budget_lock(study.name):

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
         help="check the study, prepare its inputs and create it in the storage, then exit (for workers "
         "started elsewhere with the same --study and --storage, e.g. deploy/sweep.yaml)",
     )
+    p.add_argument("--status", action="store_true", help="print the study's state and best trials, change nothing")
     p.add_argument("--n-trials", type=positive, default=None, help="override the study's trial budget")
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     p.add_argument(

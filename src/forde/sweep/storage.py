@@ -218,6 +218,18 @@ class SweepStorage:
                 self._optuna = RDBStorage(driver_url(self.url), engine_kwargs=kwargs)
         return self._optuna
 
+    def exists(self) -> bool:
+        """Whether the storage holds Optuna's records already, seen without creating them (opening it creates them)."""
+        if self.path is not None:
+            return self.path.exists()
+        from sqlalchemy import create_engine, inspect
+
+        engine = create_engine(driver_url(self.url), connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+        try:
+            return inspect(engine).has_table("studies")
+        finally:
+            engine.dispose()
+
     def check(self, patient: bool = False) -> None:
         """Open the storage and read it once: an unreachable server or an unwritable file fails here, at once
         (`patient`: after waiting out an outage, for workers of a launcher that has checked it already)."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import optuna
+import yaml
 from omegaconf import OmegaConf
 
 from forde.config import (
@@ -75,11 +76,20 @@ class Param:
         if self.kind == "fixed":
             return self.value
         if self.kind == "categorical":
-            return trial.suggest_categorical(self.key, self.choices)
+            return self.loaded(trial.suggest_categorical(self.key, [self.stored(c) for c in self.choices]))
         low, high = self.bounds()
         if self.kind == "int":
             return trial.suggest_int(self.key, int(low), int(high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, low, high, step=self.step, log=self.log)
+
+    def stored(self, value: Any) -> Any:
+        """A value as Optuna stores it: a list or mapping choice by its flow-style YAML, as Optuna's categorical
+        distributions hold only None, bool, int, float and str."""
+        return _yaml_value(value) if self.kind == "categorical" and isinstance(value, (list, dict)) else value
+
+    def loaded(self, stored: Any) -> Any:
+        """The choice a value from Optuna stands for (the inverse of `stored`)."""
+        return next((c for c in self.choices if isinstance(stored, str) and self.stored(c) == stored), stored)
 
     def bounds(self) -> tuple[float, float]:
         """low and high of an int or float range (_parse_param sets both for those kinds)."""
@@ -143,6 +153,11 @@ class Study:
         """How many configurations the study runs: n_trials, or fewer when a grid study's grid is smaller."""
         return self.n_trials if self.samples else min(self.n_trials, len(self.grid))
 
+    def stored(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A grid point as Optuna stores its parameters (see Param.stored)."""
+        by_key = {p.key: p for p in self.params}
+        return {k: by_key[k].stored(v) if k in by_key else v for k, v in point.items()}
+
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Sampled (or enqueued) values for every active key, conditions resolved in file order."""
         chosen: dict[str, Any] = {}
@@ -202,8 +217,9 @@ class Study:
 
 
 def _yaml_value(v: Any) -> str:
+    """A value as the right-hand side of a dotted override: lists and mappings in flow style, `[64, 64]`."""
     if isinstance(v, (list, dict)):
-        return OmegaConf.to_yaml(OmegaConf.create({"v": v})).split(":", 1)[1].strip().replace("\n", " ")
+        return yaml.safe_dump(v, default_flow_style=True, width=math.inf).strip()
     if v is None:
         return "null"
     return str(v)
@@ -229,7 +245,12 @@ def _parse_param(study: str, key: str, spec: Any) -> Param:
     if "choices" in spec:
         if not isinstance(spec["choices"], list) or not spec["choices"]:
             _fail(study, f"search_space.{key}: choices must be a non-empty list")
-        return Param(key, "categorical", choices=list(spec["choices"]), when=when)
+        param = Param(key, "categorical", choices=list(spec["choices"]), when=when)
+        stored = [param.stored(c) for c in param.choices if isinstance(c, (list, dict))]
+        clash = next((c for c in param.choices if isinstance(c, str) and c in stored), None)
+        if clash is not None:
+            _fail(study, f"search_space.{key}: the choice {clash!r} is stored as the list or mapping {clash}; drop one")
+        return param
     if "low" not in spec or "high" not in spec:
         _fail(study, f"search_space.{key}: give low and high, or choices, or value")
     low, high = spec["low"], spec["high"]
@@ -265,13 +286,24 @@ def load_study(source: str | Path, overrides: list[str] | None = None, trust_cod
     path = Path(source)
     if not path.exists():
         _fail(str(source), f"no study file at {path}")
-    raw = OmegaConf.to_container(load_yaml(path), resolve=False)
+    raw = OmegaConf.to_container(load_yaml(path, "study file"), resolve=False)
     if not isinstance(raw, dict):
         _fail(str(source), f"{path} must be a mapping of study keys (base, search_space, objectives, ...)")
     name = raw.pop("name", path.stem)
     if not is_path_component(name):
         _fail(str(source), f"name = {name!r} {RULE}: it names the study's folder under --out; set e.g. name: my_study")
-    known = {"base", "config", "n_trials", "objectives", "sampler", "pruner", "search_space", "grid", "description"}
+    known = {
+        "name",
+        "base",
+        "config",
+        "n_trials",
+        "objectives",
+        "sampler",
+        "pruner",
+        "search_space",
+        "grid",
+        "description",
+    }
     unknown = set(raw) - known
     if unknown:
         _fail(name, f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -281,9 +313,11 @@ def load_study(source: str | Path, overrides: list[str] | None = None, trust_cod
         local = path.parent / str(base_src)
         base_src = local if local.exists() else base_src
     try:
-        base = merge(
-            read_config_yaml(base_src) if base_src is not None else None, raw.get("config") or {}, overrides or []
-        )
+        base = read_config_yaml(base_src) if base_src is not None else None
+    except ConfigError as err:
+        _fail(name, f"base: {err}")
+    try:
+        base = merge(base, raw.get("config") or {}, overrides or [])
     except ConfigError as err:
         _fail(name, f"config: {err}")
 

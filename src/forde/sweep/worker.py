@@ -42,6 +42,7 @@ from forde.sweep.lifecycle import (
     TRIAL,
     WORKER,
     Decision,
+    Failure,
     Ledger,
     classify,
     decide,
@@ -83,6 +84,11 @@ def open_study(study: Study, storage: SweepStorage) -> optuna.Study:
     if opt.metric_names is None:
         opt.set_metric_names([o.metric for o in study.objectives])
     return opt
+
+
+def run_name_of(configuration: int) -> str:
+    """The run directory's name (under runs/) of a configuration, by its first attempt's number."""
+    return f"trial-{configuration:04d}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -130,14 +136,14 @@ class Sweep:
             return "its worker stopped while taking it (it died, or lost the storage)"
         host, _, pid = tag.rpartition(":")
         if host == self.host and pid.isdigit() and not pid_alive(int(pid)):
-            return f"its worker {tag} died during the trial (killed, or out of memory)"
+            return f"its worker (pid {pid} on {host}) died during the trial (killed, or out of memory)"
         if time.time() - self.heartbeats.last(t) > GRACE_S:
-            return f"its worker {tag} sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
+            return f"its worker (pid {pid} on {host}) sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
         return None
 
     def decide(self) -> Decision:
         s = self.study
-        return decide(self.trials(), s.n_trials, s.grid, s.samples, self.gone)
+        return decide(self.trials(), s.n_trials, [s.stored(p) for p in s.grid], s.samples, self.gone)
 
     def fail(self, number: int, kind: str, reason: str) -> bool:
         """Record why, then FAIL the attempt; False when it had finished meanwhile."""
@@ -153,13 +159,15 @@ class Sweep:
         for f in d.fail:
             if self.fail(f.attempt.number, f.kind, f.reason):
                 log.warning("trial %d: %s", f.attempt.number, f.reason)
+        failed_now = {f.attempt.number: f for f in d.fail}  # read before they failed: their reasons are here
         for failed in d.requeue:
-            self.requeue(failed)
+            self.requeue(failed, failed_now.get(failed.number))
         if d.enqueue is not None:
             self.opt.enqueue_trial(d.enqueue)
 
-    def requeue(self, failed: FrozenTrial) -> None:
-        """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint."""
+    def requeue(self, failed: FrozenTrial, failure: Failure | None = None) -> None:
+        """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint.
+        `failure`: how it failed, when this decision failed it (`failed` was read before)."""
         system = {
             "failed_trial": lineage(failed),
             "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number],
@@ -176,13 +184,15 @@ class Sweep:
                 intermediate_values=failed.intermediate_values,
             )
         )
-        retry = f" (a retry of trial {lineage(failed)})" if lineage(failed) != failed.number else ""
+        number = lineage(failed)
+        retry = f"a retry of trial {number}, " if number != failed.number else ""
+        kind, reason = (
+            (failure.kind, failure.reason)
+            if failure is not None
+            else (failed.user_attrs.get(FAILURE), failed.user_attrs.get(REASON, "no reason recorded"))
+        )
         log.info(
-            "trial %d%s (%s) queued again after: %s",
-            failed.number,
-            retry,
-            failed.user_attrs.get(FAILURE),
-            failed.user_attrs.get(REASON, "?"),
+            "trial %d (%srun %s, %s) queued again after: %s", failed.number, retry, run_name_of(number), kind, reason
         )
 
     def settle(self) -> None:
@@ -278,7 +288,7 @@ class TrialRunner:
         sweep, study = self.sweep, self.sweep.study
         frozen = sweep.backend.get_trial(sweep.trial_id(trial.number))
         number = lineage(frozen)
-        run_name = f"trial-{number:04d}"
+        run_name = run_name_of(number)
         run_dir = self.study_dir / "runs" / run_name
         cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
         cfg.run.wandb.group = cfg.run.wandb.group or study.name
