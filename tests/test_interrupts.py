@@ -141,3 +141,25 @@ def test_a_second_ctrl_c_while_a_stopped_command_exits_prints_no_traceback(tmp_p
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 130, out.stderr
     assert "Traceback" not in out.stderr and "interrupted by SIGINT" in out.stderr
+
+
+def test_a_second_signal_after_the_launchers_own_handler_acted_cannot_kill_the_record():
+    """The launcher's handler re-arms SIGTERM to kill the process; acted on inside a trial, a second SIGTERM must
+    still be ignored until the stopped trial is recorded (it killed the launcher mid-record, leaving the trial
+    running, to be taken for killed)."""
+    previous = interrupts.install(worker=False)
+    try:
+        recorded = []
+        with pytest.raises(interrupts.Interrupted):
+            with interrupts.between_steps(worker=False):
+                os.kill(os.getpid(), signal.SIGTERM)
+                with pytest.raises(interrupts.Interrupted):
+                    interrupts.check()
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+                os.kill(os.getpid(), signal.SIGTERM)  # with SIG_DFL this would end the test process
+                time.sleep(0.1)
+                recorded.append("the record")
+                raise interrupts.Interrupted(signal.SIGTERM)
+        assert recorded == ["the record"]
+    finally:
+        interrupts.restore(previous)

@@ -44,6 +44,7 @@ Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 _pending: list[Callable[[], None]] = []  # the signal recorded, not acted on yet
 _raised: list[BaseException] = []  # what acting on it raised: raised again at every later check
+_recording: dict[int, Callable] = {}  # inside `deferred`: the handlers that record each signal
 
 
 class Interrupted(BaseException):
@@ -90,6 +91,7 @@ def deferred(*signums: int, repeat_acts_now: bool = False) -> Iterator[None]:
     }
     for signum, (_, wrapper) in wrapped.items():
         signal.signal(signum, wrapper)
+    _recording.update({signum: wrapper for signum, (_, wrapper) in wrapped.items()})
     stopped = False
     try:
         yield
@@ -102,6 +104,7 @@ def deferred(*signums: int, repeat_acts_now: bool = False) -> Iterator[None]:
                 signal.signal(signum, signal.SIG_IGN if stopped and signum in STOPS else handler)
         _pending.clear()
         _raised.clear()
+        _recording.clear()
 
 
 def _record(handler: Callable, repeat_acts_now: bool, signum: int, frame) -> None:
@@ -123,6 +126,10 @@ def check() -> None:
             act()
         except BaseException as err:
             _raised.append(err)
+            # the handler may have re-armed signals (a launcher's lets a second one kill the process): inside the
+            # block they stay recorded, i.e. ignored, so a second signal cannot cut the stopped trial's record short
+            for signum, recording in _recording.items():
+                signal.signal(signum, recording)
             raise
     if _raised:
         raise _raised[0]
