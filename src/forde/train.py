@@ -553,12 +553,7 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     start = time.perf_counter()
     trainer.fit()
     results = {
-        "run_dir": str(run_dir),
-        "method": cfg.method.name,
-        "dataset": cfg.data.name,
-        "seed": cfg.seed,
-        "ensemble_size": cfg.ensemble_size,
-        "epochs": trainer.epoch,
+        **_run_record(cfg, run_dir, trainer.epoch),
         "train_time_s": sum(h["train/epoch_time_s"] for h in trainer.history),
         "session_time_s": time.perf_counter() - start,
     }
@@ -570,6 +565,18 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     for cb in trainer.callbacks:
         cb.on_train_end(results)
     return results
+
+
+def _run_record(cfg: TrainConfig, run_dir: Path, epochs: int) -> dict:
+    """What a results file says of the run it comes from (written by training and by re-evaluation alike)."""
+    return {
+        "run_dir": str(run_dir),
+        "method": cfg.method.name,
+        "dataset": cfg.data.name,
+        "seed": cfg.seed,
+        "ensemble_size": cfg.ensemble_size,
+        "epochs": epochs,
+    }
 
 
 def _brief_summary(summary: dict) -> str:
@@ -627,15 +634,7 @@ def evaluate_run(
     setup = build(cfg)
     restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
-    results = {
-        "run_dir": str(run_dir),
-        "method": cfg.method.name,
-        "dataset": cfg.data.name,
-        "seed": cfg.seed,
-        "ensemble_size": cfg.ensemble_size,
-        "epochs": state["epoch"],
-        **final_evaluation(setup),
-    }
+    results = {**_run_record(cfg, run_dir, state["epoch"]), **final_evaluation(setup)}
     write_atomic(run_dir / out_name, to_json(results))
     log.info("wrote %s: %s", run_dir / out_name, _brief_summary(results["summary"]))
     return results
