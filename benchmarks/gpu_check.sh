@@ -6,7 +6,7 @@
 # Needs .gpu_carry/ from benchmarks/gpu_carry.sh (wheels this machine's Python lacks, the CIFAR-10 JPEGs).
 # Every stage has a time budget and all end within 570 s; results go to benchmarks/results/*-<device>.md and, with
 # the log, to $OUT.
-# A short table comes last.
+# A short table comes last; the exit status is 0 when every stage is ok.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -64,16 +64,18 @@ stage() {
   return $rc
 }
 
-# -- environment: the project's code, and the packages this Python lacks from the carried wheels ----------
+# -- environment: the project's code, and what the image lacks from the carried wheels; the check stops here, with
+#    one line naming what is missing, before any stage runs ----------------------------------------------------
 PY=python3
 export PYTHONPATH=$REPO/src
-if ! $PY -c "import omegaconf, optuna" 2>/dev/null; then
-  if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$CARRY"/wheels/*.whl >> "$LOG" 2>&1
-    export PYTHONPATH=$WORK/site:$REPO/src
-  fi
+if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+  rm -rf "$WORK/site"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$CARRY"/wheels/*.whl >> "$LOG" 2>&1 ||
+    { say "installing the carried wheels failed: see $LOG"; exit 2; }
+  export PYTHONPATH=$WORK/site:$REPO/src
 fi
-$PY -c "import omegaconf, optuna, torch" || { say "missing packages: run benchmarks/gpu_carry.sh where pip works and carry .gpu_carry"; exit 2; }
+$PY benchmarks/gpu_env.py check 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" = 0 ] || exit 2
 DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 say "device: $($PY -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only')"), torch $($PY -c 'import torch; print(torch.__version__)'), $(nproc) cores; quick=$QUICK part=$PART"
 [ "$DEVICE" = cpu ] && [ $QUICK = 0 ] && { say "no CUDA device: use --quick to try the stages on the CPU"; exit 2; }
@@ -189,3 +191,7 @@ SUMMARY=$RESULTS/gpu_check-$SUFFIX.md
 } > "$SUMMARY"
 cp "$RESULTS"/*-"$SUFFIX".md "$OUT/results/" 2>/dev/null
 cat "$SUMMARY"
+for s in "${STATUS[@]}"; do  # the exit status: 0 only when every stage is ok
+  IFS='|' read -r _ verdict _ <<< "$s"
+  [ "$verdict" = ok ] || exit 1
+done

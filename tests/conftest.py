@@ -1,7 +1,11 @@
 """Shared fixtures. The `cuda` marker: tests that need a CUDA device run where one is present and are skipped
 elsewhere (`python -m pytest -m cuda` runs only them; benchmarks/gpu_check.sh does, on a GPU machine).
+`needs(module)`: tests of the test extra's optional tools (timm, lightning, kubernetes-validate) skip where the
+tool is absent, so the suite collects wherever the package's own dependencies are; CI sets $FORDE_REQUIRE_TOOLS,
+where a missing tool fails instead.
 `small_disk`: a tiny filesystem that fills up, for tests of what a full disk does."""
 
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -15,6 +19,15 @@ CUDA = pytest.mark.cuda
 def devices(*extra_marks) -> list:
     """["cpu", "cuda"] for parametrising a test over devices; the cuda case carries the `cuda` marker."""
     return ["cpu", pytest.param("cuda", marks=[CUDA, *extra_marks])]
+
+
+def _absent(module: str) -> bool:
+    return not os.environ.get("FORDE_REQUIRE_TOOLS") and importlib.util.find_spec(module) is None
+
+
+def needs(module: str) -> pytest.MarkDecorator:
+    """Skip a test (or a parameter: `pytest.param(..., marks=needs("timm"))`) where an optional tool is absent."""
+    return pytest.mark.skipif(_absent(module), reason=f"needs {module}, an optional tool: pip install -e '.[test]'")
 
 
 @pytest.fixture

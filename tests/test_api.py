@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import forde
-from conftest import devices
+from conftest import devices, needs
 from forde.config import MethodConfig, load_config
 from forde.data.base import Split
 from forde.data.corrupted import CorruptedSet
@@ -326,7 +326,7 @@ def test_import_forde_is_light_and_every_public_name_resolves():
         forde.no_such_name  # noqa: B018 (the attribute access is what raises)
 
 
-@pytest.mark.parametrize("script", ["pytorch_loop.py", "lightning_module.py"])
+@pytest.mark.parametrize("script", ["pytorch_loop.py", pytest.param("lightning_module.py", marks=needs("lightning"))])
 def test_example_runs_a_few_steps(tmp_path, script):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import forde.sweep.launch
 import forde.train
-from conftest import CUDA
+from conftest import CUDA, needs
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.kernels import projection
@@ -35,6 +35,7 @@ TIMM_VIT = {
     "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 2},
 }
 METHODS = ["de", "forde", "rde_weight", "rde_function", "lit"]
+TIMM = needs("timm")
 
 
 def overrides(model: dict) -> list[str]:
@@ -186,6 +187,10 @@ def test_a_missing_module_or_dependency_names_what_to_install(tmp_path, user_mod
         r"'not_installed_dependency'\); install not_installed_dependency",
     ):
         train(small_run(tmp_path, {"name": f"{broken}:Net"}))
+
+
+@TIMM
+def test_a_missing_timm_model_names_close_ones(tmp_path, no_data):
     with pytest.raises(ConfigError, match=r"timm has no model 'resnet1000'"):
         train(small_run(tmp_path, {"name": "timm:resnet1000"}))
 
@@ -206,12 +211,16 @@ def test_kwargs_reach_the_constructor_and_the_data_sets_the_classes(tmp_path):
     )
     model = build_model(cfg.model, (1, 8, 8), 7)
     assert model.head.weight.shape == (7, 8) and len(model.blocks) == 1
-    timm_cfg = load_config("quickstart", overrides(TIMM_RESNET))
-    assert build_model(timm_cfg.model, (3, 16, 16), 5).conv1[0].in_channels == 3  # in_chans from the data
     with pytest.raises(ConfigError, match="model.kwargs .* sets num_classes, which the dataset sets"):
         load_config("quickstart", [f"model.name={VIT}", "model.kwargs.num_classes=3"])
     with pytest.raises(ConfigError, match="not to the built-in mlp"):
         load_config("quickstart", ["model.kwargs.depth=3"])
+
+
+@TIMM
+def test_timm_models_take_their_input_channels_from_the_data():
+    timm_cfg = load_config("quickstart", overrides(TIMM_RESNET))
+    assert build_model(timm_cfg.model, (3, 16, 16), 5).conv1[0].in_channels == 3
 
 
 def test_zero_init_classifier_zeros_the_last_linear_layer_or_says_there_is_none(user_module):
@@ -256,6 +265,7 @@ def test_every_method_trains_a_user_vit_through_forde_train(tmp_path, method, at
     assert any(k.endswith("position.weight") for k in state)  # the user's network, trained and saved
 
 
+@TIMM
 @pytest.mark.parametrize("model,methods", [(TIMM_RESNET, METHODS), (TIMM_VIT, ["de", "forde", "lit"])])
 def test_every_method_trains_a_timm_model_through_forde_train(tmp_path, model, methods):
     for method in methods:
@@ -263,6 +273,7 @@ def test_every_method_trains_a_timm_model_through_forde_train(tmp_path, model, m
         assert 0 <= results["test"]["accuracy"] <= 1 and results["summary"]["test/nll"] < 10, method
 
 
+@TIMM
 def test_a_sweep_trains_a_user_network_and_a_timm_network(tmp_path, monkeypatch):
     monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
     study = tmp_path / "own_models.yaml"
@@ -326,7 +337,12 @@ def graph_nodes(t: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize(
     "model",
-    [TIMM_RESNET, {"name": VIT}, {"name": VIT, "kwargs": {"attention": "mha"}}, TIMM_VIT],
+    [
+        pytest.param(TIMM_RESNET, marks=TIMM),
+        {"name": VIT},
+        {"name": VIT, "kwargs": {"attention": "mha"}},
+        pytest.param(TIMM_VIT, marks=TIMM),
+    ],
     ids=["timm resnet10t", "vit", "vit, nn.MultiheadAttention", "timm vit"],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
