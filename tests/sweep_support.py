@@ -21,7 +21,7 @@ from forde.sweep.storage import SweepStorage
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "sweeps" / "studies"
-WANDB = str(Path(sys.executable).with_name("wandb"))  # the wandb CLI of this environment, activated or not
+WANDB = [sys.executable, "-m", "wandb"]  # the wandb CLI of this environment, wherever its scripts were installed
 FAST = ["optim.epochs=3", "model.hidden=[32]", "eval.corruptions=[none]"]
 
 
@@ -47,11 +47,12 @@ def env_for(tmp_path, **extra):
     return {**env, "FORDE_DATA": str(tmp_path / "data"), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def start(cmd, tmp_path, **kwargs) -> subprocess.Popen:
-    """A launcher process whose output goes to a file (a pipe nobody reads while we wait would fill and
-    block it); `output(proc)` reads it back once it has exited."""
+def start(cmd, tmp_path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """A launcher process (in `env`, else env_for(tmp_path)) whose output goes to a file (a pipe nobody reads while
+    we wait would fill and block it); `output(proc)` reads it back once it has exited."""
     log = open(tmp_path / f"launcher-{time.time_ns()}.log", "w")
-    proc = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+    env = env if env is not None else env_for(tmp_path)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
     proc.log_path = log.name
     log.close()
     return proc
@@ -123,14 +124,14 @@ def configurations(trials) -> list[tuple]:
 
 def wandb_record(wandb_dir: Path) -> dict:
     out = subprocess.run(
-        [WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)], capture_output=True, text=True, check=True
+        [*WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)
 
 
 def wandb_steps(wandb_dir: Path) -> list[int]:
     out = subprocess.run(
-        [WANDB, "leet", "inspect", "--json", str(wandb_dir)], capture_output=True, text=True, check=True
+        [*WANDB, "leet", "inspect", "--json", str(wandb_dir)], capture_output=True, text=True, check=True
     )
     records = [json.loads(line) for line in out.stdout.splitlines() if '"type":"history"' in line]
     return [r["history"]["step"]["num"] for r in records if "epoch" in r["history"]["item"]]

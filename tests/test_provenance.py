@@ -18,7 +18,7 @@ from forde.data.registry import load_dataset
 from forde.tracking import WandbRun
 from forde.train import run_dir_of, train
 
-WANDB = str(Path(sys.executable).with_name("wandb"))
+WANDB = [sys.executable, "-m", "wandb"]
 
 
 def place_official_set(root: Path, dataset, name: str) -> None:
@@ -75,7 +75,7 @@ def test_results_and_wandb_record_code_data_and_each_sets_source(tmp_path):
     [wandb_dir] = run_dir_of(cfg).glob("wandb/offline-run-*")
     record = json.loads(
         subprocess.run(
-            [WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
+            [*WANDB, "leet", "inspect", "--summary", "--json", str(wandb_dir)],
             capture_output=True,
             text=True,
             check=True,

@@ -15,11 +15,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import forde.sweep.storage as sweep_storage
+import forde.sweep.heartbeats as heartbeats
+import forde.sweep.outages as outages
 import forde.tracking
 import forde.train
-from forde.sweep.storage import SweepStorage, describe, driver_url
-from forde.sweep.worker import EXIT_ENVIRONMENT
+from forde.sweep.lifecycle import describe
+from forde.sweep.options import EXIT_ENVIRONMENT
+from forde.sweep.storage import SweepStorage, driver_url
 from sweep_support import (
     REPO,
     STUDIES,
@@ -257,7 +259,7 @@ def test_the_launcher_waits_out_a_storage_error_after_its_workers_exit(tmp_path,
     from forde.sweep.study import load_study
     from forde.sweep.worker import Sweep
 
-    monkeypatch.setattr(sweep_storage.interrupts, "sleep", lambda s: None)
+    monkeypatch.setattr(outages.interrupts, "sleep", lambda s: None)
     sweep = Sweep(load_study(STUDIES / "quickstart.yaml"), SweepStorage(f"sqlite:///{tmp_path / 'study.db'}"))
     read, failed = sweep.trials, []
 
@@ -360,7 +362,7 @@ def test_heartbeats_do_not_grow_the_journal(tmp_path, monkeypatch):
     """A beat every 50 ms during a trial of a few seconds: the journal holds the trial's own records only."""
     sizes = {}
     for beat_s in (3600, 0.05):
-        monkeypatch.setattr(sweep_storage, "HEARTBEAT_S", beat_s)
+        monkeypatch.setattr(heartbeats, "HEARTBEAT_S", beat_s)
         journal = tmp_path / f"journal-{beat_s}.log"
         assert (
             launch(

@@ -20,6 +20,10 @@ Who does what:
   (`timeout`, systemd or a signal to the process group reach it both directly and through its launcher);
   Ctrl-C is left to the launcher; Slurm's USR2 runs submitit's handler at the next check; a worker whose
   launcher died stops by itself (`stop_when_orphaned`).
+
+Besides signals, a thread may stop the run in progress (`stop_run`): a sweep worker's heartbeat that finds its
+trial taken over by another worker (`Superseded`). That stop ends the run only, not the process: `run_stopped()`
+clears it for the next one.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 _pending: list[Callable[[], None]] = []  # the signal recorded, not acted on yet
 _raised: list[BaseException] = []  # what acting on it raised: raised again at every later check
 _recording: dict[int, Callable] = {}  # inside `deferred`: the handlers that record each signal
+_run_stop: list[BaseException] = []  # set by another thread: raised at every check until the run has stopped
 
 
 class Interrupted(BaseException):
@@ -53,6 +58,26 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
+
+
+class Superseded(BaseException):
+    """Another process took over the run in progress (a sweep worker taken for dead while it trained)."""
+
+
+def stop_run(err: BaseException) -> None:
+    """From any thread: the run in progress raises `err` at its next check."""
+    _run_stop[:] = [err]
+
+
+def run_stopped() -> None:
+    """The run that `stop_run` stopped has ended: the next run goes on."""
+    _run_stop.clear()
+
+
+def raised_by_signal(err: BaseException) -> bool:
+    """Whether `err` is what a signal's handler raised (submitit's SystemExit for a requeued Slurm job, say), not
+    an exception of the run's own code."""
+    return any(err is r for r in _raised)
 
 
 def install(worker: bool) -> dict[signal.Signals, Handler]:
@@ -133,6 +158,8 @@ def check() -> None:
             raise
     if _raised:
         raise _raised[0]
+    if _run_stop:
+        raise _run_stop[0]
 
 
 def sleep(seconds: float) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from forde import interrupts
+from forde import interrupts, run_lock
 from forde.atomic import replace_atomic, unwritable, write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, identity, identity_changes, to_dict, to_yaml
 from forde.data.base import Dataset
@@ -516,8 +516,13 @@ def _archive(run_dir: Path) -> Path:
 def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: CorruptedSets | None = None) -> dict:
     """Train (or resume) the run that `cfg` describes, evaluate it, write results.json, return the results.
 
-    `corrupted_sets` replaces the configured corrupted test sets (None: build missing ones before training)."""
-    callbacks = list(callbacks)
+    `corrupted_sets` replaces the configured corrupted test sets (None: build missing ones before training). The
+    run directory is locked while this runs: another process training it is one line (forde.run_lock)."""
+    with run_lock.hold(run_dir_of(cfg)):
+        return _train(cfg, list(callbacks), corrupted_sets)
+
+
+def _train(cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: CorruptedSets | None) -> dict:
     run_dir = prepare_run_dir(cfg)
     finished = read_results(run_dir)
     if finished is not None:

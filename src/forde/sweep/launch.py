@@ -28,18 +28,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 
 from forde import interrupts
 from forde.config import ConfigError, identity_changes
 from forde.interrupts import Interrupted
 from forde.sweep import slurm
-from forde.sweep.lifecycle import DONE, GIVEN_UP, INTERRUPTED, KILLED, RUNNING, WORKER, Ledger, fate, lineage
-from forde.sweep.options import parse_args, resolve, run_command, worker_argv
-from forde.sweep.storage import SweepStorage, patiently
+from forde.sweep.lifecycle import DONE, GIVEN_UP, KILLED, RUNNING, WORKER, Ledger, fate, lineage
+from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_command, worker_argv
+from forde.sweep.outages import patiently
+from forde.sweep.storage import SweepStorage
 from forde.sweep.study import Study
 from forde.sweep.summary import best_table, status
-from forde.sweep.worker import EXIT_ENVIRONMENT, Sweep, run_worker, serve
+from forde.sweep.worker import Sweep, run_worker, serve
 
 __all__ = ["main", "parse_args"]
 
@@ -181,18 +181,11 @@ def account_for_workers(sweep: Sweep, procs: dict[subprocess.Popen, str | None],
     host = socket.gethostname()
     # the trial each worker was on when it died: still running, or already failed by another worker's check
     last_trial = {t.user_attrs.get(WORKER): t for t in sweep.trials() if fate(t) in (RUNNING, KILLED, GIVEN_UP)}
+    stopped = {}
     if len(received) > 1:  # killed by their launcher on request: stopped, not lost to the machine's memory
-        killed = {f"{host}:{p.pid}" for p in procs if p.returncode == -signal.SIGKILL}
-        with sweep.storage.budget_lock(sweep.study.name):
-            for worker, t in last_trial.items():
-                if worker in killed and t.state == TrialState.RUNNING:
-                    sweep.fail(
-                        t.number,
-                        INTERRUPTED,
-                        f"interrupted: a second {signal.Signals(received[1]).name} to the launcher killed its "
-                        "worker; resumes from its last checkpoint when the sweep is re-run",
-                    )
-    sweep.settle()  # a dead worker's trial: failed with its reason, queued again
+        how = f"a second {signal.Signals(received[1]).name} to the launcher"
+        stopped = {f"{host}:{p.pid}": how for p in procs if p.returncode == -signal.SIGKILL}
+    sweep.settle(stopped)  # a dead worker's trial: failed with its reason, queued again
     ledger = Ledger(sweep.trials())
     code = 0
     for p, dev in procs.items():

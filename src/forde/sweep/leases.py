@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from forde.sweep.lifecycle import TRANSIENT_ERRNOS
+
 log = logging.getLogger(__name__)
 
 FREE = ".free"
@@ -102,17 +104,25 @@ class FileLease:
         )
 
     def _refresh(self) -> None:
+        """Renew the lease every refresh_s; a filesystem that stalls for a moment (an NFS EIO or ESTALE) skips a
+        renewal, and only a lease file that is gone (taken over and cleaned up) ends the renewals."""
+        failing = False
         while not self._stop.wait(self.refresh_s):
             try:
                 os.utime(self._file(self.number))
+                failing = False
             except OSError as err:
-                log.error(
-                    "the lock %s was lost (%s): it was not renewed for %d s and another process took it over",
-                    self.folder,
-                    err.strerror,
-                    self.ttl_s,
-                )
-                return
+                if err.errno not in TRANSIENT_ERRNOS:
+                    log.error(
+                        "the lock %s was lost (%s): it was not renewed for %d s and another process took it over",
+                        self.folder,
+                        err.strerror,
+                        self.ttl_s,
+                    )
+                    return
+                if not failing:
+                    log.warning("the lock %s could not be renewed (%s); trying again", self.folder, err.strerror)
+                failing = True
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

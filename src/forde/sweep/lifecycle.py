@@ -34,21 +34,25 @@ configuration. The rules (`decide`, asked under the budget lock):
 from __future__ import annotations
 
 import errno
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
-from forde.sweep.storage import is_storage_error
+from forde.sweep.records import lineage, params_of
 
 FAILURE, REASON = "failure", "fail_reason"  # user attributes of a failed attempt
 STARTED = (
     "run_dir"  # user attribute set as the attempt's run begins (each attempt sets it: a retry does not inherit it)
 )
 WORKER = "worker"  # user attribute: host:pid of the worker that took the attempt
+WORKER_START = "worker_start"  # user attribute: when that process started (its pid may be another's later)
 CARRIED = ("config_params",)  # user attributes a retry inherits from the attempt it retries
 
 QUEUED, RUNNING, DONE = "queued", "running", "done"
@@ -56,59 +60,131 @@ TRIAL, ENVIRONMENT, KILLED, INTERRUPTED, GIVEN_UP = "trial", "environment", "kil
 DUPLICATE, NOT_STARTED = "duplicate", "not_started"
 RETRIED = (ENVIRONMENT, KILLED, INTERRUPTED)
 DISCARDED = (DUPLICATE, NOT_STARTED)
-MAX_RETRIES = 3  # failures of the environment or kills of one configuration that are retried
 
-# errno values that say the environment failed, whatever the path
-ENVIRONMENT_ERRNOS = {
+
+# -- the sweep's constants -------------------------------------------------------------------------------------
+def _scaled(seconds: float) -> float:
+    """$FORDE_SWEEP_TIME_SCALE multiplies every time below (the tests run the rules 10x faster)."""
+    return seconds * float(os.environ.get("FORDE_SWEEP_TIME_SCALE", "1"))
+
+
+MAX_RETRIES = 3  # failures of the environment or kills of one configuration that are retried
+MAX_ENV_FAILURES = 3  # a worker stops after this many failures of the environment in a row
+MAX_DRAWS = 10  # samples in a row that repeat a tried configuration before a worker says the space is exhausted
+BACKOFF_S = _scaled(2.0)  # the pause after an environment failure, times the failures in a row
+HEARTBEAT_S = _scaled(20)  # a running trial's worker shows it is alive this often
+GRACE_S = _scaled(60)  # ... and is taken for dead after this long without a sign, while the storage was up
+OUTAGE_S = _scaled(300)  # how long a storage may be away before a worker counts it as a failure of the environment
+LEASE_REFRESH_S = _scaled(5)  # the journal's budget lease is renewed this often, and lost after GRACE_S
+
+
+# -- what failed: the configuration, or the environment ------------------------------------------------------
+# errno values that pass with waiting: a connection or a network filesystem that comes back
+TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+    errno.ENOTCONN,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EAGAIN,
+}
+# errno values that say the environment failed, whatever the path: the transient ones, and those that last
+ENVIRONMENT_ERRNOS = TRANSIENT_ERRNOS | {
     errno.ENOSPC,
     errno.EDQUOT,
     errno.EROFS,
     errno.EACCES,
     errno.EPERM,
-    errno.EIO,
-    errno.ESTALE,
-    errno.ENOTCONN,
-    errno.ETIMEDOUT,
-    errno.ECONNREFUSED,
-    errno.ECONNRESET,
-    errno.EHOSTUNREACH,
-    errno.ENETUNREACH,
     errno.EMFILE,
     errno.ENFILE,
 }
+LASTING = ("no space left", "disk is full", "diskfull", "read-only", "readonly", "permission denied", "quota")
+# What a storage raises when the database or the filesystem under it fails.
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
+# An accelerator that failed (an illegal memory access, an ECC error, a lost device): the error sticks to the
+# process, so every later trial of its worker would fail in seconds
+ACCELERATOR_MESSAGES = (
+    "cuda error",
+    "cublas_status_",
+    "cudnn_status_",
+    "cudnn error",
+    "illegal memory access",
+    "uncorrectable ecc error",
+    "device-side assert",
+    "nccl error",
+    "hip error",
+    "xpu error",
+)
 
 
-def fate(t: FrozenTrial) -> str:
-    if t.state == TrialState.WAITING:
-        return QUEUED
-    if t.state == TrialState.RUNNING:
-        return RUNNING
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return DONE
-    return t.user_attrs.get(FAILURE, TRIAL)
+def is_storage_error(err: BaseException) -> bool:
+    """An error of the database layer (an OSError of the journal's file is judged by its errno, as any OSError)."""
+    return isinstance(err, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError))
 
 
-def lineage(t: FrozenTrial) -> int:
-    """The number of the configuration an attempt belongs to: its first attempt's."""
-    return t.system_attrs.get("failed_trial", t.number)
+def causes(err: BaseException) -> list[BaseException]:
+    """`err` and the errors the database layer wrapped in it: Optuna's StorageInternalError around SQLAlchemy's
+    error, around the driver's own (`orig`)."""
+    chain = [err]
+    while (
+        is_storage_error(chain[-1])
+        and (inner := getattr(chain[-1], "orig", None) or chain[-1].__cause__) is not None
+        and inner not in chain
+    ):
+        chain.append(inner)
+    return chain
 
 
-def params_of(t: FrozenTrial) -> dict[str, Any]:
-    """The parameters an attempt runs with: sampled, or fixed when it was queued as a grid point."""
-    return t.params or t.system_attrs.get("fixed_params", {})
+def root_cause(err: BaseException) -> BaseException:
+    """The driver's or the system's own error (Optuna's StorageInternalError says "invalid data in the commit"
+    for a refused connection and for a full disk alike)."""
+    return causes(err)[-1]
 
 
-# -- what failed: the configuration, or the environment ------------------------------------------------------
+def describe(err: BaseException) -> str:
+    """'Type: first line of the message', of the root cause."""
+    cause = root_cause(err)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether waiting may cure a storage error: a connection or a filesystem that comes back, not a full disk or
+    a denied write."""
+    cause = root_cause(err)
+    if any(word in f"{type(cause).__name__}: {cause}".lower() for word in LASTING):
+        return False
+    if isinstance(cause, OSError):
+        return cause.errno in TRANSIENT_ERRNOS or isinstance(cause, (ConnectionError, TimeoutError))
+    return any(isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) for e in causes(err))
+
+
+def is_accelerator_error(err: BaseException) -> bool:
+    """A failure of the GPU itself, which no later trial in the same process survives (not out of memory, which
+    is the configuration's)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in ACCELERATOR_MESSAGES)
+
+
 def classify(err: BaseException, own_paths: Iterable[Path] = ()) -> str:
     """ENVIRONMENT only for what is positively known to come from outside the configuration; TRIAL for the rest
     (Optuna's default: an error nobody classified is the trial's own, fails once and counts).
 
-    The environment: the storage, a missing dataset, W&B, the network, and an OSError whose errno says the
-    system failed (disk full, read-only, permission denied, ...) or whose path is one of the run's own
-    (`own_paths`: the run and study directories, the data root)."""
+    The environment: the storage, a missing dataset, W&B, the network, a failed accelerator, and an OSError whose
+    errno says the system failed (disk full, read-only, permission denied, ...) or whose path is one of the
+    run's own (`own_paths`: the run and study directories, the data root)."""
     from forde.config import MissingDataError
 
-    if isinstance(err, MissingDataError) or is_storage_error(err) or _is_wandb_error(err):
+    if isinstance(err, MissingDataError) or is_storage_error(err) or _is_wandb_error(err) or is_accelerator_error(err):
         return ENVIRONMENT
     if isinstance(err, OSError):
         if err.errno in ENVIRONMENT_ERRNOS or isinstance(err, (ConnectionError, TimeoutError)):
@@ -120,11 +196,62 @@ def classify(err: BaseException, own_paths: Iterable[Path] = ()) -> str:
     return TRIAL
 
 
+def expected(err: BaseException) -> bool:
+    """An error trials end with now and then (a bad config, divergence, out of memory, the environment): one line
+    in the log; anything else comes with its traceback, to find the bug."""
+    import torch
+
+    from forde.config import ConfigError
+    from forde.train import NonFiniteLossError
+
+    return isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError)) or (
+        classify(err) == ENVIRONMENT and not is_accelerator_error(err)
+    )
+
+
 def _is_wandb_error(err: BaseException) -> bool:
     import sys
 
     wandb = sys.modules.get("wandb")  # W&B raised it only if it is loaded
     return wandb is not None and isinstance(err, wandb.errors.Error)
+
+
+# -- is a running attempt's worker alive? ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Observer:
+    """Who asks, and what it can see: its host, whether a process of that host still runs (pid, start), and
+    since when it has seen the storage up without a break (heartbeats cannot reach a storage that is away)."""
+
+    tag: str
+    host: str
+    process_alive: Callable[[int, float | None], bool]
+    storage_up_since: float
+
+
+def gone(t: FrozenTrial, last_beat: float, now: float, me: Observer) -> str | None:
+    """Why a running attempt's worker is gone; None while it lives. On the worker's own host its process says
+    (alive whatever its heartbeats); elsewhere, no heartbeat for GRACE_S seconds of storage that was up."""
+    tag = t.user_attrs.get(WORKER, "")
+    if not tag or tag == me.tag:
+        return "its worker stopped while taking it (it died, or lost the storage)"
+    host, _, pid = tag.rpartition(":")
+    if host == me.host and pid.isdigit():
+        if me.process_alive(int(pid), t.user_attrs.get(WORKER_START)):
+            return None
+        return f"its worker (pid {pid} on {host}) died during the trial (killed, or out of memory)"
+    if now - max(last_beat, me.storage_up_since) > GRACE_S:
+        return f"its worker (pid {pid} on {host}) sent no heartbeat for {GRACE_S:.0f} s (killed, or its machine lost)"
+    return None
+
+
+def fate(t: FrozenTrial) -> str:
+    if t.state == TrialState.WAITING:
+        return QUEUED
+    if t.state == TrialState.RUNNING:
+        return RUNNING
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return DONE
+    return t.user_attrs.get(FAILURE, TRIAL)
 
 
 # -- configurations ------------------------------------------------------------------------------------------
@@ -233,11 +360,22 @@ def decide(
     grid: list[dict[str, Any]],
     samples: bool,
     gone: Callable[[FrozenTrial], str | None],
+    stopped: dict[str, str] | None = None,
 ) -> Decision:
     """The one answer to "may a worker start something now, and what?". `gone(attempt)` says why a running
-    attempt's worker is gone (None while it lives); `samples` is False for a grid study."""
-    before, d = Ledger(trials), Decision()
+    attempt's worker is gone (None while it lives); `samples` is False for a grid study; `stopped`: the workers
+    (host:pid) that their launcher killed on request (a second Ctrl-C), and how: their attempts were interrupted."""
+    before, d, stopped = Ledger(trials), Decision(), stopped or {}
     for t in before.running():
+        if (how := stopped.get(t.user_attrs.get(WORKER, ""))) is not None and STARTED in t.user_attrs:
+            d.fail.append(
+                Failure(
+                    t,
+                    INTERRUPTED,
+                    f"interrupted: {how} killed its worker; resumes from its last checkpoint when the sweep is re-run",
+                )
+            )
+            continue
         why = gone(t)
         if why is None:
             continue

@@ -14,7 +14,8 @@ import optuna
 
 from forde import interrupts
 from forde.config import ConfigError
-from forde.sweep.storage import STORAGE_ERRORS, SweepStorage, default_url, describe
+from forde.sweep.lifecycle import STORAGE_ERRORS, describe
+from forde.sweep.storage import SweepStorage, default_url
 from forde.sweep.study import Study, load_study
 
 

@@ -1,13 +1,14 @@
 """One sweep worker: takes trials from the shared Optuna study until the budget is spent.
 
-The rules (what an attempt can become, what the budget counts, what is retried) are in forde.sweep.lifecycle;
-this module carries them out against the storage: it reads the study once per decision under the budget lock
-(see forde.sweep.storage), fails the attempts of dead workers, queues retries and grid points, takes a trial,
-trains it, and records how it ended, the storage first and the tracker after.
+The rules (what an attempt can become, what the budget counts, what is retried, when a worker is taken for dead)
+are in forde.sweep.lifecycle; this module carries them out against the storage: it reads the study once per
+decision under the budget lock (forde.sweep.locks), checks that it still holds the lock before it writes what it
+decided, fails the attempts of dead workers, queues retries and grid points, takes a trial, trains it in its run
+directory (locked: forde.run_lock), and records how it ended, the storage first and the tracker after.
 
 A worker stops after MAX_ENV_FAILURES failures of the environment in a row (the cause is lasting: fix it and
-re-run), with exit code EXIT_ENVIRONMENT; a storage that is unavailable for a while (up to OUTAGE_S) is waited
-for, not counted.
+re-run), and at once when its accelerator fails (the error sticks to the process), with exit code
+EXIT_ENVIRONMENT; a storage that is unavailable for a while (up to OUTAGE_S) is waited for, not counted.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from forde import interrupts
-from forde.config import ConfigError
-from forde.interrupts import Interrupted
+from forde import interrupts, run_lock
+from forde.interrupts import Interrupted, Superseded
 from forde.sweep.lifecycle import (
+    BACKOFF_S,
     CARRIED,
     DONE,
     DUPLICATE,
@@ -37,29 +37,39 @@ from forde.sweep.lifecycle import (
     FAILURE,
     GIVEN_UP,
     INTERRUPTED,
+    MAX_DRAWS,
+    MAX_ENV_FAILURES,
+    NOT_STARTED,
     REASON,
     STARTED,
+    STORAGE_ERRORS,
     TRIAL,
     WORKER,
+    WORKER_START,
     Decision,
     Failure,
     Ledger,
+    Observer,
     classify,
     decide,
+    describe,
+    expected,
+    gone,
+    is_accelerator_error,
     lineage,
 )
+from forde.sweep.locks import Held, LockLost
 from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_command
-from forde.sweep.storage import GRACE_S, STORAGE_ERRORS, SweepStorage, describe, patiently
+from forde.sweep.outages import patiently, storage_up_since
+from forde.sweep.records import retry_of
+from forde.sweep.storage import SweepStorage
 from forde.sweep.study import Study
 from forde.tracking import WandbRun
-from forde.train import NonFiniteLossError, train
+from forde.train import train
 
 log = logging.getLogger(__name__)
 
-MAX_ENV_FAILURES = 3
-BACKOFF_S = 2.0
-MAX_DRAWS = 10
-PRUNED = "pruned"
+PRUNED, SUPERSEDED = "pruned", "superseded"
 
 
 def open_study(study: Study, storage: SweepStorage) -> optuna.Study:
@@ -91,19 +101,32 @@ def run_name_of(configuration: int) -> str:
     return f"trial-{configuration:04d}"
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host still runs (a zombie whose parent has not reaped it yet does not)."""
+def process_start(pid: int) -> int | None:
+    """When a process of this host started (clock ticks since boot), or None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, started: float | None = None) -> bool:
+    """Whether a process of this host still runs (a zombie whose parent has not reaped it yet does not), and is the
+    one that started at `started` (a pid is reused once its process is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
     except (OSError, IndexError):
         return True
+    now_started = process_start(pid)
+    return started is None or now_started is None or now_started == started
 
 
 class Sweep:
@@ -113,49 +136,36 @@ class Sweep:
     def __init__(self, study: Study, storage: SweepStorage):
         self.study, self.storage = study, storage
         self.opt = open_study(study, storage)
-        self.backend = storage.optuna
-        self.study_id = self.backend.get_study_id_from_name(study.name)
-        self.heartbeats = storage.heartbeats(study.name)
+        self.records = storage.records(study.name)
+        self.heartbeats = storage.heartbeats(self.records, study.name)
         self.host = socket.gethostname()
         self.tag = f"{self.host}:{os.getpid()}"
-        self._ids: dict[int, int] = {}
+        self.started = process_start(os.getpid())
 
     def trials(self) -> list[FrozenTrial]:
         return self.opt.get_trials(deepcopy=False)
 
-    def trial_id(self, number: int) -> int:
-        if number not in self._ids:
-            self._ids[number] = self.backend.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        return self._ids[number]
+    def observer(self) -> Observer:
+        return Observer(self.tag, self.host, process_alive, storage_up_since())
 
-    def gone(self, t: FrozenTrial) -> str | None:
-        """Why a running attempt's worker is gone; None while it lives. Asked under the budget lock, where a
-        worker takes and tags a trial in one go, and while this process runs no trial of its own."""
-        tag = t.user_attrs.get(WORKER, "")
-        if not tag or tag == self.tag:
-            return "its worker stopped while taking it (it died, or lost the storage)"
-        host, _, pid = tag.rpartition(":")
-        if host == self.host and pid.isdigit() and not pid_alive(int(pid)):
-            return f"its worker (pid {pid} on {host}) died during the trial (killed, or out of memory)"
-        if time.time() - self.heartbeats.last(t) > GRACE_S:
-            return f"its worker (pid {pid} on {host}) sent no heartbeat for {GRACE_S} s (killed, or its machine lost)"
-        return None
-
-    def decide(self) -> Decision:
-        s = self.study
-        return decide(self.trials(), s.n_trials, [s.stored(p) for p in s.grid], s.samples, self.gone)
+    def decide(self, stopped: dict[str, str] | None = None) -> Decision:
+        s, me, now = self.study, self.observer(), time.time()
+        return decide(
+            self.trials(),
+            s.n_trials,
+            [s.stored(p) for p in s.grid],
+            s.samples,
+            lambda t: gone(t, self.heartbeats.last(t), now, me),
+            stopped,
+        )
 
     def fail(self, number: int, kind: str, reason: str) -> bool:
         """Record why, then FAIL the attempt; False when it had finished meanwhile."""
-        trial_id = self.trial_id(number)
-        try:
-            self.backend.set_trial_user_attr(trial_id, FAILURE, kind)
-            self.backend.set_trial_user_attr(trial_id, REASON, reason)
-            return self.backend.set_trial_state_values(trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return False
+        return self.records.fail(number, {FAILURE: kind, REASON: reason})
 
-    def carry_out(self, d: Decision) -> None:
+    def carry_out(self, d: Decision, held: Held) -> None:
+        """What `d` says, once `held` shows the lock it was decided under is still this process's."""
+        held.check()
         for f in d.fail:
             if self.fail(f.attempt.number, f.kind, f.reason):
                 log.warning("trial %d: %s", f.attempt.number, f.reason)
@@ -168,22 +178,7 @@ class Sweep:
     def requeue(self, failed: FrozenTrial, failure: Failure | None = None) -> None:
         """Queue a retry of `failed`: same parameters, run directory and reports, so it resumes from the checkpoint.
         `failure`: how it failed, when this decision failed it (`failed` was read before)."""
-        system = {
-            "failed_trial": lineage(failed),
-            "retry_history": [*failed.system_attrs.get("retry_history", []), failed.number],
-        }
-        if "fixed_params" in failed.system_attrs:
-            system["fixed_params"] = failed.system_attrs["fixed_params"]
-        self.opt.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING,
-                params=failed.params,
-                distributions=failed.distributions,
-                user_attrs={k: v for k, v in failed.user_attrs.items() if k in CARRIED},
-                system_attrs=system,
-                intermediate_values=failed.intermediate_values,
-            )
-        )
+        self.opt.add_trial(retry_of(failed, {k: v for k, v in failed.user_attrs.items() if k in CARRIED}))
         number = lineage(failed)
         retry = f"a retry of trial {number}, " if number != failed.number else ""
         kind, reason = (
@@ -195,37 +190,60 @@ class Sweep:
             "trial %d (%srun %s, %s) queued again after: %s", failed.number, retry, run_name_of(number), kind, reason
         )
 
-    def settle(self) -> None:
-        """Under the budget lock: fail dead workers' attempts and queue their retries, taking nothing."""
-        with self.storage.budget_lock(self.study.name):
-            d = self.decide()
-            self.carry_out(Decision(fail=d.fail, requeue=d.requeue))
+    def settle(self, stopped: dict[str, str] | None = None) -> None:
+        """Under the budget lock: fail dead workers' attempts (`stopped`: workers the launcher killed on request,
+        and how: their attempts are interrupted) and queue their retries, taking nothing."""
+        while True:
+            try:
+                with self.storage.budget_lock(self.study.name) as held:
+                    d = self.decide(stopped)
+                    self.carry_out(Decision(fail=d.fail, requeue=d.requeue), held)
+                return
+            except LockLost as err:
+                log.warning("lost the budget lock while deciding (%s); deciding again", err)
 
     def take(self) -> tuple[optuna.Trial, dict[str, Any]] | None:
         """Under the budget lock: decide, carry it out, and take what it says (a queued trial, or a new sample
-        the study has not tried); None when nothing is left to start."""
-        with self.storage.budget_lock(self.study.name):
-            d = self.decide()
-            self.carry_out(d)
-            if d.take is None:
-                log.info("worker %d: nothing left to start in study '%s': %s", os.getpid(), self.study.name, d.done)
-                return None
-            for _ in range(MAX_DRAWS):
-                trial = self.opt.ask()
-                trial.set_user_attr(WORKER, self.tag)
-                params = self.study.suggest(trial)
-                assert d.ledger is not None  # decide() always sets it
-                twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
-                if twin is None:
-                    return trial, params
-                self.fail(
-                    trial.number,
-                    DUPLICATE,
-                    f"the sampler proposed trial {twin}'s configuration again; discarded before it started",
-                )
-                log.info(
-                    "trial %d: the sampler proposed trial %d's configuration again; drawing another", trial.number, twin
-                )
+        the study has not tried); None when nothing is left to start. A decision whose lock was lost meanwhile is
+        undone as far as it went, and made again."""
+        while True:
+            interrupts.check()
+            try:
+                with self.storage.budget_lock(self.study.name) as held:
+                    return self._take(held)
+            except (LockLost, UpdateFinishedTrialError) as err:
+                why = err if isinstance(err, LockLost) else "a trial it took was failed by another worker meanwhile"
+                log.warning("worker %d lost the budget lock while deciding (%s); deciding again", os.getpid(), why)
+
+    def _take(self, held: Held) -> tuple[optuna.Trial, dict[str, Any]] | None:
+        d = self.decide()
+        self.carry_out(d, held)
+        if d.take is None:
+            log.info("worker %d: nothing left to start in study '%s': %s", os.getpid(), self.study.name, d.done)
+            return None
+        assert d.ledger is not None  # decide() always sets it
+        for _ in range(MAX_DRAWS):
+            trial = self.opt.ask()
+            trial.set_user_attr(WORKER, self.tag)
+            if self.started is not None:
+                trial.set_user_attr(WORKER_START, self.started)
+            try:
+                held.check()  # the trial was taken under the lock: else another worker may have counted it
+            except LockLost:
+                self.fail(trial.number, NOT_STARTED, "taken under a budget lock this worker had lost; discarded")
+                raise
+            params = self.study.suggest(trial)
+            twin = None if d.take == "queued" else d.ledger.duplicate_of(trial.params, trial.number)
+            if twin is None:
+                return trial, params
+            self.fail(
+                trial.number,
+                DUPLICATE,
+                f"the sampler proposed trial {twin}'s configuration again; discarded before it started",
+            )
+            log.info(
+                "trial %d: the sampler proposed trial %d's configuration again; drawing another", trial.number, twin
+            )
         log.warning(
             "the sampler proposed only configurations the study has tried (%d draws in a row): the search "
             "space looks exhausted; stopping",
@@ -253,26 +271,18 @@ class PruningReporter:
 
 @dataclass
 class Ending:
-    """How an attempt ended: `cause` is DONE, PRUNED, INTERRUPTED, TRIAL or ENVIRONMENT."""
+    """How an attempt ended: `cause` is DONE, PRUNED, INTERRUPTED, SUPERSEDED, TRIAL or ENVIRONMENT."""
 
     cause: str
     reason: str | None = None
     values: list[float] | None = None
     summary: dict | None = None
     stop: BaseException | None = None  # a signal's exception, raised on once the attempt is recorded
+    device_failed: bool = False  # the accelerator failed: this worker cannot train anything else
 
     @property
     def tracker_outcome(self) -> str:
         return {DONE: "finished", PRUNED: "pruned", INTERRUPTED: "interrupted"}.get(self.cause, "failed")
-
-
-def _expected(err: BaseException) -> bool:
-    """An error trials end with now and then (a bad config, divergence, out of memory, the environment): one line
-    in the log; anything else comes with its traceback, to find the bug."""
-    return (
-        isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError))
-        or classify(err) == ENVIRONMENT
-    )
 
 
 class TrialRunner:
@@ -282,58 +292,45 @@ class TrialRunner:
         self.sweep, self.study_dir, self.use_wandb = sweep, study_dir, use_wandb
         self.train_fn = train_fn or train
 
-    def run(self, trial: optuna.Trial, params: dict[str, Any]) -> tuple[str, str | None]:
-        """Train and record; returns the cause (DONE, PRUNED, TRIAL or ENVIRONMENT) and the failure's reason.
-        A signal's Interrupted (or submitit's SystemExit) is raised on once the attempt is recorded."""
+    def run(self, trial: optuna.Trial, params: dict[str, Any]) -> Ending:
+        """Train and record. Whatever the attempt raises ends here, in one Ending written to the storage: a signal's
+        Interrupted (or submitit's SystemExit) is raised on once the attempt is recorded."""
         sweep, study = self.sweep, self.sweep.study
-        frozen = sweep.backend.get_trial(sweep.trial_id(trial.number))
-        number = lineage(frozen)
-        run_name = run_name_of(number)
-        run_dir = self.study_dir / "runs" / run_name
-        cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
-        cfg.run.wandb.group = cfg.run.wandb.group or study.name
-        if not self.use_wandb:
-            cfg.run.wandb.mode = "disabled"
-        patiently(trial.set_user_attr, STARTED, str(run_dir), what="starting a trial")  # the run begins
-        if "config_params" not in frozen.user_attrs:  # a retry inherits them
-            patiently(trial.set_user_attr, "config_params", params, what="starting a trial")
-        log.info("trial %d (%s): %s", trial.number, run_name, params)
-        own_paths = [self.study_dir, Path(cfg.data.root)] + ([sweep.storage.path.parent] if sweep.storage.path else [])
+        own_paths = [self.study_dir] + ([sweep.storage.path.parent] if sweep.storage.path else [])
         tracker = None
-        with sweep.heartbeats.running(trial.number, sweep.trial_id(trial.number)):
-            try:
-                tracker = WandbRun(
-                    cfg,
-                    run_dir,
-                    run_id=f"{study.name}-{run_name}",
-                    name=run_name,
-                    extra_config={"trial": number, "study": study.name, "params": params},
-                )
-                results = self.train_fn(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
-                ending = Ending(
-                    DONE, values=[results["summary"][o.metric] for o in study.objectives], summary=results["summary"]
-                )
-            except optuna.TrialPruned as err:
-                ending = Ending(PRUNED, reason=str(err))
-            except (Interrupted, SystemExit) as err:  # SystemExit: submitit requeueing a preempted Slurm job
-                cause = (
-                    f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
-                )
-                ending = Ending(
-                    INTERRUPTED,
-                    f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run",
-                    stop=err,
-                )
-            except Exception as err:
-                cause = classify(err, own_paths)
-                ending = Ending(cause, describe(err))
-                log.error(
-                    "trial %d failed (%s): %s",
-                    trial.number,
-                    "the environment" if cause == ENVIRONMENT else "the trial itself",
-                    ending.reason,
-                    exc_info=not _expected(err),
-                )
+        try:
+            with sweep.heartbeats.running(trial.number, lambda why: interrupts.stop_run(Superseded(why))):
+                frozen = patiently(sweep.records.get, trial.number, what="starting a trial")
+                number = lineage(frozen)
+                run_name = run_name_of(number)
+                run_dir = self.study_dir / "runs" / run_name
+                cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
+                own_paths.append(Path(cfg.data.root))
+                cfg.run.wandb.group = cfg.run.wandb.group or study.name
+                if not self.use_wandb:
+                    cfg.run.wandb.mode = "disabled"
+                with run_lock.hold(run_dir, waiting=self._waiting(trial.number, run_name)):
+                    started: dict[str, Any] = {STARTED: str(run_dir)}  # the run begins
+                    if "config_params" not in frozen.user_attrs:  # a retry inherits them
+                        started["config_params"] = params
+                    if not patiently(sweep.records.set_user_attrs, trial.number, started, what="starting a trial"):
+                        raise Superseded("failed by another worker before its run began")
+                    log.info("trial %d (%s): %s", trial.number, run_name, params)
+                    tracker = WandbRun(
+                        cfg,
+                        run_dir,
+                        run_id=f"{study.name}-{run_name}",
+                        name=run_name,
+                        extra_config={"trial": number, "study": study.name, "params": params},
+                    )
+                    results = self.train_fn(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
+            ending = Ending(
+                DONE, values=[results["summary"][o.metric] for o in study.objectives], summary=results["summary"]
+            )
+        except BaseException as err:  # noqa: B036 (every way out of an attempt is recorded, then raised on if a stop)
+            ending = self.ending_of(trial.number, err, own_paths)
+        finally:
+            interrupts.run_stopped()
         try:
             patiently(self.record, trial, ending, what="recording a trial")  # the storage first ...
         finally:
@@ -342,10 +339,67 @@ class TrialRunner:
             sweep.heartbeats.forget(trial.number)
         if ending.stop is not None:
             raise ending.stop
-        return ending.cause, ending.reason
+        return ending
+
+    def _waiting(self, number: int, run_name: str) -> Callable[[str], None]:
+        """While another process still trains the run directory: say so once a minute, and stop on a signal."""
+        said = [0.0]
+
+        def waiting(holder: str) -> None:
+            if time.monotonic() - said[0] >= 60:
+                said[0] = time.monotonic()
+                log.warning(
+                    "trial %d: run %s is still trained by %s (taken for dead, it has not noticed yet); waiting for it "
+                    "to stop",
+                    number,
+                    run_name,
+                    holder,
+                )
+            interrupts.check()
+
+        return waiting
+
+    def ending_of(self, number: int, err: BaseException, own_paths: list[Path]) -> Ending:
+        """What an exception that ended an attempt makes of it."""
+        if isinstance(err, optuna.TrialPruned):
+            return Ending(PRUNED, reason=str(err))
+        if isinstance(err, (Superseded, UpdateFinishedTrialError)):
+            why = str(err) if isinstance(err, Superseded) else "failed by another worker while it started"
+            log.warning(
+                "trial %d was taken over while it ran (%s): stopped here; its retry resumes from the checkpoint",
+                number,
+                why,
+            )
+            return Ending(SUPERSEDED, why)
+        if isinstance(err, Interrupted) or (isinstance(err, SystemExit) and interrupts.raised_by_signal(err)):
+            cause = f"by {err}" if isinstance(err, Interrupted) else "by an exit request (a time limit or preemption)"
+            return Ending(
+                INTERRUPTED, f"interrupted {cause}; resumes from its last checkpoint when the sweep is re-run", stop=err
+            )
+        if isinstance(err, SystemExit):  # the trial's own code called sys.exit
+            reason = f"SystemExit: the trial's code called sys.exit({err.code!r})"
+            log.error("trial %d failed (the trial itself): %s", number, reason)
+            return Ending(TRIAL, reason)
+        if not isinstance(err, Exception):  # KeyboardInterrupt and the like: a stop, recorded, then raised on
+            return Ending(
+                INTERRUPTED, f"interrupted by {type(err).__name__}; resumes from its last checkpoint", stop=err
+            )
+        cause = classify(err, own_paths)
+        device = is_accelerator_error(err)
+        reason = describe(err) + (" (the accelerator failed: its worker stops)" if device else "")
+        log.error(
+            "trial %d failed (%s): %s",
+            number,
+            "the environment" if cause == ENVIRONMENT else "the trial itself",
+            reason,
+            exc_info=not expected(err),
+        )
+        return Ending(cause, reason, device_failed=device)
 
     def record(self, trial: optuna.Trial, ending: Ending) -> None:
         sweep, opt = self.sweep, self.sweep.opt
+        if ending.cause == SUPERSEDED:  # another worker failed it already and queued its retry
+            return
         if ending.cause in (DONE, PRUNED):
             try:
                 if ending.summary is not None:
@@ -357,7 +411,7 @@ class TrialRunner:
                     skip_if_finished=True,
                 )
             except UpdateFinishedTrialError:  # failed by another worker between the two writes, or during tell
-                told = sweep.backend.get_trial(sweep.trial_id(trial.number))
+                told = sweep.records.get(trial.number)
             if told.state == TrialState.FAIL:
                 log.warning(
                     "trial %d finished after another worker declared it dead; its retry reads the results "
@@ -367,7 +421,7 @@ class TrialRunner:
             return
         kind, reason = ending.cause, ending.reason or ending.cause
         if kind in (TRIAL, ENVIRONMENT):
-            config = Ledger(sweep.trials()).of(sweep.backend.get_trial(sweep.trial_id(trial.number)))
+            config = Ledger(sweep.trials()).of(sweep.records.get(trial.number))
             kind = config.failure_kind(kind)
             if kind == GIVEN_UP:
                 reason = config.given_up_reason(reason)
@@ -381,7 +435,8 @@ def run_worker(
     study: Study, storage: SweepStorage, study_dir: Path, *, use_wandb: bool = True, train_fn: Callable | None = None
 ) -> int:
     """Take trials until none is left; returns the process exit code (EXIT_ENVIRONMENT when a lasting
-    problem of the environment stopped it). `train_fn` replaces forde.train.train (benchmarks, tests)."""
+    problem of the environment, or a failed accelerator, stopped it). `train_fn` replaces forde.train.train
+    (benchmarks, tests)."""
     sweep = patiently(Sweep, study, storage, what="opening the study")
     runner = TrialRunner(sweep, study_dir, use_wandb=use_wandb, train_fn=train_fn)
     in_a_row = 0
@@ -391,10 +446,19 @@ def run_worker(
             picked = patiently(sweep.take, what="taking a trial")
             if picked is None:
                 break
-            cause, reason = runner.run(*picked)
+            ending = runner.run(*picked)
+            cause, reason = ending.cause, ending.reason
         except STORAGE_ERRORS as err:
-            cause, reason = ENVIRONMENT, f"storage {storage.display}: {describe(err)}"
+            ending, cause, reason = None, ENVIRONMENT, f"storage {storage.display}: {describe(err)}"
             log.error("worker %d: %s", os.getpid(), reason)
+        if ending is not None and ending.device_failed:
+            log.error(
+                "worker %d: stopping, its accelerator failed (%s); its trial is retried from its checkpoint by another "
+                "worker. Check the GPU (nvidia-smi) and re-run the same command",
+                os.getpid(),
+                reason,
+            )
+            return EXIT_ENVIRONMENT
         if cause != ENVIRONMENT:
             in_a_row = 0
             continue
