@@ -8,7 +8,6 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import forde.train
 from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify, is_accelerator_error
 from forde.sweep.options import EXIT_ENVIRONMENT
 from sweep_support import budget_used, launch, load
@@ -118,5 +117,6 @@ def test_a_keyboard_interrupt_inside_a_trial_is_recorded_before_it_is_raised_on(
 def test_training_is_the_sweep_s_own_function():
     """The tests above replace the worker's reference to train(), which must be forde.train's."""
     import forde.sweep.worker
+    import forde.train
 
     assert forde.sweep.worker.train is forde.train.train
