@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,9 +29,11 @@ from pathlib import Path
 import optuna
 
 from forde import interrupts
+from forde.atomic import write_atomic
 from forde.config import ConfigError, identity_changes
 from forde.interrupts import Interrupted
 from forde.sweep import slurm
+from forde.sweep.folder import BEST, OWNER, check_folder, save_study_file
 from forde.sweep.lifecycle import DONE, GIVEN_UP, KILLED, RUNNING, WORKER, Ledger, fate, lineage
 from forde.sweep.options import EXIT_ENVIRONMENT, parse_args, resolve, run_command, worker_argv
 from forde.sweep.outages import patiently
@@ -47,7 +48,6 @@ log = logging.getLogger("forde.sweep")
 
 SETTINGS = "settings"  # study user attribute: what every trial shares (see Study.settings)
 STUDY_ID = "forde_study_id"  # study user attribute, and the first line of STUDY_DIR/study.id: the folder's study
-OWNER = "study.id"
 
 
 def prepare_inputs(study: Study) -> None:
@@ -141,7 +141,7 @@ def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> No
         mine = uuid.uuid4().hex
         opt.set_user_attr(STUDY_ID, mine)
     if held is None:
-        marker.write_text(f"{mine}\n{storage.display}\n")
+        write_atomic(marker, f"{mine}\n{storage.display}\n")
 
 
 def spawn_workers(args: argparse.Namespace, devices: Sequence[str | None], sweep: Sweep) -> int:
@@ -248,13 +248,14 @@ def launch(args: argparse.Namespace) -> int:
         import torch
 
         devices = gpu_devices(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+    check_folder(study_dir)
     storage.check()
     check_writable(study_dir)
     sweep = Sweep(study, storage)  # create the study once, before workers race to
     check_settings(sweep.opt, study)
     with storage.budget_lock(study.name):
         check_owner(sweep.opt, storage, study_dir)
-    shutil.copyfile(args.study_file, study_dir / "study.yaml")
+    save_study_file(args.study_file, study_dir, study.name)
     log.info(
         "study '%s': %d configurations, storage %s, directory %s", study.name, study.size, storage.display, study_dir
     )
@@ -285,9 +286,9 @@ def finish(sweep: Sweep, study_dir: Path, code: int) -> int:
         lambda: (best_table(sweep.opt, study), status(sweep.trials(), study)), what="summarising the study"
     )
     try:
-        (study_dir / "best.md").write_text(table)
+        write_atomic(study_dir / BEST, table)  # a link planted there meanwhile is replaced, not followed
     except OSError as err:
-        print(f"launch.py: could not write {study_dir / 'best.md'} ({err.strerror})", file=sys.stderr)
+        print(f"launch.py: could not write {study_dir / BEST} ({err.strerror})", file=sys.stderr)
     print(f"\n{state}\n")
     print(table)
     offline = sorted(study_dir.glob("runs/*/wandb/offline-run-*"))

@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from forde import interrupts, run_lock
 from forde.interrupts import Interrupted, Superseded
+from forde.sweep.folder import refuse_link
 from forde.sweep.lifecycle import (
     BACKOFF_S,
     CARRIED,
@@ -304,6 +305,7 @@ class TrialRunner:
                 number = lineage(frozen)
                 run_name = run_name_of(number)
                 run_dir = self.study_dir / "runs" / run_name
+                refuse_link(run_dir)  # planted while the sweep ran: it would take the trial's files elsewhere
                 cfg = study.trial_config(params, [f"run.out_dir={run_dir.parent}", f"run.name={run_name}"])
                 own_paths.append(Path(cfg.data.root))
                 cfg.run.wandb.group = cfg.run.wandb.group or study.name

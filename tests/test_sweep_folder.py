@@ -1,0 +1,90 @@
+"""The study's folder under --out is the study's own: symbolic links planted in it and folders the launcher did not
+make are refused in one line before any storage exists; a study file kept in the folder launches the same study."""
+
+import pytest
+
+from sweep_support import FAST, launch, load
+
+ARGS = ["--no-wandb", *FAST]
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
+
+
+def study_dir(tmp_path):
+    return tmp_path / "studies" / "quickstart"
+
+
+def refused(tmp_path, capsys, *args) -> str:
+    assert launch(tmp_path, "--n-trials", "1", *ARGS, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["best.md", "study.yaml", "study.id", "study.db", "runs"])
+def test_a_link_planted_in_a_new_study_folder_is_refused(tmp_path, capsys, name):
+    folder = study_dir(tmp_path)
+    folder.mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.write_text("precious")
+    (folder / name).symlink_to(outside)
+    err = refused(tmp_path, capsys)
+    assert err == (
+        f"launch.py: --out: {folder / name} is a symbolic link; the sweep writes only into files of its own folder: "
+        "remove the link"
+    )
+    assert outside.read_text() == "precious" and [p.name for p in folder.iterdir()] == [name]  # no storage made
+
+
+def test_a_dangling_link_and_a_linked_folder_are_refused(tmp_path, capsys):
+    folder = study_dir(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "study.id").symlink_to(tmp_path / "nowhere")
+    assert "study.id is a symbolic link" in refused(tmp_path, capsys)
+    assert not (tmp_path / "nowhere").exists()
+    (folder / "study.id").unlink()
+    folder.rmdir()
+    (tmp_path / "real").mkdir()
+    folder.symlink_to(tmp_path / "real")
+    assert f"{folder} is a symbolic link" in refused(tmp_path, capsys)
+    assert list((tmp_path / "real").iterdir()) == []
+
+
+def test_a_run_directory_linked_to_a_foreign_folder_is_refused(tmp_path, capsys):
+    assert launch(tmp_path, "--n-trials", "1", *ARGS) == 0
+    capsys.readouterr()
+    run = study_dir(tmp_path) / "runs" / "trial-0001"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    run.symlink_to(foreign)
+    assert f"{run} is a symbolic link" in refused(tmp_path, capsys, "--n-trials", "2")
+    assert list(foreign.iterdir()) == [] and len(load(tmp_path).get_trials()) == 1
+
+
+def test_a_folder_the_launcher_did_not_make_is_left_alone(tmp_path, capsys):
+    folder = study_dir(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "best.md").write_text("my own best")
+    err = refused(tmp_path, capsys)
+    assert err == (
+        f"launch.py: --out: {folder} exists and holds files that are no study's (no study.id); choose another "
+        "--out, or move the folder aside"
+    )
+    assert (folder / "best.md").read_text() == "my own best" and sorted(p.name for p in folder.iterdir()) == [
+        "best.md",
+        "notes.txt",
+    ]
+
+
+def test_the_study_file_kept_in_the_folder_continues_the_study(tmp_path, capsys):
+    """quickstart.yaml names no study (its file's name does): the copy in the folder names it, so launching the
+    copy (which lies where the launcher writes it) continues the same study."""
+    assert launch(tmp_path, "--n-trials", "1", *ARGS) == 0
+    kept = study_dir(tmp_path) / "study.yaml"
+    assert kept.read_text().startswith("name: quickstart  # from the file it was launched from (quickstart.yaml)")
+    assert launch(tmp_path, "--n-trials", "2", *ARGS, study=str(kept)) == 0
+    assert len(load(tmp_path).get_trials()) == 2 and not (tmp_path / "studies" / "study").exists()
