@@ -225,6 +225,11 @@ def write_study(tmp_path, body: str) -> Path:
         ("n_trials: 0\n", r"n_trials"),
         ("objectives: [{metric: val/nll, direction: minimize}]\n", r"val/nll.*val_fraction"),
         ("sampler: {name: bayes}\n", r"sampler.name"),
+        ("sampler: {name: tpe, bogus: 1}\n", r"sampler: TPESampler has no option 'bogus'; its options: .*n_startup"),
+        ("sampler: {name: tpe, seed: zero}\n", r"sampler.seed = 'zero': expected an integer"),
+        ("pruner: {name: median, n_startup_trials: two}\n", r"pruner.n_startup_trials = 'two': expected int$"),
+        ("pruner: {name: none, patience: 3}\n", r"pruner: NopPruner has no option 'patience'; it takes none"),
+        ("pruner: {name: median, n_warmup_steps: -1}\n", r"pruner: MedianPruner refuses .*n_warmup_steps"),
         ("search_space:\n  model.hidden: {choices: ['[8]', [8]]}\n", r"the choice '\[8\]' is stored as the list"),
     ],
 )
@@ -234,8 +239,8 @@ def test_bad_study_files_fail_before_training(tmp_path, capsys, body, message):
     assert code == 2
     import re
 
-    assert re.search(message, capsys.readouterr().err), message
-    assert not (tmp_path / "studies" / "bad" / "runs").exists()
+    assert re.search(message, capsys.readouterr().err.strip()), message
+    assert not (tmp_path / "studies" / "bad").exists()  # no storage, no folder
 
 
 PASSWD = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
@@ -410,6 +415,31 @@ def test_status_shows_a_study_and_changes_nothing(tmp_path, capsys):
     assert out.startswith("study 'quickstart': 1 complete; budget 1 of 1 configurations used\n")
     assert "Best trial of study 'quickstart' (val/nll minimize)" in out and "| 0 |" in out
     assert {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()} == before
+
+
+NOISY_NETWORK = """
+from pathlib import Path
+Path(__file__).with_name("imported").touch()
+from torch import nn
+
+def net(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+"""
+
+
+def test_status_builds_and_imports_nothing(tmp_path, capsys, monkeypatch):
+    """`--status` reads the storage: the network a study names as code is neither imported nor built, even with
+    --trust-code."""
+    (tmp_path / "noisy_net.py").write_text(NOISY_NETWORK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_study(tmp_path, "config: {model: {name: 'noisy_net:net'}}\n")
+    assert launch(tmp_path, "--status", "--trust-code", study=str(path)) == 2  # no such study yet
+    assert "no study 'bad'" in capsys.readouterr().err and not (tmp_path / "imported").exists()
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", "--trust-code", *FAST, study=str(path)) == 0
+    (tmp_path / "imported").unlink()
+    capsys.readouterr()
+    assert launch(tmp_path, "--status", "--trust-code", study=str(path)) == 0
+    assert capsys.readouterr().out.startswith("study 'bad': 1 complete") and not (tmp_path / "imported").exists()
 
 
 def test_shipped_studies_are_valid():

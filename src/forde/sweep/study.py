@@ -24,6 +24,7 @@ the study searches (the sampler's value would silently replace it).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -47,8 +48,19 @@ from forde.config import (
 from forde.names import RULE, is_path_component
 from forde.sweep.sampling import TrialSeededSampler
 
-SAMPLERS = ("tpe", "random", "nsga2", "grid")
-PRUNERS = ("none", "median", "hyperband", "successive_halving")
+SAMPLER_CLASSES: dict[str, type] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "grid": optuna.samplers.RandomSampler,
+}
+PRUNER_CLASSES: dict[str, type] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+}
+SAMPLERS, PRUNERS = tuple(SAMPLER_CLASSES), tuple(PRUNER_CLASSES)
 DIRECTIONS = ("minimize", "maximize")
 Direction = Literal["minimize", "maximize"]
 
@@ -171,24 +183,11 @@ class Study:
         return to_train_config(merge(self.base, dotted + (extra or [])))
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
-        """The study's sampler, drawing each trial with a seed of its own (see forde.sweep.sampling)."""
-        kw = {k: v for k, v in self.sampler.items() if k not in ("name", "seed")}
-        name = self.sampler.get("name", "tpe")
-        if name == "tpe":
-            kw.setdefault("constant_liar", True)  # parallel workers: running trials count as (pessimistic) results
-
-            def make(seed: int | None) -> optuna.samplers.BaseSampler:
-                return optuna.samplers.TPESampler(seed=seed, **kw)
-        elif name == "nsga2":
-
-            def make(seed: int | None) -> optuna.samplers.BaseSampler:
-                return optuna.samplers.NSGAIISampler(seed=seed, **kw)
-        else:  # random; grid: every trial comes from the study's `grid` (queued), this sampler is never consulted
-
-            def make(seed: int | None) -> optuna.samplers.BaseSampler:
-                return optuna.samplers.RandomSampler(seed=seed, **kw)
-
-        return TrialSeededSampler(make, self.sampler.get("seed"))
+        """The study's sampler, drawing each trial with a seed of its own (see forde.sweep.sampling). A grid study's
+        trials all come from its `grid` (queued): its random sampler is never consulted."""
+        kw = sampler_options(self.sampler)
+        cls = SAMPLER_CLASSES[self.sampler.get("name", "tpe")]
+        return TrialSeededSampler(lambda seed: cls(seed=seed, **kw), self.sampler.get("seed"))
 
     def settings(self) -> dict[str, Any]:
         """What every trial shares (base config, study overrides, command-line overrides) as flat keys, without
@@ -198,15 +197,9 @@ class Study:
         return {k: v for k, v in identity(cfg).items() if k not in searched}
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
-        kw = {k: v for k, v in self.pruner.items() if k not in ("name", "metric")}
-        name = self.pruner.get("name", "none")
-        if name == "none" or self.multi_objective:
+        if self.multi_objective:
             return optuna.pruners.NopPruner()
-        if name == "median":
-            return optuna.pruners.MedianPruner(**kw)
-        if name == "hyperband":
-            return optuna.pruners.HyperbandPruner(**kw)
-        return optuna.pruners.SuccessiveHalvingPruner(**kw)
+        return PRUNER_CLASSES[self.pruner.get("name", "none")](**pruner_options(self.pruner))
 
     @property
     def prune_metric(self) -> str | None:
@@ -214,6 +207,51 @@ class Study:
         if self.multi_objective or self.pruner.get("name", "none") == "none":
             return None
         return self.pruner.get("metric", self.objectives[0].metric)
+
+
+def sampler_options(sampler: dict[str, Any]) -> dict[str, Any]:
+    """The sampler's own options: the study file's `sampler:` but its name and seed (the seed is per trial)."""
+    kw = {k: v for k, v in sampler.items() if k not in ("name", "seed")}
+    if sampler.get("name", "tpe") == "tpe":
+        kw.setdefault("constant_liar", True)  # parallel workers: running trials count as (pessimistic) results
+    return kw
+
+
+def pruner_options(pruner: dict[str, Any]) -> dict[str, Any]:
+    """The pruner's own options: the study file's `pruner:` but its name and the metric it prunes on."""
+    return {k: v for k, v in pruner.items() if k not in ("name", "metric")}
+
+
+def _check_options(study: str, what: str, cls: type, options: dict[str, Any]) -> None:
+    """Each option is a keyword argument `cls` takes, of the type of its default (Optuna would raise a TypeError at
+    the first trial, after the storage was made), and `cls` accepts them all."""
+    params = {
+        k: p
+        for k, p in inspect.signature(cls).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k != "seed"
+    }
+    for key, value in options.items():
+        if key not in params:
+            known = f"its options: {', '.join(params)}" if params else "it takes none"
+            _fail(study, f"{what}: {cls.__name__} has no option '{key}'; {known}")
+        default = params[key].default
+        expected = (
+            (bool,)
+            if isinstance(default, bool)
+            else (int,)
+            if isinstance(default, int)
+            else (int, float)
+            if isinstance(default, float)
+            else (str,)
+            if isinstance(default, str)
+            else None
+        )
+        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
+            _fail(study, f"{what}.{key} = {value!r}: expected {' or '.join(t.__name__ for t in expected)}")
+    try:
+        cls(**options)
+    except (TypeError, ValueError) as err:
+        _fail(study, f"{what}: {cls.__name__} refuses {options}: {str(err).splitlines()[0]}")
 
 
 def _yaml_value(v: Any) -> str:
@@ -280,9 +318,12 @@ def _expand_grid(study: str, blocks: list[dict[str, Any]]) -> list[dict[str, Any
     return points
 
 
-def load_study(source: str | Path, overrides: list[str] | None = None, trust_code: bool = False) -> Study:
+def load_study(
+    source: str | Path, overrides: list[str] | None = None, trust_code: bool = False, build: bool = True
+) -> Study:
     """The study in `source`, checked; `trust_code` (`--trust-code`) lets it name code to run as a network
-    (forde.config.code_from_file): without it, a study that does is refused before any network is built."""
+    (forde.config.code_from_file): without it, a study that does is refused before any network is built.
+    `build=False` reads the file only (`--status`): no trial's config is built, no network imported."""
     path = Path(source)
     if not path.exists():
         _fail(str(source), f"no study file at {path}")
@@ -347,6 +388,10 @@ def load_study(source: str | Path, overrides: list[str] | None = None, trust_cod
         _fail(name, f"sampler.name must be one of {SAMPLERS}, got {sampler.get('name')!r}")
     if pruner.get("name", "none") not in PRUNERS:
         _fail(name, f"pruner.name must be one of {PRUNERS}, got {pruner.get('name')!r}")
+    if not isinstance(sampler.get("seed", 0), int) or isinstance(sampler.get("seed"), bool):
+        _fail(name, f"sampler.seed = {sampler['seed']!r}: expected an integer (or no seed)")
+    _check_options(name, "sampler", SAMPLER_CLASSES[sampler.get("name", "tpe")], sampler_options(sampler))
+    _check_options(name, "pruner", PRUNER_CLASSES[pruner.get("name", "none")], pruner_options(pruner))
     grid = _expand_grid(name, raw.get("grid") or [])
     if sampler.get("name") == "grid" and not grid:
         _fail(name, "sampler grid needs a `grid:` list of points")
@@ -354,7 +399,8 @@ def load_study(source: str | Path, overrides: list[str] | None = None, trust_cod
     if not isinstance(n_trials, int) or n_trials < 1:
         _fail(name, f"n_trials must be a positive integer, got {n_trials!r}")
     study = Study(name, path, base, params, objectives, n_trials, sampler, pruner, grid)
-    check_study(study, overrides or [], trust_code)
+    if build:
+        check_study(study, overrides or [], trust_code)
     return study
 
 
