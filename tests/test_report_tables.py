@@ -153,3 +153,40 @@ def test_a_difference_that_rounds_to_zero_has_no_sign_and_the_note_says_how_numb
         "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 4)"
         in benchmark
     )
+
+
+def test_runs_whose_configurations_differ_beyond_the_seed_are_separate_rows(tmp_path):
+    """A sweep's trials (one seed, other learning rates) are not samples of one row: each is a row of its own,
+    named by what sets it apart, with its own numbers."""
+    from forde.analysis.aggregate import distinguish
+
+    for i, (lr, nll) in enumerate([(0.01, 0.770), (0.1, 1.585)]):
+        run = write_run(tmp_path, f"trial-{i}", "forde", 0, summary(0.8, nll=nll))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["optim"] = {"lr": lr, "epochs": 12}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    write_run(tmp_path, "de-0", "de", 0, summary(0.7, nll=1.0))
+    write_run(tmp_path, "de-1", "de", 1, summary(0.7, nll=1.2))  # differs in its seed only: one row
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    table = benchmark_table(runs, setting_of(runs[0]), paper=False)
+    rows = {r.variant: (r.seeds, r.cells["test/nll"].mean) for r in table.rows}
+    assert rows == {
+        "DE": (2, 1.1),
+        "FoRDE-PCA [optim.lr=0.01]": (1, 0.770),
+        "FoRDE-PCA [optim.lr=0.1]": (1, 1.585),
+    }
+
+
+def test_a_run_of_unknown_seed_is_a_sample_of_its_own_and_pairs_with_none(tmp_path):
+    for name, method, nll in [("a", "forde", 0.5), ("b", "forde", 0.7), ("c", "de", 0.9)]:
+        run = write_run(tmp_path, name, method, 0, summary(0.8, nll=nll))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        del config["seed"]  # e.g. a W&B run, or a run directory from elsewhere, whose config lacks it
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = find_runs(tmp_path)
+    assert {r.seed for r in runs} == {None}
+    table = benchmark_table(runs, setting_of(runs[0]), paper=False)
+    forde_row = next(r for r in table.rows if r.variant == "FoRDE-PCA")
+    assert forde_row.seeds == 2 and abs(forde_row.cells["test/nll"].mean - 0.6) < 1e-12
+    assert difference_table(runs, setting_of(runs[0])) is None  # nothing to pair with DE

@@ -88,3 +88,23 @@ def test_the_study_file_kept_in_the_folder_continues_the_study(tmp_path, capsys)
     assert kept.read_text().startswith("name: quickstart  # from the file it was launched from (quickstart.yaml)")
     assert launch(tmp_path, "--n-trials", "2", *ARGS, study=str(kept)) == 0
     assert len(load(tmp_path).get_trials()) == 2 and not (tmp_path / "studies" / "study").exists()
+
+
+def test_the_report_finds_a_journal_outside_the_study_folder(tmp_path, caplog):
+    """`forde report STUDY`, the command the launcher prints, reads the study's storage wherever the launch put it
+    (study.id names it); a database server named there is not contacted, but named in the log."""
+    import logging
+
+    from forde.cli import main as cli
+    from forde.sweep.folder import find_url
+
+    journal = tmp_path / "shared" / "journal.log"
+    assert launch(tmp_path, "--n-trials", "2", "--storage", f"journal:{journal}", *ARGS) == 0
+    folder = study_dir(tmp_path)
+    assert find_url(folder) == f"journal:{journal}"
+    assert cli(["report", str(folder)]) == 0
+    assert (folder / "report" / "optuna" / "quickstart" / "history.png").stat().st_size > 0
+    (folder / "study.id").write_text("0123\npostgresql://forde@db.example:5432/sweeps\n")
+    caplog.set_level(logging.WARNING, logger="forde")
+    assert find_url(folder) is None
+    assert "the study's storage is postgresql://forde@db.example:5432/sweeps; pass it as --storage" in caplog.text

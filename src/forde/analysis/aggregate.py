@@ -74,18 +74,38 @@ def by_variant(runs: Iterable[Run]) -> dict[str, list[Run]]:
     return {v: groups[v] for v in sorted(groups, key=sort_key)}
 
 
-def seed_values(runs: Iterable[Run], value: Callable[[Run], float | None]) -> dict[int, float]:
-    """One value per seed: the mean of `value` over that seed's runs that have it."""
-    per_seed: dict[int, list[float]] = defaultdict(list)
+def seed_values(runs: Iterable[Run], value: Callable[[Run], float | None]) -> dict[int | str, float]:
+    """One value per seed: the mean of `value` over that seed's runs that have it (a run of unknown seed is a
+    seed of its own)."""
+    per_seed: dict[int | str, list[float]] = defaultdict(list)
     for r in runs:
         v = value(r)
         if v is not None and not math.isnan(v):
-            per_seed[r.seed].append(v)
-    return {seed: statistics.fmean(vs) for seed, vs in sorted(per_seed.items())}
+            per_seed[r.seed_key].append(v)
+    ordered = sorted(per_seed.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
+    return {seed: statistics.fmean(vs) for seed, vs in ordered}
 
 
 def seed_count(runs: Iterable[Run]) -> int:
-    return len({r.seed for r in runs})
+    return len({r.seed_key for r in runs})
+
+
+def distinguish(runs: Iterable[Run]) -> None:
+    """Runs of one setting and method variant whose configurations differ in more than their seed (a sweep's
+    trials: other learning rates, epochs, bandwidths) are rows of their own: each gets the keys and values that
+    set it apart (`Run.distinction`), so that no row averages runs of different recipes."""
+    runs = list(runs)
+    for r in runs:
+        r.distinction = ""
+    for same in group(runs, lambda r: (setting_of(r), r.variant)).values():
+        recipes = {r.recipe for r in same}
+        if len(recipes) < 2:
+            continue
+        keys = sorted({k for rec in recipes for k in dict(rec)})
+        differing = [k for k in keys if len({dict(rec).get(k) for rec in recipes}) > 1]
+        for r in same:
+            mine = dict(r.recipe)
+            r.distinction = ", ".join(f"{k}={mine.get(k, 'unset')}" for k in differing)
 
 
 def metric_stat(runs: Iterable[Run], key: str) -> Stat | None:

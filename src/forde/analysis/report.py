@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 
 from forde.analysis import figures, style
-from forde.analysis.aggregate import Setting, group, setting_of
+from forde.analysis.aggregate import Setting, distinguish, group, setting_of
 from forde.analysis.results import Run, load_study, load_wandb, optuna_studies
 from forde.analysis.study_figures import study_figures
 from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
@@ -58,6 +58,7 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequen
     report = Report()
     if not runs:
         log.warning("no finished runs found: nothing to report")
+    distinguish(runs)
     for setting, runs_here in sorted(group(runs, setting_of).items()):
         folder = out / setting.slug
         table = benchmark_table(runs_here, setting, paper)

@@ -32,7 +32,7 @@ class Run:
     method: str
     dataset: str
     model: str
-    seed: int
+    seed: int | None  # None where the source does not say: such a run is a sample of its own, paired with none
     ensemble_size: int
     alpha: float | None  # FoRDE's lengthscale mix; None for the other methods
     summary: dict[str, float]  # flat: test/accuracy, corrupted/severity_4-5/nll, ...
@@ -40,10 +40,20 @@ class Run:
     source: str = ""  # run directory, optuna:<study>#<trial>, or wandb:<path>
     arch: str = ""  # what sets the network apart from the paper's of the same name, e.g. "width 16, blocks 1-1-1-1"
     seconds: dict[str, float] = field(default_factory=dict)  # "train", "eval": what the run took, when recorded
+    recipe: tuple[tuple[str, str], ...] = ()  # the whole configuration but the seed: runs that differ only in
+    # their seed are samples of one row; forde.analysis.aggregate.distinguish names rows whose recipes differ
+    distinction: str = ""  # set by distinguish: what sets this run's recipe apart from others of its variant
 
     @property
     def variant(self) -> str:
-        return variant(self.method, self.alpha)
+        """The row this run belongs to: its method variant, and what sets its recipe apart, if anything."""
+        base = variant(self.method, self.alpha)
+        return f"{base} [{self.distinction}]" if self.distinction else base
+
+    @property
+    def seed_key(self) -> int | str:
+        """What pairs this run with others of the same seed: its seed, or its source when the seed is unknown."""
+        return self.seed if self.seed is not None else f"unknown seed: {self.source}"
 
     @property
     def has_corrupted(self) -> bool:
@@ -82,18 +92,44 @@ def make_run(config: dict, summary: dict, per_set: list[dict] | None = None, sou
     """A Run from a (flat or nested) config and a flat summary."""
     method = dig(config, "method.name", "unknown")
     alpha = dig(config, "method.alpha")
+    seed = dig(config, "seed")
     return Run(
         method=method,
         dataset=dig(config, "data.name", "unknown"),
         model=dig(config, "model.name", "unknown"),
-        seed=int(dig(config, "seed") or 0),
+        seed=int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None,
         ensemble_size=int(dig(config, "ensemble_size") or 0),
         alpha=float(alpha) if method == "forde" and alpha is not None else None,
         summary=dict(summary),
         per_set=list(per_set or []),
         source=source,
         arch=architecture(config),
+        recipe=recipe(config),
     )
+
+
+NOT_RECIPE = ("seed", "eval.batch_size")  # what changes no result (beside forde.config.NOT_IDENTITY)
+
+
+def recipe(config: dict) -> tuple[tuple[str, str], ...]:
+    """The configuration's flat `key, value` pairs that define what a run trains and how it is measured, but its
+    seed: paths, run options and the evaluation's batch size left out."""
+    from forde.config import NOT_IDENTITY
+
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if key in NOT_IDENTITY or key in NOT_RECIPE or any(key.startswith(f"{n}.") for n in NOT_IDENTITY):
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                flat[key] = json.dumps(v, sort_keys=True, default=str)
+
+    walk(config, "")
+    return tuple(sorted(flat.items()))
 
 
 def architecture(config: dict) -> str:
@@ -216,7 +252,7 @@ def _studies(storage: str, study_name: str | None = None) -> list:
 
 def optuna_studies(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list:
     """The Optuna studies of `storage` (default: the study.db or journal.log in `study_dir`), if any."""
-    from forde.sweep.storage import find_url
+    from forde.sweep.folder import find_url
 
     storage = storage or find_url(Path(study_dir))
     return _studies(storage, study_name) if storage else []
@@ -225,7 +261,7 @@ def optuna_studies(study_dir: str | Path, storage: str | None = None, study_name
 def load_study(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list[Run]:
     """Run directories below `study_dir`, plus trials of its Optuna storage (default: the study.db or
     journal.log there) whose run directories are gone."""
-    from forde.sweep.storage import find_url
+    from forde.sweep.folder import find_url
 
     study_dir = Path(study_dir)
     runs = find_runs(study_dir)

@@ -233,9 +233,10 @@ def _note(table: Table) -> str:
 
 
 def paired_differences(runs: list[Run], baseline: list[Run], key: str) -> dict[int, float]:
-    """`runs` minus `baseline` on each seed both have `key` for, one value per seed on each side."""
+    """`runs` minus `baseline` on each seed both have `key` for, one value per seed on each side (runs of unknown
+    seed pair with none)."""
     mine, base = (seed_values(rs, lambda r: r.metric(key)) for rs in (runs, baseline))
-    return {seed: mine[seed] - base[seed] for seed in mine if seed in base}
+    return {seed: mine[seed] - base[seed] for seed in mine if isinstance(seed, int) and seed in base}
 
 
 def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") -> str | None:
@@ -247,7 +248,7 @@ def difference_table(runs: list[Run], setting: Setting, baseline: str = "DE") ->
     columns = CLEAN + (CORRUPTED if any(r.has_corrupted for r in runs) else ())
     rows, used = [], ""
     for name, mine in variants.items():
-        seeds = {r.seed for r in mine} & {r.seed for r in base} if name != baseline else set()
+        seeds = {r.seed for r in mine} & {r.seed for r in base} - {None} if name != baseline else set()
         if not seeds:
             continue
         paired = [r for r in mine + base if r.seed in seeds]

@@ -34,7 +34,13 @@ def variant(method: str, alpha: float | None = None) -> str:
     return f"FoRDE-Tuned (α={alpha:g})"
 
 
+def method_variant(label: str) -> str:
+    """A row's method variant, without what sets its recipe apart (`FoRDE-PCA [optim.lr=0.05]` -> `FoRDE-PCA`)."""
+    return label.split(" [", 1)[0]
+
+
 def tuned_alpha(label: str) -> float | None:
+    label = method_variant(label)
     if label.startswith("FoRDE-Tuned (α="):
         return float(label[len("FoRDE-Tuned (α=") : -1])
     return None
@@ -42,6 +48,7 @@ def tuned_alpha(label: str) -> float | None:
 
 def color(label: str) -> str:
     """A fixed colour per variant; tuned FoRDE variants get lighter shades of one blue for smaller alpha."""
+    label = method_variant(label)
     if label in BASE:
         return BASE[label]
     alpha = tuned_alpha(label)
@@ -53,6 +60,6 @@ def color(label: str) -> str:
 
 def sort_key(label: str) -> tuple[int, float, str]:
     """Paper order: baselines first, FoRDE variants last (tuned ones by alpha, between identity and PCA)."""
-    base = "FoRDE-Tuned" if tuned_alpha(label) is not None else label
+    base = "FoRDE-Tuned" if tuned_alpha(label) is not None else method_variant(label)
     rank = ORDER.index(base) if base in ORDER else len(ORDER)
     return rank, tuned_alpha(label) or 0.0, label

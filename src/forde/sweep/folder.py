@@ -4,13 +4,16 @@ Checked before the storage is created; the run directories again as each trial s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import yaml
 
 from forde.atomic import write_atomic
 from forde.config import ConfigError
-from forde.sweep.storage import DEFAULT_JOURNAL, DEFAULT_SQLITE
+from forde.sweep.storage import DEFAULT_JOURNAL, DEFAULT_SQLITE, JOURNAL_PREFIX, default_url
+
+log = logging.getLogger(__name__)
 
 OWNER = "study.id"  # first line: the study's id, which lives in the storage too (forde.sweep.launch.check_owner)
 STUDY_FILE, BEST = "study.yaml", "best.md"
@@ -53,6 +56,29 @@ def check_folder(study_dir: Path) -> None:
             f"--out: {study_dir} exists and holds files that are no study's (no {OWNER}); choose another --out, "
             "or move the folder aside"
         )
+
+
+def find_url(study_dir: Path) -> str | None:
+    """The storage of the study in `study_dir` (for `forde report`): the file the launcher left there, else the one
+    its study.id names, when that is a SQLite or journal file that exists. A database server named there is not
+    contacted on the word of a file: its URL is logged, to pass as --storage."""
+    for kind, name in (("sqlite", DEFAULT_SQLITE), ("journal", DEFAULT_JOURNAL)):
+        if (study_dir / name).is_file():
+            return default_url(study_dir, kind)
+    try:
+        named = (study_dir / OWNER).read_text().split("\n")[1].strip()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+    for prefix in ("sqlite:///", JOURNAL_PREFIX):
+        if named.startswith(prefix) and Path(named[len(prefix) :]).is_file():
+            return named
+    if named:
+        log.warning(
+            "%s: the study's storage is %s; pass it as --storage to read the study's trials and draw its figures",
+            study_dir,
+            named,
+        )
+    return None
 
 
 def save_study_file(source: Path, study_dir: Path, name: str) -> None:

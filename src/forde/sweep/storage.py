@@ -49,14 +49,6 @@ def default_url(study_dir: Path, kind: str = "sqlite") -> str:
     return f"sqlite:///{path}" if kind == "sqlite" else f"{JOURNAL_PREFIX}{path}"
 
 
-def find_url(study_dir: Path) -> str | None:
-    """The storage a launcher left in `study_dir`, if any (used by `forde report`)."""
-    for kind, name in (("sqlite", DEFAULT_SQLITE), ("journal", DEFAULT_JOURNAL)):
-        if (study_dir / name).exists():
-            return default_url(study_dir, kind)
-    return None
-
-
 def driver_url(url: str) -> str:
     """`postgresql://` with the driver the `postgres` extra installs (psycopg 3): SQLAlchemy before 2.1 would
     pick psycopg2, which is not installed."""
