@@ -21,7 +21,7 @@ from pathlib import Path
 from report import write_report
 
 from forde.sweep.storage import SweepStorage
-from forde.sweep.study import load_study
+from forde.sweep.study import read_study
 from forde.sweep.worker import run_worker
 
 STUDY = """name: overhead
@@ -62,7 +62,7 @@ def measure(kind: str, trials: int, seconds: float) -> tuple[list[float], list[f
         folder = Path(tmp)
         path = folder / f"{kind}.yaml"
         path.write_text(STUDY.format(n=trials))
-        study = load_study(path)
+        study = read_study(path)
         url = f"sqlite:///{folder / 'study.db'}" if kind == "sqlite" else f"journal:{folder / 'journal.log'}"
         stand_in = StandIn(seconds)
         assert run_worker(study, SweepStorage(url), folder / kind, use_wandb=False, train_fn=stand_in) == 0

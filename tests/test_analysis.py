@@ -16,7 +16,7 @@ import torch
 from forde.analysis import figures
 from forde.analysis.aggregate import Setting, setting_of
 from forde.analysis.report import duration
-from forde.analysis.results import architecture, find_runs, load_optuna, load_run_dir, load_study
+from forde.analysis.results import architecture, find_runs, load_optuna, load_run_dir, study_runs
 from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
 from forde.cli import main as cli
 from forde.config import load_config
@@ -262,7 +262,7 @@ def test_optuna_storage_loader(study, tmp_path):
     # a study folder: run directories are the record; the storage adds only trials whose directories are gone
     shutil.copy(tmp_path / "study.db", study / "study.db")
     try:
-        combined = load_study(study)
+        combined = study_runs(study)
     finally:
         (study / "study.db").unlink()
     assert len(combined) == 17 and sum(r.source.startswith("optuna:") for r in combined) == 1

@@ -16,7 +16,7 @@ from forde.config import ConfigError, load_config
 from forde.data.corrupted_sets import generate_corrupted_set
 from forde.names import is_path_component
 from forde.sweep import launch
-from forde.sweep.study import StudyError, load_study
+from forde.sweep.study import StudyError, read_study
 from forde.train import train
 from test_corruptions import small_split
 from test_train import tiny
@@ -83,8 +83,8 @@ def write_study(path, name: str):
 
 def test_a_study_name_is_one_folder_name(tmp_path):
     with pytest.raises(StudyError, match=r"name = '\.\./\.\./x' must be a single file or folder name"):
-        load_study(write_study(tmp_path / "s.yaml", "../../x"))
-    assert load_study(write_study(tmp_path / "s.yaml", "fine")).name == "fine"
+        read_study(write_study(tmp_path / "s.yaml", "../../x"))
+    assert read_study(write_study(tmp_path / "s.yaml", "fine")).name == "fine"
 
 
 def test_the_launcher_writes_nothing_outside_out_for_a_study_named_to_escape(tmp_path, capsys):

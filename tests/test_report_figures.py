@@ -120,7 +120,7 @@ from matplotlib.text import Text  # noqa: E402
 
 from forde.analysis import figures  # noqa: E402
 from forde.analysis.aggregate import setting_of  # noqa: E402
-from forde.analysis.results import load_study  # noqa: E402
+from forde.analysis.results import study_runs  # noqa: E402
 from forde.analysis.study_figures import Objective, importance_figure, parallel_figure  # noqa: E402
 from forde.analysis.tables import benchmark_table  # noqa: E402
 from forde.analysis.variants import color  # noqa: E402
@@ -133,7 +133,7 @@ def study(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(study):
-    return load_study(study)
+    return study_runs(study)
 
 
 def texts(fig) -> list[Text]:

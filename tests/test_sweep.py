@@ -18,7 +18,7 @@ import forde.train
 from conftest import CUDA
 from forde.config import ConfigError
 from forde.sweep.storage import SweepStorage
-from forde.sweep.study import load_study
+from forde.sweep.study import read_study
 from forde.sweep.worker import Sweep, open_study
 from forde.train import CHECKPOINT
 from sweep_support import (
@@ -95,7 +95,7 @@ def synthetic_study(tmp_path, name: str, body: str = "", workers: int = 1) -> tu
     """A study in a real SQLite file, opened once per simulated worker (the sampling, without training)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(body or (STUDIES / "quickstart.yaml").read_text())
-    study = load_study(path)
+    study = read_study(path)
     storage = SweepStorage(f"sqlite:///{tmp_path / name}.db")
     return study, storage, [Sweep(study, storage) for _ in range(workers)]
 
@@ -159,7 +159,7 @@ def test_a_config_error_or_a_divergence_fails_once_with_its_reason(tmp_path):
     path.write_text(
         (STUDIES / "quickstart.yaml").read_text() + "  optim.batch_size: {choices: [64, 4096]}\nname: batch\n"
     )
-    study = load_study(path, FAST)
+    study = read_study(path, FAST)
     study_dir = tmp_path / "studies" / "batch"
     study_dir.mkdir(parents=True)
     opt = open_study(study, SweepStorage(f"sqlite:///{study_dir / 'study.db'}"))
@@ -190,7 +190,7 @@ pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
 search_space:
   optim.lr: {low: 0.00001, high: 0.2, log: true}
 """)
-    study = load_study(path, FAST)
+    study = read_study(path, FAST)
     study_dir = tmp_path / "studies" / "prune"
     study_dir.mkdir(parents=True)
     opt = open_study(study, SweepStorage(f"sqlite:///{study_dir / 'study.db'}"))
@@ -300,12 +300,12 @@ grid:
   - {method.name: de, seed: [0, 1]}
 """,
     )
-    study = load_study(path)
+    study = read_study(path)
     assert study.n_trials == 6
     assert {"method.name": "de", "seed": 1} in study.grid
     with pytest.raises(ConfigError, match="outside its search-space range"):
         path.write_text(path.read_text().replace("[0.0, 1.0], seed", "[0.0, 1.5], seed"))
-        load_study(path)
+        read_study(path)
 
 
 def test_grid_study_runs_each_point_once(tmp_path):
@@ -444,5 +444,5 @@ def test_status_builds_and_imports_nothing(tmp_path, capsys, monkeypatch):
 
 def test_shipped_studies_are_valid():
     for path in sorted(STUDIES.glob("*.yaml")):
-        study = load_study(path)
+        study = read_study(path)
         assert study.n_trials >= 1, path

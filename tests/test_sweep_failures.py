@@ -224,9 +224,9 @@ def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
     dies_taking_a_trial = (
         "import os, signal\n"
         "from forde.sweep.storage import SweepStorage\n"
-        "from forde.sweep.study import load_study\n"
+        "from forde.sweep.study import read_study\n"
         "from forde.sweep.worker import Sweep\n"
-        f"study, storage = load_study({study_arg!r}), SweepStorage({url!r})\n"
+        f"study, storage = read_study({study_arg!r}), SweepStorage({url!r})\n"
         "sweep = Sweep(study, storage)\n"
         "with storage.budget_lock(study.name) as held:\n"
         "    sweep.carry_out(sweep.decide(), held)\n"
@@ -249,12 +249,12 @@ def test_a_worker_killed_while_taking_a_trial_costs_no_budget(tmp_path, kind):
 def test_the_retry_of_a_killed_worker_s_trial_is_logged_with_its_run_and_reason(tmp_path, caplog):
     """The trial of a worker killed with kill -9 is failed and queued again by the next worker that looks: the log
     names the trial's run and why it was queued again (the trial was read before it failed)."""
-    from forde.sweep.study import load_study
+    from forde.sweep.study import read_study
     from forde.sweep.worker import Sweep
 
     assert launch(tmp_path, "--prepare", "--n-trials", "2", "--no-wandb", *FAST) == 0
     sweep = Sweep(
-        load_study(STUDIES / "quickstart.yaml", FAST), SweepStorage(f"sqlite:///{tmp_path}/studies/quickstart/study.db")
+        read_study(STUDIES / "quickstart.yaml", FAST), SweepStorage(f"sqlite:///{tmp_path}/studies/quickstart/study.db")
     )
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

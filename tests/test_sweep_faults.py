@@ -256,11 +256,11 @@ def test_the_launcher_waits_out_a_storage_error_after_its_workers_exit(tmp_path,
     import sqlalchemy.exc
 
     from forde.sweep.launch import finish, spawn_workers
-    from forde.sweep.study import load_study
+    from forde.sweep.study import read_study
     from forde.sweep.worker import Sweep
 
     monkeypatch.setattr(outages.interrupts, "sleep", lambda s: None)
-    sweep = Sweep(load_study(STUDIES / "quickstart.yaml"), SweepStorage(f"sqlite:///{tmp_path / 'study.db'}"))
+    sweep = Sweep(read_study(STUDIES / "quickstart.yaml"), SweepStorage(f"sqlite:///{tmp_path / 'study.db'}"))
     read, failed = sweep.trials, []
 
     def dropped_once():

@@ -20,7 +20,7 @@ import forde.train
 from forde import run_lock
 from forde.sweep.lifecycle import GRACE_S, STARTED, WORKER, WORKER_START, Observer, gone
 from forde.sweep.storage import SweepStorage
-from forde.sweep.study import load_study
+from forde.sweep.study import read_study
 from forde.sweep.worker import Sweep, process_alive, process_start
 from sweep_support import (
     STUDIES,
@@ -136,7 +136,7 @@ def two_sweeps(tmp_path, monkeypatch, n_trials: int = 1) -> tuple[Sweep, Sweep]:
     never renewed (a holder stopped by SIGSTOP)."""
     monkeypatch.setattr(locks, "GRACE_S", 0.3)
     monkeypatch.setattr(locks, "LEASE_REFRESH_S", 3600)
-    study = load_study(STUDIES / "quickstart.yaml", [f"data.root={tmp_path / 'data'}"])
+    study = read_study(STUDIES / "quickstart.yaml", [f"data.root={tmp_path / 'data'}"])
     study.n_trials = n_trials
     storage = f"journal:{tmp_path / 'journal.log'}"
     a, b = Sweep(study, SweepStorage(storage)), Sweep(study, SweepStorage(storage))

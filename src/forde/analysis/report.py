@@ -19,7 +19,7 @@ import optuna
 
 from forde.analysis import figures, style
 from forde.analysis.aggregate import Setting, distinguish, group, setting_of
-from forde.analysis.results import Run, load_study, load_wandb, optuna_studies
+from forde.analysis.results import Run, load_wandb, optuna_studies, study_runs
 from forde.analysis.study_figures import study_figures
 from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
 from forde.names import RULE, is_path_component
@@ -129,7 +129,7 @@ def named_safely(runs: list[Run], studies: list[optuna.Study]) -> tuple[list[Run
 
 
 def run(args: argparse.Namespace) -> Report:
-    runs = load_study(args.study_dir, args.storage, args.study_name)
+    runs = study_runs(args.study_dir, args.storage, args.study_name)
     if args.wandb:
         runs += load_wandb(args.wandb)
     out = args.out or args.study_dir / "report"

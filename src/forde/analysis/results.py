@@ -258,7 +258,7 @@ def optuna_studies(study_dir: str | Path, storage: str | None = None, study_name
     return _studies(storage, study_name) if storage else []
 
 
-def load_study(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list[Run]:
+def study_runs(study_dir: str | Path, storage: str | None = None, study_name: str | None = None) -> list[Run]:
     """Run directories below `study_dir`, plus trials of its Optuna storage (default: the study.db or
     journal.log there) whose run directories are gone."""
     from forde.sweep.folder import find_url

@@ -16,7 +16,7 @@ from forde import interrupts
 from forde.config import ConfigError
 from forde.sweep.lifecycle import STORAGE_ERRORS, describe
 from forde.sweep.storage import SweepStorage, default_url
-from forde.sweep.study import Study, load_study
+from forde.sweep.study import Study, read_study
 
 
 def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
@@ -87,7 +87,7 @@ def find_study_file(name_or_path: str, studies_dir: Path) -> Path:
 def resolve(args: argparse.Namespace) -> tuple[Study, Path, SweepStorage]:
     """The study (with --n-trials applied), its directory and its storage (not opened yet)."""
     args.study_file = find_study_file(args.study, args.studies_dir)
-    study = load_study(args.study_file, args.overrides, trust_code=args.trust_code, build=not args.status)
+    study = read_study(args.study_file, args.overrides, trust_code=args.trust_code, build=not args.status)
     if args.n_trials:
         study.n_trials = args.n_trials
     study_dir = args.out / study.name

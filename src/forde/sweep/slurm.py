@@ -30,7 +30,7 @@ from forde.config import ConfigError
 from forde.sweep import worker
 from forde.sweep.options import worker_argv
 from forde.sweep.storage import SweepStorage
-from forde.sweep.study import load_study
+from forde.sweep.study import read_study
 from forde.sweep.summary import best_table
 
 log = logging.getLogger("forde.sweep")
@@ -216,7 +216,7 @@ class SlurmWorker(submitit.helpers.Checkpointable):
 
     def write_best(self) -> None:
         """best.md as it stands when this worker finds nothing left to start (the last worker's is final)."""
-        study = load_study(self.study_file, self.overrides, trust_code=self.trust_code)
+        study = read_study(self.study_file, self.overrides, trust_code=self.trust_code)
         study.n_trials = self.n_trials or study.n_trials
         opt = worker.open_study(study, SweepStorage(self.storage))
         (self.study_dir / "best.md").write_text(best_table(opt, study))

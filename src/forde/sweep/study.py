@@ -132,7 +132,7 @@ class Param:
 @dataclass
 class Objective:
     metric: str
-    direction: Direction  # checked by load_study
+    direction: Direction  # checked by read_study
 
 
 @dataclass
@@ -318,7 +318,7 @@ def _expand_grid(study: str, blocks: list[dict[str, Any]]) -> list[dict[str, Any
     return points
 
 
-def load_study(
+def read_study(
     source: str | Path, overrides: list[str] | None = None, trust_code: bool = False, build: bool = True
 ) -> Study:
     """The study in `source`, checked; `trust_code` (`--trust-code`) lets it name code to run as a network
