@@ -88,10 +88,11 @@ def test_a_failing_environment_uses_no_budget_and_is_retried_once_fixed(tmp_path
     """A trial's run directory cannot be created (a file is in the way): the trial fails for the environment, is
     retried, the worker stops after three failures in a row with a non-zero exit; fixed, the same command
     finishes the study with every trial."""
+    args = ["--n-trials", "2", "--no-wandb", *FAST]
+    assert launch(tmp_path, "--prepare", *args) == 0  # the study's folder, made by the launcher
     blocker = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way")
-    args = ["--n-trials", "2", "--no-wandb", *FAST]
     assert launch(tmp_path, *args) == EXIT_ENVIRONMENT
     trials = load(tmp_path).get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
@@ -299,6 +300,7 @@ def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
         message = r"storage journal:.*a_file/journal.log: cannot create .*a_file"
     elif case == "runs not writable":
         (tmp_path / "studies" / "quickstart").mkdir(parents=True)
+        write(tmp_path, "studies/quickstart/study.id", "an id\n")  # a study's folder, as the launcher marks it
         write(tmp_path, "studies/quickstart/runs", "not a folder")
         message = r"cannot write to .*studies/quickstart/runs"
     elif case == "YAML syntax":

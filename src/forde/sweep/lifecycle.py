@@ -1,4 +1,5 @@
-"""The life of a trial attempt and the rules of the budget, in one module and without I/O.
+"""The life of a trial attempt and the rules of the budget, in one module and without I/O: the named fates, the
+sweep's constants, what counts as a failure of the environment, when a worker is taken for dead, and `decide`.
 
 A *configuration* is what the budget counts: one set of parameters, tried by one or more *attempts*, each an
 Optuna trial. The first attempt's number names the configuration and its run directory (runs/trial-NNNN); a
@@ -12,12 +13,13 @@ What became of an attempt (`fate`: its Optuna state, and for a failed one its us
     done         COMPLETE or PRUNED
     trial        failed by its own doing: any error not known to come from the environment (a bug in a model or
                  a metric, a config error, divergence, out of memory). Counts, never retried
-    environment  failed by the environment: the storage, the disk, permissions, the network, W&B, a missing dataset
+    environment  failed by the environment: the storage, the disk, permissions, the network, W&B, a missing
+                 dataset, a failed accelerator (which also stops its worker: the error sticks to the process)
     killed       its worker died: killed, out of memory, its machine lost
     interrupted  stopped by a signal: Ctrl-C, SIGTERM, a Slurm time limit or preemption
     given_up     the failure that used up its configuration's retries: counts, not retried
     duplicate    discarded: the sampler proposed a configuration the study has
-    not_started  discarded: its worker died before its run began
+    not_started  discarded: its worker died before its run began, or took it under a lock it had lost
 
 environment, killed and interrupted are retried from the checkpoint; discarded attempts are part of no
 configuration. The rules (`decide`, asked under the budget lock):
@@ -28,7 +30,9 @@ configuration. The rules (`decide`, asked under the budget lock):
   a time), else a sampled one; a grid study (`sampler: grid`) never samples and ends with its grid;
 - an environment failure or a kill is retried at most MAX_RETRIES times; the next one gives the configuration
   up, listing every reason. Interruptions are free;
-- a running attempt whose worker is gone is failed as killed (discarded when its run had not begun) and retried.
+- a running attempt whose worker is gone is failed as killed (discarded when its run had not begun) and retried;
+  a worker is gone when its process is (on its own host), or after GRACE_S without a heartbeat while the storage
+  was up (elsewhere: `gone`). A worker the launcher killed on request (a second Ctrl-C) was interrupted.
 """
 
 from __future__ import annotations
