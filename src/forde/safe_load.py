@@ -25,12 +25,6 @@ class UnsafePickleError(pickle.UnpicklingError):
         super().__init__(f"{path} holds {name or 'an object'}, which loading would have to import and call")
 
 
-def first_line(err: BaseException) -> str:
-    """`Type: first line of the message`, for one-line errors and warnings."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def torch_load(path: str | Path) -> Any:
     """`torch.load` onto the CPU with `weights_only=True`; an object it refuses raises UnsafePickleError."""
     try:

@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlparse
 
 from forde.config import TrainConfig, WandbConfig, to_dict
+from forde.errors import one_line
 from forde.provenance import code_version
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,6 @@ def per_severity_table(summary: dict):
     return wandb.Table(columns=cols, data=rows)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 class WandbRun:
     """Training callback mirroring a run directory into one W&B run (the same run id across retries).
 
@@ -138,7 +134,7 @@ class WandbRun:
                 "W&B online run %s did not start within %gs (%s); logging offline instead",
                 name,
                 w.init_timeout,
-                _first_line(err),
+                one_line(err),
             )
             wandb.teardown()  # the failed online run still holds its id in this process's W&B service
             self.mode = "offline"
@@ -166,7 +162,7 @@ class WandbRun:
             "W&B %s logging of %s stopped (%s); the run goes on and its run directory keeps every metric",
             self.mode,
             self.run_dir,
-            _first_line(err),
+            one_line(err),
         )
         self.run = None
 
@@ -224,6 +220,6 @@ class WandbRun:
                 run.tags = (*(run.tags or ()), outcome)
             run.finish(exit_code=0 if outcome in ("finished", "pruned") else 1)
         except Exception as err:
-            log.warning("W&B run of %s did not finish cleanly (%s)", self.run_dir, _first_line(err))
+            log.warning("W&B run of %s did not finish cleanly (%s)", self.run_dir, one_line(err))
         if self.mode == "offline":
             log.info("W&B offline run saved; upload with: wandb sync %s", Path(run.dir).parent)

@@ -33,12 +33,13 @@ from forde.data.pipeline import DeviceLoader
 from forde.data.registry import input_spec, load_dataset
 from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
+from forde.errors import one_line
 from forde.evaluate import EvalContext, eval_context, evaluate_corrupted, evaluate_split
 from forde.methods import Method, build_method
 from forde.models import check_model
 from forde.names import RULE, is_path_component
 from forde.provenance import run_provenance
-from forde.safe_load import UnsafePickleError, first_line, torch_load
+from forde.safe_load import UnsafePickleError, torch_load
 from forde.step import make_step
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def load_checkpoint(run_dir: Path) -> dict | None:
                 f"you trust its origin; the run then resumes from {PREVIOUS_CHECKPOINT} or starts over"
             ) from None
         except Exception as err:  # a cut-short zip, a file of another kind: torch raises many types here
-            unreadable.append(f"{path} is unreadable ({first_line(err)})")
+            unreadable.append(f"{path} is unreadable ({one_line(err)})")
             continue
         _check_state(path, state)
         if unreadable:
@@ -168,7 +169,7 @@ def restore(run_dir: Path, load: Callable[[Any], Any], state: Any) -> None:
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise RunDirError(
             f"the checkpoint in {run_dir} does not fit the model of {run_dir / CONFIG} "
-            f"({first_line(err)}); move it aside and run again"
+            f"({one_line(err)}); move it aside and run again"
         ) from None
 
 

@@ -16,8 +16,9 @@ from torchvision.datasets.utils import download_and_extract_archive
 from forde.config import DataConfig, DataError
 from forde.data.base import Dataset, Split, image_dataset
 from forde.data.imagefolder import missing_data_error
+from forde.errors import one_line
 from forde.names import is_path_component
-from forde.safe_load import UnsafePickleError, first_line, pickle_load
+from forde.safe_load import UnsafePickleError, pickle_load
 
 RELEASES = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # file names, URL and checksum as torchvision knows them
 
@@ -38,7 +39,7 @@ def read_batch(path: Path) -> dict:
             "holds only arrays, lists and strings: replace the file with the release's"
         ) from None
     except Exception as err:  # cut short, or not a pickle at all
-        raise DataError(f"{path} is unreadable ({first_line(err)}); replace it with the release's file") from None
+        raise DataError(f"{path} is unreadable ({one_line(err)}); replace it with the release's file") from None
     if not isinstance(batch, dict):
         raise DataError(
             f"{path} holds a {type(batch).__name__}, not a CIFAR batch (a dict); replace it with the release's file"

@@ -13,8 +13,8 @@ from forde.atomic import write_atomic
 from forde.config import ConfigError, DataError, MissingDataError, TrainConfig
 from forde.data.base import Dataset, Split, subset_split
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES, select
+from forde.errors import one_line
 from forde.provenance import code_version, test_fingerprint
-from forde.safe_load import first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def read_source_record(root: Path) -> dict:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(err)}); {fix}") from None
     generated = record.get("generated", {}) if isinstance(record, dict) else None
     if not (
         isinstance(record, dict)

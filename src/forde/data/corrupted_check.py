@@ -29,7 +29,7 @@ from PIL import Image
 from forde.data.base import Dataset
 from forde.data.corrupted_sets import LABELS_FILE, part_path
 from forde.data.corruption_names import SEVERITIES
-from forde.safe_load import first_line
+from forde.errors import one_line
 
 CHANNELS_FIRST_FIX = "np.save(path, np.load(path).transpose(0, 2, 3, 1))"
 
@@ -76,7 +76,7 @@ def _load(path: Path) -> tuple[np.ndarray | None, str | None]:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False), None
     except (OSError, ValueError, EOFError) as err:
-        return None, first_line(err)
+        return None, one_line(err)
 
 
 def _check_labels(path: Path, e: Expected) -> list[str]:
@@ -174,7 +174,7 @@ def _check_image(path: Path, e: Expected) -> str | None:
             img.load()
             size = img.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return f"{path} is not a readable image ({first_line(err)})"
+        return f"{path} is not a readable image ({one_line(err)})"
     if size != (e.width, e.height):
         return f"{path} is {size[0]}x{size[1]}, but the test images are {e.width}x{e.height}"
     return None

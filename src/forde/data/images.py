@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from forde.config import DataError
 from forde.data.base import Split
-from forde.safe_load import first_line
+from forde.errors import one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -30,7 +30,7 @@ def read_rgb(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path} is not a readable image ({first_line(err)}); replace or remove it") from None
+        raise DataError(f"{path} is not a readable image ({one_line(err)}); replace or remove it") from None
 
 
 def decode_images(paths: Sequence[Path], desc: str = "decoding images", chunk: int = 256) -> np.ndarray:

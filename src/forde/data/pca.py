@@ -31,8 +31,9 @@ from forde.config import AlphaMix, DataConfig
 from forde.data.base import Dataset
 from forde.data.pipeline import normalize
 from forde.data.registry import load_dataset
+from forde.errors import one_line
 from forde.kernels import projection
-from forde.safe_load import first_line, torch_load
+from forde.safe_load import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def read_cache(path: Path, dim: int) -> PCA | None:
         ):
             raise ValueError(f"expected float64 eigenvalues [{dim}] and eigenvectors [{dim}, {dim}]")
     except Exception as err:  # a cut-short file, a file of another kind, or one that would run code when unpickled
-        log.warning("PCA: the cache %s is unusable (%s); computing it again", path, first_line(err))
+        log.warning("PCA: the cache %s is unusable (%s); computing it again", path, one_line(err))
         return None
     return PCA(values, vectors)
 

@@ -16,8 +16,8 @@ import torch
 
 from forde.config import ConfigError, DataError
 from forde.data.base import Dataset, Split, image_dataset
+from forde.errors import one_line
 from forde.names import is_path_component
-from forde.safe_load import first_line
 
 META = "meta.json"
 FORMAT = 1
@@ -73,7 +73,7 @@ def store_spec(directory: str | Path) -> tuple[tuple[int, ...], int]:
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
     except (OSError, ValueError, EOFError) as err:
         raise DataError(
-            f"{path} is unreadable ({first_line(err)}); delete {directory} and import (or load) the dataset again"
+            f"{path} is unreadable ({one_line(err)}); delete {directory} and import (or load) the dataset again"
         ) from None
     return tuple(shape[1:]), len(meta["class_names"])
 
@@ -83,7 +83,7 @@ def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(err)}); {fix}") from None
     names, splits = (meta.get("class_names"), meta.get("splits")) if isinstance(meta, dict) else (None, None)
     if not (isinstance(names, list) and names and all(is_path_component(n) for n in names)):
         raise DataError(f"{path}: class_names must be a non-empty list of plain file names; {fix}")
@@ -101,7 +101,7 @@ def _read_split(directory: Path, split: str, num_classes: int) -> Split:
         try:
             arrays.append(np.load(path, allow_pickle=False))
         except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+            raise DataError(f"{path} is unreadable ({one_line(err)}); {fix}") from None
     images, labels = arrays
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise DataError(

@@ -16,8 +16,8 @@ from forde.data.base import Dataset
 from forde.data.imagefolder import missing_data_error
 from forde.data.images import decode_splits, is_image_file
 from forde.data.store import is_store, load_store, save_store
+from forde.errors import one_line
 from forde.names import is_path_component
-from forde.safe_load import first_line
 
 FOLDER = "tiny-imagenet-200"
 CACHE = "forde-cache"
@@ -70,7 +70,7 @@ def _read_text(path: Path, fix: str) -> str:
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is unreadable ({first_line(err)}); {fix}") from None
+        raise DataError(f"{path} is unreadable ({one_line(err)}); {fix}") from None
 
 
 def load_tinyimagenet(cfg: DataConfig) -> Dataset:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from forde.config import ConfigError, ModelConfig, model_source
+from forde.errors import one_line
 from forde.models.external import build_external
 from forde.models.mlp import MLP
 from forde.models.preact import PreActResNet18
@@ -31,10 +32,9 @@ def check_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, d
             with torch.no_grad():
                 out = model(torch.zeros(batch))
         except Exception as err:
-            problem = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise ConfigError(
                 f"model.name = {cfg.name!r} fails on a batch {batch} of {data_name} inputs "
-                f"({type(err).__name__}: {problem}); make the network accept inputs of that shape "
+                f"({one_line(err)}); make the network accept inputs of that shape "
                 "(e.g. model.kwargs.img_size for a ViT)"
             ) from None
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -1,11 +1,6 @@
-"""Networks from outside forde: `model.name=timm:NAME` and `model.name=PACKAGE.MODULE:CALLABLE`.
-
-Naming a callable runs it, and importing its module runs that module: a config or study file that names one is
-code you run. What a name may reach is narrowed, so that a file from elsewhere cannot call a function of the
-standard library with arguments it chooses: the module must lie outside the standard library (checked before it
-is imported, `forde.config.model_source`), and what it names must be an nn.Module subclass or a plain Python
-function (not a builtin, a functools.partial or a class of another kind), itself defined outside the standard
-library (so an imported `rmtree` is refused too). Its result must be an nn.Module.
+"""Networks from outside forde: `model.name=timm:NAME` and `model.name=PACKAGE.MODULE:CALLABLE`, built as the trust
+policy (forde.trust) allows: the module is checked before it is imported, what it names before it is called, and
+the result must be an nn.Module.
 """
 
 from __future__ import annotations
@@ -13,22 +8,18 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from torch import nn
 
-from forde.config import ConfigError, ModelConfig, model_source
+from forde.config import ModelConfig
+from forde.errors import ConfigError, one_line
+from forde.trust import model_source, network_builder
 
 
 def _fail(name: str, problem: str, fix: str) -> NoReturn:
     raise ConfigError(f"model.name = {name!r}: {problem}; {fix}")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _import(name: str, module: str):
@@ -46,13 +37,9 @@ def _import(name: str, module: str):
                 f"run from the folder that holds {module.replace('.', '/')}.py, add that folder to PYTHONPATH, "
                 "or install its package",
             )
-        _fail(name, f"importing {module} failed ({_first_line(err)})", f"install {err.name or 'what it imports'}")
+        _fail(name, f"importing {module} failed ({one_line(err)})", f"install {err.name or 'what it imports'}")
     except Exception as err:  # a syntax error, or an error raised by the module's own code
-        _fail(name, f"importing {module} failed ({_first_line(err)})", f"fix {module}")
-
-
-def _is_stdlib(module: str | None) -> bool:
-    return not module or module.split(".")[0] in sys.stdlib_module_names
+        _fail(name, f"importing {module} failed ({one_line(err)})", f"fix {module}")
 
 
 def resolve_callable(name: str) -> Callable[..., Any]:
@@ -62,8 +49,7 @@ def resolve_callable(name: str) -> Callable[..., Any]:
     found = getattr(_import(name, module), attr, None)
     if found is None:
         _fail(name, f"{module} has no attribute {attr!r}", f"name a class or function defined in {module}")
-    is_network_class = isinstance(found, type) and issubclass(found, nn.Module)
-    if not (is_network_class or type(found) is types.FunctionType) or _is_stdlib(getattr(found, "__module__", None)):
+    if not network_builder(found):
         _fail(
             name,
             f"{module}.{attr} is a {type(found).__name__} from {getattr(found, '__module__', None) or 'nowhere'}, "
@@ -112,7 +98,7 @@ def build_external(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int
     except Exception as err:
         _fail(
             cfg.name,
-            f"building it with ({shown}) failed ({_first_line(err)})",
+            f"building it with ({shown}) failed ({one_line(err)})",
             "fix model.kwargs (model.kwargs.KEY=VALUE), or the network's constructor",
         )
     if not isinstance(model, nn.Module):

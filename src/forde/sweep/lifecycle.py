@@ -49,6 +49,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
+from forde.errors import one_line
 from forde.sweep.records import lineage, params_of
 
 FAILURE, REASON = "failure", "fail_reason"  # user attributes of a failed attempt
@@ -150,9 +151,7 @@ def root_cause(err: BaseException) -> BaseException:
 
 def describe(err: BaseException) -> str:
     """'Type: first line of the message', of the root cause."""
-    cause = root_cause(err)
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
+    return one_line(root_cause(err))
 
 
 def is_transient(err: BaseException) -> bool:

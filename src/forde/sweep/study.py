@@ -42,11 +42,11 @@ from forde.config import (
     load_yaml,
     merge,
     read_config_yaml,
-    refuse_code_from_file,
     to_train_config,
 )
 from forde.names import RULE, is_path_component
 from forde.sweep.sampling import TrialSeededSampler
+from forde.trust import refuse_code_from_file
 
 SAMPLER_CLASSES: dict[str, type] = {
     "tpe": optuna.samplers.TPESampler,
@@ -322,7 +322,7 @@ def read_study(
     source: str | Path, overrides: list[str] | None = None, trust_code: bool = False, build: bool = True
 ) -> Study:
     """The study in `source`, checked; `trust_code` (`--trust-code`) lets it name code to run as a network
-    (forde.config.code_from_file): without it, a study that does is refused before any network is built.
+    (forde.trust.code_from_file): without it, a study that does is refused before any network is built.
     `build=False` reads the file only (`--status`): no trial's config is built, no network imported."""
     path = Path(source)
     if not path.exists():

@@ -1,0 +1,296 @@
+"""The checks of a config that types alone cannot express, section by section: ranges, and keys that must agree.
+Each failure is one ConfigError naming the key, its value, the rule and a fix."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from forde.config.schema import (
+    BLOCK_MODELS,
+    CORRUPTION_SELECTIONS,
+    KERNEL_METHODS,
+    RESNET18_BLOCKS,
+    GradTarget,
+    MedianMode,
+    MethodConfig,
+    TrainConfig,
+)
+from forde.errors import ConfigError
+from forde.trust import model_source
+
+
+def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {rule}; {fix}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    _validate_names(cfg)
+    validate_method(cfg.method, cfg.ensemble_size)
+    _validate_optim(cfg)
+    _validate_model(cfg)
+    _validate_data_and_eval(cfg)
+    _validate_device(cfg)
+
+
+def _validate_names(cfg: TrainConfig) -> None:
+    from forde.names import RULE, is_path_component
+
+    d = cfg.data
+    _check(
+        is_path_component(d.name),
+        "data.name",
+        d.name,
+        f"{RULE}: it names a folder under data.root",
+        "set e.g. data.name=cifar10",
+    )
+    _check(
+        cfg.run.name is None or is_path_component(cfg.run.name),
+        "run.name",
+        cfg.run.name,
+        f"{RULE}: it names the run directory inside run.out_dir",
+        "set e.g. run.name=my-run (or leave it unset)",
+    )
+    _check(
+        cfg.ensemble_size >= 1,
+        "ensemble_size",
+        cfg.ensemble_size,
+        "must be at least 1",
+        "set ensemble_size=10 (the paper's size)",
+    )
+
+
+def _validate_optim(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "must be positive", "set optim.lr=0.1")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must lie in [0, 1)", "set optim.momentum=0.9")
+    _check(
+        not o.nesterov or o.momentum > 0,
+        "optim.nesterov",
+        o.nesterov,
+        "Nesterov needs momentum > 0",
+        "set optim.momentum=0.9 or optim.nesterov=false",
+    )
+    _check(
+        o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be non-negative", "set optim.weight_decay=5e-4"
+    )
+    _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "must be at least 1", "set optim.batch_size=128")
+    _check(
+        o.epochs >= 1,
+        "optim.epochs",
+        o.epochs,
+        "must be at least 1",
+        "set a positive number, e.g. optim.epochs=300 (the paper's)",
+    )
+    _check(0 < o.lr_ratio <= 1, "optim.lr_ratio", o.lr_ratio, "must lie in (0, 1]", "set optim.lr_ratio=0.01")
+    _check(
+        0 <= o.decay_start <= o.decay_end <= 1,
+        "optim.decay_start/decay_end",
+        (o.decay_start, o.decay_end),
+        "need 0 <= decay_start <= decay_end <= 1",
+        "set optim.decay_start=0.5 optim.decay_end=0.9",
+    )
+    _check(
+        0 <= o.warmup_epochs < o.epochs,
+        "optim.warmup_epochs",
+        o.warmup_epochs,
+        "must lie in [0, epochs)",
+        "set optim.warmup_epochs=0",
+    )
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    _check(cfg.model.width >= 1, "model.width", cfg.model.width, "must be at least 1", "set model.width=64")
+    _check(
+        all(h >= 1 for h in cfg.model.hidden) and len(cfg.model.hidden) >= 1,
+        "model.hidden",
+        cfg.model.hidden,
+        "needs at least one positive layer size",
+        "set model.hidden=[128,128,128]",
+    )
+    mc = cfg.model
+    kind = model_source(mc.name)[0]
+    _check(
+        kind != "builtin" or not mc.kwargs,
+        "model.kwargs",
+        mc.kwargs,
+        f"passes arguments to the constructor of a timm or your own network, not to the built-in {mc.name}",
+        "remove model.kwargs, or set model.width / model.hidden / model.blocks",
+    )
+    reserved = ("num_classes", "in_chans") if kind == "timm" else ("num_classes",)
+    taken = [k for k in mc.kwargs if k in reserved]
+    _check(
+        not taken,
+        "model.kwargs",
+        mc.kwargs,
+        f"sets {', '.join(taken)}, which the dataset sets",
+        f"remove model.kwargs.{taken[0] if taken else ''}",
+    )
+    _check(
+        len(mc.blocks) >= 1 and all(b >= 1 for b in mc.blocks),
+        "model.blocks",
+        mc.blocks,
+        "needs at least one stage of at least one block",
+        "set model.blocks=[2,2,2,2] (ResNet18)",
+    )
+    _check(
+        mc.name in BLOCK_MODELS or tuple(mc.blocks) == RESNET18_BLOCKS,
+        "model.blocks",
+        mc.blocks,
+        f"sets the depth of {' and '.join(BLOCK_MODELS)} only, not of model.name = {mc.name}",
+        "leave model.blocks at [2,2,2,2]",
+    )
+
+
+def _validate_data_and_eval(cfg: TrainConfig) -> None:
+    from forde.data.corruption_names import CORRUPTIONS  # names only: cheap, no image libraries
+
+    d, e = cfg.data, cfg.eval
+    _check(
+        0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in [0, 1)", "set data.val_fraction=0.1"
+    )
+    for key, n in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset)):
+        _check(n is None or n >= 1, key, n, "must be a positive sample count or null (all samples)", f"set {key}=null")
+    _check(
+        cfg.run.wandb.init_timeout > 0,
+        "run.wandb.init_timeout",
+        cfg.run.wandb.init_timeout,
+        "must be positive",
+        "set run.wandb.init_timeout=30",
+    )
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1", "set eval.batch_size=1000")
+    _check(e.every >= 1, "eval.every", e.every, "must be at least 1", "set eval.every=1")
+    _check(
+        e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000"
+    )
+    _check(
+        len(e.severities) >= 1 and all(1 <= s <= 5 for s in e.severities),
+        "eval.severities",
+        e.severities,
+        "must be a non-empty list of values in 1..5",
+        "set eval.severities=[1,2,3,4,5]",
+    )
+    unknown = [c for c in e.corruptions if c not in CORRUPTIONS and c not in CORRUPTION_SELECTIONS]
+    _check(
+        not unknown,
+        "eval.corruptions",
+        e.corruptions,
+        f"unknown corruption(s) {unknown}",
+        f"use all, benchmark, none or names from {', '.join(CORRUPTIONS)}",
+    )
+
+
+def _validate_device(cfg: TrainConfig) -> None:
+    _check(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        "device",
+        cfg.device,
+        "must be auto, cpu, cuda or cuda:N",
+        "set device=auto",
+    )
+    _check(
+        cfg.precision != "bf16" or cfg.device != "cpu",
+        "precision",
+        cfg.precision,
+        "bf16 autocast is for CUDA devices",
+        "set precision=fp32 (or auto) on the CPU",
+    )
+    _check(
+        not cfg.cuda.graphs or cfg.device != "cpu",
+        "cuda.graphs",
+        cfg.cuda.graphs,
+        "CUDA graphs need a CUDA device",
+        "set cuda.graphs=false on the CPU",
+    )
+    _check(
+        not (cfg.cuda.graphs and ramped(cfg.method)),
+        "cuda.graphs",
+        cfg.cuda.graphs,
+        "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
+        "set cuda.graphs=false, or method.repulsion_ramp_epochs=0",
+    )
+
+
+def ramped(m: MethodConfig) -> bool:
+    """Whether the repulsion weight changes over epochs."""
+    return m.repulsion_ramp_epochs > 0 and m.repulsion_ramp_start != 1.0
+
+
+def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "method.") -> None:
+    """The method's checks; `ensemble_size` None skips the one that needs it, `prefix` names the keys in errors
+    (`method.` in configs, none for the Python API's keyword arguments)."""
+
+    def check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
+        _check(ok, prefix + key, value, rule, fix.format(p=prefix))
+
+    check(
+        0.0 <= m.alpha <= 1.0,
+        "alpha",
+        m.alpha,
+        "must lie in [0, 1] (0 = identity, 1 = PCA lengthscales)",
+        "set e.g. {p}alpha=0.4",
+    )
+    check(m.bandwidth_scale > 0, "bandwidth_scale", m.bandwidth_scale, "must be positive", "set {p}bandwidth_scale=1.0")
+    check(
+        m.bandwidth is None or m.bandwidth > 0,
+        "bandwidth",
+        m.bandwidth,
+        "must be positive or null (median heuristic)",
+        "set {p}bandwidth=null" if prefix else "set bandwidth=None",
+    )
+    check(m.eps > 0, "eps", m.eps, "must be positive", "set {p}eps=1e-12")
+    check(
+        m.median in get_args(MedianMode),
+        "median",
+        m.median,
+        f"must be one of {get_args(MedianMode)}",
+        "set {p}median=per_column",
+    )
+    check(
+        m.grad_target in get_args(GradTarget),
+        "grad_target",
+        m.grad_target,
+        f"must be one of {get_args(GradTarget)}",
+        "set {p}grad_target=logit",
+    )
+    if m.name in KERNEL_METHODS and m.bandwidth is None and ensemble_size is not None:
+        _check(
+            ensemble_size >= 2,
+            "ensemble_size",
+            ensemble_size,
+            f"{m.name}'s median-heuristic bandwidth divides by ln(ensemble_size), so it needs at least 2 members",
+            f"set ensemble_size>=2, or a fixed {prefix}bandwidth",
+        )
+    check(
+        m.repulsion_every >= 1, "repulsion_every", m.repulsion_every, "must be at least 1", "set {p}repulsion_every=1"
+    )
+    check(
+        0 < m.repulsion_subset <= 1,
+        "repulsion_subset",
+        m.repulsion_subset,
+        "must lie in (0, 1]",
+        "set {p}repulsion_subset=1.0",
+    )
+    check(
+        m.repulsion_ramp_start > 0,
+        "repulsion_ramp_start",
+        m.repulsion_ramp_start,
+        "must be positive",
+        "set {p}repulsion_ramp_start=1.0 (no ramp) or e.g. 100",
+    )
+    check(
+        m.repulsion_ramp_epochs >= 0,
+        "repulsion_ramp_epochs",
+        m.repulsion_ramp_epochs,
+        "must be non-negative",
+        "set {p}repulsion_ramp_epochs=0 (no ramp) or e.g. 80",
+    )
+    check(
+        not ramped(m) or m.name == "forde",
+        "repulsion_ramp_epochs",
+        m.repulsion_ramp_epochs,
+        f"the repulsion ramp is a FoRDE option, but method.name = {m.name}",
+        "set {p}repulsion_ramp_epochs=0",
+    )
+    check(m.lit_weight >= 0, "lit_weight", m.lit_weight, "must be non-negative", "set {p}lit_weight=1.0")
