@@ -26,7 +26,8 @@ from forde.config import load_config
 from forde.data.base import Dataset, Split
 from forde.methods import build_method
 from forde.methods.forde import FoRDE
-from forde.train import Trainer, build
+from forde.setup import build
+from forde.train import Trainer
 
 
 def cifar100_shaped(n: int, seed: int = 0) -> Dataset:

@@ -27,7 +27,8 @@ from forde.data.corrupted import corrupted_sets, prepare_corrupted
 from forde.evaluate import input_gradients, predict
 from forde.methods.de import DeepEnsemble
 from forde.metrics import CorruptedMetrics
-from forde.train import CONFIG, build, load_checkpoint
+from forde.run_dir import CONFIG, load_checkpoint
+from forde.setup import build
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from forde.data.corrupted import CorruptedSet
 from forde.data.pipeline import normalize
 from forde.evaluate import EvalContext, evaluate_corrupted, evaluate_split
 from forde.methods import build_method
-from forde.train import Trainer, build
+from forde.setup import build
+from forde.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = {

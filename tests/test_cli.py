@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import forde.train
+import forde.run_evaluation
 from forde.atomic import replace_atomic
 from forde.cli import main
-from forde.train import CHECKPOINT, CONFIG, METRICS
+from forde.run_dir import CHECKPOINT, CONFIG, METRICS
 
 SMALL = [
     "run.progress=false",
@@ -72,7 +72,7 @@ def test_eval_of_a_read_only_run_is_one_line_before_evaluating(run, small_disk_f
     def evaluated(*args, **kwargs):
         raise AssertionError("evaluated before checking that the results can be written")
 
-    monkeypatch.setattr(forde.train, "final_evaluation", evaluated)
+    monkeypatch.setattr(forde.run_evaluation, "final_evaluation", evaluated)
     capsys.readouterr()
     assert main(["eval", str(disk / "run")]) == 2
     err = one_line(capsys)

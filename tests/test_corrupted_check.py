@@ -15,7 +15,8 @@ from forde.data.corrupted_check import check_corrupted
 from forde.data.corrupted_sets import generate_corrupted_set
 from forde.data.registry import load_dataset
 from forde.data.store import save_store
-from forde.train import METRICS, RESULTS, train
+from forde.run_dir import METRICS, RESULTS
+from forde.train import train
 from test_datasets import write_tinyimagenet
 
 N_TEST, SIDE = 12, 8

@@ -17,9 +17,11 @@ from PIL import Image
 from scipy import ndimage
 from skimage.filters import gaussian as sk_gaussian
 
+from forde.analysis.corruption_grid import save_corruption_grid
+from forde.cli import run_corrupt_command
 from forde.data import corruptions as C
 from forde.data.corrupted_loader import load_corrupted
-from forde.data.corrupted_sets import corruption_rng, generate_corrupted_set, run_corrupt_command, save_corruption_grid
+from forde.data.corrupted_sets import corruption_rng, generate_corrupted_set
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES
 
 TABLE_SIDES = {"cifar": 32, "tiny": 64}

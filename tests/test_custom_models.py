@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import forde.setup
 import forde.sweep.launch
-import forde.train
 from conftest import CUDA, needs
 from forde.config import ConfigError, MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
@@ -25,7 +25,8 @@ from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
 from forde.models import build_model, check_model
 from forde.models.derivatives import native_derivatives
-from forde.train import CHECKPOINT, train
+from forde.run_dir import CHECKPOINT
+from forde.train import train
 from sweep_support import launch, load
 
 VIT = "user_models.vit:TinyViT"
@@ -73,7 +74,7 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the dataset was read before the model was checked")
 
-    monkeypatch.setattr(forde.train, "load_dataset", refuse)
+    monkeypatch.setattr(forde.setup, "load_dataset", refuse)
     monkeypatch.setattr(forde.sweep.launch, "prepare_inputs", refuse)
 
 

@@ -12,7 +12,8 @@ from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE, repulsion_weight
-from forde.train import run_dir_of, train
+from forde.run_dir import run_dir_of
+from forde.train import train
 
 M, B, D_IN, C = 3, 8, 10, 4
 

@@ -11,7 +11,8 @@ from forde.config import MethodConfig, ModelConfig, load_config
 from forde.ensemble import build_ensemble
 from forde.methods.forde import FoRDE
 from forde.models import build_model
-from forde.train import evaluate_run, load_checkpoint
+from forde.run_dir import load_checkpoint
+from forde.run_evaluation import evaluate_run
 
 
 @pytest.mark.parametrize(

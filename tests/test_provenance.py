@@ -15,8 +15,9 @@ from forde.data.corrupted import SOURCE_FILE, corrupted_root, corrupted_sets, pr
 from forde.data.corrupted_sets import GENERATOR_VERSION
 from forde.data.pca import fingerprint
 from forde.data.registry import load_dataset
+from forde.run_dir import run_dir_of
 from forde.tracking import WandbRun
-from forde.train import run_dir_of, train
+from forde.train import train
 
 WANDB = [sys.executable, "-m", "wandb"]
 

@@ -15,7 +15,9 @@ from forde.cli import main
 from forde.config import DataConfig, DataError
 from forde.data.pca import cached_pca, compute_pca
 from forde.data.registry import load_dataset
-from forde.train import CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS, RunDirError, load_checkpoint, train
+from forde.errors import RunDirError
+from forde.run_dir import CHECKPOINT, PREVIOUS_CHECKPOINT, RESULTS, load_checkpoint
+from forde.train import train
 from test_datasets import write_cifar10
 from test_train import Crash, tiny
 

@@ -17,10 +17,10 @@ from optuna.trial import TrialState
 import forde.train
 from conftest import CUDA
 from forde.config import ConfigError
+from forde.run_dir import CHECKPOINT
 from forde.sweep.storage import SweepStorage
 from forde.sweep.study import read_study
 from forde.sweep.worker import Sweep, open_study
-from forde.train import CHECKPOINT
 from sweep_support import (
     FAST,
     STUDIES,

@@ -17,11 +17,11 @@ import pytest
 from optuna.trial import TrialState
 
 from forde.config import ConfigError, MissingDataError
+from forde.errors import NonFiniteLossError
 from forde.sweep.launch import gpu_devices
 from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
 from forde.sweep.options import EXIT_ENVIRONMENT
 from forde.sweep.storage import SweepStorage
-from forde.train import NonFiniteLossError
 from sweep_support import (
     FAST,
     STUDIES,

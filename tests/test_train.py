@@ -7,17 +7,10 @@ import torch
 
 from conftest import CUDA, devices
 from forde.config import ConfigError, OptimConfig, load_config
-from forde.train import (
-    CHECKPOINT,
-    METRICS,
-    PREVIOUS_CHECKPOINT,
-    RESULTS,
-    NonFiniteLossError,
-    RunDirError,
-    evaluate_run,
-    lr_at,
-    train,
-)
+from forde.errors import NonFiniteLossError, RunDirError
+from forde.run_dir import CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, RESULTS
+from forde.run_evaluation import evaluate_run
+from forde.train import lr_at, train
 
 TIMING_KEYS = {"train_time_s", "session_time_s", "eval_time_s", "run_dir"}
 

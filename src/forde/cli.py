@@ -7,9 +7,15 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forde.config import ConfigError, MissingDataError, builtin_config_names, load_config, to_yaml
+from forde.errors import RunError
+
+if TYPE_CHECKING:
+    from forde.data.corrupted_sets import GenerationReport
 
 log = logging.getLogger("forde")
 
@@ -44,7 +50,8 @@ def headline(summary: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from forde.train import run_dir_of, train
+    from forde.run_dir import run_dir_of
+    from forde.train import train
 
     cfg = load_config(args.config, args.overrides, trust_code=args.trust_code)
     results = train(cfg)
@@ -53,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from forde.train import evaluate_run
+    from forde.run_evaluation import evaluate_run
 
     results = evaluate_run(Path(args.run_dir), args.overrides, out_name=args.out, trust_code=args.trust_code)
     print(headline(results["summary"]))
@@ -64,6 +71,63 @@ def _dataset(args: argparse.Namespace):
     from forde.data.registry import load_dataset
 
     return load_dataset(DataConfig(name=args.dataset, root=args.root))
+
+
+def run_corrupt_command(
+    images,
+    labels,
+    out_dir,
+    table: str | None,
+    seed: int,
+    corruptions: Iterable[str],
+    severities: Iterable[int],
+    layout: str,
+    workers: int | None,
+    *,
+    class_dirs: Sequence[str] | None = None,
+    file_names: Sequence[str] | None = None,
+    on_commit: Callable[[str, int], None] | None = None,
+) -> GenerationReport:
+    """What `forde data corrupt` runs: generate the set and say what was done and where."""
+    from forde.data.corrupted_sets import PARTS_DIR, generate_corrupted_set
+    from forde.data.corruption_names import select
+    from forde.data.corruptions import default_table
+
+    names = select(list(corruptions))
+    severities = sorted(set(severities))
+    side = images.shape[-1]
+    print(
+        f"corrupting {len(images)} images of {side}x{side} with the '{table or default_table(side)}' parameters "
+        f"(seed {seed}): {len(names)} corruptions x severities {severities}, {layout} layout, "
+        f"{workers or os.cpu_count()} workers -> {Path(out_dir).resolve()}"
+    )
+    report = generate_corrupted_set(
+        images,
+        labels,
+        out_dir,
+        table=table,
+        seed=seed,
+        corruptions=names,
+        severities=severities,
+        layout=layout,
+        class_dirs=class_dirs,
+        file_names=file_names,
+        workers=workers,
+        on_commit=on_commit,
+    )
+    print(
+        f"{len(report.written)} (corruption, severity) outputs written, {len(report.skipped)} already there, "
+        f"in {report.seconds:.1f} s"
+    )
+    if layout == "npy":
+        print(f"complete files: {', '.join(n + '.npy' for n in report.assembled) or 'none new'}")
+        partial = sorted({n for n in names if not (report.out_dir / f"{n}.npy").is_file()})
+        if partial:
+            print(
+                f"only some severities of {', '.join(partial)}: their blocks stay in "
+                f"{report.out_dir / PARTS_DIR} until all 5 severities exist"
+            )
+    return report
 
 
 def cmd_data_corrupt(args: argparse.Namespace) -> None:
@@ -77,7 +141,6 @@ def cmd_data_corrupt(args: argparse.Namespace) -> None:
         source_recorder,
     )
     from forde.data.corrupted_loader import missing_corrupted
-    from forde.data.corrupted_sets import run_corrupt_command
     from forde.data.corruption_names import select
 
     ds = _dataset(args)
@@ -134,7 +197,7 @@ def cmd_data_pca(args: argparse.Namespace) -> None:
 
 
 def cmd_data_grid(args: argparse.Namespace) -> None:
-    from forde.data.corrupted_sets import save_corruption_grid
+    from forde.analysis.corruption_grid import save_corruption_grid
 
     ds = _dataset(args)
     image = ds.test.inputs[args.index].permute(1, 2, 0).numpy()
@@ -268,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except Exception as err:  # a run directory that cannot be read back or written, a diverged run: one line
-        train = sys.modules.get("forde.train")  # (only commands that imported it can raise it)
-        if train is None or not isinstance(err, (train.RunDirError, train.NonFiniteLossError)):
-            raise
+    except RunError as err:  # a run directory that cannot be read back or written, a diverged run: one line
         print(f"forde: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,18 @@ class DataError(MissingDataError):
     shape, or refused as unsafe): like a missing one, a problem of the machine, found before any training."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on as it is; the message says why and the fix in one line (no bug: no traceback)."""
+
+
+class RunDirError(RunError):
+    """A run directory's files cannot be read back, or written; the message names the file and the fix."""
+
+
+class NonFiniteLossError(RunError):
+    """Training diverged; the message says where, names the last good checkpoint if there is one, and the fix."""
+
+
 def one_line(err: BaseException) -> str:
     """'Type: first line of the message': how an error is quoted inside a one-line message."""
     text = str(err).strip().splitlines()

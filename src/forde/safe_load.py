@@ -10,11 +10,12 @@ only the few types their format needs.
 from __future__ import annotations
 
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from forde.torch_internals import unsafe_globals
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -30,10 +31,10 @@ def torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not str(err).startswith("Weights only load failed"):
+        refused = unsafe_globals(path, err)
+        if refused is None:
             raise
-        refused = re.search(r"GLOBAL (\S+)", str(err))
-        raise UnsafePickleError(Path(path), refused.group(1) if refused else None) from None
+        raise UnsafePickleError(Path(path), refused[0]) from None
 
 
 class _AllowListUnpickler(pickle.Unpickler):

@@ -37,6 +37,7 @@ from forde.atomic import removed_on_failure
 from forde.data.corruption_names import CORRUPTIONS, SEVERITIES, select
 from forde.data.corruptions import corrupt, default_table
 from forde.names import RULE, is_path_component
+from forde.torch_internals import pool_processes
 
 LAYOUTS = ("npy", "folder")
 LABELS_FILE = "labels.npy"
@@ -193,7 +194,7 @@ def _run_jobs(
 def _stop(pool: ProcessPoolExecutor) -> None:
     """End a pool's workers at once. `shutdown` alone would wait for the jobs they are running (Python before
     3.14 has no `terminate_workers`); the workers ignore SIGINT, so only this process decides when they stop."""
-    workers = list((pool._processes or {}).values())
+    workers = pool_processes(pool)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in workers:
         process.terminate()
@@ -341,112 +342,3 @@ def _save_folder(job: _Job, images: np.ndarray, tmp: Path) -> None:
         Image.fromarray(pixels).save(
             tmp / job.class_dirs[label] / file_name, format="JPEG", quality=JPEG_QUALITY, optimize=True
         )
-
-
-# ---------------------------------------------------------------------------------------------- preview, command
-
-
-def save_corruption_grid(image_hwc: np.ndarray, path, *, table: str | None = None, seed: int = 0) -> Path:
-    """One image under every corruption (rows) at clean + severities 1-5 (columns), for checking by eye.
-
-    Uses the same per-(corruption, severity) generators as `generate_corrupted_set`. The cells are tiled into one
-    picture (one matplotlib Axes, labelled by its ticks); the format follows the suffix of `path` (.png, .pdf).
-    """
-    from matplotlib.figure import Figure
-
-    image = np.asarray(image_hwc, dtype=np.uint8)
-    image = image[..., None] if image.ndim == 2 else image
-    table = table or default_table(image.shape[0])
-    rows = [
-        [image] + [corrupt(image[None], name, s, corruption_rng(seed, name, s), table)[0] for s in SEVERITIES]
-        for name in CORRUPTIONS
-    ]
-    mosaic, centres_x, centres_y = _tile(rows)
-    fig = Figure(figsize=(1.0 * len(rows[0]) + 1.6, 1.0 * len(rows) + 0.7))
-    ax = fig.add_axes(
-        (
-            1.5 / fig.get_figwidth(),
-            0.1 / fig.get_figheight(),
-            1 - 1.6 / fig.get_figwidth(),
-            1 - 0.7 / fig.get_figheight(),
-        )
-    )
-    grey = image.shape[-1] == 1
-    ax.imshow(
-        mosaic[..., 0] if grey else mosaic, cmap="gray" if grey else None, vmin=0, vmax=255, interpolation="nearest"
-    )
-    ax.set_xticks(centres_x, ["clean"] + [f"severity {s}" for s in SEVERITIES])
-    ax.set_yticks(centres_y, CORRUPTIONS)
-    ax.xaxis.tick_top()
-    ax.tick_params(length=0, labelsize=9)
-    ax.set_frame_on(False)
-    ax.set_title(f"{image.shape[0]}x{image.shape[1]} image, '{table}' parameters, seed {seed}", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=max(100, 4 * image.shape[0]))  # a few screen pixels per image pixel
-    return path
-
-
-def _tile(rows: list[list[np.ndarray]]) -> tuple[np.ndarray, list[float], list[float]]:
-    """Cells on a white canvas with gaps of 1/8 side; returns the canvas and the cell centres along x and y."""
-    side, channels = rows[0][0].shape[0], rows[0][0].shape[-1]
-    pitch = side + max(1, side // 8)
-    canvas = np.full((len(rows) * pitch, len(rows[0]) * pitch, channels), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            canvas[r * pitch : r * pitch + side, c * pitch : c * pitch + side] = cell
-    centres = lambda count: [i * pitch + (side - 1) / 2 for i in range(count)]  # noqa: E731
-    return canvas, centres(len(rows[0])), centres(len(rows))
-
-
-def run_corrupt_command(
-    images,
-    labels,
-    out_dir,
-    table: str | None,
-    seed: int,
-    corruptions: Iterable[str],
-    severities: Iterable[int],
-    layout: str,
-    workers: int | None,
-    *,
-    class_dirs: Sequence[str] | None = None,
-    file_names: Sequence[str] | None = None,
-    on_commit: Callable[[str, int], None] | None = None,
-) -> GenerationReport:
-    """What `forde data corrupt` runs: generate the set and say what was done and where."""
-    names = select(list(corruptions))
-    severities = sorted(set(severities))
-    side = images.shape[-1]
-    print(
-        f"corrupting {len(images)} images of {side}x{side} with the '{table or default_table(side)}' parameters "
-        f"(seed {seed}): {len(names)} corruptions x severities {severities}, {layout} layout, "
-        f"{workers or os.cpu_count()} workers -> {Path(out_dir).resolve()}"
-    )
-    report = generate_corrupted_set(
-        images,
-        labels,
-        out_dir,
-        table=table,
-        seed=seed,
-        corruptions=names,
-        severities=severities,
-        layout=layout,
-        class_dirs=class_dirs,
-        file_names=file_names,
-        workers=workers,
-        on_commit=on_commit,
-    )
-    print(
-        f"{len(report.written)} (corruption, severity) outputs written, {len(report.skipped)} already there, "
-        f"in {report.seconds:.1f} s"
-    )
-    if layout == "npy":
-        print(f"complete files: {', '.join(n + '.npy' for n in report.assembled) or 'none new'}")
-        partial = sorted({n for n in names if not (report.out_dir / f"{n}.npy").is_file()})
-        if partial:
-            print(
-                f"only some severities of {', '.join(partial)}: their blocks stay in "
-                f"{report.out_dir / PARTS_DIR} until all 5 severities exist"
-            )
-    return report

@@ -95,5 +95,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Running statistics, when given, are updated in place with `momentum` as F.batch_norm updates them."""
     if not (training and weight is not None and bias is not None):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    F._verify_batch_size(input.size())  # type: ignore[attr-defined]  # private, absent from torch's stubs
+    values = input.numel() // input.shape[1]
+    if values == 1:  # as F.batch_norm refuses it: one value per channel has no variance
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
+from forde.torch_internals import weight_grad_used
+
 
 def _backward(gy, x, w, conv, mask):
     """PyTorch's convolution backward: (gx, gw) where `mask` asks for them."""
@@ -27,19 +29,6 @@ def _backward(gy, x, w, conv, mask):
         gy, x, w, None, stride, padding, dilation, False, [0, 0], groups, [mask[0], mask[1], False]
     )
     return gx, gw
-
-
-def _weight_grad_used(ctx) -> bool:
-    """Whether the engine will use the gradient of the weight (input 1) in this backward pass. The weight enters
-    through a view, so that its node is no leaf, which autograd.grad() could not be asked about."""
-    try:
-        node = torch._C._current_autograd_node()
-        weight_node = None if node is None else node.next_functions[1][0]
-        if weight_node is None:  # outside a backward pass, or no gradient path to the weight
-            return ctx.needs_input_grad[1]
-        return bool(torch._C._will_engine_execute_node(weight_node))
-    except (AttributeError, RuntimeError):  # an older PyTorch without these: compute it, as its own backward would
-        return ctx.needs_input_grad[1]
 
 
 def _cast_for_autocast(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +76,7 @@ class _ConvTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], _weight_grad_used(ctx)
+        need_x, need_w = ctx.needs_input_grad[0], weight_grad_used(fallback=ctx.needs_input_grad[1])
         w = w.to(gy.dtype)  # the dtype of the forward's arithmetic; differentiable, so gradients reach the weight
         if torch.is_grad_enabled():  # create_graph: this backward will be differentiated
             gx = _ConvInputGrad.apply(gy, x, w, ctx.conv) if need_x else None

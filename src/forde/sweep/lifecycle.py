@@ -49,7 +49,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
-from forde.errors import one_line
+from forde.errors import NonFiniteLossError, one_line
 from forde.sweep.records import lineage, params_of
 
 FAILURE, REASON = "failure", "fail_reason"  # user attributes of a failed attempt
@@ -205,7 +205,6 @@ def expected(err: BaseException) -> bool:
     import torch
 
     from forde.config import ConfigError
-    from forde.train import NonFiniteLossError
 
     return isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError)) or (
         classify(err) == ENVIRONMENT and not is_accelerator_error(err)

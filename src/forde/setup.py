@@ -1,0 +1,77 @@
+"""Everything built from a config before the first step: the device settings, the data, the ensemble and the
+method, checked in that order (the model against the data's shape before any data is read). Cheap to rebuild,
+so `forde eval` builds it again from a run directory's config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from forde.config import TrainConfig
+from forde.data.base import Dataset
+from forde.data.registry import input_spec, load_dataset
+from forde.device import DeviceSettings, resolve_settings
+from forde.ensemble import Ensemble, build_ensemble
+from forde.evaluate import EvalContext, eval_context
+from forde.methods import Method, build_method
+from forde.models import check_model
+
+
+@dataclass
+class Setup:
+    """Everything built from a config before the first step: cheap to rebuild for `forde eval`."""
+
+    cfg: TrainConfig
+    settings: DeviceSettings
+    dataset: Dataset
+    ensemble: Ensemble
+    method: Method
+    prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+
+    @property
+    def device(self) -> torch.device:
+        return self.settings.device
+
+    def autocast(self, cache_enabled: bool = True):
+        return self.settings.autocast(cache_enabled)
+
+    @property
+    def eval_ctx(self) -> EvalContext:
+        return eval_context(
+            self.cfg.eval,
+            self.dataset,
+            self.device,
+            self.cfg.method.grad_target,
+            autocast=self.autocast,
+            prepare=self.prepare,
+        )
+
+
+def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
+    """`dataset` and `method` replace the configured ones (benchmarks time synthetic data). The model is checked
+    against the data's shape before the data is read and the PCA computed."""
+    settings = resolve_settings(cfg)
+    settings.apply()
+    device = settings.device
+    if dataset is None:
+        check_model(cfg.model, *input_spec(cfg.data), cfg.data.name)
+        dataset = load_dataset(cfg.data)
+    ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(
+        device
+    )
+    ensemble.execution = settings.execution
+
+    def prepare(x):
+        return x
+
+    if settings.channels_last and len(dataset.input_shape) == 3:
+        ensemble = ensemble.to(memory_format=torch.channels_last)
+
+        def prepare(x):
+            return x.contiguous(memory_format=torch.channels_last)
+
+    return Setup(
+        cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare
+    )
