@@ -48,8 +48,27 @@ def mixed_sizes(src: Path) -> None:
     Image.new("RGB", (9, 9)).save(src / "train" / "alpha" / "10.png")
 
 
+def bomb_first(src: Path) -> None:
+    """A 13000 x 13000 PNG of a few KB (just under Pillow's own bomb limit), first in sorted order."""
+    Image.new("L", (13000, 13000)).save(src / "train" / "alpha" / "0-huge.png", optimize=True)
+
+
+def one_class(src: Path) -> None:
+    for split in ("train", "test"):
+        for extra in (src / split).iterdir():
+            if extra.name != "alpha":
+                for f in extra.iterdir():
+                    f.unlink()
+                extra.rmdir()
+
+
 IMAGEFOLDER = {
     **{name: import_case(make) for name, (make, _) in IMPORT_DEFECTS.items()},
+    "an image over the pixel limit, first in order": import_case(bomb_first),
+    "one class only": import_case(one_class),
+    "a float image outside [0, 1]": import_case(
+        lambda src: Image.fromarray(np.full((5, 7), 3.5, np.float32), "F").save(src / "train" / "alpha" / "f.tif")
+    ),
     "an empty image file": import_case(lambda src: (src / "train" / "alpha" / "empty.jpg").write_bytes(b"")),
     "no train folder": import_case(lambda src: (src / "train").rename(src / "training")),
     "images of two sizes": import_case(mixed_sizes),
@@ -166,6 +185,9 @@ CORRUPTED = {
 
 # ---------------------------------------------------------------- study YAML (the sweep launcher)
 
+LAUGHS = "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+)  # 10^9 values once expanded
 STUDY = (
     "name: s\nbase: quickstart\nconfig: {optim: {epochs: 1}, eval: {corruptions: [none]}}\nn_trials: 2\n"
     "objectives: [{metric: test/nll, direction: minimize}]\nsearch_space:\n  method.alpha: {low: 0.0, high: 1.0}\n"
@@ -204,6 +226,10 @@ STUDIES = {
     "a base config that does not exist": study_case(STUDY.replace("base: quickstart", "base: ../nowhere.yaml")),
     "a base file that is one number": base_file("42\n"),
     "a study file that is one number": study_case("42\n"),
+    "a list nested 100 deep": study_case(STUDY + "description: " + "[" * 100 + "]" * 100 + "\n"),
+    "a base config nested 100 deep": base_file("seed: " + "[" * 100 + "]" * 100 + "\n"),
+    "a billion laughs": study_case(STUDY + LAUGHS),
+    "a study file of 2 MB": study_case(STUDY + "description: '" + "x" * 2_000_000 + "'\n"),
 }
 
 
@@ -231,6 +257,8 @@ OVERRIDES = {
     "a config file that is a list": config_file("- 1\n- 2\n"),
     "a config file that is one number": config_file("42\n"),
     "a config file cut mid-line": config_file("optim:\n  lr: [0.1\n"),
+    "a config file nested 100 deep": config_file("seed: " + "[" * 100 + "]" * 100 + "\n"),
+    "a config file of billion laughs": config_file(LAUGHS),
 }
 
 

@@ -183,9 +183,11 @@ def cmd_data_corrupt(args: argparse.Namespace) -> None:
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
+    from forde.config import DataConfig
     from forde.data.imagefolder import import_folder
 
-    out = import_folder(args.src, args.name, args.root, allow_empty_classes=args.allow_empty_classes)
+    max_pixels = args.max_pixels or DataConfig().max_image_pixels
+    out = import_folder(args.src, args.name, args.root, args.allow_empty_classes, max_pixels)
     print(f"imported {args.src} as '{args.name}' into {out}; train on it with data.name={args.name}")
 
 
@@ -256,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-empty-classes",
         action="store_true",
         help="keep class folders that hold no images (default: refuse them)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse any image of more pixels (default: data.max_image_pixels, 4096 x 4096)",
     )
     p.set_defaults(func=cmd_data_import)
     p = data.add_parser("pca", help="compute (or reuse) the PCA cache of a dataset's training split")

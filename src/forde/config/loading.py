@@ -48,13 +48,59 @@ def read_config_yaml(source: str | Path) -> DictConfig:
     return cfg
 
 
+MAX_YAML_BYTES = 1 << 20  # a config or study file is a few KB
+MAX_YAML_DEPTH = 32  # nested mappings and lists; configs use 3
+MAX_YAML_NODES = 100_000  # values once YAML's aliases are expanded (a billion laughs stops here)
+
+
+def _check_size(text: str, path: Path, what: str) -> None:
+    """One line for a file deeper or (aliases expanded) bigger than any config is, before it is built: building it
+    would overflow Python's stack or take all memory. Read as events, which does neither."""
+    import yaml
+
+    too = f"{path} is not a {what} forde reads:"
+    fix = f"give the path of a {what}"
+    depth, anchored, counts = 0, dict[str, int](), [0]  # counts: nodes in each open collection, the document's
+    open_anchors: list[str | None] = []
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise ConfigError(f"{too} nested {depth} levels deep at line {line}, over {MAX_YAML_DEPTH}; {fix}")
+            counts.append(1)
+            open_anchors.append(event.anchor)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+            size, anchor = counts.pop(), open_anchors.pop()
+            counts[-1] += size
+            if anchor:
+                anchored[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            counts[-1] += 1
+            if event.anchor:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            counts[-1] += anchored.get(event.anchor or "", 1)
+        if counts[-1] > MAX_YAML_NODES or sum(counts) > MAX_YAML_NODES:
+            raise ConfigError(f"{too} over {MAX_YAML_NODES:,} values once its aliases are expanded; {fix}")
+
+
 def load_yaml(path: Path, what: str) -> DictConfig | ListConfig:
-    """A YAML file (`what`: a config file, a study file) of keys or a list; a syntax error, or a file that reads as
-    one value (any text file does), becomes one line naming the file, the place and the fix."""
+    """A YAML file (`what`: a config file, a study file) of keys or a list; a syntax error, a file that reads as
+    one value (any text file does), or one too large or too deeply nested to be a config becomes one line naming
+    the file, the place and the fix."""
     import yaml
 
     try:
+        if path.stat().st_size > MAX_YAML_BYTES:  # not even read
+            raise ConfigError(
+                f"{path} is not a {what} forde reads: {path.stat().st_size:,} bytes, over the {MAX_YAML_BYTES:,} a "
+                f"{what} may have; give the path of a {what}"
+            )
         text = path.read_text(errors="replace")
+        _check_size(text, path, what)
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # as OmegaConf reads it: the same error messages
         root = yaml.compose(text, Loader=loader)  # the document's shape, without building it
         if root is not None and not isinstance(root, (yaml.MappingNode, yaml.SequenceNode)):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 CORRUPTION_SELECTIONS = ("all", "benchmark", "none")
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image file decoded; Tiny-ImageNet's are 64 x 64
 KERNEL_METHODS = ("forde", "rde_weight", "rde_function")  # methods with a median-heuristic kernel
 
 
@@ -21,6 +22,7 @@ class DataConfig:
     test_subset: int | None = None  # evaluate on this many test samples, the same draw for every corrupted set
     augment: bool = True  # random crop (padding 4) and horizontal flip on the device; images only
     on_device: bool = True  # keep the whole training set on the training device as uint8
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decoding image files: any larger image is refused (a bomb, a mistake)
 
 
 Execution = Literal["loop", "vmap"]

@@ -150,6 +150,13 @@ def _validate_data_and_eval(cfg: TrainConfig) -> None:
     _check(
         0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must lie in [0, 1)", "set data.val_fraction=0.1"
     )
+    _check(
+        d.max_image_pixels >= 1,
+        "data.max_image_pixels",
+        d.max_image_pixels,
+        "must be at least 1",
+        "set data.max_image_pixels=16777216 (4096 x 4096)",
+    )
     for key, n in (("data.train_subset", d.train_subset), ("data.test_subset", d.test_subset)):
         _check(n is None or n >= 1, key, n, "must be a positive sample count or null (all samples)", f"set {key}=null")
     _check(

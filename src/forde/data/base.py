@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from forde.errors import DataError
 
 
 @dataclass
@@ -55,6 +58,19 @@ class Dataset:
     def eval_split(self) -> Split:
         """Validation when held out, else test: what per-epoch monitoring (and pruning) looks at."""
         return self.val if self.val is not None else self.test
+
+
+def check_classes(labels: dict[str, Sequence[int] | torch.Tensor], class_names: Sequence[str], where: str) -> None:
+    """A classifier needs examples of at least two classes in its training split and in its test split: one line
+    otherwise (a one-class set trains to accuracy 1 and NLL 0, which mean nothing)."""
+    for split in ("train", "test"):
+        present = sorted({int(v) for v in np.asarray(labels[split]).tolist()})
+        if len(present) < 2:
+            names = ", ".join(class_names[i] if i < len(class_names) else str(i) for i in present)
+            raise DataError(
+                f"{where}: the {split} split holds examples of {len(present)} class{'es' if len(present) != 1 else ''}"
+                f"{f' ({names})' if present else ''}; a classifier needs at least two: add another class's images"
+            )
 
 
 def split_train_val(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:

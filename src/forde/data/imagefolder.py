@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 from forde.config import ConfigError, DataError, MissingDataError
-from forde.data.base import Dataset
+from forde.config.schema import MAX_IMAGE_PIXELS
+from forde.data.base import Dataset, check_classes
 from forde.data.images import IMAGE_SUFFIXES, decode_splits, is_image_file
 from forde.data.store import is_store, load_store, save_store
 
@@ -82,10 +83,17 @@ def _list_split(split_dir: Path, class_index: dict[str, int], allow_empty: bool)
     return paths, labels
 
 
-def import_folder(src: str | Path, name: str, root: str | Path, allow_empty_classes: bool = False) -> Path:
+def import_folder(
+    src: str | Path,
+    name: str,
+    root: str | Path,
+    allow_empty_classes: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Path:
     """Decode an ImageFolder tree into <root>/<name>/ and return that path. Class index = position of
-    the class folder in the sorted train class folders; all images must share one size. A class folder
-    without images is refused unless `allow_empty_classes` (a model would silently learn fewer classes)."""
+    the class folder in the sorted train class folders; all images must share one size, none over `max_pixels`.
+    A class folder without images is refused unless `allow_empty_classes` (a model would silently learn fewer
+    classes); at least two classes must have images in both train and test."""
     if not NAME_PATTERN.fullmatch(name) or name in RESERVED:
         raise ConfigError(
             f"dataset name {name!r}: use letters, digits, '_', '.', '-' (not starting with a "
@@ -102,7 +110,8 @@ def import_folder(src: str | Path, name: str, root: str | Path, allow_empty_clas
         for s in ("train", "val", "test")
         if (src / s).is_dir()
     }
-    splits = decode_splits(listed, desc=f"importing {name}")
+    check_classes({split: labels for split, (_, labels) in listed.items()}, class_names, f"{src} ({LAYOUT})")
+    splits = decode_splits(listed, desc=f"importing {name}", max_pixels=max_pixels)
     dest = imported_dir(root, name)
     save_store(dest, splits, class_names)
     sizes = ", ".join(f"{split} {len(data)}" for split, data in splits.items())

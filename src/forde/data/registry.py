@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from forde.config import ConfigError, DataConfig
-from forde.data.base import Dataset, split_train_val, with_subsets
+from forde.data.base import Dataset, check_classes, split_train_val, with_subsets
 from forde.data.cifar import load_cifar
 from forde.data.imagefolder import LAYOUT, imported_dir, imported_names, is_imported, load_imported
 from forde.data.store import store_spec
@@ -62,6 +62,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Read the dataset, hold out the validation split (a dataset's own val split, else data.val_fraction),
     then draw the data.train_subset / data.test_subset subsets (the whole splits stay in `.full`)."""
     ds = _read(cfg)
+    check_classes({"train": ds.train.labels, "test": ds.test.labels}, ds.class_names, f"dataset {cfg.name!r}")
     if ds.val is not None:
         if cfg.val_fraction > 0:
             raise ConfigError(

@@ -16,6 +16,7 @@ import torch
 
 from forde.config import ConfigError, DataError
 from forde.data.base import Dataset, Split, image_dataset
+from forde.data.images import check_fits_in_memory
 from forde.errors import one_line
 from forde.names import is_path_component
 
@@ -99,6 +100,12 @@ def _read_split(directory: Path, split: str, num_classes: int) -> Split:
     for kind in ("images", "labels"):
         path = directory / f"{split}_{kind}.npy"
         try:
+            header = np.load(path, mmap_mode="r", allow_pickle=False)  # the declared shape, nothing read yet
+            check_fits_in_memory(
+                header.nbytes,
+                f"{path} ({header.dtype} {tuple(header.shape)})",
+                "train on a subset in a store of its own, or on a machine with more memory",
+            )
             arrays.append(np.load(path, allow_pickle=False))
         except (OSError, ValueError, EOFError) as err:
             raise DataError(f"{path} is unreadable ({one_line(err)}); {fix}") from None

@@ -82,5 +82,7 @@ def load_tinyimagenet(cfg: DataConfig) -> Dataset:
                 raise missing_data_error(cfg.name, folder, cfg.root)
             download_and_extract_archive(URL, cfg.root, md5=MD5)
         listed, wnids = list_release(folder)
-        save_store(cache, decode_splits(listed, desc="decoding Tiny-ImageNet (once)"), wnids)
+        save_store(
+            cache, decode_splits(listed, desc="decoding Tiny-ImageNet (once)", max_pixels=cfg.max_image_pixels), wnids
+        )
     return load_store(cache, cfg.name)
