@@ -74,6 +74,24 @@ def test_matches_pytorch_second_derivative(kind, terms, momentum):
     assert fast.num_batches_tracked.item() == (0 if untracked else 2)
 
 
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "BatchNorm1d"])
+def test_batch_norm_without_affine_part_takes_the_hand_written_path(kind):
+    """affine=False: normalisation only; the same gradients as PyTorch's, through the hand-written path."""
+    cls, shape = LAYERS[kind]
+    fast, native = cls(3, affine=False).double(), cls(3, affine=False).double()
+    x0 = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    grads = []
+    for layer, path in ((fast, hand_written_derivatives), (native, native_derivatives)):
+        x = x0.clone().requires_grad_(True)
+        with path():
+            y = layer(x)
+            (gx,) = torch.autograd.grad((torch.tanh(y) * y).sum(), x, create_graph=True)
+            grads.append(torch.autograd.grad((gx**2).sum() + gx.sin().sum(), x)[0])
+            assert (type(y.grad_fn).__name__ == "_BatchNormTrainBackward") == (path is hand_written_derivatives)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.running_mean, native.running_mean, rtol=0, atol=0)
+
+
 def test_finite_differences():
     torch.manual_seed(0)
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)

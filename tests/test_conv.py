@@ -20,6 +20,9 @@ LAYERS = {
     "bias": dict(kernel_size=3, padding=1, bias=True),
     "reflect padding, dilation 2": dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect", bias=True),
     "2x2 patches": dict(kernel_size=2, stride=2, bias=True),
+    "padding='same'": dict(kernel_size=3, padding="same", bias=True),
+    "padding='same', dilation 2, 5x3": dict(kernel_size=(5, 3), padding="same", dilation=2),
+    "padding='valid'": dict(kernel_size=3, padding="valid", bias=True),
 }
 
 
@@ -130,3 +133,11 @@ def test_bfloat16_autocast_runs_in_bfloat16_and_stays_close_to_float32(device):
     for g, want in zip(got, reference):
         assert g.dtype == torch.float32
         assert (g - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_same_padding_of_an_even_kernel_keeps_pytorch_s_path():
+    """F.conv2d pads an even kernel's 'same' unevenly, which the numeric padding cannot say: PyTorch's own path."""
+    layer = nn.Conv2d(4, 6, kernel_size=2, padding="same").double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with hand_written_derivatives():
+        assert "_ConvTrainBackward" not in graph_nodes(layer(x))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from forde.models.batchnorm import batch_norm
-from forde.torch_internals import pool_processes, unsafe_globals, weight_grad_used
+from forde.torch_internals import is_compiled, pool_processes, unsafe_globals, weight_grad_used
 
 
 class Probe(torch.autograd.Function):
@@ -74,3 +74,22 @@ def test_batch_norm_refuses_one_value_per_channel_as_torch_does():
     with pytest.raises(ValueError) as ours:
         batch_norm(x, None, None, w, b, training=True)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_compiled_modules_are_recognised_both_ways():
+    wrapped = torch.compile(torch.nn.Linear(3, 2))
+    in_place = torch.nn.Linear(3, 2)
+    in_place.compile()
+    assert is_compiled(wrapped) and is_compiled(in_place) and not is_compiled(torch.nn.Linear(3, 2))
+
+
+def test_a_compiled_member_under_forde_is_one_line_before_its_step():
+    from forde.config import ConfigError, MethodConfig
+    from forde.ensemble import Ensemble
+    from forde.methods.forde import FoRDE
+
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)) for _ in range(2)]
+    members[1] = torch.compile(members[1])
+    x, y = torch.randn(5, 1, 2, 2), torch.randint(0, 3, (5,))
+    with pytest.raises(ConfigError, match=r"ensemble member 1 is compiled with torch.compile, which cannot be diff"):
+        FoRDE(MethodConfig(alpha=0.0), None).loss(Ensemble(members), x, y)

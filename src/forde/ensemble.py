@@ -17,8 +17,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from forde.config import ModelConfig
+from forde.errors import ConfigError
 from forde.models import build_model
 from forde.models.derivatives import for_double_backward, native_derivatives
+from forde.torch_internals import is_compiled
 
 
 class InputGradients(NamedTuple):
@@ -101,11 +103,24 @@ class Ensemble(nn.Module):
         `create_graph` the gradients stay differentiable w.r.t. the parameters, so a loss on them (a
         repulsion or penalty) backpropagates in the same backward pass as the data term.
         """
+        if create_graph:
+            self._refuse_compiled_members()
         xs = x.detach().unsqueeze(0).expand(len(self), *x.shape).clone().requires_grad_(True)
         with for_double_backward() if create_graph else contextlib.nullcontext():
             outputs = self.forward_each(xs)
         (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
         return InputGradients(outputs, grads.flatten(2))
+
+    def _refuse_compiled_members(self) -> None:
+        """One line instead of PyTorch's error mid-step: a torch.compile'd network has no second derivative
+        (aot_autograd does not support double backward), which FoRDE's and LIT's input-gradient terms take."""
+        for i, member in enumerate(self.members):
+            if any(is_compiled(m) for m in member.modules()):
+                raise ConfigError(
+                    f"ensemble member {i} is compiled with torch.compile, which cannot be differentiated twice "
+                    "(aot_autograd has no double backward), as the input-gradient terms of FoRDE and LIT are; build "
+                    "the members without torch.compile (DE and the weight- and function-space RDEs may keep it)"
+                )
 
     def input_gradients(
         self, x: torch.Tensor, y: torch.Tensor, target: str = "logit", create_graph: bool = True

@@ -43,6 +43,14 @@ def unsafe_globals(path: str | Path, err: pickle.UnpicklingError) -> list[str] |
     return [named.group(1)] if named else None  # torch says "Weights only load failed" of damaged files too
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether torch.compile wrapped `module` (torch.compile(m) returns an OptimizedModule of torch._dynamo, a
+    private class) or compiled it in place (m.compile() sets its private _compiled_call_impl)."""
+    kind = type(module)
+    wrapped = kind.__name__ == "OptimizedModule" and kind.__module__.startswith("torch._dynamo")
+    return wrapped or getattr(module, "_compiled_call_impl", None) is not None
+
+
 def pool_processes(pool: ProcessPoolExecutor) -> list[BaseProcess]:
     """The worker processes of a pool (its private `_processes`; Python 3.14 adds `terminate_workers`)."""
     return list((getattr(pool, "_processes", None) or {}).values())

@@ -90,11 +90,20 @@ class _BatchNormTrain(torch.autograd.Function):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
-    """F.batch_norm, through `_BatchNormTrain` where it normalises with batch statistics and has an affine part
-    (nn.BatchNorm*d in training mode, or without running statistics); everything else is F.batch_norm itself.
-    Running statistics, when given, are updated in place with `momentum` as F.batch_norm updates them."""
-    if not (training and weight is not None and bias is not None):
+    """F.batch_norm, through `_BatchNormTrain` where it normalises with batch statistics (nn.BatchNorm*d in
+    training mode, or without running statistics; without an affine part (`affine=False`) as with weight 1 and
+    bias 0, constants); in evaluation mode it is F.batch_norm itself, a fixed per-channel affine map whose second
+    derivative PyTorch's own autograd takes as cheaply. Running statistics, when given, are updated in place with
+    `momentum` as F.batch_norm updates them."""
+    if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    channels = input.shape[1]
+    reduced = input.dtype in (torch.float16, torch.bfloat16)  # autocast: parameters stay float32
+    dtype = running_mean.dtype if running_mean is not None else torch.float32 if reduced else input.dtype
+    if weight is None:
+        weight = torch.ones(channels, dtype=dtype, device=input.device)
+    if bias is None:
+        bias = torch.zeros(channels, dtype=dtype, device=input.device)
     values = input.numel() // input.shape[1]
     if values == 1:  # as F.batch_norm refuses it: one value per channel has no variance
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")

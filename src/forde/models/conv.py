@@ -86,11 +86,24 @@ class _ConvTrain(torch.autograd.Function):
         return gx, gw, None
 
 
+def numeric_padding(padding, weight: torch.Tensor, dilation) -> list[int] | None:
+    """A padding as two numbers: 'valid' is none; 'same' is half the dilated kernel on each side where that is
+    symmetric (odd kernels); None for the asymmetric 'same' of even kernels, which F.conv2d pads unevenly."""
+    if not isinstance(padding, str):
+        return list(_pair(padding))
+    if padding == "valid":
+        return [0, 0]
+    spans = [d * (k - 1) for d, k in zip(_pair(dilation), weight.shape[2:])]
+    return [span // 2 for span in spans] if all(span % 2 == 0 for span in spans) else None
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """F.conv2d, through `_ConvTrain` for batched inputs with numeric padding (nn.Conv2d pads other modes
-    itself before calling F.conv2d); the bias is added afterwards. Anything else is F.conv2d itself."""
-    if isinstance(padding, str) or input.dim() != 4:
+    """F.conv2d, through `_ConvTrain` for batched inputs (nn.Conv2d pads the non-zero padding modes itself before
+    calling F.conv2d; 'valid' and symmetric 'same' are turned into numbers); the bias is added afterwards.
+    Anything else (unbatched inputs, 'same' with an even kernel) is F.conv2d itself."""
+    pad = numeric_padding(padding, weight, dilation)
+    if pad is None or input.dim() != 4:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    conv = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups)
+    conv = (list(_pair(stride)), pad, list(_pair(dilation)), groups)
     out = _ConvTrain.apply(input, weight.view_as(weight), conv)
     return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)
