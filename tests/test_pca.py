@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from forde.cli import run_pca_command
 from forde.config import DataConfig
 from forde.data import pca
 
@@ -117,9 +118,9 @@ def test_concurrent_callers_compute_once(tmp_path, monkeypatch):
 
 def test_run_pca_command_caches_under_root_and_logs(tmp_path, caplog):
     cfg = DataConfig(name="digits", root=str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="forde.data.pca"):
-        result = pca.run_pca_command(cfg)
-        pca.run_pca_command(cfg)
+    with caplog.at_level(logging.INFO, logger="forde"):
+        result = run_pca_command(cfg)
+        run_pca_command(cfg)
     [cached] = (tmp_path / "pca").glob("pca-digits-*.pt")
     assert result.eigenvalues.shape == (64,) and result.eigenvectors.shape == (64, 64)
     assert f"saved {cached}" in caplog.text and f"reusing {cached}" in caplog.text

@@ -15,7 +15,9 @@ from forde.config import ConfigError, MissingDataError, builtin_config_names, lo
 from forde.errors import RunError
 
 if TYPE_CHECKING:
+    from forde.config import DataConfig
     from forde.data.corrupted_sets import GenerationReport
+    from forde.data.pca import PCA
 
 log = logging.getLogger("forde")
 
@@ -191,9 +193,28 @@ def cmd_data_import(args: argparse.Namespace) -> None:
     print(f"imported {args.src} as '{args.name}' into {out}; train on it with data.name={args.name}")
 
 
+def run_pca_command(cfg: DataConfig, top: int = 10) -> PCA:
+    """`forde data pca`: compute (or reuse) the dataset's PCA cache and log its top eigenvalues."""
+    from forde.data.pca import dataset_pca
+    from forde.data.registry import load_dataset
+
+    ds = load_dataset(cfg)
+    pca = dataset_pca(ds, cfg.root)
+    share = pca.eigenvalues / pca.eigenvalues.sum()
+    log.info(
+        "PCA of %s (%d training inputs, D = %d): top %d eigenvalues %s; they explain %.1f%% of the variance",
+        ds.name,
+        len(ds.train),
+        len(pca.eigenvalues),
+        top,
+        ", ".join(f"{v:.4g}" for v in pca.eigenvalues[:top].tolist()),
+        100 * share[:top].sum().item(),
+    )
+    return pca
+
+
 def cmd_data_pca(args: argparse.Namespace) -> None:
     from forde.config import DataConfig
-    from forde.data.pca import run_pca_command
 
     run_pca_command(DataConfig(name=args.dataset, root=args.root))
 

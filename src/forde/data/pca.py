@@ -27,10 +27,9 @@ import torch
 from scipy.linalg.blas import ssyrk
 from tqdm import tqdm
 
-from forde.config import AlphaMix, DataConfig
+from forde.config import AlphaMix
 from forde.data.base import Dataset
 from forde.data.pipeline import normalize
-from forde.data.registry import load_dataset
 from forde.errors import one_line
 from forde.kernels import projection
 from forde.safe_load import torch_load
@@ -280,20 +279,3 @@ def dataset_pca(ds: Dataset, root: str | Path) -> PCA:
     computes it on every training image), cached under <data.root>/pca/: what training uses."""
     full = ds.full
     return cached_pca(full.train.inputs, full.mean, full.std, Path(root) / "pca", full.name)
-
-
-def run_pca_command(cfg: DataConfig, top: int = 10) -> PCA:
-    """`forde data pca`: compute (or reuse) the dataset's PCA cache and log its top eigenvalues."""
-    ds = load_dataset(cfg)
-    pca = dataset_pca(ds, cfg.root)
-    share = pca.eigenvalues / pca.eigenvalues.sum()
-    log.info(
-        "PCA of %s (%d training inputs, D = %d): top %d eigenvalues %s; they explain %.1f%% of the variance",
-        ds.name,
-        len(ds.train),
-        len(pca.eigenvalues),
-        top,
-        ", ".join(f"{v:.4g}" for v in pca.eigenvalues[:top].tolist()),
-        100 * share[:top].sum().item(),
-    )
-    return pca
