@@ -18,10 +18,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-from packaging.version import Version
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+except ImportError:  # what reads requirements is missing itself: say so in the check's own words
+    sys.exit(f"missing on this machine (Python {platform.python_version()}): packaging (for this check)")
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_LIST = REPO / "benchmarks" / "gpu_image.txt"

@@ -230,6 +230,9 @@ def write_study(tmp_path, body: str) -> Path:
         ("pruner: {name: median, n_startup_trials: two}\n", r"pruner.n_startup_trials = 'two': expected int$"),
         ("pruner: {name: none, patience: 3}\n", r"pruner: NopPruner has no option 'patience'; it takes none"),
         ("pruner: {name: median, n_warmup_steps: -1}\n", r"pruner: MedianPruner refuses .*n_warmup_steps"),
+        ("sampler: {name: tpe, gamma: 0.5}\n", r"sampler.gamma: TPESampler takes a Python function there"),
+        ("sampler: tpe\n", r"sampler: expected a mapping such as \{name: tpe\}, got 'tpe'"),
+        ("pruner: [median]\n", r"pruner: expected a mapping such as \{name: median\}, got \['median'\]"),
         ("search_space:\n  model.hidden: {choices: ['[8]', [8]]}\n", r"the choice '\[8\]' is stored as the list"),
     ],
 )

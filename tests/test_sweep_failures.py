@@ -300,7 +300,7 @@ def test_bad_input_stops_before_any_data_is_prepared(tmp_path, capsys, case):
         message = r"storage journal:.*a_file/journal.log: cannot create .*a_file"
     elif case == "runs not writable":
         (tmp_path / "studies" / "quickstart").mkdir(parents=True)
-        write(tmp_path, "studies/quickstart/study.id", "an id\n")  # a study's folder, as the launcher marks it
+        write(tmp_path, "studies/quickstart/study.db", "")  # a study's folder (its storage, empty so far)
         write(tmp_path, "studies/quickstart/runs", "not a folder")
         message = r"cannot write to .*studies/quickstart/runs"
     elif case == "YAML syntax":
@@ -373,11 +373,10 @@ def test_a_folder_serves_one_study(tmp_path, capsys):
     other = f"journal:{tmp_path / 'other.log'}"
     assert launch(tmp_path, "--n-trials", "1", "--no-wandb", "--storage", other, *FAST) == 2
     err = capsys.readouterr().err
-    assert (
-        f"{tmp_path / 'studies' / 'quickstart'} holds the runs of another study of this name (storage sqlite:///" in err
-    )
-    assert "continue that study with its --storage, or give this one its own folder with another --out" in err
-    assert load(tmp_path, storage=other).get_trials() == []
+    folder = tmp_path / "studies" / "quickstart"
+    assert f"{folder} holds the runs of the study 'quickstart' in sqlite:///{folder / 'study.db'}, not of one in" in err
+    assert f"continue it with --storage sqlite:///{folder / 'study.db'}, or give this one its own folder" in err
+    assert not (tmp_path / "other.log").exists()  # refused before that storage was made
     assert launch(tmp_path, "--n-trials", "2", "--no-wandb", *FAST) == 0
     assert len(load(tmp_path).get_trials()) == 2
     (tmp_path / "studies" / "quickstart" / "study.id").unlink()  # a folder from before ids: its runs still bind it

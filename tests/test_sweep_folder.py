@@ -24,7 +24,9 @@ def refused(tmp_path, capsys, *args) -> str:
     return err
 
 
-@pytest.mark.parametrize("name", ["best.md", "study.yaml", "study.id", "study.db", "runs"])
+@pytest.mark.parametrize(
+    "name", ["best.md", "study.yaml", "study.id", "study.db", "runs", ".study.db.6034cf017604.lock", "study.db-wal"]
+)
 def test_a_link_planted_in_a_new_study_folder_is_refused(tmp_path, capsys, name):
     folder = study_dir(tmp_path)
     folder.mkdir(parents=True)
@@ -108,3 +110,30 @@ def test_the_report_finds_a_journal_outside_the_study_folder(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="forde")
     assert find_url(folder) is None
     assert "the study's storage is postgresql://forde@db.example:5432/sweeps; pass it as --storage" in caplog.text
+
+
+def test_a_refused_launch_creates_no_storage_and_status_names_the_study_s(tmp_path, capsys):
+    """The folder of a journal study, launched without its --storage: refused before a SQLite file is made there
+    (which would then hide the study from the report and from --status)."""
+    journal = tmp_path / "shared" / "journal.log"
+    assert launch(tmp_path, "--n-trials", "1", "--storage", f"journal:{journal}", *ARGS) == 0
+    capsys.readouterr()
+    err = refused(tmp_path, capsys)
+    assert f"continue it with --storage journal:{journal}" in err
+    assert not (study_dir(tmp_path) / "study.db").exists()
+    assert launch(tmp_path, "--status") == 2
+    assert (
+        f"its folder names the storage journal:{journal}: pass --storage journal:{journal}" in capsys.readouterr().err
+    )
+    assert not (study_dir(tmp_path) / "study.db").exists()
+
+
+def test_new_sqlite_storages_opened_at_once_all_open(tmp_path):
+    """Launchers started together on a new SQLite file create Optuna's tables one at a time."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'race' / 'study.db'}"
+    opener = f"from forde.sweep.storage import SweepStorage; SweepStorage({url!r}).check()"
+    procs = [subprocess.Popen([sys.executable, "-c", opener], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    assert all(p.wait(120) == 0 for p in procs), [p.stderr.read() for p in procs]

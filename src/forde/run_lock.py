@@ -6,6 +6,7 @@ it again."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -47,7 +48,12 @@ def hold(run_dir: Path, waiting: Callable[[str], None] | None = None) -> Iterato
             _held[path] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link there must not be written through
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; it locks {run_dir}: remove the link") from None
+        raise
     try:
         while True:
             try:

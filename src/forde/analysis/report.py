@@ -129,11 +129,14 @@ def named_safely(runs: list[Run], studies: list[optuna.Study]) -> tuple[list[Run
 
 
 def run(args: argparse.Namespace) -> Report:
-    runs = study_runs(args.study_dir, args.storage, args.study_name)
+    from forde.sweep.folder import find_url
+
+    storage = args.storage or find_url(args.study_dir)  # looked up once (it may log where the study's storage is)
+    runs = study_runs(args.study_dir, storage, args.study_name)
     if args.wandb:
         runs += load_wandb(args.wandb)
     out = args.out or args.study_dir / "report"
-    runs, studies = named_safely(runs, optuna_studies(args.study_dir, args.storage, args.study_name))
+    runs, studies = named_safely(runs, optuna_studies(args.study_dir, storage, args.study_name))
     report = make_report(runs, out, args.paper, studies)
     print(
         f"{len(report.written)} files written to {out}; {len(report.skipped)} figures skipped (see {out / 'index.md'})"

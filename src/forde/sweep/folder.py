@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 OWNER = "study.id"  # first line: the study's id, which lives in the storage too (forde.sweep.launch.check_owner)
 STUDY_FILE, BEST = "study.yaml", "best.md"
-WRITTEN = (STUDY_FILE, BEST, OWNER, "runs", DEFAULT_SQLITE, DEFAULT_JOURNAL)  # what a sweep writes at the top
 
 
 class StudyFolderError(ConfigError):
@@ -45,8 +44,8 @@ def check_folder(study_dir: Path) -> None:
         return
     if not study_dir.is_dir():
         raise StudyFolderError(f"--out: {study_dir} is a file, not a study's folder; choose another --out")
-    for name in WRITTEN:
-        refuse_link(study_dir / name)
+    for entry in study_dir.iterdir():  # what the sweep writes, its storage's side files and locks among them
+        refuse_link(entry)
     runs = study_dir / "runs"
     if runs.is_dir():
         for run in runs.iterdir():

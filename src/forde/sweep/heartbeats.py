@@ -13,6 +13,7 @@ the same time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -46,6 +47,8 @@ class Heartbeats:
         """Record a beat; False when the trial is no longer running (another worker failed it)."""
         if self.folder is None:
             return self.records.set_system_attr(number, HEARTBEAT, time.time())
+        if self.folder.is_symlink():  # its files are created and deleted: never in a folder a link leads to
+            raise OSError(errno.ELOOP, "the heartbeats' folder is a symbolic link; remove the link", str(self.folder))
         self.folder.mkdir(parents=True, exist_ok=True)
         self._file(number).touch()
         return self.records.get(number).state == TrialState.RUNNING

@@ -118,6 +118,40 @@ def gpu_devices(gpus: str, visible: str | None, count: int) -> list[str]:
     return [names[int(i)].strip() if visible else i for i in ids]
 
 
+def held_by(study_dir: Path) -> tuple[str, str] | None:
+    """(study id, storage) that the folder's study.id records, if it has one."""
+    marker = study_dir / OWNER
+    if not marker.is_file():
+        return None
+    lines = marker.read_text().split("\n")
+    return lines[0], lines[1] if len(lines) > 1 else ""
+
+
+def holds(storage: SweepStorage, name: str) -> bool:
+    """Whether the storage holds a study of this name, seen without creating anything."""
+    return storage.exists() and name in optuna.get_all_study_names(storage.optuna)
+
+
+def check_folder_storage(study_dir: Path, storage: SweepStorage, name: str) -> None:
+    """Before the storage is created: a folder that records its study (study.id) is launched only with that study's
+    storage, which must hold it (else a new, empty study would be made there, and then refused)."""
+    held = held_by(study_dir)
+    if held is None:
+        return
+    try:
+        recorded = (
+            optuna.load_study(study_name=name, storage=storage.optuna).user_attrs if holds(storage, name) else None
+        )
+    except Exception:  # an unreachable or unreadable storage: its own check says so, in one line
+        return
+    if recorded is None or recorded.get(STUDY_ID) not in (None, held[0]):
+        raise ConfigError(
+            f"{study_dir} holds the runs of the study '{name}' in {held[1] or 'another storage'}, not of one in "
+            f"{storage.display}; continue it with --storage {held[1] or 'URL'}, or give this one its own folder "
+            "with another --out"
+        )
+
+
 def check_owner(opt: optuna.Study, storage: SweepStorage, study_dir: Path) -> None:
     """A study directory serves one study: trial N of another storage of the same name would take over (or fail
     on) the run directory of this one's trial N. The folder records the study's id, which lives in the storage
@@ -226,10 +260,14 @@ def main(argv: list[str] | None = None, studies_dir: Path | None = None) -> int:
     return run_command(args, serve if args.worker else launch)
 
 
-def show_status(study: Study, storage: SweepStorage) -> int:
+def show_status(study: Study, storage: SweepStorage, study_dir: Path) -> int:
     """`--status`: the study's state and best trials, read from its storage; nothing is started, prepared or written."""
-    if not storage.exists() or study.name not in optuna.get_all_study_names(storage.optuna):
-        raise ConfigError(f"no study '{study.name}' in {storage.display} yet; launch it without --status to start it")
+    if not holds(storage, study.name):
+        held = held_by(study_dir)
+        elsewhere = f"; its folder names the storage {held[1]}: pass --storage {held[1]}" if held and held[1] else ""
+        raise ConfigError(
+            f"no study '{study.name}' in {storage.display} yet{elsewhere or '; launch it without --status to start it'}"
+        )
     opt = optuna.load_study(study_name=study.name, storage=storage.optuna)
     print(f"{status(opt.get_trials(deepcopy=False), study)}\n\n{best_table(opt, study)}", end="")
     return 0
@@ -238,7 +276,7 @@ def show_status(study: Study, storage: SweepStorage) -> int:
 def launch(args: argparse.Namespace) -> int:
     study, study_dir, storage = resolve(args)
     if args.status:
-        return show_status(study, storage)
+        return show_status(study, storage, study_dir)
     slurm_spec = None
     if args.slurm:  # the cluster is checked before the storage is created and any data is prepared
         slurm_spec = slurm.parse_spec(args.slurm)
@@ -249,6 +287,7 @@ def launch(args: argparse.Namespace) -> int:
 
         devices = gpu_devices(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
     check_folder(study_dir)
+    check_folder_storage(study_dir, storage, study.name)
     storage.check()
     check_writable(study_dir)
     sweep = Sweep(study, storage)  # create the study once, before workers race to

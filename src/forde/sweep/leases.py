@@ -13,6 +13,7 @@ deleted: a waiter that read the folder long ago and creates a lower number finds
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -47,6 +48,8 @@ class FileLease:
         return self.folder / f"{number:012d}"
 
     def __enter__(self) -> FileLease:
+        if self.folder.is_symlink():  # its files are created and deleted: never in a folder a link leads to
+            raise OSError(errno.ELOOP, "the lease's folder is a symbolic link; remove the link", str(self.folder))
         self.folder.mkdir(parents=True, exist_ok=True)
         watched, since, delay = None, 0.0, 0.01
         while True:

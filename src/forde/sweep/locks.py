@@ -13,14 +13,17 @@ worker decides again under a new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from forde.errors import ConfigError
 from forde.sweep.leases import FileLease
 from forde.sweep.lifecycle import GRACE_S, LEASE_REFRESH_S, STORAGE_ERRORS, describe
 
@@ -30,6 +33,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAIT_LOG_S = 60  # a worker waiting for the lock says so this often
+
+
+def open_no_follow(path: Path) -> int:
+    """A file descriptor of `path`, created if need be, opened without following a symbolic link."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; the sweep uses it as a lock file: remove the link") from None
+        raise
 
 
 class LockLost(Exception):
@@ -67,14 +80,15 @@ class _TransactionHeld(Held):
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[Held]:
-    """An flock: held until released or the process ends."""
+    """An flock: held until released or the process ends. The file is neither truncated nor reached through a
+    symbolic link (a link planted there would lead elsewhere)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield Held()
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = open_no_follow(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield Held()
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 @contextlib.contextmanager

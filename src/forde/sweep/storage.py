@@ -151,10 +151,11 @@ class SweepStorage:
             if not os.access(folder, os.W_OK):
                 raise StorageError(f"storage {self.display}: {folder} is not writable; choose a writable path")
         try:
-            if patient:
-                patiently(self._read_once, what="opening the study")
-            else:
-                self._read_once()
+            with self._creation_lock():
+                if patient:
+                    patiently(self._read_once, what="opening the study")
+                else:
+                    self._read_once()
         except Exception as err:  # whatever the driver raises: say what and how to fix it, in one line
             self._optuna = None
             hint = {
@@ -164,6 +165,13 @@ class SweepStorage:
                 "journal": "check that the path is on a shared, writable filesystem",
             }[self.kind]
             raise StorageError(f"cannot use the storage {self.display}: {describe(err)}; {hint}") from None
+
+    def _creation_lock(self) -> contextlib.AbstractContextManager:
+        """Two launchers opening a new SQLite file at once would both create Optuna's tables: one at a time."""
+        if self.kind != "sqlite":
+            return contextlib.nullcontext()
+        path = self._file()
+        return locks.file_lock(path.with_name(f".{path.name}.lock"))
 
     def _read_once(self) -> None:
         try:

@@ -234,6 +234,8 @@ def _check_options(study: str, what: str, cls: type, options: dict[str, Any]) ->
         if key not in params:
             known = f"its options: {', '.join(params)}" if params else "it takes none"
             _fail(study, f"{what}: {cls.__name__} has no option '{key}'; {known}")
+        if callable(params[key].default) or "Callable" in str(params[key].annotation):
+            _fail(study, f"{what}.{key}: {cls.__name__} takes a Python function there, which a study file cannot give")
         default = params[key].default
         expected = (
             (bool,)
@@ -381,6 +383,13 @@ def read_study(
             _fail(
                 name,
                 f"objective {objective.metric}: direction must be minimize or maximize, got {objective.direction!r}",
+            )
+    for key in ("sampler", "pruner"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            _fail(
+                name,
+                f"{key}: expected a mapping such as {{name: {SAMPLERS[0] if key == 'sampler' else 'median'}}}, "
+                f"got {raw[key]!r}",
             )
     sampler = dict(raw.get("sampler") or {"name": "tpe"})
     pruner = dict(raw.get("pruner") or {"name": "none"})
