@@ -83,7 +83,10 @@ def test_member_accuracies_and_bundle():
     labels = torch.tensor([0, 1])
     assert member_accuracies(members, labels) == [0.5, 0.5]
     out = prediction_metrics(members, labels)
-    assert set(out) == {"accuracy", "nll", "ece", "epistemic", "member_accuracy"}
+    assert set(out) == {
+        *("accuracy", "nll", "ece", "brier", "adaptive_ece", "mce", "entropy", "aurc", "augrc"),
+        *("epistemic", "member_accuracy"),
+    }
     assert out["accuracy"] == pytest.approx(0.5)
 
 

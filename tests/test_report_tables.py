@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 from forde.analysis.aggregate import setting_of
@@ -190,3 +191,31 @@ def test_a_run_of_unknown_seed_is_a_sample_of_its_own_and_pairs_with_none(tmp_pa
     forde_row = next(r for r in table.rows if r.variant == "FoRDE-PCA")
     assert forde_row.seeds == 2 and abs(forde_row.cells["test/nll"].mean - 0.6) < 1e-12
     assert difference_table(runs, setting_of(runs[0])) is None  # nothing to pair with DE
+
+
+def test_the_report_has_calibration_and_ood_tables_and_reliability_diagrams(tmp_path):
+    from forde.analysis.report import make_report
+    from forde.calibration import reliability_curve
+
+    g = torch.Generator().manual_seed(0)
+    for method, seed, shift in [("de", 0, 0.0), ("de", 1, 0.01), ("forde", 0, 0.05), ("forde", 1, 0.06)]:
+        extra = {"test/ts/nll": 0.9 - shift, "test/ts/ece": 0.02, "test/ts/brier": 0.3, "test/brier": 0.35}
+        extra |= {"test/aurc": 0.1 - shift, "test/augrc": 0.05}
+        extra |= {f"ood/svhn/{m}_{s}": 0.8 + shift for m in ("auroc", "fpr95") for s in ("msp", "mi")}
+        run = write_run(tmp_path / "runs", f"{method}-{seed}", method, seed, {**summary(0.8), **extra})
+        results = json.loads((run / "results.json").read_text())
+        lp = torch.randn(200, 10, generator=g).log_softmax(-1)
+        y = torch.randint(0, 10, (200,), generator=g)
+        results["curves"] = {
+            "test": {"reliability": reliability_curve(lp, y), "ts/reliability": reliability_curve(lp, y)}
+        }
+        (run / "results.json").write_text(json.dumps(results))
+    runs = find_runs(tmp_path / "runs")
+    report = make_report(runs, tmp_path / "report")
+    folder = tmp_path / "report" / setting_of(runs[0]).slug
+    calibration = (folder / "calibration.md").read_text()
+    assert "calibration and abstention" in calibration and "NLL, TS ↓" in calibration
+    assert "| FoRDE-PCA | 2 |" in calibration and "0.845 ± 0.007" in calibration  # 0.9 - 0.05, 0.9 - 0.06
+    ood = (folder / "ood-mi.md").read_text()
+    assert "OOD detection by mutual information" in ood and "svhn AUROC (%)" in ood and "85.5 ± 0.7" in ood
+    assert (folder / "reliability.png").stat().st_size > 0 and folder / "reliability.png" in report.written

@@ -83,6 +83,9 @@ def test_quickstart_study_runs_three_trials_end_to_end(tmp_path):
         assert record["summary"]["corrupted/accuracy"] == pytest.approx(results["summary"]["corrupted/accuracy"])
         assert record["summary"]["corrupted/per_set"]["nrows"] == 4  # 2 corruptions x 2 severities
         assert len(results["corrupted"]["per_set"]) == 4
+        for key in ("ood/gaussian_noise/auroc_mi", "test/ts/nll", "temperature", "test/aurc"):  # the study holds out
+            assert record["summary"][key] == pytest.approx(results["summary"][key])  # a validation split
+        assert record["summary"]["ood/table"]["nrows"] == 10  # 2 noise sets x 5 scores
     best = (tmp_path / "studies" / "quickstart" / "best.md").read_text()
     assert f"| {opt.best_trial.number} |" in best
     assert opt.user_attrs["settings"]["optim.epochs"] == 3 and opt.metric_names == ["val/nll"]
@@ -231,6 +234,15 @@ def write_study(tmp_path, body: str) -> Path:
         ("pruner: {name: none, patience: 3}\n", r"pruner: NopPruner has no option 'patience'; it takes none"),
         ("pruner: {name: median, n_warmup_steps: -1}\n", r"pruner: MedianPruner refuses .*n_warmup_steps"),
         ("sampler: {name: tpe, gamma: 0.5}\n", r"sampler.gamma: TPESampler takes a Python function there"),
+        (
+            "objectives: [{metric: ood/svhn/auroc_mi, direction: maximize}]\n",
+            r"metric 'ood/svhn/auroc_mi' needs the OOD set 'svhn' in eval.ood",
+        ),
+        (
+            "objectives: [{metric: ood/uniform_noise/auroc_magic, direction: maximize}]\n",
+            r"unknown metric 'auroc_magic'; known: auroc_msp, ",
+        ),
+        ("objectives: [{metric: test/ts/nll, direction: minimize}]\n", r"needs temperature scaling on a validation"),
         ("sampler: tpe\n", r"sampler: expected a mapping such as \{name: tpe\}, got 'tpe'"),
         ("pruner: [median]\n", r"pruner: expected a mapping such as \{name: median\}, got \['median'\]"),
         ("search_space:\n  model.hidden: {choices: ['[8]', [8]]}\n", r"the choice '\[8\]' is stored as the list"),
@@ -443,6 +455,16 @@ def test_status_builds_and_imports_nothing(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert launch(tmp_path, "--status", "--trust-code", study=str(path)) == 0
     assert capsys.readouterr().out.startswith("study 'bad': 1 complete") and not (tmp_path / "imported").exists()
+
+
+def test_a_study_may_optimise_ood_detection_and_calibrated_metrics(tmp_path):
+    path = write_study(
+        tmp_path,
+        "config: {data: {val_fraction: 0.2}}\nobjectives: [{metric: ood/gaussian_noise/auroc_mi, direction: maximize},"
+        " {metric: test/ts/ece, direction: minimize}]\n",
+    )
+    study = read_study(path)
+    assert [o.metric for o in study.objectives] == ["ood/gaussian_noise/auroc_mi", "test/ts/ece"]
 
 
 def test_shipped_studies_are_valid():

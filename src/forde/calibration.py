@@ -1,8 +1,9 @@
-"""Calibration of a predictive, as the field reports it: the Brier score, adaptive (equal-mass) and maximum
-calibration errors, the reliability curve, and temperature scaling fitted on a validation split.
+"""Calibration of a predictive, as the field reports it: the expected calibration error over equal-width bins (the
+paper's ECE), the Brier score, adaptive (equal-mass) and maximum calibration errors, the reliability curve, and
+temperature scaling fitted on a validation split.
 
 Inputs are log-probabilities [N, C] of the predictive (for an ensemble: `metrics.ensemble_log_probs`, the log of the
-members' mean probabilities) and labels [N]; reductions in float64. The equal-width ECE is `metrics.ece`.
+members' mean probabilities) and labels [N]; reductions in float64.
 """
 
 from __future__ import annotations
@@ -11,7 +12,32 @@ import math
 
 import torch
 
-from forde.metrics import calibration_bins
+
+def calibration_bins(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Per confidence bin (lo, hi] of equal width: [count, sum of correct, sum of confidence], float64 [3, n_bins].
+
+    Bins of several sets add up to the bins of their union, which is how a pooled ECE is computed
+    without holding the pooled predictions."""
+    probs = log_probs.double().exp()
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    bins = torch.bucketize(conf, edges[1:-1], right=False)  # conf in (lo, hi] -> bin index
+    out = torch.zeros(3, n_bins, dtype=torch.float64)
+    out[0].index_add_(0, bins, torch.ones_like(conf))
+    out[1].index_add_(0, bins, correct)
+    out[2].index_add_(0, bins, conf)
+    return out
+
+
+def ece_from_bins(bins: torch.Tensor) -> float:
+    """sum over bins of |accuracy - confidence| weighted by the bin's share of the samples."""
+    return ((bins[1] - bins[2]).abs().sum() / bins[0].sum()).item()
+
+
+def ece(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error: equal-width confidence bins (lo, hi], |accuracy - confidence| weighted by bin size."""
+    return ece_from_bins(calibration_bins(log_probs, labels, n_bins))
 
 
 def brier(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -21,7 +47,8 @@ def brier(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (p - onehot).square().sum(-1).mean().item()
 
 
-def _confidence_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def confidence_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the predictive's top probability and whether its class is the label (1.0 or 0.0), float64."""
     conf, pred = log_probs.double().exp().max(-1)
     return conf, (pred == labels).double()
 
@@ -29,7 +56,11 @@ def _confidence_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> tu
 def adaptive_ece(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE over equal-mass bins: the samples sorted by confidence and split into `n_bins` bins of (nearly) equal
     size (sizes differ by at most one), each weighted by its share of the samples."""
-    conf, correct = _confidence_and_correct(log_probs, labels)
+    return adaptive_ece_of(*confidence_and_correct(log_probs, labels), n_bins)
+
+
+def adaptive_ece_of(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """`adaptive_ece` from per-sample confidences and correctness (of several sets pooled, say)."""
     order = torch.argsort(conf, stable=True)
     total = 0.0
     for part in torch.tensor_split(order, min(n_bins, len(order))):
@@ -44,19 +75,15 @@ def mce(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> floa
     return ((bins[1][full] - bins[2][full]).abs() / bins[0][full]).max().item()
 
 
-def reliability_curve(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
+def reliability_curve(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list]:
     """Per equal-width confidence bin (lo, hi]: its upper edge, the samples in it, their mean confidence and their
-    accuracy (NaN for an empty bin): the data of a reliability diagram."""
-    bins = calibration_bins(log_probs, labels, n_bins)
-    count = bins[0]
-    with torch.no_grad():
-        confidence = torch.where(count > 0, bins[2] / count, torch.nan)
-        accuracy = torch.where(count > 0, bins[1] / count, torch.nan)
+    accuracy (None for an empty bin, which JSON keeps): the data of a reliability diagram."""
+    count, correct, confidence = calibration_bins(log_probs, labels, n_bins).tolist()
     return {
         "upper_edge": torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:].tolist(),
-        "count": count.tolist(),
-        "confidence": confidence.tolist(),
-        "accuracy": accuracy.tolist(),
+        "count": count,
+        "confidence": [c / n if n else None for c, n in zip(confidence, count)],
+        "accuracy": [a / n if n else None for a, n in zip(correct, count)],
     }
 
 

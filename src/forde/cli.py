@@ -39,8 +39,30 @@ HEADLINE = (
 )
 
 
+CALIBRATION = (
+    ("nll", "NLL"),
+    ("ece", "ECE"),
+    ("adaptive_ece", "adaptive ECE"),
+    ("brier", "Brier"),
+    ("aurc", "AURC"),
+    ("augrc", "AUGRC"),
+)
+DETECTION = (("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"), ("fpr95", "FPR95"))
+OOD_SCORES = ("msp", "mi")  # the printed scores (results.json has every one)
+
+
+def _table(summary: dict, columns: tuple, rows: list[tuple[str, str]], key=lambda prefix, k: f"{prefix}/{k}") -> list:
+    lines = [f"{'':30}" + "".join(f"{label:>14}" for _, label in columns)]
+    for prefix, name in rows:
+        values = [summary.get(key(prefix, k)) for k, _ in columns]
+        if any(v is not None for v in values):
+            lines.append(f"{name:30}" + "".join(f"{v:14.4f}" if v is not None else f"{'-':>14}" for v in values))
+    return lines if len(lines) > 1 else []
+
+
 def headline(summary: dict) -> str:
-    """The paper's columns: clean test metrics beside cA / cNLL / cECE (each severity's sets pooled, averaged over severities)."""
+    """The paper's columns (clean test metrics beside cA / cNLL / cECE: each severity's sets pooled, averaged over
+    severities); then calibration and abstention before and after temperature scaling, and OOD detection."""
     rows = [("test", "test"), ("val", "val"), ("corrupted", "corrupted (cA/cNLL/cECE)")]
     lines = [f"{'':26}" + "".join(f"{label:>18}" for _, label in HEADLINE)]
     for prefix, name in rows:
@@ -48,7 +70,14 @@ def headline(summary: dict) -> str:
             lines.append(
                 f"{name:26}" + "".join(f"{summary.get(f'{prefix}/{k}', float('nan')):18.4f}" for k, _ in HEADLINE)
             )
-    return "\n".join(lines)
+    temperature = summary.get("temperature")
+    calibrated = [("test", "test"), ("test/ts", f"test, T = {temperature:.3f}" if temperature else "test/ts")]
+    calibrated += [("corrupted", "corrupted"), ("corrupted/ts", "corrupted, temperature-scaled")]
+    lines += [""] + _table(summary, CALIBRATION, calibrated)
+    sets = sorted({k.split("/")[1] for k in summary if k.startswith("ood/")})
+    ood_rows = [(f"ood/{s}/{{}}_{score}", f"OOD {s} ({score})") for s in sets for score in OOD_SCORES]
+    lines += [""] + _table(summary, DETECTION, ood_rows, key=lambda prefix, k: prefix.format(k)) if sets else []
+    return "\n".join(line for line in lines).rstrip()
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from forde import interrupts
 from forde.config import EvalConfig
 from forde.data.base import Dataset, Split, subset_split
 from forde.data.corrupted import CorruptedSet
+from forde.data.ood_sets import OODSet
 from forde.data.pipeline import eval_batches
 from forde.ensemble import Ensemble
 from forde.metrics import CorruptedMetrics, ensemble_metrics
@@ -42,14 +43,19 @@ class EvalContext:
 
 
 @torch.no_grad()
-def predict(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch.Tensor:
-    """Member log-probabilities [M, N, C] (float32, on the CPU) in the split's order."""
+def predict_logits(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch.Tensor:
+    """Member logits [M, N, C] (float32, on the CPU) in the split's order."""
     ensemble.eval()
     outs = []
     for x, _ in ctx.batches(split):
         with ctx.autocast():
-            outs.append(ensemble(x).float().log_softmax(-1).cpu())
+            outs.append(ensemble(x).float().cpu())
     return torch.cat(outs, 1)
+
+
+def predict(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch.Tensor:
+    """Member log-probabilities [M, N, C] (float32, on the CPU) in the split's order."""
+    return predict_logits(ensemble, split, ctx).log_softmax(-1)
 
 
 def input_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch.Tensor:
@@ -69,16 +75,16 @@ def input_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch
 def predictions_and_gradients(
     ensemble: Ensemble, split: Split, ctx: EvalContext
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Member log-probabilities [M, N, C], and input gradients [M, n, D] where gradient diversity is measured."""
-    member_log_probs = predict(ensemble, split, ctx)
+    """Member logits [M, N, C], and input gradients [M, n, D] where gradient diversity is measured."""
+    member_logits = predict_logits(ensemble, split, ctx)
     grads = input_gradients(ensemble, split, ctx) if ctx.grad_samples > 0 and len(ensemble) > 1 else None
-    return member_log_probs, grads
+    return member_logits, grads
 
 
-def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext) -> dict:
+def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext, temperature: float | None = None) -> dict:
     """The metrics of one set (`metrics.ensemble_metrics`)."""
-    member_log_probs, grads = predictions_and_gradients(ensemble, split, ctx)
-    return ensemble_metrics(member_log_probs, split.labels, grads)
+    member_logits, grads = predictions_and_gradients(ensemble, split, ctx)
+    return ensemble_metrics(member_logits.log_softmax(-1), split.labels, grads, temperature)
 
 
 def evaluate_corrupted(
@@ -86,14 +92,15 @@ def evaluate_corrupted(
     sets: Iterable[CorruptedSet],
     ctx: EvalContext,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    temperature: float | None = None,
 ) -> dict:
     """Per-set metrics (with each set's source: generated here or not) and the pooled summary."""
-    corrupted = CorruptedMetrics()
+    corrupted = CorruptedMetrics(temperature=temperature)
     for s in progress(sets):
         split = s.load()
-        member_log_probs, grads = predictions_and_gradients(ensemble, split, ctx)
+        member_logits, grads = predictions_and_gradients(ensemble, split, ctx)
         row = corrupted.add(
-            s.corruption, s.severity, member_log_probs, split.labels, grads, source=s.provenance["source"]
+            s.corruption, s.severity, member_logits.log_softmax(-1), split.labels, grads, source=s.provenance["source"]
         )
         log.debug("%s s%d: acc %.4f nll %.4f", s.corruption, s.severity, row["accuracy"], row["nll"])
     return {"per_set": corrupted.per_set, "summary": corrupted.summary()}
@@ -101,3 +108,46 @@ def evaluate_corrupted(
 
 def eval_context(cfg: EvalConfig, dataset: Dataset, device: torch.device, grad_target: str, **kw) -> EvalContext:
     return EvalContext(device, dataset.mean, dataset.std, cfg.batch_size, cfg.grad_samples, grad_target, **kw)
+
+
+def ood_detection(member_logits_in: torch.Tensor, member_logits_out: torch.Tensor, temperature: float | None) -> dict:
+    """Every detection metric (forde.ood.DETECTION) of every score (forde.ood.SCORES) for one OOD set, keyed
+    `<metric>_<score>`; with a temperature, the scores it changes (msp, entropy) once more under `ts/`."""
+    from forde.calibration import scaled
+    from forde.metrics import ensemble_log_probs, entropy
+    from forde.ood import detection_metrics, ood_scores
+
+    scores_in, scores_out = ood_scores(member_logits_in), ood_scores(member_logits_out)
+    out = {}
+    for score in scores_in:
+        for metric, value in detection_metrics(scores_in[score], scores_out[score]).items():
+            out[f"{metric}_{score}"] = value
+    if temperature is not None:
+
+        def calibrated(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+            lp = scaled(ensemble_log_probs(logits.double().log_softmax(-1)), temperature)
+            return {"msp": lp.max(-1).values.exp(), "entropy": -entropy(lp)}
+
+        ts_in, ts_out = calibrated(member_logits_in), calibrated(member_logits_out)
+        for score in ts_in:
+            for metric, value in detection_metrics(ts_in[score], ts_out[score]).items():
+                out[f"ts/{metric}_{score}"] = value
+    return out
+
+
+def evaluate_ood(
+    ensemble: Ensemble,
+    member_logits_in: torch.Tensor,
+    sets: Iterable[OODSet],
+    ctx: EvalContext,
+    temperature: float | None = None,
+) -> dict:
+    """{set: detection metrics} with the in-distribution test set's logits as the positives; one OOD set in memory
+    at a time, and of it only its scores once predicted."""
+    results = {}
+    for s in sets:
+        images = s.load()
+        logits = predict_logits(ensemble, Split(images, torch.zeros(len(images), dtype=torch.int64)), ctx)
+        results[s.name] = ood_detection(member_logits_in, logits, temperature)
+        log.debug("OOD %s: AUROC (MSP) %.4f", s.name, results[s.name]["auroc_msp"])
+    return results

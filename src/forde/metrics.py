@@ -13,6 +13,19 @@ import math
 
 import torch
 
+from forde.calibration import (
+    adaptive_ece,
+    adaptive_ece_of,
+    brier,
+    calibration_bins,
+    confidence_and_correct,
+    ece,
+    ece_from_bins,
+    mce,
+    scaled,
+)
+from forde.selective import augrc, augrc_of, aurc, aurc_of, errors_by_confidence
+
 
 def ensemble_log_probs(member_log_probs: torch.Tensor) -> torch.Tensor:
     """The log of the ensemble's predictive, the mean of the members' probabilities: [M, N, C] -> [N, C] (float64)."""
@@ -28,33 +41,6 @@ def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
 def nll(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the labels, for log-probabilities [N, C]."""
     return -log_probs.double().gather(-1, labels[:, None]).mean().item()
-
-
-def calibration_bins(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
-    """Per confidence bin (lo, hi] of equal width: [count, sum of correct, sum of confidence], float64 [3, n_bins].
-
-    Bins of several sets add up to the bins of their union, which is how a pooled ECE is computed
-    without holding the pooled predictions."""
-    probs = log_probs.double().exp()
-    conf, pred = probs.max(-1)
-    correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    bins = torch.bucketize(conf, edges[1:-1], right=False)  # conf in (lo, hi] -> bin index
-    out = torch.zeros(3, n_bins, dtype=torch.float64)
-    out[0].index_add_(0, bins, torch.ones_like(conf))
-    out[1].index_add_(0, bins, correct)
-    out[2].index_add_(0, bins, conf)
-    return out
-
-
-def ece_from_bins(bins: torch.Tensor) -> float:
-    """sum over bins of |accuracy - confidence| weighted by the bin's share of the samples."""
-    return ((bins[1] - bins[2]).abs().sum() / bins[0].sum()).item()
-
-
-def ece(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error: equal-width confidence bins (lo, hi], |accuracy - confidence| weighted by bin size."""
-    return ece_from_bins(calibration_bins(log_probs, labels, n_bins))
 
 
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
@@ -94,19 +80,38 @@ def gradient_cosine_distance(grads: torch.Tensor) -> float:
     return gradient_cosine_distances(grads).mean().item()
 
 
-def prediction_metrics(member_log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Everything computable from predictions alone: the keys of `ensemble_metrics` but gradient diversity."""
-    lp = ensemble_log_probs(member_log_probs)
+def predictive_metrics(lp: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """What the field reports of a predictive [N, C] (log-probabilities): accuracy, NLL, ECE (15 equal-width bins),
+    Brier, adaptive ECE (15 equal-mass bins), MCE, the mean predictive entropy, and AURC / AUGRC (abstaining by
+    confidence; forde.calibration, forde.selective)."""
     return {
         "accuracy": accuracy(lp, labels),
         "nll": nll(lp, labels),
         "ece": ece(lp, labels),
+        "brier": brier(lp, labels),
+        "adaptive_ece": adaptive_ece(lp, labels),
+        "mce": mce(lp, labels),
+        "entropy": entropy(lp).mean().item(),
+        "aurc": aurc(lp, labels),
+        "augrc": augrc(lp, labels),
+    }
+
+
+def prediction_metrics(member_log_probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Everything computable from predictions alone: the keys of `ensemble_metrics` but gradient diversity."""
+    return {
+        **predictive_metrics(ensemble_log_probs(member_log_probs), labels),
         "epistemic": epistemic_uncertainty(member_log_probs),
         "member_accuracy": member_accuracies(member_log_probs, labels),
     }
 
 
-def ensemble_metrics(member_log_probs: torch.Tensor, labels: torch.Tensor, grads: torch.Tensor | None = None) -> dict:
+def ensemble_metrics(
+    member_log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    grads: torch.Tensor | None = None,
+    temperature: float | None = None,
+) -> dict:
     """The metrics `forde train` reports for a test set.
 
     Args:
@@ -115,38 +120,88 @@ def ensemble_metrics(member_log_probs: torch.Tensor, labels: torch.Tensor, grads
         grads: Optionally the members' input gradients `[M, n, D]` on (some of) the samples, from
             `Ensemble.input_gradients(x, y, create_graph=False).grads`.
 
+        temperature: Optionally a temperature fitted on validation data (forde.calibration.fit_temperature):
+            the predictive's metrics at it are added under `ts/`.
+
     Returns:
-        `accuracy`, `nll` and `ece` (15 equal-width bins) of the ensemble's mean predictive; `epistemic`, the
-        mean mutual information; `member_accuracy`, each member's accuracy; and with `grads` (from two members
-        on) `grad_cosine_distance`, the gradient diversity.
+        `predictive_metrics` of the ensemble's mean predictive (accuracy, NLL, ECE, Brier, adaptive ECE, MCE,
+        entropy, AURC, AUGRC); `epistemic`, the mean mutual information; `member_accuracy`, each member's accuracy;
+        with `grads` (from two members on) `grad_cosine_distance`, the gradient diversity; with a `temperature`,
+        `ts/...` for each predictive metric.
     """
     metrics = prediction_metrics(member_log_probs, labels)
+    if temperature is not None:
+        lp = scaled(ensemble_log_probs(member_log_probs), temperature)
+        metrics.update({f"ts/{k}": v for k, v in predictive_metrics(lp, labels).items()})
     if grads is not None and grads.shape[0] > 1:
         metrics["grad_cosine_distance"] = gradient_cosine_distance(grads)
     return metrics
+
+
+class PredictivePool:
+    """The `predictive_metrics` of several sets pooled into one, accumulated set by set: exactly those of the
+    concatenated predictions (up to float64 summation order), keeping per sample only its confidence and whether
+    it was right (what equal-mass bins and abstaining need), not the predictions."""
+
+    def __init__(self, n_bins: int = 15):
+        self.bins = torch.zeros(3, n_bins, dtype=torch.float64)
+        self.sums = {"accuracy": 0.0, "nll": 0.0, "brier": 0.0, "entropy": 0.0}
+        self.conf: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+        self.n = 0
+
+    def add(self, lp: torch.Tensor, labels: torch.Tensor) -> None:
+        lp = lp.double()
+        conf, correct = confidence_and_correct(lp, labels)
+        onehot = torch.nn.functional.one_hot(labels, lp.shape[-1]).double()
+        self.bins += calibration_bins(lp, labels, self.bins.shape[1])
+        self.sums["accuracy"] += correct.sum().item()
+        self.sums["nll"] -= lp.gather(-1, labels[:, None]).sum().item()
+        self.sums["brier"] += (lp.exp() - onehot).square().sum().item()
+        self.sums["entropy"] += entropy(lp).sum().item()
+        self.conf.append(conf)
+        self.correct.append(correct)
+        self.n += len(labels)
+
+    def result(self) -> dict[str, float]:
+        if not self.n:
+            return {}
+        conf, correct = torch.cat(self.conf), torch.cat(self.correct)
+        errors = errors_by_confidence(conf, correct)
+        full = self.bins[0] > 0
+        return {
+            **{k: v / self.n for k, v in self.sums.items()},
+            "ece": ece_from_bins(self.bins),
+            "adaptive_ece": adaptive_ece_of(conf, correct, self.bins.shape[1]),
+            "mce": ((self.bins[1][full] - self.bins[2][full]).abs() / self.bins[0][full]).max().item(),
+            "aurc": aurc_of(errors),
+            "augrc": augrc_of(errors),
+        }
 
 
 class PooledMetrics:
     """The metrics of several sets pooled into one, accumulated set by set: exactly the metrics of the
     concatenated predictions (up to float64 summation order), without holding them.
 
-    Accuracy, NLL, epistemic uncertainty and gradient diversity are per-sample means, so pooling weights
-    each set by its size (with sets of equal size: the mean over sets); ECE is computed on the pooled
-    calibration bins, which is not the mean of the sets' ECEs (it is at most that mean).
+    Accuracy, NLL, Brier, entropy, epistemic uncertainty and gradient diversity are per-sample means, so pooling
+    weights each set by its size (with sets of equal size: the mean over sets); ECE, adaptive ECE, MCE, AURC and
+    AUGRC are computed on the pooled samples, which is not the mean of the sets' values. With a `temperature`,
+    the predictive's metrics at that temperature too (forde.calibration), under `ts/`.
     """
 
-    def __init__(self, n_bins: int = 15):
-        self.bins = torch.zeros(3, n_bins, dtype=torch.float64)
-        self.sums = {"accuracy": 0.0, "nll": 0.0, "epistemic": 0.0}
-        self.n = 0
+    def __init__(self, n_bins: int = 15, temperature: float | None = None):
+        self.predictive = PredictivePool(n_bins)
+        self.scaled = PredictivePool(n_bins) if temperature is not None else None
+        self.temperature = temperature
+        self.epistemic, self.n = 0.0, 0
         self.grad_sum, self.grad_n = 0.0, 0
 
     def add(self, member_log_probs: torch.Tensor, labels: torch.Tensor) -> None:
         lp = ensemble_log_probs(member_log_probs)
-        self.bins += calibration_bins(lp, labels, self.bins.shape[1])
-        self.sums["accuracy"] += (lp.argmax(-1) == labels).double().sum().item()
-        self.sums["nll"] -= lp.gather(-1, labels[:, None]).sum().item()
-        self.sums["epistemic"] += epistemic_per_sample(member_log_probs).sum().item()
+        self.predictive.add(lp, labels)
+        if self.scaled is not None and self.temperature is not None:
+            self.scaled.add(scaled(lp, self.temperature), labels)
+        self.epistemic += epistemic_per_sample(member_log_probs).sum().item()
         self.n += len(labels)
 
     def add_gradients(self, grads: torch.Tensor) -> None:
@@ -154,11 +209,13 @@ class PooledMetrics:
         self.grad_n += grads.shape[1]
 
     def result(self) -> dict:
-        out = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
+        out = self.predictive.result()
         if self.n:
-            out["ece"] = ece_from_bins(self.bins)
+            out["epistemic"] = self.epistemic / self.n
         if self.grad_n:
             out["grad_cosine_distance"] = self.grad_sum / self.grad_n
+        if self.scaled is not None:
+            out.update({f"ts/{k}": v for k, v in self.scaled.result().items()})
         return out
 
 
@@ -203,8 +260,8 @@ class CorruptedMetrics:
         >>> corrupted.summary()["all"]["accuracy"]  # doctest: +SKIP
     """
 
-    def __init__(self, n_bins: int = 15):
-        self.n_bins = n_bins
+    def __init__(self, n_bins: int = 15, temperature: float | None = None):
+        self.n_bins, self.temperature = n_bins, temperature
         self.per_set: list[dict] = []
         self.pools: dict[int, PooledMetrics] = {}
 
@@ -235,10 +292,10 @@ class CorruptedMetrics:
             "corruption": corruption,
             "severity": severity,
             **info,
-            **ensemble_metrics(member_log_probs, labels, grads),
+            **ensemble_metrics(member_log_probs, labels, grads, self.temperature),
         }
         row.pop("member_accuracy")
-        pool = self.pools.setdefault(severity, PooledMetrics(self.n_bins))
+        pool = self.pools.setdefault(severity, PooledMetrics(self.n_bins, self.temperature))
         pool.add(member_log_probs, labels)
         if grads is not None and "grad_cosine_distance" in row:
             pool.add_gradients(grads)

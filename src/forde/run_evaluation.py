@@ -8,13 +8,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from forde.atomic import unwritable, write_atomic
+from forde.calibration import fit_temperature, reliability_curve, scaled
 from forde.config import ConfigError
 from forde.data.corrupted import CorruptedSet, prepare_corrupted
 from forde.data.corrupted import corrupted_sets as configured_corrupted_sets
-from forde.evaluate import evaluate_corrupted, evaluate_split
+from forde.data.ood_sets import ood_sets
+from forde.evaluate import evaluate_corrupted, evaluate_ood, predictions_and_gradients
+from forde.metrics import ensemble_log_probs, ensemble_metrics
 from forde.names import RULE, is_path_component
 from forde.provenance import run_provenance
 from forde.run_dir import (
@@ -28,6 +32,7 @@ from forde.run_dir import (
     run_record,
     to_json,
 )
+from forde.selective import risk_coverage_curve
 from forde.setup import Setup, build
 
 log = logging.getLogger(__name__)
@@ -41,21 +46,63 @@ def default_corrupted_sets(setup: Setup) -> Iterable[CorruptedSet]:
     return configured_corrupted_sets(setup.cfg, setup.dataset)
 
 
+def temperature_of(setup: Setup, val_logits: torch.Tensor | None) -> float | None:
+    """The temperature fitted on the validation split's member logits (forde.calibration), where the run
+    calibrates: with `eval.calibrate=true`, or by default whenever a validation split is held out; never on test."""
+    wanted, val = setup.cfg.eval.calibrate, setup.dataset.val
+    if wanted is None and val is None:
+        log.info("no validation split: metrics after temperature scaling need one (data.val_fraction=0.1)")
+    if wanted is False or (wanted is None and val is None):
+        return None
+    if val is None or val_logits is None:
+        raise ConfigError(calibrate_needs_validation(setup))
+    return fit_temperature(ensemble_log_probs(val_logits.log_softmax(-1)), val.labels)
+
+
+def calibrate_needs_validation(setup: Setup) -> str:
+    return (
+        f"eval.calibrate = true: temperature scaling is fitted on a validation split, and {setup.dataset.name} "
+        "holds none out; set data.val_fraction=0.1 (or eval.calibrate=null to calibrate only where there is one)"
+    )
+
+
 def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corrupted_sets) -> dict:
-    """Clean test (and validation) metrics and every corruption x severity the config asks for."""
-    results: dict[str, Any] = {"test": evaluate_split(setup.ensemble, setup.dataset.test, setup.eval_ctx)}
-    if setup.dataset.val is not None:
-        results["val"] = evaluate_split(setup.ensemble, setup.dataset.val, setup.eval_ctx)
+    """Clean test (and validation) metrics, every corruption x severity and every OOD set the config asks for;
+    with a validation split, all of them once more after temperature scaling (`ts/`, `temperature`)."""
+    ensemble, ctx, val, test = setup.ensemble, setup.eval_ctx, setup.dataset.val, setup.dataset.test
+    val_logits, val_grads = predictions_and_gradients(ensemble, val, ctx) if val is not None else (None, None)
+    temperature = temperature_of(setup, val_logits)  # one pass over the validation split serves both
+    test_logits, grads = predictions_and_gradients(ensemble, test, ctx)
+    test_lp = test_logits.log_softmax(-1)
+    results: dict[str, Any] = {"test": ensemble_metrics(test_lp, test.labels, grads, temperature)}
+    if val is not None and val_logits is not None:
+        results["val"] = ensemble_metrics(val_logits.log_softmax(-1), val.labels, val_grads, temperature)
+    if temperature is not None:
+        results["temperature"] = temperature
+    results["curves"] = {"test": curves(ensemble_log_probs(test_lp), test.labels, temperature)}
     sets = list(corrupted_sets(setup))
     if sets:
 
         def bar(it):
             return tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
 
-        results["corrupted"] = evaluate_corrupted(setup.ensemble, sets, setup.eval_ctx, progress=bar)
+        results["corrupted"] = evaluate_corrupted(ensemble, sets, ctx, progress=bar, temperature=temperature)
+    ood = ood_sets(setup.cfg, setup.dataset)
+    if ood:
+        results["ood"] = evaluate_ood(ensemble, test_logits, ood, ctx, temperature)
     results["summary"] = flat_summary(results)
     results["provenance"] = run_provenance(setup.dataset, sets)
     return results
+
+
+def curves(lp, labels, temperature: float | None) -> dict:
+    """The reliability diagram's and the risk-coverage curve's data, before (and after) temperature scaling."""
+    out = {"reliability": reliability_curve(lp, labels), "risk_coverage": risk_coverage_curve(lp, labels)}
+    if temperature is not None:
+        lp_ts = scaled(lp, temperature)
+        out["ts/reliability"] = reliability_curve(lp_ts, labels)
+        out["ts/risk_coverage"] = risk_coverage_curve(lp_ts, labels)
+    return out
 
 
 def flat_summary(results: dict) -> dict:
@@ -72,6 +119,10 @@ def flat_summary(results: dict) -> dict:
     for group, vals in results.get("corrupted", {}).get("summary", {}).items():
         prefix = "corrupted" if group == "all" else f"corrupted/{group}"
         out.update({f"{prefix}/{k}": v for k, v in vals.items()})
+    for name, vals in results.get("ood", {}).items():
+        out.update({f"ood/{name}/{k}": v for k, v in vals.items()})
+    if "temperature" in results:
+        out["temperature"] = results["temperature"]
     rows = results.get("corrupted", {}).get("per_set", [])
     if rows and all(r.get("source") in ("generated", "official") for r in rows):
         out["corrupted/regenerated_sets"] = sum(r["source"] == "generated" for r in rows)
@@ -130,6 +181,7 @@ def evaluate_run(
     setup = build(cfg)
     restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
+    ood_sets(cfg, setup.dataset)  # a missing OOD set: one line before evaluating
     results = {**run_record(cfg, run_dir, state["epoch"]), **final_evaluation(setup)}
     write_atomic(run_dir / out_name, to_json(results))
     log.info("wrote %s: %s", run_dir / out_name, brief_summary(results["summary"]))

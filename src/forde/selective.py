@@ -15,29 +15,41 @@ from __future__ import annotations
 import torch
 
 
-def _errors_by_confidence(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cumulative errors among the k most confident samples, k = 1..N (float64)."""
-    conf, pred = log_probs.double().max(-1)
+def errors_by_confidence(conf: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """Cumulative errors among the k most confident samples, k = 1..N (float64), from per-sample confidences and
+    correctness (forde.calibration.confidence_and_correct)."""
     order = torch.argsort(conf, descending=True, stable=True)
-    return (pred[order] != labels[order]).double().cumsum(0)
+    return (1.0 - correct[order].double()).cumsum(0)
+
+
+def _errors(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from forde.calibration import confidence_and_correct
+
+    return errors_by_confidence(*confidence_and_correct(log_probs, labels))
+
+
+def aurc_of(errors: torch.Tensor) -> float:
+    return (errors / torch.arange(1, len(errors) + 1, dtype=torch.float64)).mean().item()
+
+
+def augrc_of(errors: torch.Tensor) -> float:
+    return (errors / len(errors)).mean().item()
 
 
 def aurc(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the risk-coverage curve (lower is better)."""
-    errors = _errors_by_confidence(log_probs, labels)
-    return (errors / torch.arange(1, len(errors) + 1, dtype=torch.float64)).mean().item()
+    return aurc_of(_errors(log_probs, labels))
 
 
 def augrc(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the generalized risk-coverage curve (lower is better)."""
-    errors = _errors_by_confidence(log_probs, labels)
-    return (errors / len(errors)).mean().item()
+    return augrc_of(_errors(log_probs, labels))
 
 
 def risk_coverage_curve(log_probs: torch.Tensor, labels: torch.Tensor, points: int = 101) -> dict[str, list[float]]:
     """The risk at `points` coverages spread evenly over (0, 1] (each rounded up to whole samples): what a figure
     needs, a fixed size whatever N."""
-    errors = _errors_by_confidence(log_probs, labels)
+    errors = _errors(log_probs, labels)
     n = len(errors)
     kept = torch.unique(torch.ceil(torch.linspace(1 / points, 1, points, dtype=torch.float64) * n).long().clamp(1, n))
     return {"coverage": (kept.double() / n).tolist(), "risk": (errors[kept - 1] / kept.double()).tolist()}

@@ -92,6 +92,37 @@ def per_severity_table(summary: dict):
     return wandb.Table(columns=cols, data=rows)
 
 
+def curve_plots(curves: dict) -> dict:
+    """The test set's reliability diagram and risk-coverage curve (and after temperature scaling) as W&B line plots."""
+    import wandb
+
+    plots = {}
+    for name, curve in curves.items():
+        if name.endswith("reliability"):
+            rows = [[c, a] for c, a in zip(curve["confidence"], curve["accuracy"]) if c is not None]
+            table = wandb.Table(columns=["confidence", "accuracy"], data=rows)
+            plots[f"test/{name}"] = wandb.plot.line(table, "confidence", "accuracy", title=f"test {name}")
+        else:
+            table = wandb.Table(
+                columns=["coverage", "risk"], data=list(map(list, zip(curve["coverage"], curve["risk"])))
+            )
+            plots[f"test/{name}"] = wandb.plot.line(table, "coverage", "risk", title=f"test {name}")
+    return plots
+
+
+def ood_table(ood: dict):
+    """One row per OOD set and score: AUROC, AUPR-In, AUPR-Out, FPR95."""
+    import wandb
+
+    from forde.ood import DETECTION, SCORES
+
+    cols: list[str | int] = ["set", "score", *DETECTION]
+    rows = [
+        [name, score, *(vals.get(f"{m}_{score}") for m in DETECTION)] for name, vals in ood.items() for score in SCORES
+    ]
+    return wandb.Table(columns=cols, data=rows)
+
+
 class WandbRun:
     """Training callback mirroring a run directory into one W&B run (the same run id across retries).
 
@@ -205,6 +236,10 @@ class WandbRun:
                         "corrupted/per_severity": per_severity_table(corrupted["summary"]),
                     }
                 )
+            if results.get("ood"):
+                self.run.log({"ood/table": ood_table(results["ood"])})
+            if results.get("curves", {}).get("test"):
+                self.run.log(curve_plots(results["curves"]["test"]))
         except Exception as err:
             self._lost(err)
 

@@ -17,6 +17,7 @@ from forde import interrupts, run_lock
 from forde.atomic import write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
 from forde.data.corrupted import prepare_corrupted
+from forde.data.ood_sets import ood_sets
 from forde.data.pipeline import DeviceLoader
 from forde.errors import NonFiniteLossError
 from forde.evaluate import evaluate_split
@@ -35,7 +36,13 @@ from forde.run_dir import (
     save_checkpoint,
     to_json,
 )
-from forde.run_evaluation import CorruptedSets, brief_summary, default_corrupted_sets, final_evaluation
+from forde.run_evaluation import (
+    CorruptedSets,
+    brief_summary,
+    calibrate_needs_validation,
+    default_corrupted_sets,
+    final_evaluation,
+)
 from forde.setup import Setup, build
 from forde.step import make_step
 
@@ -240,6 +247,9 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: Corrupte
     if corrupted_sets is None:
         prepare_corrupted(cfg, setup.dataset)  # a missing -C set fails (or is built) before any training
         corrupted_sets = default_corrupted_sets
+    ood_sets(cfg, setup.dataset)  # ... and so does a missing OOD set
+    if cfg.eval.calibrate and setup.dataset.val is None:
+        raise ConfigError(calibrate_needs_validation(setup))
     trainer = Trainer(setup, run_dir, callbacks)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / CONFIG, to_yaml(cfg))

@@ -359,3 +359,40 @@ def diversity_figure(runs: list[Run], setting: Setting):
         fig, list(groups), markers=False, note=f"Bars: mean over seeds; error bars {SPREAD} ({seeds_note(groups)})."
     )
     return fig
+
+
+def _pooled_reliability(runs: list[Run], key: str) -> tuple[list[float], list[float]] | None:
+    """The reliability curve of a variant's runs pooled: per bin, the mean confidence and accuracy over every
+    sample of every seed (the bins' counts add up)."""
+    curves: list[dict] = [r.curves[key] for r in runs if r.curves.get(key)]
+    if not curves:
+        return None
+    bins = len(curves[0]["count"])
+    count = [sum(c["count"][b] for c in curves) for b in range(bins)]
+    conf = [sum(c["count"][b] * (c["confidence"][b] or 0) for c in curves) for b in range(bins)]
+    acc = [sum(c["count"][b] * (c["accuracy"][b] or 0) for c in curves) for b in range(bins)]
+    kept = [b for b in range(bins) if count[b] > 0]
+    return [conf[b] / count[b] for b in kept], [acc[b] / count[b] for b in kept]
+
+
+@style.styled
+def reliability_figure(runs: list[Run], setting: Setting):
+    """Reliability diagrams of the test set per variant, before and after temperature scaling: accuracy against
+    confidence per equal-width bin (15), every seed's samples pooled; the diagonal is perfect calibration."""
+    groups = by_variant(runs)
+    panels = [("reliability", "as trained"), ("ts/reliability", "temperature-scaled")]
+    panels = [(k, t) for k, t in panels if any(_pooled_reliability(rs, k) for rs in groups.values())]
+    if not panels:
+        raise Skip("no reliability curves (results.json curves; written by runs evaluated since they were added)")
+    fig, axes = style.figure(len(panels), height=2.3, sharey=True)
+    for ax, (key, name) in zip(axes[0], panels):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        for v, rs in groups.items():
+            curve = _pooled_reliability(rs, key)
+            if curve is not None:
+                ax.plot(*curve, color=color(v), marker="o", ms=2.5, lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", title=f"test set, {name}")
+    axes[0][0].set_ylabel("Accuracy")
+    fig.suptitle(_title(setting, runs))
+    _legend_below(fig, list(groups), note="Bins of equal width; every seed's test samples pooled per bin.")
+    return fig

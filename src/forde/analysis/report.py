@@ -21,7 +21,16 @@ from forde.analysis import figures, style
 from forde.analysis.aggregate import Setting, distinguish, group, setting_of
 from forde.analysis.results import Run, load_wandb, optuna_studies, study_runs
 from forde.analysis.study_figures import study_figures
-from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
+from forde.analysis.tables import (
+    CALIBRATED,
+    OOD_SCORE_NAMES,
+    benchmark_table,
+    difference_table,
+    metric_table,
+    ood_columns,
+    to_latex,
+    to_markdown,
+)
 from forde.names import RULE, is_path_component
 
 log = logging.getLogger(__name__)
@@ -31,6 +40,7 @@ SETTING_FIGURES: dict[str, Callable] = {
     "corruptions": figures.corruption_type_figure,
     "diversity": figures.diversity_figure,
     "lengthscale": figures.lengthscale_figure,
+    "reliability": figures.reliability_figure,
 }
 
 
@@ -67,6 +77,15 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequen
         differences = difference_table(runs_here, setting)
         if differences:
             report.text(folder / "differences.md", differences)
+        extra = {"calibration": metric_table(runs_here, setting, CALIBRATED, "calibration and abstention")}
+        for score in ("msp", "mi"):
+            extra[f"ood-{score}"] = metric_table(
+                runs_here, setting, ood_columns(runs_here, score), f"OOD detection by {OOD_SCORE_NAMES[score]}"
+            )
+        for name, extra_table in extra.items():
+            if extra_table is not None:
+                report.text(folder / f"{name}.md", to_markdown(extra_table))
+                report.text(folder / f"{name}.tex", to_latex(extra_table))
         report.figure(folder / "benchmark", figures.benchmark_figure, table, runs_here)
         for name, draw in SETTING_FIGURES.items():
             report.figure(folder / name, draw, runs_here, setting)

@@ -43,6 +43,7 @@ class Run:
     recipe: tuple[tuple[str, str], ...] = ()  # the whole configuration but the seed: runs that differ only in
     # their seed are samples of one row; forde.analysis.aggregate.distinguish names rows whose recipes differ
     distinction: str = ""  # set by distinguish: what sets this run's recipe apart from others of its variant
+    curves: dict = field(default_factory=dict)  # the test set's reliability and risk-coverage data, when recorded
 
     @property
     def variant(self) -> str:
@@ -162,6 +163,8 @@ def load_run_dir(path: str | Path) -> Run:
     per_set = results.get("corrupted", {}).get("per_set", [])
     run = make_run(config, results.get("summary", {}), per_set, source=str(path))
     run.seconds = {k: float(results[f"{k}_time_s"]) for k in ("train", "eval") if f"{k}_time_s" in results}
+    curves = results.get("curves", {}).get("test")
+    run.curves = curves if isinstance(curves, dict) else {}
     return run
 
 

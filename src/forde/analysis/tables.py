@@ -47,6 +47,48 @@ CORRUPTED = (
 )
 
 
+CALIBRATED = (
+    Column("NLL", "test/nll", False, 3),
+    Column("NLL, TS", "test/ts/nll", False, 3),
+    Column("ECE", "test/ece", False, 3),
+    Column("ECE, TS", "test/ts/ece", False, 3),
+    Column("Brier", "test/brier", False, 3),
+    Column("Brier, TS", "test/ts/brier", False, 3),
+    Column("AURC", "test/aurc", False, 4),
+    Column("AUGRC", "test/augrc", False, 4),
+)
+OOD_SCORE_NAMES = {
+    "msp": "MSP",
+    "mi": "mutual information",
+    "entropy": "entropy",
+    "energy": "energy",
+    "max_logit": "max logit",
+}
+
+
+def ood_columns(runs: list[Run], score: str) -> tuple[Column, ...]:
+    """AUROC and FPR95 of `score` for every OOD set the runs were scored on."""
+    sets = sorted({k.split("/")[1] for r in runs for k in r.summary if k.startswith("ood/")})
+    return tuple(
+        column
+        for name in sets
+        for column in (
+            Column(f"{name} AUROC (%)", f"ood/{name}/auroc_{score}", True, 1, 100.0),
+            Column(f"{name} FPR95 (%)", f"ood/{name}/fpr95_{score}", False, 1, 100.0),
+        )
+    )
+
+
+def metric_table(runs: list[Run], setting: Setting, columns: tuple[Column, ...], title: str) -> Table | None:
+    """One row per variant of any metrics (mean ± std over seeds, best in bold); None when no run has them."""
+    if not columns or not any(r.metric(c.key) is not None for r in runs for c in columns):
+        return None
+    rows = [
+        Row(v, seed_count(rs), {c.key: metric_stat(rs, c.key) for c in columns}) for v, rs in by_variant(runs).items()
+    ]
+    return Table(setting, columns, rows, title=f"{setting.title}: {title}")
+
+
 # Marks on corrupted-data cells, explained under the table
 REGENERATED, UNRECORDED, SET_MEAN_ECE = "†", "*", "‡"
 FOOTNOTES = {
@@ -85,6 +127,7 @@ class Table:
     columns: tuple[Column, ...]
     rows: list[Row]
     paper_source: str | None = None  # e.g. "Table 2" when paper numbers are shown
+    title: str | None = None  # the setting's title when None
 
     def best(self, column: Column) -> str | None:
         """The best mean as displayed (ties at display precision all count as best)."""
@@ -163,7 +206,7 @@ def _cells(table: Table, row: Row, pm: str, bold: str) -> list[str]:
 def to_markdown(table: Table) -> str:
     head = _header(table, {"↑": "↑", "↓": "↓"}, "(paper)")
     lines = [
-        f"### {table.setting.title}",
+        f"### {table.title or table.setting.title}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|",
@@ -194,7 +237,7 @@ def to_latex(table: Table) -> str:
         rf"\begin{{{env}}}[t]",
         r"\centering",
         r"\small",
-        rf"\caption{{{_tex(table.setting.title)}. {_tex(_note(table))}}}",
+        rf"\caption{{{_tex(table.title or table.setting.title)}. {_tex(_note(table))}}}",
         *tabular,
         rf"\end{{{env}}}",
     ]
@@ -210,6 +253,13 @@ SEEDS_NOTE = (
 
 def _note(table: Table) -> str:
     note = SEEDS_NOTE + " Best mean in bold."
+    if any(c.key.startswith("ood/") for c in table.columns):
+        note += (
+            " OOD detection with the in-distribution test set as positives: AUROC, and FPR95, the share of OOD "
+            "inputs kept at the threshold that keeps 95% of the test set."
+        )
+    if any("/ts/" in c.key for c in table.columns):
+        note += " TS: after temperature scaling, one temperature fitted on the validation split (never on test)."
     if any(c in table.columns for c in CORRUPTED):
         note += (
             " cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"

@@ -94,6 +94,8 @@ class EvalConfig:
     corrupted_root: str | None = None  # where the -C set lives (default: <data.root>/<dataset>-C)
     generate_corrupted: bool = True  # build the -C set locally when it is missing
     grad_samples: int = 1000  # samples per set used for the input-gradient diversity metric (0 = off)
+    ood: list[str] = field(default_factory=lambda: ["gaussian_noise", "uniform_noise"])  # OOD sets scored ([] = none)
+    calibrate: bool | None = None  # temperature scaling on the validation split; null: when there is one
 
 
 @dataclass

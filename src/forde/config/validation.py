@@ -178,6 +178,16 @@ def _validate_data_and_eval(cfg: TrainConfig) -> None:
         "must be a non-empty list of values in 1..5",
         "set eval.severities=[1,2,3,4,5]",
     )
+    from forde.data.ood_names import OOD_SETS  # names only
+
+    unknown_ood = [n for n in e.ood if n not in OOD_SETS]
+    _check(
+        not unknown_ood,
+        "eval.ood",
+        e.ood,
+        f"unknown set(s) {unknown_ood}",
+        f"use [] or names from {', '.join(OOD_SETS)}",
+    )
     unknown = [c for c in e.corruptions if c not in CORRUPTIONS and c not in CORRUPTION_SELECTIONS]
     _check(
         not unknown,

@@ -54,6 +54,7 @@ def prepare_inputs(study: Study) -> None:
     """Load the data, fill the PCA cache and build missing corrupted sets once, before any worker starts:
     a missing dataset fails here, and workers never compute shared inputs twice."""
     from forde.data.corrupted import prepare_corrupted
+    from forde.data.ood_sets import ood_sets
     from forde.data.pca import dataset_pca
     from forde.data.registry import load_dataset
 
@@ -63,6 +64,7 @@ def prepare_inputs(study: Study) -> None:
     if "forde" in methods:
         dataset_pca(dataset, cfg.data.root)
     prepare_corrupted(cfg, dataset)
+    ood_sets(cfg, dataset)  # present, or one line before any worker starts
 
 
 def check_writable(study_dir: Path) -> None:

@@ -483,21 +483,43 @@ def _check_networks(study: Study, configs: dict[str, TrainConfig], untrusted: li
             _fail(name, f"{where}: {err}")
 
 
+PREDICTIVE = ("accuracy", "nll", "ece", "brier", "adaptive_ece", "mce", "entropy", "aurc", "augrc")
+LEAVES = (*PREDICTIVE, "epistemic", "grad_cosine_distance")
+
+
 def _check_metric(name: str, metric: str, cfg: TrainConfig, per_epoch: bool = False) -> None:
-    split, _, leaf = metric.partition("/")
-    leaves = ("accuracy", "nll", "ece", "epistemic", "grad_cosine_distance")
+    """A metric a trial will report: val/, test/, corrupted/[severity_k/] or ood/SET/, with ts/ (after temperature
+    scaling) before a predictive metric or an OOD score that scaling changes."""
+    from forde.data.ood_names import OOD_SETS
+    from forde.ood import DETECTION, SCORES
+
+    split, _, rest = metric.partition("/")
+    if per_epoch and split not in ("val", "test"):
+        _fail(name, f"pruner.metric '{metric}' is only known at the end; prune on a val/ or test/ metric")
     if split == "val" and cfg.data.val_fraction <= 0:
         _fail(name, f"metric '{metric}' needs a validation split: set config.data.val_fraction (e.g. 0.1)")
-    if split == "corrupted":
-        if per_epoch:
-            _fail(name, f"pruner.metric '{metric}' is only known at the end; prune on a val/ or test/ metric")
-        if cfg.eval.corruptions == ["none"]:
+    if split == "ood":
+        ood_set, _, leaf = rest.partition("/")
+        if ood_set not in cfg.eval.ood:
+            _fail(name, f"metric '{metric}' needs the OOD set '{ood_set}' in eval.ood (sets: {', '.join(OOD_SETS)})")
+        known = [f"{d}_{s}" for d in DETECTION for s in SCORES] + [
+            f"ts/{d}_{s}" for d in DETECTION for s in ("msp", "entropy")
+        ]
+    elif split in ("val", "test", "corrupted"):
+        if split == "corrupted" and cfg.eval.corruptions == ["none"]:
             _fail(name, f"metric '{metric}' needs corrupted evaluation, but eval.corruptions is [none]")
-        leaf = metric.rsplit("/", 1)[-1]
-    elif split not in ("val", "test"):
-        _fail(name, f"metric '{metric}' must start with val/, test/ or corrupted/")
-    if leaf not in leaves:
-        _fail(name, f"metric '{metric}': unknown metric '{leaf}'; known: {', '.join(leaves)}")
+        leaf = rest.split("/", 1)[1] if split == "corrupted" and rest.startswith("severity_") else rest
+        known = [*LEAVES, *(f"ts/{k}" for k in PREDICTIVE)]
+    else:
+        _fail(name, f"metric '{metric}' must start with val/, test/, corrupted/ or ood/")
+    if leaf.startswith("ts/") and per_epoch:
+        _fail(name, f"pruner.metric '{metric}' is only known at the end (temperature scaling follows training)")
+    if leaf.startswith("ts/") and cfg.eval.calibrate is False:
+        _fail(name, f"metric '{metric}' needs temperature scaling, but eval.calibrate is false")
+    if leaf.startswith("ts/") and cfg.eval.calibrate is None and cfg.data.val_fraction <= 0:
+        _fail(name, f"metric '{metric}' needs temperature scaling on a validation split: set config.data.val_fraction")
+    if leaf not in known:
+        _fail(name, f"metric '{metric}': unknown metric '{leaf}'; known: {', '.join(known)}")
 
 
 def _check_gradient_diversity(study: Study, metric: str, cfg: TrainConfig) -> None:
