@@ -219,3 +219,19 @@ def test_the_report_has_calibration_and_ood_tables_and_reliability_diagrams(tmp_
     ood = (folder / "ood-mi.md").read_text()
     assert "OOD detection by mutual information" in ood and "svhn AUROC (%)" in ood and "85.5 ± 0.7" in ood
     assert (folder / "reliability.png").stat().st_size > 0 and folder / "reliability.png" in report.written
+
+
+def test_runs_from_before_a_key_existed_share_a_row_with_runs_that_have_its_default(tmp_path):
+    """An old run's config lacks keys added since (their defaults apply); evaluation settings do not split rows."""
+    from forde.analysis.aggregate import distinguish
+    from forde.config import DataConfig
+
+    old = write_run(tmp_path, "old", "de", 0, summary(0.7))
+    new = write_run(tmp_path, "new", "de", 1, summary(0.8))
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    config["data"]["max_image_pixels"] = DataConfig().max_image_pixels
+    config["eval"] = {"ood": ["uniform_noise"], "calibrate": True}
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    assert {r.variant for r in runs} == {"DE"} and old.name != new.name

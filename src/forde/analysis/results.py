@@ -109,28 +109,29 @@ def make_run(config: dict, summary: dict, per_set: list[dict] | None = None, sou
     )
 
 
-NOT_RECIPE = ("seed", "eval.batch_size")  # what changes no result (beside forde.config.NOT_IDENTITY)
+NOT_RECIPE = ("seed", "eval", "data.max_image_pixels")  # what changes what is trained no more than paths do
 
 
 def recipe(config: dict) -> tuple[tuple[str, str], ...]:
-    """The configuration's flat `key, value` pairs that define what a run trains and how it is measured, but its
-    seed: paths, run options and the evaluation's batch size left out."""
-    from forde.config import NOT_IDENTITY
+    """The configuration's flat `key, value` pairs that define what a run trains, but its seed: paths, run options
+    and the evaluation settings (which change what is measured, not what is trained) left out. Keys the run's config
+    lacks (added to the schema since) take their defaults, so that old and new runs of one recipe are one row."""
+    from forde.config import NOT_IDENTITY, TrainConfig, to_dict
 
-    flat: dict[str, str] = {}
+    skipped = (*NOT_IDENTITY, *NOT_RECIPE)
 
-    def walk(node: Any, prefix: str) -> None:
+    def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+        flat: dict[str, str] = {}
         for k, v in node.items():
             key = f"{prefix}{k}"
-            if key in NOT_IDENTITY or key in NOT_RECIPE or any(key.startswith(f"{n}.") for n in NOT_IDENTITY):
+            if key in skipped or any(key.startswith(f"{n}.") for n in skipped):
                 continue
-            if isinstance(v, dict):
-                walk(v, key + ".")
-            else:
-                flat[key] = json.dumps(v, sort_keys=True, default=str)
+            flat.update(
+                flatten(v, key + ".") if isinstance(v, dict) else {key: json.dumps(v, sort_keys=True, default=str)}
+            )
+        return flat
 
-    walk(config, "")
-    return tuple(sorted(flat.items()))
+    return tuple(sorted((flatten(to_dict(TrainConfig())) | flatten(config)).items()))
 
 
 def architecture(config: dict) -> str:
