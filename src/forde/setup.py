@@ -72,6 +72,7 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | Non
         def prepare(x):
             return x.contiguous(memory_format=torch.channels_last)
 
-    return Setup(
-        cfg, settings, dataset, ensemble, build_method(cfg, dataset, device) if method is None else method, prepare
-    )
+    method = build_method(cfg, dataset, device) if method is None else method
+    if hasattr(method, "attach"):  # a method that changes the members (shares a layer, adds hooks or parameters)
+        method.attach(ensemble)
+    return Setup(cfg, settings, dataset, ensemble, method, prepare)

@@ -13,14 +13,20 @@ BASE = {  # label -> colour: the Okabe-Ito palette (colour-blind safe), one hue 
     "DE": "#000000",  # black: the baseline every figure compares with
     "Weight-RDE": "#E69F00",  # orange
     "Function-RDE": "#F0E442",  # yellow
-    "Feature-RDE": "#999999",  # grey: the paper's baseline; no implementation here, so only in --paper tables
+    "Feature-RDE": "#999999",  # grey
     "LIT": "#CC79A7",  # reddish purple
     "FoRDE-Identity": "#009E73",  # bluish green
     "FoRDE-PCA": "#D55E00",  # vermillion
 }
 TUNED = "#0072B2"  # FoRDE-Tuned: shades of Okabe-Ito's blue, darker for larger alpha
 ORDER = ("DE", "Weight-RDE", "Function-RDE", "Feature-RDE", "LIT", "FoRDE-Identity", "FoRDE-Tuned", "FoRDE-PCA")
-NAMES = {"de": "DE", "rde_weight": "Weight-RDE", "rde_function": "Function-RDE", "lit": "LIT"}
+NAMES = {
+    "de": "DE",
+    "rde_weight": "Weight-RDE",
+    "rde_function": "Function-RDE",
+    "rde_feature": "Feature-RDE",
+    "lit": "LIT",
+}
 
 
 def variant(method: str, alpha: float | None = None) -> str:

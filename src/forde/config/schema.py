@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 CORRUPTION_SELECTIONS = ("all", "benchmark", "none")
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image file decoded; Tiny-ImageNet's are 64 x 64
-KERNEL_METHODS = ("forde", "rde_weight", "rde_function")  # methods with a median-heuristic kernel
+KERNEL_METHODS = ("forde", "rde_weight", "rde_function", "rde_feature")  # methods with a median-heuristic kernel
 
 
 @dataclass
@@ -56,7 +56,7 @@ AlphaMix = Literal["precision", "lengthscale"]
 
 @dataclass
 class MethodConfig:
-    name: Literal["de", "forde", "rde_weight", "rde_function", "lit"] = "forde"
+    name: Literal["de", "forde", "rde_weight", "rde_function", "rde_feature", "lit"] = "forde"
     alpha: float = 1.0  # lengthscale mix between identity (0) and PCA (1) lengthscales, see alpha_mix
     alpha_mix: AlphaMix = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
@@ -69,6 +69,9 @@ class MethodConfig:
     repulsion_ramp_start: float = 1.0  # FoRDE: repulsion weight in epoch 0, falling linearly to 1 ...
     repulsion_ramp_epochs: int = 0  # ... over this many epochs (the release's first commit: 100 over 80)
     lit_weight: float = 1.0  # LIT: weight of the squared-cosine penalty on input gradients
+    feature_prior_scale: float = 1e-3  # Feature-RDE: Cauchy prior sum log(1 + s f^2) on the features (CIFAR-100: 5e-3)
+    feature_projection_dim: int = 5  # Feature-RDE: directions the features are projected on for the kernel
+    feature_shared_head: bool = True  # Feature-RDE: one classifier shared by the members (the authors' code)
 
 
 @dataclass

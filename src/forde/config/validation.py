@@ -141,6 +141,16 @@ def _validate_model(cfg: TrainConfig) -> None:
         f"sets the depth of {' and '.join(BLOCK_MODELS)} only, not of model.name = {mc.name}",
         "leave model.blocks at [2,2,2,2]",
     )
+    _check(
+        mc.execution != "vmap" or cfg.method.name not in MEMBERWISE_METHODS,
+        "model.execution",
+        mc.execution,
+        f"method.name = {cfg.method.name} runs the members one after another (it reads or changes each one's layers)",
+        "set model.execution=loop (or auto)",
+    )
+
+
+MEMBERWISE_METHODS = ("rde_feature",)
 
 
 def _validate_data_and_eval(cfg: TrainConfig) -> None:
@@ -311,3 +321,17 @@ def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "m
         "set {p}repulsion_ramp_epochs=0",
     )
     check(m.lit_weight >= 0, "lit_weight", m.lit_weight, "must be non-negative", "set {p}lit_weight=1.0")
+    check(
+        m.feature_prior_scale >= 0,
+        "feature_prior_scale",
+        m.feature_prior_scale,
+        "must be non-negative (0 = no feature prior)",
+        "set {p}feature_prior_scale=0.001",
+    )
+    check(
+        m.feature_projection_dim >= 1,
+        "feature_projection_dim",
+        m.feature_projection_dim,
+        "must be at least 1",
+        "set {p}feature_projection_dim=5",
+    )
