@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -23,6 +25,14 @@ log = logging.getLogger(__name__)
 GRAD_SAMPLE_SEED = 0  # one fixed draw: every run scores gradient diversity on the same samples
 
 
+class Sampler(Protocol):
+    """Draws of a stochastic ensemble: `use(s)` sets every member to its s-th draw for the block."""
+
+    samples: int
+
+    def use(self, draw: int) -> contextlib.AbstractContextManager: ...
+
+
 @dataclass
 class EvalContext:
     """What every evaluation needs besides the data: where to run, how to normalise, which output to differentiate."""
@@ -35,6 +45,7 @@ class EvalContext:
     grad_target: str = "logit"
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # e.g. channels_last
+    sampler: Sampler | None = None  # a method that predicts by averaging draws (SWAG, node-BNN); None: one pass
 
     def batches(self, split: Split) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in eval_batches(split, self.batch_size, self.mean, self.std, self.device):
@@ -44,7 +55,22 @@ class EvalContext:
 
 @torch.no_grad()
 def predict_logits(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch.Tensor:
-    """Member logits [M, N, C] (float32, on the CPU) in the split's order."""
+    """Member logits [M, N, C] (float32, on the CPU) in the split's order.
+
+    With a sampler, each member's log of its probabilities averaged over the draws: the member's model average,
+    a valid set of logits for every metric (softmax gives the averaged probabilities back)."""
+    if ctx.sampler is None:
+        return _one_pass(ensemble, split, ctx)
+    total = None
+    for draw in range(ctx.sampler.samples):
+        with ctx.sampler.use(draw):
+            lp = _one_pass(ensemble, split, ctx).log_softmax(-1)
+        total = lp if total is None else torch.logaddexp(total, lp)
+    assert total is not None  # samples >= 1
+    return total - math.log(ctx.sampler.samples)
+
+
+def _one_pass(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch.Tensor:
     ensemble.eval()
     outs = []
     for x, _ in ctx.batches(split):
@@ -62,13 +88,15 @@ def input_gradients(ensemble: Ensemble, split: Split, ctx: EvalContext) -> torch
     """Members' input gradients [M, n, D] on `grad_samples` samples, eval-mode networks.
 
     The samples are a fixed class-stratified draw (seed GRAD_SAMPLE_SEED), not the first n: folder layouts
-    are ordered by class. A test set and its corrupted copies (same labels, same order) get the same samples."""
+    are ordered by class. A test set and its corrupted copies (same labels, same order) get the same samples.
+    With a sampler, the gradients of its first draw."""
     ensemble.eval()
     grads = []
-    for x, y in ctx.batches(subset_split(split, ctx.grad_samples, GRAD_SAMPLE_SEED, "grad")):
-        with ctx.autocast():
-            _, g = ensemble.input_gradients(x, y, ctx.grad_target, create_graph=False)
-        grads.append(g.float().cpu())
+    with ctx.sampler.use(0) if ctx.sampler is not None else contextlib.nullcontext():
+        for x, y in ctx.batches(subset_split(split, ctx.grad_samples, GRAD_SAMPLE_SEED, "grad")):
+            with ctx.autocast():
+                _, g = ensemble.input_gradients(x, y, ctx.grad_target, create_graph=False)
+            grads.append(g.float().cpu())
     return torch.cat(grads, 1)
 
 

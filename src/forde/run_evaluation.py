@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -70,6 +71,8 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
     """Clean test (and validation) metrics, every corruption x severity and every OOD set the config asks for;
     with a validation split, all of them once more after temperature scaling (`ts/`, `temperature`)."""
     ensemble, ctx, val, test = setup.ensemble, setup.eval_ctx, setup.dataset.val, setup.dataset.test
+    if hasattr(setup.method, "sampler"):  # SWAG, node-BNN: every prediction averages the method's draws
+        ctx = dataclasses.replace(ctx, sampler=setup.method.sampler(setup))
     val_logits, val_grads = predictions_and_gradients(ensemble, val, ctx) if val is not None else (None, None)
     temperature = temperature_of(setup, val_logits)  # one pass over the validation split serves both
     test_logits, grads = predictions_and_gradients(ensemble, test, ctx)
@@ -90,6 +93,8 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
     ood = ood_sets(setup.cfg, setup.dataset)
     if ood:
         results["ood"] = evaluate_ood(ensemble, test_logits, ood, ctx, temperature)
+    if ctx.sampler is not None:
+        results["eval_samples"] = ctx.sampler.samples
     results["summary"] = flat_summary(results)
     results["provenance"] = run_provenance(setup.dataset, sets)
     return results

@@ -199,6 +199,8 @@ class Trainer:
         cfg = self.cfg
         while self.epoch < cfg.optim.epochs:
             metrics = {"epoch": self.epoch + 1, **self.train_epoch()}
+            if hasattr(self.s.method, "end_epoch"):  # e.g. SWAG collects its moments
+                metrics.update(self.s.method.end_epoch(self.s.ensemble, self.epoch + 1, cfg.optim.epochs))
             if (self.epoch + 1) % cfg.eval.every == 0 or self.epoch + 1 == cfg.optim.epochs:
                 split_name = "val" if self.s.dataset.val is not None else "test"
                 ev = evaluate_split(self.s.ensemble, self.s.dataset.eval_split, self.s.eval_ctx)

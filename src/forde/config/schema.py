@@ -56,7 +56,7 @@ AlphaMix = Literal["precision", "lengthscale"]
 
 @dataclass
 class MethodConfig:
-    name: Literal["de", "forde", "rde_weight", "rde_function", "rde_feature", "lit"] = "forde"
+    name: Literal["de", "forde", "rde_weight", "rde_function", "rde_feature", "lit", "swag"] = "forde"
     alpha: float = 1.0  # lengthscale mix between identity (0) and PCA (1) lengthscales, see alpha_mix
     alpha_mix: AlphaMix = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
@@ -72,6 +72,10 @@ class MethodConfig:
     feature_prior_scale: float = 1e-3  # Feature-RDE: Cauchy prior sum log(1 + s f^2) on the features (CIFAR-100: 5e-3)
     feature_projection_dim: int = 5  # Feature-RDE: directions the features are projected on for the kernel
     feature_shared_head: bool = True  # Feature-RDE: one classifier shared by the members (the authors' code)
+    swag_start: float = 0.537  # SWAG: collect moments after this share of the epochs, once per epoch (161 of 300)
+    swag_rank: int = 20  # SWAG: deviations kept for the low-rank covariance (0 = diagonal only)
+    swag_samples: int = 30  # SWAG: draws per member at evaluation, batch norm refreshed for each
+    swag_scale: float = 0.5  # SWAG: covariance scale of the draws
 
 
 @dataclass

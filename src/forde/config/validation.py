@@ -335,3 +335,19 @@ def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "m
         "must be at least 1",
         "set {p}feature_projection_dim=5",
     )
+    check(
+        0 <= m.swag_start < 1,
+        "swag_start",
+        m.swag_start,
+        "must lie in [0, 1): moments are collected after this share of the epochs, so at least the last one",
+        "set {p}swag_start=0.537 (after 161 of 300 epochs, the reference)",
+    )
+    check(
+        m.swag_rank == 0 or m.swag_rank >= 2,
+        "swag_rank",
+        m.swag_rank,
+        "must be 0 (diagonal covariance) or at least 2 (the low-rank part divides by rank - 1)",
+        "set {p}swag_rank=20",
+    )
+    check(m.swag_samples >= 1, "swag_samples", m.swag_samples, "must be at least 1", "set {p}swag_samples=30")
+    check(m.swag_scale >= 0, "swag_scale", m.swag_scale, "must be non-negative", "set {p}swag_scale=0.5")

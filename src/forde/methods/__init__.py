@@ -14,6 +14,7 @@ from forde.methods.lit import LIT
 from forde.methods.rde_feature import FeatureRDE
 from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE
+from forde.methods.swag import SWAG
 
 
 def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Method:
@@ -31,6 +32,8 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
         return FunctionRDE(m)
     if m.name == "rde_feature":
         return FeatureRDE(m)
+    if m.name == "swag":
+        return SWAG(m)
     if m.name == "lit":
         return LIT(m)
     raise ValueError(f"method.name = {m.name!r}: unknown method")
