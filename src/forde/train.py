@@ -89,8 +89,13 @@ class Trainer:
                 f"optim.batch_size = {o.batch_size} exceeds the {len(setup.dataset.train)} training samples "
                 f"of {setup.dataset.name}; lower optim.batch_size"
             )
+        params = (  # a method may give some parameters their own settings (node-BNN's variational ones)
+            setup.method.param_groups(setup.ensemble, o)
+            if hasattr(setup.method, "param_groups")
+            else setup.ensemble.parameters()
+        )
         self.optimizer = torch.optim.SGD(
-            setup.ensemble.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
         )
         self.loader = DeviceLoader(
             setup.dataset.train,
@@ -152,7 +157,8 @@ class Trainer:
             interrupts.check()
             lr = lr_at(self.epoch + step / steps, o)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                if not group.get("fixed_lr"):
+                    group["lr"] = lr
             y = y.to(s.device, non_blocking=True)
             loss, logits, stats = self.step(
                 s.prepare(x.to(s.device, non_blocking=True)),

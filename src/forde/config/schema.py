@@ -56,7 +56,7 @@ AlphaMix = Literal["precision", "lengthscale"]
 
 @dataclass
 class MethodConfig:
-    name: Literal["de", "forde", "rde_weight", "rde_function", "rde_feature", "lit", "swag"] = "forde"
+    name: Literal["de", "forde", "rde_weight", "rde_function", "rde_feature", "lit", "swag", "node_bnn"] = "forde"
     alpha: float = 1.0  # lengthscale mix between identity (0) and PCA (1) lengthscales, see alpha_mix
     alpha_mix: AlphaMix = "precision"  # mix Sigma^-1 (w = 1-a + a*lambda) or Sigma (w = 1/(1-a + a/lambda))
     bandwidth_scale: float = 1.0  # multiplies the median-heuristic bandwidth
@@ -76,6 +76,14 @@ class MethodConfig:
     swag_rank: int = 20  # SWAG: deviations kept for the low-rank covariance (0 = diagonal only)
     swag_samples: int = 30  # SWAG: draws per member at evaluation, batch norm refreshed for each
     swag_scale: float = 0.5  # SWAG: covariance scale of the draws
+    node_components: int = 4  # node-BNN: K, components of the variational mixture on the unit multipliers
+    node_prior_std: float = 0.4  # node-BNN: prior N(1, s^2) on the multipliers (ResNet18; PreActResNet18: 0.3)
+    node_init_std: float = 0.4  # node-BNN: the components' standard deviations start near this
+    node_gamma: float = 1.0  # node-BNN: weight of the extra entropy term (H_BD[q] counted 1 + gamma times)
+    node_kl_ramp: float = 0.667  # node-BNN: the KL weight rises linearly to 1 over this share of the epochs
+    node_train_samples: int = 4  # node-BNN: noisy copies of each training example per step
+    node_test_samples: int = 8  # node-BNN: draws per component at evaluation (K times as many passes)
+    node_lr: float = 0.1  # node-BNN: constant learning rate of the variational parameters
 
 
 @dataclass

@@ -11,6 +11,7 @@ from forde.methods.base import Method
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
 from forde.methods.lit import LIT
+from forde.methods.node_bnn import NodeBNN
 from forde.methods.rde_feature import FeatureRDE
 from forde.methods.rde_function import FunctionRDE
 from forde.methods.rde_weight import WeightRDE
@@ -34,6 +35,8 @@ def build_method(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> Me
         return FeatureRDE(m)
     if m.name == "swag":
         return SWAG(m)
+    if m.name == "node_bnn":
+        return NodeBNN(m, len(dataset.train), cfg.optim.epochs, cfg.seed)
     if m.name == "lit":
         return LIT(m)
     raise ValueError(f"method.name = {m.name!r}: unknown method")
