@@ -8,7 +8,8 @@
 A setting joins tokens with '+': `loop` | `vmap` (model.execution), `fp32` | `tf32` | `bf16` (precision; on CUDA
 fp32 is IEEE float32 convolutions, tf32 lets cuDNN use TF32, bf16 is autocast with TF32 convolutions), `cl`
 (channels_last), `graphs` (cuda.graphs), `nobench` (cudnn.benchmark off; on by default on CUDA). A variant is a
-method with options: `de`, `forde`, `forde:repulsion_every=2`, `forde:repulsion_subset=0.25`, and
+method with options: `de`, `forde`, `forde:repulsion_every=2`, `forde:repulsion_subset=0.25`, `rde_feature`,
+`node_bnn` (SWAG's step is DE's), and
 `derivatives=native` / `derivatives=hand` to force PyTorch's or the hand-written second derivatives of batch norm
 and convolution (by default only passes that are differentiated twice record the hand-written ones).
 
@@ -39,6 +40,8 @@ from forde.ensemble import build_ensemble
 from forde.kernels import projection
 from forde.methods.de import DeepEnsemble
 from forde.methods.forde import FoRDE
+from forde.methods.node_bnn import NodeBNN
+from forde.methods.rde_feature import FeatureRDE
 from forde.models.derivatives import hand_written_derivatives, native_derivatives
 from forde.step import GRAPH_WARMUP_STEPS
 from forde.step import make_step as make_train_step
@@ -177,7 +180,13 @@ def variants_of(names: list[str], m: int, proj: torch.Tensor) -> list[Variant]:
         if kind == "de":
             out.append(Variant(name, DeepEnsemble(), derivatives, 1))
             continue
-        cfg = MethodConfig(name="forde", alpha=0.5, **{k: type(getattr(MethodConfig, k))(v) for k, v in opts.items()})
+        cfg = MethodConfig(name=kind, alpha=0.5, **{k: type(getattr(MethodConfig, k))(v) for k, v in opts.items()})
+        if kind == "rde_feature":
+            out.append(Variant(name, FeatureRDE(cfg), derivatives, 1))
+            continue
+        if kind == "node_bnn":
+            out.append(Variant(name, NodeBNN(cfg, train_size=50_000, epochs=300, seed=0), derivatives, 1))
+            continue
         if m == 1:  # one member has no median bandwidth (ln 1 = 0): time it with a fixed bandwidth
             cfg.bandwidth = 1.0
         out.append(Variant(name, FoRDE(cfg, proj), derivatives, cfg.repulsion_every))
@@ -209,6 +218,8 @@ def measure(
         ens.execution = settings.execution
         if settings.channels_last:
             ens = ens.to(memory_format=torch.channels_last)
+        if hasattr(v.method, "attach"):  # shares a layer or adds parameters, as a run does before its optimizer
+            v.method.attach(ens)
         opt = torch.optim.SGD(ens.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
         cycles[v.name] = v.cycle
         steps[v.name] = make_step(v.method, ens, x, y, opt, settings, v.cycle, v.derivatives)

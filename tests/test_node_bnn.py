@@ -19,8 +19,8 @@ from forde.methods.node_bnn import NodeBNN, NodeSampler, bhattacharyya_entropy, 
 from forde.methods.swag import draw_seed
 from forde.run_dir import CHECKPOINT
 from forde.run_evaluation import evaluate_run
-from forde.train import Trainer, train
 from forde.setup import build
+from forde.train import Trainer, train
 from test_train import Crash, strip, tiny
 
 M, D_IN, C, B = 2, 3, 4, 6

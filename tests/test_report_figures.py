@@ -123,7 +123,7 @@ from forde.analysis.aggregate import setting_of  # noqa: E402
 from forde.analysis.results import study_runs  # noqa: E402
 from forde.analysis.study_figures import Objective, importance_figure, parallel_figure  # noqa: E402
 from forde.analysis.tables import benchmark_table  # noqa: E402
-from forde.analysis.variants import color  # noqa: E402
+from forde.analysis.variants import MARKERS, color  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,8 @@ def test_benchmark_figure_shows_each_method_minus_de_beside_the_papers_gaps(runs
     pca = {r.seed: r.metric("corrupted/accuracy") for r in runs if r.variant == "FoRDE-PCA"}
     de = {r.seed: r.metric("corrupted/accuracy") for r in runs if r.variant == "DE"}
     expected = statistics.fmean(100 * (pca[s] - de[s]) for s in pca)
-    points = {round(line.get_ydata()[0]): line.get_xdata()[0] for line in ca.lines if line.get_marker() == "o"}
+    ours = set(MARKERS.values())  # each row's own marker; the paper's diamonds are "D"
+    points = {round(line.get_ydata()[0]): line.get_xdata()[0] for line in ca.lines if line.get_marker() in ours}
     assert points[labels.index("FoRDE-PCA")] == pytest.approx(expected)
     diamonds = {round(line.get_ydata()[0]): line.get_xdata()[0] for line in ca.lines if line.get_marker() == "D"}
     assert len(diamonds) == 7 and diamonds[labels.index("FoRDE-PCA")] == pytest.approx(80.5 - 78.1)

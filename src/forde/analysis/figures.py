@@ -16,7 +16,7 @@ from forde.analysis import style
 from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, seed_count, seed_values, stat
 from forde.analysis.results import Run
 from forde.analysis.tables import REGENERATED, Table, paired_differences
-from forde.analysis.variants import BASE, TUNED, color
+from forde.analysis.variants import BASE, TUNED, color, marker
 from forde.data.corruption_names import CORRUPTIONS
 
 ACCURACY, NLL, ECE = ("Accuracy (%)", "accuracy", 100.0, "↑"), ("NLL", "nll", 1.0, "↓"), ("ECE", "ece", 1.0, "↓")
@@ -68,7 +68,7 @@ def seeds_note(groups: dict[str, list[Run]]) -> str:
 
 
 def _legend_below(fig, labels: list[str], markers: bool = True, note: str = "") -> None:
-    handles = [Line2D([], [], color=color(v), marker="o" if markers else None, lw=1.3) for v in labels]
+    handles = [Line2D([], [], color=color(v), marker=marker(v) if markers else None, lw=1.3) for v in labels]
     _layout(fig, handles, labels, note)
 
 
@@ -171,7 +171,7 @@ def benchmark_figure(table: Table, runs: list[Run]):
                     s.mean * col.scale,
                     y,
                     xerr=s.std * col.scale if s.n > 1 else None,
-                    fmt="o",
+                    fmt=marker(row.variant),
                     color=color(row.variant),
                     capsize=2,
                     elinewidth=1,
@@ -233,7 +233,7 @@ def severity_figure(runs: list[Run], setting: Setting):
         for i, (v, rs) in enumerate(groups.items()):
             mean, std = _mean_std([metric_stat(rs, severity_key(metric, k)) for k in xs], scale)
             dodge = (i - (len(groups) - 1) / 2) * 0.07
-            ax.errorbar([x + dodge for x in xs], mean, yerr=std, color=color(v), marker="o", capsize=1.5, lw=1)
+            ax.errorbar([x + dodge for x in xs], mean, yerr=std, color=color(v), marker=marker(v), capsize=1.5, lw=1)
         ax.set_xticks(xs, ["clean" if k == 0 else str(k) for k in xs])
         ax.set_xlabel("Corruption severity")
         ax.set_ylabel(f"{label} {arrow}")
@@ -258,7 +258,7 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
         for v, rs in groups.items():
             stats = [_type_stat(rs, name, k) for k in sev]
             mean, std = _mean_std(stats, 100.0)
-            ax.errorbar(sev, mean, yerr=std, color=color(v), marker="o", ms=2.5, capsize=1, lw=1)
+            ax.errorbar(sev, mean, yerr=std, color=color(v), marker=marker(v), ms=2.5, capsize=1, lw=1)
         ax.set_title(name.replace("_", " "))
         ax.set_xticks(sev)
     for ax in axes.flat[len(types) + 1 :]:
@@ -390,7 +390,7 @@ def reliability_figure(runs: list[Run], setting: Setting):
         for v, rs in groups.items():
             curve = _pooled_reliability(rs, key)
             if curve is not None:
-                ax.plot(*curve, color=color(v), marker="o", ms=2.5, lw=1)
+                ax.plot(*curve, color=color(v), marker=marker(v), ms=2.5, lw=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", title=f"test set, {name}")
     axes[0][0].set_ylabel("Accuracy")
     fig.suptitle(_title(setting, runs))

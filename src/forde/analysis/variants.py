@@ -9,8 +9,10 @@ from matplotlib.colors import to_hex, to_rgb
 
 PCA, IDENTITY = 1.0, 0.0
 
-BASE = {  # label -> colour: the Okabe-Ito palette (colour-blind safe), one hue per method
+BASE = {  # label -> colour: the Okabe-Ito palette (colour-blind safe), one hue per method, then a brown
     "DE": "#000000",  # black: the baseline every figure compares with
+    "node-BNN": "#8C510A",  # brown
+    "SWAG": "#56B4E9",  # sky blue
     "Weight-RDE": "#E69F00",  # orange
     "Function-RDE": "#F0E442",  # yellow
     "Feature-RDE": "#999999",  # grey
@@ -19,13 +21,38 @@ BASE = {  # label -> colour: the Okabe-Ito palette (colour-blind safe), one hue 
     "FoRDE-PCA": "#D55E00",  # vermillion
 }
 TUNED = "#0072B2"  # FoRDE-Tuned: shades of Okabe-Ito's blue, darker for larger alpha
-ORDER = ("DE", "Weight-RDE", "Function-RDE", "Feature-RDE", "LIT", "FoRDE-Identity", "FoRDE-Tuned", "FoRDE-PCA")
+ORDER = (
+    "DE",
+    "node-BNN",
+    "SWAG",
+    "Weight-RDE",
+    "Function-RDE",
+    "Feature-RDE",
+    "LIT",
+    "FoRDE-Identity",
+    "FoRDE-Tuned",
+    "FoRDE-PCA",
+)
 NAMES = {
     "de": "DE",
     "rde_weight": "Weight-RDE",
     "rde_function": "Function-RDE",
     "rde_feature": "Feature-RDE",
     "lit": "LIT",
+    "swag": "SWAG",
+    "node_bnn": "node-BNN",
+}
+MARKERS = {  # a marker per variant too, so that rows stay apart in grey print (the paper's diamonds are "D")
+    "DE": "o",
+    "node-BNN": "v",
+    "SWAG": "^",
+    "Weight-RDE": "s",
+    "Function-RDE": "p",
+    "Feature-RDE": "P",
+    "LIT": "X",
+    "FoRDE-Identity": "<",
+    "FoRDE-Tuned": ">",
+    "FoRDE-PCA": "h",
 }
 
 
@@ -62,6 +89,12 @@ def color(label: str) -> str:
         h, _, s = colorsys.rgb_to_hls(*to_rgb(TUNED))
         return to_hex(colorsys.hls_to_rgb(h, 0.75 - 0.45 * alpha, s))
     return "#7F7F7F"
+
+
+def marker(label: str) -> str:
+    """A fixed marker per variant (every tuned FoRDE shares one; unknown methods get a dot)."""
+    label = method_variant(label)
+    return MARKERS.get("FoRDE-Tuned" if tuned_alpha(label) is not None else label, ".")
 
 
 def sort_key(label: str) -> tuple[int, float, str]:

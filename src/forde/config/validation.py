@@ -357,8 +357,8 @@ def validate_method(m: MethodConfig, ensemble_size: int | None, prefix: str = "m
         ("node_test_samples", m.node_test_samples),
     ):
         check(value >= 1, key, value, "must be at least 1", f"set {{p}}{key}={getattr(MethodConfig, key)}")
-    for key, value in (("node_prior_std", m.node_prior_std), ("node_init_std", m.node_init_std)):
-        check(value > 0, key, value, "must be positive", f"set {{p}}{key}=0.4")
+    for key, std in (("node_prior_std", m.node_prior_std), ("node_init_std", m.node_init_std)):
+        check(std > 0, key, std, "must be positive", f"set {{p}}{key}=0.4")
     check(m.node_gamma >= 0, "node_gamma", m.node_gamma, "must be non-negative", "set {p}node_gamma=1.0")
     check(0 <= m.node_kl_ramp <= 1, "node_kl_ramp", m.node_kl_ramp, "must lie in [0, 1]", "set {p}node_kl_ramp=0.667")
     check(m.node_lr > 0, "node_lr", m.node_lr, "must be positive", "set {p}node_lr=0.1")

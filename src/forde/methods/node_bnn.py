@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,8 @@ def bhattacharyya_entropy(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor
 
 def prior_cross_entropy(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torch.Tensor:
     """H[q, p] = mean over components of sum over units of E_{q_k}[-log N(z; 1, prior_std^2)]."""
-    per_unit = math.log(prior_std) + 0.5 * math.log(2 * math.pi) + (std.square() + (mean - 1).square()) / (
-        2 * prior_std**2
+    per_unit = (
+        math.log(prior_std) + 0.5 * math.log(2 * math.pi) + (std.square() + (mean - 1).square()) / (2 * prior_std**2)
     )
     return per_unit.sum(1).mean()
 
@@ -85,8 +86,8 @@ class MemberNoise(nn.Module):
         k = cfg.node_components
         self.means, self.raw_stds = nn.ParameterList(), nn.ParameterList()
         for layer in layers:
-            units = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-            like = layer.weight
+            units = layer.out_channels if isinstance(layer, nn.Conv2d) else cast(nn.Linear, layer).out_features
+            like = cast(torch.Tensor, layer.weight)
             mean = torch.empty(k, units).normal_(*MEAN_INIT, generator=generator)
             std = torch.empty(k, units).normal_(cfg.node_init_std, STD_INIT_SPREAD, generator=generator).abs()
             self.means.append(nn.Parameter(mean.to(like)))
@@ -134,10 +135,21 @@ class MemberNoise(nn.Module):
         return torch.stack(cross).sum(), torch.stack(entropy).sum()
 
 
+def member_noises(ensemble: Ensemble) -> list[MemberNoise]:
+    """The noise modules `NodeBNN.attach` put on the ensemble, one per member."""
+    return [cast(MemberNoise, m) for m in cast(nn.ModuleList, ensemble.get_submodule("node_bnn"))]
+
+
+def variational_parameters(ensemble: Ensemble) -> list[nn.Parameter]:
+    return [p for noise in member_noises(ensemble) for p in noise.parameters()]
+
+
 class NodeBNN:
     name = "node_bnn"
 
-    def __init__(self, cfg: MethodConfig, train_size: int, epochs: int, seed: int, likelihood: Likelihood | None = None):
+    def __init__(
+        self, cfg: MethodConfig, train_size: int, epochs: int, seed: int, likelihood: Likelihood | None = None
+    ):
         self.cfg, self.train_size, self.epochs, self.seed = cfg, train_size, epochs, seed
         self.likelihood = likelihood or Categorical()
 
@@ -150,11 +162,11 @@ class NodeBNN:
 
     def param_groups(self, ensemble: Ensemble, optim: OptimConfig) -> list[dict]:
         """The weights on the run's schedule; the variational parameters at a constant rate, no momentum or decay."""
-        variational = {id(p) for p in ensemble.node_bnn.parameters()}
+        variational = {id(p) for p in variational_parameters(ensemble)}
         return [
             {"params": [p for p in ensemble.parameters() if id(p) not in variational]},
             {
-                "params": list(ensemble.node_bnn.parameters()),
+                "params": variational_parameters(ensemble),
                 "lr": self.cfg.node_lr,
                 "momentum": 0.0,
                 "nesterov": False,
@@ -169,10 +181,12 @@ class NodeBNN:
         return 1.0 if ramp <= 0 else min(1.0, math.floor(epoch) / ramp)
 
     def _set_generator(self, ensemble: Ensemble, generator: torch.Generator | None) -> None:
-        for noise in ensemble.node_bnn:
+        for noise in member_noises(ensemble):
             noise.generator = generator
 
-    def loss(self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0) -> LossOutput:
+    def loss(
+        self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
+    ) -> LossOutput:
         cfg, copies = self.cfg, self.cfg.node_train_samples
         device = x.device
         self._set_generator(ensemble, torch.Generator(device=device).manual_seed(draw_seed(self.seed, step, 1)))
@@ -181,7 +195,9 @@ class NodeBNN:
         finally:
             self._set_generator(ensemble, None)
         nll = self.likelihood.nll(outputs, y.repeat_interleave(copies, 0))
-        cross, entropy = zip(*(noise.divergence(cfg.node_prior_std, cfg.node_gamma) for noise in ensemble.node_bnn))
+        cross, entropy = zip(
+            *(noise.divergence(cfg.node_prior_std, cfg.node_gamma) for noise in member_noises(ensemble))
+        )
         cross_t, entropy_t = torch.stack(cross).sum(), torch.stack(entropy).sum()
         beta = self.kl_weight(epoch)
         loss = nll + beta * (cross_t - (1 + cfg.node_gamma) * entropy_t) / self.train_size
@@ -212,10 +228,11 @@ class NodeSampler:
     def use(self, draw: int) -> Iterator[None]:
         device = next(self.ensemble.parameters()).device
         generator = torch.Generator(device=device).manual_seed(draw_seed(self.seed, draw, 2))
-        for noise in self.ensemble.node_bnn:
+        noises = member_noises(self.ensemble)
+        for noise in noises:
             noise.draw, noise.generator = draw, generator
         try:
             yield
         finally:
-            for noise in self.ensemble.node_bnn:
+            for noise in noises:
                 noise.draw, noise.generator = None, None

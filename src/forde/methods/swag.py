@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,6 +45,11 @@ def trainable(member: nn.Module) -> list[nn.Parameter]:
 
 class MemberMoments(nn.Module):
     """One member's SWAG moments: mean, mean of squares and the last `rank` deviations, as buffers."""
+
+    mean: torch.Tensor
+    sq_mean: torch.Tensor
+    deviations: torch.Tensor
+    collected: torch.Tensor
 
     def __init__(self, member: nn.Module, rank: int):
         super().__init__()
@@ -75,6 +81,11 @@ class MemberMoments(nn.Module):
         return self.mean + math.sqrt(scale) * noise
 
 
+def member_moments(ensemble: Ensemble) -> list[MemberMoments]:
+    """The moments `SWAG.attach` put on the ensemble, one per member."""
+    return [cast(MemberMoments, m) for m in cast(nn.ModuleList, ensemble.get_submodule("swag"))]
+
+
 class SWAG:
     name = "swag"
 
@@ -98,9 +109,10 @@ class SWAG:
     def end_epoch(self, ensemble: Ensemble, epoch: int, epochs: int) -> dict:
         if not self.collects_after(epoch, epochs):
             return {}
-        for moments, member in zip(ensemble.swag, ensemble.members):
-            moments.collect(member)
-        return {"swag/collected": int(ensemble.swag[0].collected)}
+        moments = member_moments(ensemble)
+        for m, member in zip(moments, ensemble.members):
+            m.collect(member)
+        return {"swag/collected": int(moments[0].collected)}
 
     def sampler(self, setup) -> SWAGSampler:
         """The final evaluation's draws; batch-norm statistics are refreshed on the training data as it is trained
@@ -139,7 +151,7 @@ class SWAGSampler:
         refresh_batches: Callable[[int], Iterable[torch.Tensor]],
         autocast: Callable[[], contextlib.AbstractContextManager],
     ):
-        if int(ensemble.swag[0].collected) == 0:
+        if int(member_moments(ensemble)[0].collected) == 0:
             raise ConfigError(
                 f"SWAG collected no parameters: method.swag_start = {cfg.swag_start} leaves no epoch to collect "
                 "in; lower method.swag_start (the reference collects after 161 of 300 epochs: 0.537)"
@@ -150,7 +162,7 @@ class SWAGSampler:
         self.statistics: dict[int, list[list[torch.Tensor]]] = {}  # draw -> member -> its buffers
 
     def _set_parameters(self, draw: int) -> None:
-        for i, (member, moments) in enumerate(zip(self.ensemble.members, self.ensemble.swag)):
+        for i, (member, moments) in enumerate(zip(self.ensemble.members, member_moments(self.ensemble))):
             generator = torch.Generator(device=moments.mean.device).manual_seed(draw_seed(self.seed, draw, i))
             theta = moments.sample(self.cfg.swag_scale, generator)
             vector_to_parameters(theta.to(trainable(member)[0].dtype), trainable(member))
