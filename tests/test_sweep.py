@@ -19,7 +19,7 @@ from conftest import CUDA
 from forde.config import ConfigError
 from forde.run_dir import CHECKPOINT
 from forde.sweep.storage import SweepStorage
-from forde.sweep.study import read_study
+from forde.sweep.study import check_study, read_study
 from forde.sweep.worker import Sweep, open_study
 from sweep_support import (
     FAST,
@@ -321,6 +321,24 @@ grid:
     with pytest.raises(ConfigError, match="outside its search-space range"):
         path.write_text(path.read_text().replace("[0.0, 1.0], seed", "[0.0, 1.5], seed"))
         read_study(path)
+
+
+def test_settings_a_method_brings_are_checked_together(tmp_path):
+    """Fixed values under one condition (SWAG's learning-rate schedule) are checked as a trial gets them: with
+    each other, not each against the defaults; and a bad pair under its condition still fails."""
+    body = """
+search_space:
+  method.name: {choices: [de, swag]}
+  optim.decay_start: {value: 0.27, when: {method.name: swag}}
+  optim.decay_end: {value: 0.48, when: {method.name: swag}}
+grid:
+  - {method.name: [de, swag]}
+"""
+    path = grid_study(tmp_path, body)
+    check_study(read_study(path), [], trust_code=False)
+    path.write_text(path.read_text().replace("value: 0.27", "value: 0.6"))
+    with pytest.raises(ConfigError, match="decay_start"):
+        check_study(read_study(path), [], trust_code=False)
 
 
 def test_grid_study_runs_each_point_once(tmp_path):

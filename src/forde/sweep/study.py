@@ -418,13 +418,11 @@ def check_study(study: Study, overrides: list[str], trust_code: bool) -> None:
     any bad key or value, any objective the config cannot produce, and any network that does not build or does not
     map the dataset's inputs to logits fails here."""
     by_key = {p.key: p for p in study.params}
-    probe: dict[str, Any] = {}
     for p in study.params:
-        if all(probe.get(k, by_key[k].representative() if k in by_key else None) == v for k, v in p.when.items()):
-            probe[p.key] = p.representative()
         for k in p.when:
             if k not in by_key:
                 _fail(study.name, f"search_space.{p.key}: condition on '{k}', which is not in the search space")
+    probe = _point(study, {})
     networks: dict[str, TrainConfig] = {}  # where a config came from -> its config, for the model check below
     try:  # what the search space does not touch: base config, study and command-line overrides
         networks["config"] = study.trial_config(probe)
@@ -433,8 +431,9 @@ def check_study(study: Study, overrides: list[str], trust_code: bool) -> None:
         _fail(study.name, f"search_space.{named[0]}: {err}" if named else f"config: {err}")
     for p in study.params:
         for value in p.extremes():
+            point = {**_point(study, {**p.when, p.key: value}), p.key: value, **p.when}
             try:
-                networks[f"search_space.{p.key}={value!r}"] = study.trial_config({**probe, p.key: value, **p.when})
+                networks[f"search_space.{p.key}={value!r}"] = study.trial_config(point)
             except ConfigError as err:
                 _fail(study.name, f"search_space.{p.key}: {err}")
     for point in study.grid:
@@ -444,7 +443,7 @@ def check_study(study: Study, overrides: list[str], trust_code: bool) -> None:
             if not by_key[k].contains(v):
                 _fail(study.name, f"grid point {point}: {k}={v!r} is outside its search-space range")
         try:
-            networks[f"grid point {point}"] = study.trial_config(point)
+            networks[f"grid point {point}"] = study.trial_config(_point(study, point))
         except ConfigError as err:
             _fail(study.name, f"grid point {point}: {err}")
     cfg = networks["config"]
@@ -455,6 +454,17 @@ def check_study(study: Study, overrides: list[str], trust_code: bool) -> None:
     if study.prune_metric:
         _check_metric(study.name, study.prune_metric, cfg, per_epoch=True)
     _check_networks(study, networks, None if trust_code else overrides)
+
+
+def _point(study: Study, given: dict[str, Any]) -> dict[str, Any]:
+    """The values a trial gets when `given` are chosen (a grid point, or one value under its condition): every
+    parameter active under them, resolved in file order as `Study.suggest` does, at its given or representative
+    value; e.g. the fixed settings a grid point's method brings with it."""
+    chosen: dict[str, Any] = {}
+    for p in study.params:
+        if p.active(chosen):
+            chosen[p.key] = given.get(p.key, p.representative())
+    return chosen
 
 
 def _check_networks(study: Study, configs: dict[str, TrainConfig], untrusted: list[str] | None) -> None:
