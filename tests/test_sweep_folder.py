@@ -1,6 +1,8 @@
 """The study's folder under --out is the study's own: symbolic links planted in it and folders the launcher did not
 make are refused in one line before any storage exists; a study file kept in the folder launches the same study."""
 
+from pathlib import Path
+
 import pytest
 
 from sweep_support import FAST, launch, load
@@ -137,3 +139,17 @@ def test_new_sqlite_storages_opened_at_once_all_open(tmp_path):
     opener = f"from forde.sweep.storage import SweepStorage; SweepStorage({url!r}).check()"
     procs = [subprocess.Popen([sys.executable, "-c", opener], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     assert all(p.wait(120) == 0 for p in procs), [p.stderr.read() for p in procs]
+
+
+def test_a_folder_named_like_a_built_in_study_does_not_hide_it(tmp_path, monkeypatch):
+    """Launching from the folder that holds the study's output (`--out .`): the name is still the built-in study."""
+    from forde.sweep.options import find_study_file
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "quick.yaml").write_text("base: quickstart\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").mkdir()  # the study's own output folder
+    assert find_study_file("quick", studies) == studies / "quick.yaml"
+    (tmp_path / "mine").write_text("base: quickstart\n")  # a file is taken as given
+    assert find_study_file("mine", studies) == Path("mine")

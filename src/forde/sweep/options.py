@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
 
 
 def find_study_file(name_or_path: str, studies_dir: Path) -> Path:
+    """A YAML path, a file, or the name of a built-in study (a folder of that name, e.g. the study's own output
+    folder in the working directory, does not hide it)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         return path
     candidate = studies_dir / f"{name_or_path}.yaml"
     if not candidate.exists():
