@@ -235,3 +235,28 @@ def test_runs_from_before_a_key_existed_share_a_row_with_runs_that_have_its_defa
     runs = find_runs(tmp_path)
     distinguish(runs)
     assert {r.variant for r in runs} == {"DE"} and old.name != new.name
+
+
+def test_settings_of_other_methods_do_not_split_a_row(tmp_path):
+    """A base config that sets, e.g., Feature-RDE's prior for CIFAR-100 does not split DE's runs made before it; a
+    setting of the run's own method still does."""
+    from forde.analysis.aggregate import distinguish
+
+    write_run(tmp_path, "old", "de", 0, summary(0.7))
+    new = write_run(tmp_path, "new", "de", 1, summary(0.8))
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    config["method"] |= {"feature_prior_scale": 0.005, "node_prior_std": 0.3, "alpha": 0.3}
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    for seed, scale in ((0, 0.001), (1, 0.005)):
+        run = write_run(tmp_path, f"feat-{seed}", "rde_feature", seed, summary(0.7))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["method"]["feature_prior_scale"] = scale
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    assert sorted(r.variant for r in runs) == [
+        "DE",
+        "DE",
+        "Feature-RDE [method.feature_prior_scale=0.001]",
+        "Feature-RDE [method.feature_prior_scale=0.005]",
+    ]

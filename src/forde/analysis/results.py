@@ -113,10 +113,11 @@ NOT_RECIPE = ("seed", "eval", "data.max_image_pixels")  # what changes what is t
 
 
 def recipe(config: dict) -> tuple[tuple[str, str], ...]:
-    """The configuration's flat `key, value` pairs that define what a run trains, but its seed: paths, run options
-    and the evaluation settings (which change what is measured, not what is trained) left out. Keys the run's config
-    lacks (added to the schema since) take their defaults, so that old and new runs of one recipe are one row."""
-    from forde.config import NOT_IDENTITY, TrainConfig, to_dict
+    """The configuration's flat `key, value` pairs that define what a run trains, but its seed: paths, run options,
+    the evaluation settings (which change what is measured, not what is trained) and the settings of other methods
+    left out. Keys the run's config lacks (added to the schema since) take their defaults, so that old and new runs
+    of one recipe are one row."""
+    from forde.config import METHOD_KEYS, NOT_IDENTITY, TrainConfig, to_dict
 
     skipped = (*NOT_IDENTITY, *NOT_RECIPE)
 
@@ -131,7 +132,11 @@ def recipe(config: dict) -> tuple[tuple[str, str], ...]:
             )
         return flat
 
-    return tuple(sorted((flatten(to_dict(TrainConfig())) | flatten(config)).items()))
+    flat = flatten(to_dict(TrainConfig())) | flatten(config)
+    own = METHOD_KEYS.get(json.loads(flat.get("method.name", "null")) or "", ())
+    return tuple(
+        sorted((k, v) for k, v in flat.items() if not k.startswith("method.") or k == "method.name" or k[7:] in own)
+    )
 
 
 def architecture(config: dict) -> str:

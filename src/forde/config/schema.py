@@ -86,6 +86,27 @@ class MethodConfig:
     node_lr: float = 0.1  # node-BNN: constant learning rate of the variational parameters
 
 
+_KERNEL = ("bandwidth_scale", "bandwidth", "grad_target")
+METHOD_KEYS: dict[str, tuple[str, ...]] = {  # the method.* keys each method reads (grad_target: the diversity metric)
+    "de": ("grad_target",),
+    "forde": (
+        *_KERNEL,
+        *("alpha", "alpha_mix", "median", "eps", "repulsion_every", "repulsion_subset"),
+        *("repulsion_ramp_start", "repulsion_ramp_epochs"),
+    ),
+    "rde_weight": _KERNEL,
+    "rde_function": _KERNEL,
+    "rde_feature": (*_KERNEL, "feature_prior_scale", "feature_projection_dim", "feature_shared_head"),
+    "lit": ("grad_target", "eps", "lit_weight"),
+    "swag": ("grad_target", "swag_start", "swag_rank", "swag_samples", "swag_scale"),
+    "node_bnn": (
+        "grad_target",
+        *("node_components", "node_prior_std", "node_init_std", "node_gamma", "node_kl_ramp"),
+        *("node_train_samples", "node_test_samples", "node_lr"),
+    ),
+}
+
+
 @dataclass
 class OptimConfig:
     lr: float = 0.1

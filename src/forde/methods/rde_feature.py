@@ -13,7 +13,7 @@ rest follows that code (DensoITLab/featurePI, `lib/optim/feature_wgd.py`):
   and the first `method.feature_projection_dim` of them are kept (so the smallest-eigenvalue directions, as
   coded). z_i = [<F_i, e_k>]_k. The basis is a constant of the step.
 - Kernel: k_ij = exp(-|z_i - z_j|^2 / h_i) with h_i = median_j(|z_i - z_j|^2)^2 / ln M + 1e-12 (the squared
-  median, as coded), or the fixed `method.bandwidth`.
+  median, as coded; times `method.bandwidth_scale`), or the fixed `method.bandwidth`.
 - Update: dL/dF_i = [d sum_b CE_ib + d sum log(1 + s F_i^2) + d log sum_j k_ij] / B, j side held constant: the
   WGD step in feature space with a Cauchy prior of scale s = `method.feature_prior_scale`, no repulsion
   coefficient; autograd carries it into each encoder. Weight decay is the optimizer's, on every parameter.
@@ -64,9 +64,10 @@ def feature_projection(grads: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def feature_repulsion(
-    features: torch.Tensor, grads: torch.Tensor, dim: int, bandwidth: float | None = None
+    features: torch.Tensor, grads: torch.Tensor, dim: int, bandwidth: float | None = None, scale: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_i log sum_j k_ij on features [M, N] projected by `feature_projection(grads)`, j side and h constant."""
+    """sum_i log sum_j k_ij on features [M, N] projected by `feature_projection(grads)`, j side and h constant;
+    `scale` multiplies the median-heuristic bandwidth (1: the authors')."""
     m = features.shape[0]
     basis = feature_projection(grads, dim).to(features.dtype)
     z = features @ basis.T  # [M, k]
@@ -75,7 +76,7 @@ def feature_repulsion(
     if bandwidth is not None:
         h = torch.full((m, 1), bandwidth, dtype=d.dtype, device=d.device)
     else:
-        h = (median(d_const, dim=1).square() / math.log(m) + MIN_BANDWIDTH).unsqueeze(1)
+        h = (scale * median(d_const, dim=1).square() / math.log(m) + MIN_BANDWIDTH).unsqueeze(1)
     k = torch.exp(-d / h)
     off = (k.detach().sum() - k.detach().diagonal().sum()) / max(m * (m - 1), 1)
     return k.sum(1).log().sum(), {"bandwidth": h.mean().detach(), "kernel_offdiag": off}
@@ -156,7 +157,7 @@ class FeatureRDE:
             f = f.to(kernel_dtype(f))
             prior = torch.log1p(cfg.feature_prior_scale * f.square()).sum()
             g = torch.stack([t.flatten() for t in grads])
-            rep, stats = feature_repulsion(f, g, cfg.feature_projection_dim, cfg.bandwidth)
+            rep, stats = feature_repulsion(f, g, cfg.feature_projection_dim, cfg.bandwidth, cfg.bandwidth_scale)
         loss = nll + (prior + rep) / batch
         return LossOutput(
             loss,
