@@ -35,7 +35,8 @@ TIMM_VIT = {
     "name": "timm:vit_tiny_patch16_224",
     "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 16, "depth": 1, "num_heads": 2},
 }
-METHODS = ["de", "forde", "rde_weight", "rde_function", "lit"]
+METHODS = ["de", "forde", "rde_weight", "rde_function", "rde_feature", "lit", "swag", "node_bnn"]
+FEW_DRAWS = ["method.swag_samples=2", "method.node_test_samples=1", "method.node_train_samples=2"]
 TIMM = needs("timm")
 
 
@@ -258,7 +259,8 @@ def test_the_check_leaves_the_global_random_state_alone():
 
 @pytest.mark.parametrize("method,attention", [(m, "sdpa") for m in METHODS] + [("forde", "mha"), ("lit", "mha")])
 def test_every_method_trains_a_user_vit_through_forde_train(tmp_path, method, attention):
-    results = train(small_run(tmp_path, {"name": VIT, "kwargs": {"attention": attention}}, f"method.name={method}"))
+    model = {"name": VIT, "kwargs": {"attention": attention}}
+    results = train(small_run(tmp_path, model, f"method.name={method}", *FEW_DRAWS))
     assert 0 <= results["test"]["accuracy"] <= 1 and results["summary"]["test/nll"] < 10
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in history[0].items() if k.startswith("train/"))
@@ -270,7 +272,7 @@ def test_every_method_trains_a_user_vit_through_forde_train(tmp_path, method, at
 @pytest.mark.parametrize("model,methods", [(TIMM_RESNET, METHODS), (TIMM_VIT, ["de", "forde", "lit"])])
 def test_every_method_trains_a_timm_model_through_forde_train(tmp_path, model, methods):
     for method in methods:
-        results = train(small_run(tmp_path, model, f"method.name={method}", name=method))
+        results = train(small_run(tmp_path, model, f"method.name={method}", *FEW_DRAWS, name=method))
         assert 0 <= results["test"]["accuracy"] <= 1 and results["summary"]["test/nll"] < 10, method
 
 
