@@ -52,9 +52,11 @@ def test_eval_never_replaces_the_runs_own_files(run, capsys):
     (run / "wandb").mkdir()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
-    for own in (CONFIG, CHECKPOINT, METRICS, "checkpoint.prev.pt", "wandb"):
+    for own in (CONFIG, CHECKPOINT, METRICS, "checkpoint.prev.pt", "wandb", "CONFIG.YAML", "previous-1"):
         assert main(["eval", str(run), "--out", own]) == 2
         assert f"--out '{own}' would replace the run's own {run / own}; name a new file" in one_line(capsys)
+    assert main(["eval", str(run), "--out", "results-c.json "]) == 2
+    assert "starts or ends with a space" in one_line(capsys)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert main(["eval", str(run)]) == 0  # results.json, the final evaluation, is evaluated again
 
@@ -98,3 +100,34 @@ def test_a_diverged_run_is_one_line_that_names_only_what_exists(tmp_path, capsys
     assert "in epoch 1" in err and CHECKPOINT not in err, err
     assert "diverged at optim.lr=1e+08 (no epoch finished, so no checkpoint was kept); lower optim.lr and run" in err
     assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_a_finished_run_asked_for_other_evaluation_settings_points_to_forde_eval(run, tmp_path, capsys):
+    assert main([*train_args(tmp_path), "eval.ood=[uniform_noise]"]) == 2
+    line = one_line(capsys)
+    assert "holds a finished run, evaluated with other settings (eval.ood:" in line
+    assert f"forde eval {run} OVERRIDES --out results-NAME.json" in line
+
+
+def test_eval_of_an_unfinished_run_says_so(tmp_path, caplog):
+    assert (
+        main(
+            [*train_args(tmp_path), "optim.epochs=3"],
+        )
+        == 0
+    )
+    import torch
+
+    from forde.run_dir import CHECKPOINT as CKPT
+
+    state = torch.load(tmp_path / "run" / CKPT, weights_only=False)
+    state["epoch"] = 1
+    torch.save(state, tmp_path / "run" / CKPT)
+    assert main(["eval", str(tmp_path / "run"), "--out", "early.json"]) == 0
+    assert "holds epoch 1 of 3: evaluating an unfinished run" in caplog.text
+
+
+def test_a_report_of_a_folder_that_is_not_there_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "studies" / "quikstart")]) == 2
+    assert "quikstart is not a folder" in one_line(capsys)
+    assert not (tmp_path / "studies").exists()

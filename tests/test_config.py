@@ -36,6 +36,16 @@ from forde.device import resolve_settings
         ("run.wandb.init_timeout=0", r"run.wandb.init_timeout = 0.0: must be positive"),
         ("precision=fp16", r"bad value for 'precision'"),
         ("model.execution=jit", r"bad value for 'model.execution'"),
+        ("optim.lr=inf", r"optim.lr = inf: must be a finite number; set optim.lr=0.1"),
+        ("optim.lr=1e309", r"optim.lr = inf: must be a finite number"),
+        ("method.alpha=nan", r"method.alpha = nan: must be a finite number"),
+        ("eval.ood=[gaussian_noise", r"override 'eval.ood=\[gaussian_noise': its value is not valid YAML"),
+        ("eval.ood={a: 1}", r"override 'eval.ood=\{a: 1\}' is of the wrong kind.*key=\[a,b\]"),
+        ("eval.ood=gaussian_noise", r"'eval.ood' must be a list, e.g. eval.ood=\[gaussian_noise,uniform_noise\]"),
+        ("eval.ood=null", r"'eval.ood' must be a list"),
+        ("method.swag_rank=1", r"method.swag_rank = 1: must be 0 \(diagonal covariance\) or at least 2"),
+        ("method.node_components=0", r"method.node_components = 0: must be at least 1; set method.node_components=4"),
+        ("method.feature_projection_dim=0", r"method.feature_projection_dim = 0: must be at least 1"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -108,3 +118,12 @@ def test_cuda_only_settings_on_the_cpu_are_refused(override, message):
     if not torch.cuda.is_available():  # device=auto resolves to the CPU here: refused when the run is built
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             resolve_settings(load_config("quickstart", [override]))
+
+
+def test_an_ensemble_larger_than_memory_is_one_line_before_anything_is_built(tmp_path):
+    from forde.setup import build
+
+    with pytest.raises(
+        ConfigError, match=r"ensemble_size = 10000000: 10000000 members of 26,634 parameters need about"
+    ):
+        build(load_config("quickstart", ["ensemble_size=10000000", f"data.root={tmp_path}"]))

@@ -405,3 +405,10 @@ def test_input_spec_is_what_the_loader_reads_without_reading_it(any_source, monk
 def test_input_spec_of_an_unknown_dataset_is_the_loaders_error(tmp_path):
     with pytest.raises(ConfigError, match="'nothing': unknown dataset"):
         input_spec(DataConfig(name="nothing", root=str(tmp_path)))
+
+
+def test_the_bundled_digits_cannot_be_shadowed_by_an_import(tmp_path):
+    from forde.data.imagefolder import import_folder
+
+    with pytest.raises(ConfigError, match="dataset name 'digits'"):
+        import_folder(tmp_path / "src", "digits", tmp_path / "root")

@@ -66,10 +66,36 @@ def test_a_missing_ood_set_is_one_line_before_training(tmp_path, capsys):
     assert main([*args, "eval.ood=[svhn]"]) == 2
     err = capsys.readouterr().err
     [line] = [ln for ln in err.splitlines() if ln.startswith("forde:")]
-    assert f"the SVHN test split is not at {tmp_path / 'svhn' / 'test_32x32.mat'}; set data.download=true" in line
+    assert f"the SVHN test split is not at {tmp_path / 'svhn' / 'test_32x32.mat'}; download http" in line
     assert not list(tmp_path.rglob("metrics.jsonl"))
-    assert main([*args, "eval.ood=[cifar100]"]) == 2
-    assert "cifar-100-python" in capsys.readouterr().err
+    assert main([*args, "eval.ood=[cifar100, svhn]"]) == 2  # every missing set named in the one line
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("forde:")]
+    assert "2 set(s) missing" in line and "cifar-100-python" in line and "svhn" in line
+    assert "forde data import-folder SRC cifar100" in line and "data.name" not in line
+
+
+def test_an_unreadable_ood_set_is_one_line_before_training(tmp_path, capsys):
+    (tmp_path / "svhn").mkdir()
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"not a MATLAB file" * 10)
+    args = ["train", "quickstart", f"run.out_dir={tmp_path / 'runs'}", f"data.root={tmp_path}", *SMALL]
+    assert main([*args, "eval.ood=[svhn]"]) == 2
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("forde:")]
+    assert "test_32x32.mat is unreadable" in line
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_a_download_that_fails_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", offline)
+    args = ["train", "quickstart", f"run.out_dir={tmp_path / 'runs'}", f"data.root={tmp_path}", *SMALL]
+    assert main([*args, "eval.ood=[svhn]", "data.download=true"]) == 2
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("forde:")]
+    assert "downloading svhn" in line and "Name or service not known" in line
+    assert not list(tmp_path.rglob("metrics.jsonl"))
 
 
 def test_another_dataset_s_test_split_is_an_ood_set(tmp_path):

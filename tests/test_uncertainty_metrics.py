@@ -143,3 +143,12 @@ def test_the_fitted_temperature_minimises_validation_nll():
     best = grid[np.argmin([nll(v) for v in grid])]
     assert t > 1 and t == pytest.approx(best, rel=2e-3) and nll(t) <= nll(best) + 1e-9
     assert torch.allclose(scaled(lp, 1.0), lp) and entropy(scaled(lp, t)).mean() > entropy(lp).mean()
+
+
+def test_a_temperature_at_the_end_of_its_range_is_reported(caplog):
+    """One confidently wrong validation sample: the NLL falls as T grows, so the fit stops at the range's end."""
+    from forde.calibration import fit_temperature
+
+    t = fit_temperature(torch.tensor([[0.0, -5.0]]).log_softmax(-1), torch.tensor([1]))
+    assert t == pytest.approx(20.0, rel=1e-3)
+    assert "sits at the end of the search range" in caplog.text and "on 1 validation samples" in caplog.text

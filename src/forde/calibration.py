@@ -8,6 +8,7 @@ members' mean probabilities) and labels [N]; reductions in float64.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -88,6 +89,7 @@ def reliability_curve(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int
 
 
 # -- temperature scaling -----------------------------------------------------------------------------------------
+log = logging.getLogger(__name__)
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # the temperatures searched
 
 
@@ -110,4 +112,14 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
         return -scaled(lp, math.exp(log_t)).gather(-1, labels[:, None]).mean().item()
 
     found = minimize_scalar(loss, bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-6})
-    return math.exp(found.x)
+    t = math.exp(found.x)
+    if min(abs(found.x - b) for b in LOG_T_RANGE) < 1e-3:
+        log.warning(
+            "temperature scaling: T = %.3g sits at the end of the search range [%.3g, %.3g] on %d validation "
+            "samples; the fit is not to be trusted (a validation split this small or this separable says little; "
+            "raise data.val_fraction)",
+            t,
+            *(math.exp(b) for b in LOG_T_RANGE),
+            len(labels),
+        )
+    return t

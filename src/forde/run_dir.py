@@ -187,6 +187,12 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             "; ".join(changes),
             archive,
         )
+    elif changes and all(c.startswith("eval.") for c in changes) and (run_dir / RESULTS).exists():
+        raise ConfigError(
+            f"run directory {run_dir} holds a finished run, evaluated with other settings ({'; '.join(changes)}). "
+            f"To evaluate it again without retraining: forde eval {run_dir} OVERRIDES --out results-NAME.json "
+            "(e.g. eval.ood=[svhn]); to retrain, add run.restart=true, or choose another run.name"
+        )
     elif changes:
         raise ConfigError(
             f"run directory {run_dir} holds a run with a different config ({'; '.join(changes)}). "

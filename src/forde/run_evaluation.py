@@ -17,7 +17,7 @@ from forde.calibration import fit_temperature, reliability_curve, scaled
 from forde.config import ConfigError
 from forde.data.corrupted import CorruptedSet, prepare_corrupted
 from forde.data.corrupted import corrupted_sets as configured_corrupted_sets
-from forde.data.ood_sets import ood_sets
+from forde.data.ood_sets import check_ood_sets, ood_sets
 from forde.evaluate import evaluate_corrupted, evaluate_ood, predictions_and_gradients
 from forde.metrics import ensemble_log_probs, ensemble_metrics
 from forde.names import RULE, is_path_component
@@ -162,7 +162,10 @@ def evaluate_run(
         raise ConfigError(
             f"--out {out_name!r} {RULE}: it names the file written in {run_dir}; e.g. --out results-c.json"
         )
-    if out_name in RUN_FILES or (run_dir / out_name).is_dir():
+    if out_name != out_name.strip():
+        raise ConfigError(f"--out {out_name!r} starts or ends with a space; e.g. --out results-c.json")
+    taken = {f.lower() for f in RUN_FILES}
+    if out_name.lower() in taken or out_name.startswith("previous-") or (run_dir / out_name).is_dir():
         raise ConfigError(
             f"--out {out_name!r} would replace the run's own {run_dir / out_name}; name a new file, "
             "e.g. --out results-c.json"
@@ -183,10 +186,18 @@ def evaluate_run(
             f"cannot write {run_dir / out_name} ({why}); make {run_dir} writable, or copy the run directory "
             "to a writable place and evaluate the copy"
         )
+    if state["epoch"] < cfg.optim.epochs:
+        log.warning(
+            "%s holds epoch %d of %d: evaluating an unfinished run (train it to the end with forde train first "
+            "for the final numbers)",
+            run_dir / CHECKPOINT,
+            state["epoch"],
+            cfg.optim.epochs,
+        )
     setup = build(cfg)
     restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
-    ood_sets(cfg, setup.dataset)  # a missing OOD set: one line before evaluating
+    check_ood_sets(cfg, setup.dataset)  # a missing or unreadable OOD set: one line before evaluating
     results = {**run_record(cfg, run_dir, state["epoch"]), **final_evaluation(setup)}
     write_atomic(run_dir / out_name, to_json(results))
     log.info("wrote %s: %s", run_dir / out_name, brief_summary(results["summary"]))

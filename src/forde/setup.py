@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forde.config import TrainConfig
+from forde.config import ConfigError, TrainConfig
 from forde.data.base import Dataset
+from forde.data.images import available_memory, gib
 from forde.data.registry import input_spec, load_dataset
 from forde.device import DeviceSettings, resolve_settings
 from forde.ensemble import Ensemble, build_ensemble
@@ -49,6 +50,22 @@ class Setup:
         )
 
 
+BYTES_PER_PARAMETER = 16  # float32 weights, gradients, momentum, and one copy (an optimizer step, a checkpoint)
+
+
+def check_ensemble_fits(cfg: TrainConfig, parameters: int) -> None:
+    """One line, before any data is read, when the members alone would not fit in this machine's memory (e.g.
+    ensemble_size=100000: building them would take minutes and end in an out-of-memory kill)."""
+    available = available_memory()
+    need = cfg.ensemble_size * parameters * BYTES_PER_PARAMETER
+    if available is not None and need > 0.9 * available:
+        raise ConfigError(
+            f"ensemble_size = {cfg.ensemble_size}: {cfg.ensemble_size} members of {parameters:,} parameters need "
+            f"about {gib(need)} for weights, gradients and momentum, over the {gib(available)} of memory available "
+            "here; lower ensemble_size or use a smaller network"
+        )
+
+
 def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
     """`dataset` and `method` replace the configured ones (benchmarks time synthetic data). The model is checked
     against the data's shape before the data is read and the PCA computed."""
@@ -56,7 +73,7 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | Non
     settings.apply()
     device = settings.device
     if dataset is None:
-        check_model(cfg.model, *input_spec(cfg.data), cfg.data.name)
+        check_ensemble_fits(cfg, check_model(cfg.model, *input_spec(cfg.data), cfg.data.name))
         dataset = load_dataset(cfg.data)
     ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(
         device

@@ -17,7 +17,7 @@ from forde import interrupts, run_lock
 from forde.atomic import write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
 from forde.data.corrupted import prepare_corrupted
-from forde.data.ood_sets import ood_sets
+from forde.data.ood_sets import check_ood_sets
 from forde.data.pipeline import DeviceLoader
 from forde.errors import NonFiniteLossError
 from forde.evaluate import evaluate_split
@@ -255,7 +255,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: Corrupte
     if corrupted_sets is None:
         prepare_corrupted(cfg, setup.dataset)  # a missing -C set fails (or is built) before any training
         corrupted_sets = default_corrupted_sets
-    ood_sets(cfg, setup.dataset)  # ... and so does a missing OOD set
+    check_ood_sets(cfg, setup.dataset)  # ... and so does a missing or unreadable OOD set
     if cfg.eval.calibrate and setup.dataset.val is None:
         raise ConfigError(calibrate_needs_validation(setup))
     trainer = Trainer(setup, run_dir, callbacks)

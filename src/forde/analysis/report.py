@@ -31,6 +31,7 @@ from forde.analysis.tables import (
     to_latex,
     to_markdown,
 )
+from forde.errors import ConfigError
 from forde.names import RULE, is_path_component
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,11 @@ def named_safely(runs: list[Run], studies: list[optuna.Study]) -> tuple[list[Run
 def run(args: argparse.Namespace) -> Report:
     from forde.sweep.folder import find_url
 
+    if not args.study_dir.is_dir() and not args.wandb:
+        raise ConfigError(
+            f"{args.study_dir} is not a folder; give a study folder (e.g. studies/quickstart) or a folder of run "
+            "directories"
+        )
     storage = args.storage or find_url(args.study_dir)  # looked up once (it may log where the study's storage is)
     runs = study_runs(args.study_dir, storage, args.study_name)
     if args.wandb:

@@ -14,7 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from forde.config.schema import TrainConfig
 from forde.config.validation import validate
-from forde.errors import ConfigError
+from forde.errors import ConfigError, one_line
 from forde.trust import refuse_code_from_file
 
 BUILTIN_CONFIGS = "configs"
@@ -145,6 +145,9 @@ def _explain(err: OmegaConfBaseException) -> str:
         return f"unknown config key '{key}'{hint} (`forde config` prints every key)"
     if isinstance(err, ValidationError):
         default = OmegaConf.select(OmegaConf.structured(TrainConfig), key, default=None)
+        if isinstance(default, ListConfig):
+            example = ",".join(map(str, default)) if len(default) else "..."
+            return f"'{key}' must be a list, e.g. {key}=[{example}]; {str(err).splitlines()[0]}"
         hint = f"; e.g. {key}={default}" if isinstance(default, (bool, int, float, str)) else ""
         return f"bad value for '{key}': {str(err).splitlines()[0]}{hint}"
     return f"config error at '{key}': {str(err).splitlines()[0]}"
@@ -156,16 +159,39 @@ def merge(base: DictConfig | dict | None, *layers: DictConfig | dict | list[str]
     try:
         merged = base if typed else OmegaConf.merge(OmegaConf.structured(TrainConfig), base or {})
         for layer in layers:
-            if isinstance(layer, list):
-                for item in layer:
-                    if "=" not in item:
-                        raise ConfigError(f"override '{item}' has no value; write it as {item}=VALUE")
-                layer = OmegaConf.from_dotlist(layer)
-            merged = OmegaConf.merge(merged, layer)
+            parts = _parse_overrides(layer) if isinstance(layer, list) else [("", layer)]
+            for item, part in parts:
+                try:
+                    merged = OmegaConf.merge(merged, part)
+                except TypeError as err:  # OmegaConf: a mapping where the schema has a list, or the reverse
+                    what = f"override '{item}'" if item else "a value"
+                    raise ConfigError(
+                        f"{what} is of the wrong kind ({one_line(err)}): lists are written key=[a,b], mappings "
+                        "key={a: 1}; `forde config` prints every key with its value"
+                    ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
     assert isinstance(merged, DictConfig)  # merged onto the schema, a mapping
     return merged.copy() if merged is base else merged  # a config of its own: resolving it must not change `base`
+
+
+def _parse_overrides(items: list[str]) -> list[tuple[str, DictConfig]]:
+    """`key=value` overrides, each parsed on its own so that a bad one is named."""
+    import yaml
+
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' has no value; write it as {item}=VALUE")
+        try:
+            parsed.append((item, OmegaConf.from_dotlist([item])))
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or one_line(err)
+            raise ConfigError(
+                f"override '{item}': its value is not valid YAML ({problem}); write lists as key=[a,b] and "
+                "mappings as key={a: 1}, quoting the whole override in the shell"
+            ) from None
+    return parsed
 
 
 def load_config(

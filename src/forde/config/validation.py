@@ -3,6 +3,8 @@ Each failure is one ConfigError naming the key, its value, the rule and a fix.""
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields, is_dataclass
 from typing import Any, get_args
 
 from forde.config.schema import (
@@ -26,12 +28,24 @@ def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks that types alone cannot express."""
+    _check_finite(cfg)
     _validate_names(cfg)
     validate_method(cfg.method, cfg.ensemble_size)
     _validate_optim(cfg)
     _validate_model(cfg)
     _validate_data_and_eval(cfg)
     _validate_device(cfg)
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """No setting is infinite or NaN (`optim.lr=inf` would train to a NaN loss; YAML reads .inf and 1e309 as inf)."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            default = getattr(type(node)(), f.name)
+            _check(False, prefix + f.name, value, "must be a finite number", f"set {prefix}{f.name}={default}")
 
 
 def _validate_names(cfg: TrainConfig) -> None:

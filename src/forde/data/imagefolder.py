@@ -18,7 +18,7 @@ from forde.data.store import is_store, load_store, save_store
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED = ("pca",)  # other things that live under data.root
+RESERVED = ("pca", "digits")  # other things that live under data.root, and the bundled digits (never read from it)
 LAYOUT = "SRC/train/<class>/*, SRC/test/<class>/* and optionally SRC/val/<class>/*"
 
 

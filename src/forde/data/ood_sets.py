@@ -17,6 +17,7 @@ every run of a dataset is scored on the same pixels.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,12 @@ from forde.data.base import Dataset
 from forde.data.ood_names import NOISE, OOD_SETS
 from forde.errors import DataError, one_line
 
+log = logging.getLogger(__name__)
+
 NOISE_SEED = 0
 MAX_NOISE_IMAGES = 10_000
 SVHN_FILE = Path("svhn") / "test_32x32.mat"
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/test_32x32.mat"  # torchvision's source of that file
 
 
 @dataclass
@@ -78,7 +82,7 @@ def read_svhn(root: Path) -> torch.Tensor:
     try:
         images = loadmat(path, variable_names=["X"])["X"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path} is unreadable ({one_line(err)}); download it again (data.download=true)") from None
+        raise DataError(f"{path} is unreadable ({one_line(err)}); download {SVHN_URL} there again") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != 3:
         raise DataError(f"{path}: X is {images.dtype} {images.shape}, expected uint8 [32, 32, 3, N]; download it again")
     return torch.from_numpy(np.ascontiguousarray(images.transpose(3, 2, 0, 1)))
@@ -90,35 +94,78 @@ def _missing(name: str, root: Path) -> str | None:
         if (root / SVHN_FILE).is_file():
             return None
         return (
-            f"eval.ood: the SVHN test split is not at {root / SVHN_FILE}; set data.download=true once (torchvision "
-            "downloads it there), or put torchvision's test_32x32.mat there"
+            f"svhn: the SVHN test split is not at {root / SVHN_FILE}; download {SVHN_URL} there (or set "
+            "data.download=true once, on a machine with internet access: torchvision fetches it)"
         )
     from forde.data.cifar import RELEASES
-    from forde.data.imagefolder import is_imported, missing_data_error
+    from forde.data.imagefolder import imported_dir, is_imported
     from forde.data.tinyimagenet import FOLDER
 
     folder = root / (RELEASES[name].base_folder if name in RELEASES else FOLDER)
     if folder.is_dir() or is_imported(root, name):
         return None
-    return f"eval.ood: {missing_data_error(name, folder, root)}"
+    return (
+        f"{name}: neither its release files at {folder} nor an imported folder at {imported_dir(root, name)}; set "
+        f"data.download=true once on a machine with internet access, or import an ImageFolder tree of it with "
+        f"`forde data import-folder SRC {name}`"
+    )
 
 
 def ood_sets(cfg: TrainConfig, dataset: Dataset) -> list[OODSet]:
-    """The OOD sets `eval.ood` names for this dataset (the in-distribution set itself left out), checked to be on
-    disk (or downloaded, with data.download) before any training."""
+    """The OOD sets `eval.ood` names for this dataset (the in-distribution set itself left out, with a line saying
+    so), each checked to be on disk; with data.download, a missing one is downloaded here."""
+    if dataset.name in cfg.eval.ood:
+        log.info("eval.ood: %s is the training data itself; it is not scored as out-of-distribution", dataset.name)
     names = [n for n in cfg.eval.ood if n != dataset.name]
     unknown = [n for n in names if n not in OOD_SETS]
     if unknown:
         raise ConfigError(f"eval.ood: unknown set(s) {unknown}; known: {', '.join(OOD_SETS)} (or [] for none)")
-    if cfg.data.download and "svhn" in names and not (Path(cfg.data.root) / SVHN_FILE).is_file():
-        from torchvision.datasets import SVHN
-
-        SVHN(str(Path(cfg.data.root) / SVHN_FILE.parent), split="test", download=True)
-    downloaded = cfg.data.download  # the loaders fetch CIFAR and Tiny-ImageNet themselves
-    problems = [p for p in (_missing(n, Path(cfg.data.root)) for n in names if n not in NOISE and not downloaded) if p]
+    root = Path(cfg.data.root)
+    if cfg.data.download:
+        for name in names:
+            if name not in NOISE and _missing(name, root):
+                _download(name, dataset, cfg.data)
+    problems = [p for p in (_missing(n, root) for n in names if n not in NOISE) if p]
     if problems:
-        raise MissingDataError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise MissingDataError(
+            f"eval.ood: {len(problems)} set(s) missing in data.root = {root}: " + "; ".join(problems)
+        )
     return [OODSet(name, functools.partial(load_ood_images, name, dataset, cfg.data)) for name in names]
+
+
+def _download(name: str, dataset: Dataset, data: DataConfig) -> None:
+    """Fetch a missing OOD set now (before any training), one line if the network or the file fails."""
+    log.info("eval.ood: downloading %s into %s", name, data.root)
+    try:
+        if name == "svhn":
+            from torchvision.datasets import SVHN
+
+            SVHN(str(Path(data.root) / SVHN_FILE.parent), split="test", download=True)
+        else:
+            load_ood_images(name, dataset, data)
+    except (ConfigError, DataError):
+        raise
+    except Exception as err:  # urllib's, torchvision's and the archive's errors alike
+        raise DataError(
+            f"eval.ood: downloading {name} into {data.root} failed ({one_line(err)}); download it on a machine with "
+            "internet access (data.download=true there) and copy data.root here, or drop it from eval.ood"
+        ) from None
+
+
+def check_ood_sets(cfg: TrainConfig, dataset: Dataset) -> list[OODSet]:
+    """`ood_sets`, and every set read once: a damaged file is one line before training, not a failure after it."""
+    sets = ood_sets(cfg, dataset)
+    for s in sets:
+        if s.name in NOISE:
+            continue
+        try:
+            images = s.load()
+        except (ConfigError, DataError):
+            raise
+        except Exception as err:
+            raise DataError(f"eval.ood: the set {s.name} in {cfg.data.root} is unreadable ({one_line(err)})") from None
+        log.debug("eval.ood: %s holds %d images", s.name, len(images))
+    return sets
 
 
 def load_ood_images(name: str, dataset: Dataset, data: DataConfig) -> torch.Tensor:

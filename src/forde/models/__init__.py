@@ -22,9 +22,10 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
     return model
 
 
-def check_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, data_name: str) -> None:
+def check_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, data_name: str) -> int:
     """One member builds and maps a batch of zeros of the data's shape, [2, *in_shape], to logits [2, C]; otherwise
-    a ConfigError naming the problem. Random draws here leave the global generator as they found it."""
+    a ConfigError naming the problem. Random draws here leave the global generator as they found it. Returns the
+    member's number of parameters."""
     batch = [2, *in_shape]
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg, in_shape, num_classes).eval()
@@ -44,6 +45,7 @@ def check_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, d
             f"logits [2, {num_classes}] ({num_classes} classes); make its forward return one row of "
             "class scores per input"
         )
+    return sum(p.numel() for p in model.parameters())
 
 
 def zero_classifier(model: nn.Module) -> None:
