@@ -392,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:  # a run directory that cannot be read back or written, a diverged run: one line
         print(f"forde: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # another process of a distributed run died or hung: one line, not a traceback
+        from forde.distributed import lost_peer
+
+        message = lost_peer(err)
+        if message is None:
+            raise
+        print(f"forde: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -69,6 +69,11 @@ class Ensemble(nn.Module):
             return self._vmapped(xs, shared_input=False)
         return torch.stack([m(x) for m, x in zip(self.members, xs)])
 
+    def gather_members(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-member tensor `[M_here, ...]` of the members this process holds -> `[M, ...]` of all members:
+        itself on one process (forde.distributed's member-parallel ensemble gathers it over the processes)."""
+        return t
+
     def _vmapped(self, x: torch.Tensor, shared_input: bool) -> torch.Tensor:
         """The members as one computation on stacked copies of their parameters and buffers.
 

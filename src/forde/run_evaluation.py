@@ -85,9 +85,12 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
     results["curves"] = {"test": curves(ensemble_log_probs(test_lp), test.labels, temperature)}
     sets = list(corrupted_sets(setup))
     if sets:
+        main = setup.world is None or setup.world.is_main
 
         def bar(it):
-            return tqdm(it, total=len(sets), desc="corrupted sets", leave=False, disable=not setup.cfg.run.progress)
+            return tqdm(
+                it, total=len(sets), desc="corrupted sets", leave=False, disable=not (setup.cfg.run.progress and main)
+            )
 
         results["corrupted"] = evaluate_corrupted(ensemble, sets, ctx, progress=bar, temperature=temperature)
     ood = ood_sets(setup.cfg, setup.dataset)

@@ -14,6 +14,7 @@ from forde.data.base import Dataset
 from forde.data.images import available_memory, gib
 from forde.data.registry import input_spec, load_dataset
 from forde.device import DeviceSettings, resolve_settings
+from forde.distributed import World, check_config, distribute, main_first
 from forde.ensemble import Ensemble, build_ensemble
 from forde.evaluate import EvalContext, eval_context
 from forde.methods import Method, build_method
@@ -30,6 +31,7 @@ class Setup:
     ensemble: Ensemble
     method: Method
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
+    world: World | None = None  # this process's place in a run over several processes (forde.distributed)
 
     @property
     def device(self) -> torch.device:
@@ -66,19 +68,24 @@ def check_ensemble_fits(cfg: TrainConfig, parameters: int) -> None:
         )
 
 
-def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None) -> Setup:
+def build(
+    cfg: TrainConfig, dataset: Dataset | None = None, method: Method | None = None, world: World | None = None
+) -> Setup:
     """`dataset` and `method` replace the configured ones (benchmarks time synthetic data). The model is checked
-    against the data's shape before the data is read and the PCA computed."""
+    against the data's shape before the data is read and the PCA computed. With `world`, the ensemble is this
+    process's part of a distributed run (every process builds all members from the seed and keeps its share)."""
+    if world is not None:
+        check_config(cfg, world)
     settings = resolve_settings(cfg)
     settings.apply()
     device = settings.device
     if dataset is None:
         check_ensemble_fits(cfg, check_model(cfg.model, *input_spec(cfg.data), cfg.data.name))
-        dataset = load_dataset(cfg.data)
-    ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed).to(
-        device
-    )
+        with main_first(world):
+            dataset = load_dataset(cfg.data)
+    ensemble = build_ensemble(cfg.model, cfg.ensemble_size, dataset.input_shape, dataset.num_classes, cfg.seed)
     ensemble.execution = settings.execution
+    ensemble = distribute(ensemble, world).to(device)
 
     def prepare(x):
         return x
@@ -89,7 +96,9 @@ def build(cfg: TrainConfig, dataset: Dataset | None = None, method: Method | Non
         def prepare(x):
             return x.contiguous(memory_format=torch.channels_last)
 
-    method = build_method(cfg, dataset, device) if method is None else method
+    if method is None:
+        with main_first(world):  # the PCA's cache is written once
+            method = build_method(cfg, dataset, device)
     if hasattr(method, "attach"):  # a method that changes the members (shares a layer, adds hooks or parameters)
         method.attach(ensemble)
-    return Setup(cfg, settings, dataset, ensemble, method, prepare)
+    return Setup(cfg, settings, dataset, ensemble, method, prepare, world)

@@ -3,6 +3,7 @@ final evaluation. The run directory's files are forde.run_dir's, the evaluation 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -13,12 +14,13 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from forde import interrupts, run_lock
+from forde import distributed, interrupts, run_lock
 from forde.atomic import write_atomic
 from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
 from forde.data.corrupted import prepare_corrupted
 from forde.data.ood_sets import check_ood_sets
 from forde.data.pipeline import DeviceLoader
+from forde.distributed import DataParallelEnsemble, MemberParallelEnsemble, World
 from forde.errors import NonFiniteLossError
 from forde.evaluate import evaluate_split
 from forde.run_dir import (
@@ -111,13 +113,18 @@ class Trainer:
         self.step = make_step(setup.method, setup.ensemble, setup.autocast, setup.settings.graphs)
         self.epoch = 0
         self.history: list[dict] = []
+        self.main = setup.world is None or setup.world.is_main  # the process that writes, logs and reports
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The one-process checkpoint format on every world size (a member-parallel run merges its shares)."""
+        ensemble, optimizer = self.s.ensemble.state_dict(), self.optimizer.state_dict()
+        if isinstance(self.s.ensemble, MemberParallelEnsemble):
+            ensemble, optimizer = self.s.ensemble.full_states(ensemble, optimizer)
         return {
             "epoch": self.epoch,
-            "ensemble": self.s.ensemble.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "ensemble": ensemble,
+            "optimizer": optimizer,
             "loader": self.loader.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
@@ -125,15 +132,20 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.s.ensemble.load_state_dict(state["ensemble"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ensemble, optimizer = state["ensemble"], state["optimizer"]
+        if isinstance(self.s.ensemble, MemberParallelEnsemble):
+            ensemble, optimizer = self.s.ensemble.local_states(ensemble, optimizer)
+        self.s.ensemble.load_state_dict(ensemble)
+        self.optimizer.load_state_dict(optimizer)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.history = state["epoch"], state["history"]
 
     def save(self) -> None:
-        save_checkpoint(self.state_dict(), self.run_dir)
-        write_atomic(self.run_dir / METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
+        state = self.state_dict()  # every rank: a member-parallel run gathers the members' states
+        if self.main:
+            save_checkpoint(state, self.run_dir)
+            write_atomic(self.run_dir / METRICS, "".join(json.dumps(h) + "\n" for h in self.history))
 
     # -- the loop ---------------------------------------------------------------------------
     def train_epoch(self) -> dict:
@@ -150,7 +162,7 @@ class Trainer:
             total=steps,
             desc=f"epoch {self.epoch + 1}/{o.epochs}",
             leave=False,
-            disable=not self.cfg.run.progress,
+            disable=not (self.cfg.run.progress and self.main),
             dynamic_ncols=True,
         )
         for step, (x, y) in enumerate(bar):
@@ -166,6 +178,8 @@ class Trainer:
                 step=self.epoch * steps + step,
                 epoch=self.epoch + step / steps,
             )
+            if isinstance(s.ensemble, DataParallelEnsemble):
+                s.ensemble.reduce_gradients()
             self.optimizer.step()
             for k, v in {"loss": loss, **stats}.items():  # some statistics exist on some steps only
                 sums[k] = sums.get(k, 0) + v.float()
@@ -214,7 +228,8 @@ class Trainer:
             self.epoch += 1
             self.history.append(metrics)
             self.save()  # before callbacks: a pruned or killed trial keeps this epoch
-            log.info("epoch %d/%d  %s", self.epoch, cfg.optim.epochs, _brief(metrics))
+            if self.main:
+                log.info("epoch %d/%d  %s", self.epoch, cfg.optim.epochs, _brief(metrics))
             for cb in self.callbacks:
                 cb.on_epoch_end(self.epoch, metrics)
 
@@ -236,38 +251,56 @@ def train(cfg: TrainConfig, callbacks: Iterable[Callback] = (), corrupted_sets: 
     """Train (or resume) the run that `cfg` describes, evaluate it, write results.json, return the results.
 
     `corrupted_sets` replaces the configured corrupted test sets (None: build missing ones before training). The
-    run directory is locked while this runs: another process training it is one line (forde.run_lock)."""
-    with run_lock.hold(run_dir_of(cfg)):
-        return _train(cfg, list(callbacks), corrupted_sets)
+    run directory is locked while this runs: another process training it is one line (forde.run_lock). Started by
+    torchrun or srun with several processes, they train one ensemble together (forde.distributed): every process
+    runs this, rank 0 alone writes the run directory and tells the callbacks."""
+    world = distributed.start(cfg.run.distributed, cfg.device, cfg.run.collective_timeout_s)
+    if world is None:
+        with run_lock.hold(run_dir_of(cfg)):
+            return _train(cfg, list(callbacks), corrupted_sets, None)
+    try:
+        if not world.is_main:
+            logging.getLogger("forde").setLevel(logging.WARNING)  # one process speaks
+        with run_lock.hold(run_dir_of(cfg)) if world.is_main else contextlib.nullcontext():
+            return _train(cfg, list(callbacks) if world.is_main else [], corrupted_sets, world)
+    finally:
+        distributed.stop()
 
 
-def _train(cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: CorruptedSets | None) -> dict:
-    run_dir = prepare_run_dir(cfg)
-    finished = read_results(run_dir)
+def _train(
+    cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: CorruptedSets | None, world: World | None
+) -> dict:
+    main = world is None or world.is_main
+    run_dir = prepare_run_dir(cfg) if main else run_dir_of(cfg)
+    finished = distributed.broadcast(read_results(run_dir) if main else None, world)
     if finished is not None:
         log.info("%s is complete; reading its results", run_dir)
-        tell_history(callbacks, read_history(run_dir))
+        if main:
+            tell_history(callbacks, read_history(run_dir))
         for cb in callbacks:
             cb.on_train_end(finished)
         return finished
     torch.manual_seed(cfg.seed)
-    setup = build(cfg)
-    if corrupted_sets is None:
-        prepare_corrupted(cfg, setup.dataset)  # a missing -C set fails (or is built) before any training
-        corrupted_sets = default_corrupted_sets
-    check_ood_sets(cfg, setup.dataset)  # ... and so does a missing or unreadable OOD set
+    setup = build(cfg, world=world)
+    if main:  # files are built and downloaded once, by rank 0, while the others wait
+        if corrupted_sets is None:
+            prepare_corrupted(cfg, setup.dataset)  # a missing -C set fails (or is built) before any training
+        check_ood_sets(cfg, setup.dataset)  # ... and so does a missing or unreadable OOD set
+    distributed.barrier(world)
+    corrupted_sets = corrupted_sets or default_corrupted_sets
     if cfg.eval.calibrate and setup.dataset.val is None:
         raise ConfigError(calibrate_needs_validation(setup))
     trainer = Trainer(setup, run_dir, callbacks)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / CONFIG, to_yaml(cfg))
-    state = load_checkpoint(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / CONFIG, to_yaml(cfg))
+    state = distributed.broadcast(load_checkpoint(run_dir) if main else None, world)
     if state is not None:
         restore(run_dir, trainer.load_state_dict, state)
         log.info("resuming %s from epoch %d", run_dir, trainer.epoch)
         tell_history(callbacks, trainer.history)
     log.info(
-        "%s %s: %s, M=%d, %s on %s (%d train images), %s",
+        "%s %s: %s, M=%d, %s on %s (%d train images), %s%s",
         "training" if trainer.epoch < cfg.optim.epochs else "trained; evaluating",
         run_dir,
         cfg.method.name,
@@ -276,6 +309,7 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: Corrupte
         setup.dataset.name,
         len(setup.dataset.train),
         setup.settings.describe(),
+        f", {world.size} processes ({world.strategy} parallel)" if world else "",
     )
     start = time.perf_counter()
     trainer.fit()
@@ -285,10 +319,13 @@ def _train(cfg: TrainConfig, callbacks: list[Callback], corrupted_sets: Corrupte
         "session_time_s": time.perf_counter() - start,
     }
     evaluated = time.perf_counter()
-    results.update(final_evaluation(setup, corrupted_sets))
+    results.update(final_evaluation(setup, corrupted_sets))  # every rank: the work is split over them
     results["eval_time_s"] = time.perf_counter() - evaluated  # the final evaluation: test, validation, corrupted sets
-    write_atomic(run_dir / RESULTS, to_json(results))
-    log.info("results: %s", brief_summary(results["summary"]))
+    if world is not None:
+        results["processes"] = {"count": world.size, "strategy": world.strategy}
+    if main:
+        write_atomic(run_dir / RESULTS, to_json(results))
+        log.info("results: %s", brief_summary(results["summary"]))
     for cb in trainer.callbacks:
         cb.on_train_end(results)
     return results

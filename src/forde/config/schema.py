@@ -154,6 +154,10 @@ class RunConfig:
     )
     progress: bool = True  # per-epoch progress bar
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # one run over several processes (torchrun, srun): data = every process all members and a share of each batch;
+    # members = every process a share of the members and the whole batch (forde.distributed)
+    distributed: str = "data"
+    collective_timeout_s: float = 1800.0  # a collective waiting longer (a rank hung) ends the run with an error
 
 
 @dataclass

@@ -35,6 +35,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate_model(cfg)
     _validate_data_and_eval(cfg)
     _validate_device(cfg)
+    _validate_distributed(cfg)
 
 
 def _check_finite(node: Any, prefix: str = "") -> None:
@@ -250,6 +251,23 @@ def _validate_device(cfg: TrainConfig) -> None:
         cfg.cuda.graphs,
         "a replayed step repeats its captured repulsion weight, so it cannot follow method.repulsion_ramp_epochs",
         "set cuda.graphs=false, or method.repulsion_ramp_epochs=0",
+    )
+
+
+def _validate_distributed(cfg: TrainConfig) -> None:
+    _check(
+        cfg.run.distributed in ("data", "members"),
+        "run.distributed",
+        cfg.run.distributed,
+        "must be data (each process a share of every batch) or members (each process a share of the members)",
+        "set run.distributed=data",
+    )
+    _check(
+        cfg.run.collective_timeout_s > 0,
+        "run.collective_timeout_s",
+        cfg.run.collective_timeout_s,
+        "must be positive",
+        "set run.collective_timeout_s=1800",
     )
 
 

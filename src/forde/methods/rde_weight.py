@@ -26,8 +26,8 @@ from forde.methods.likelihoods import Categorical, Likelihood
 def member_parameters(ensemble: Ensemble) -> torch.Tensor:
     """[M, 1, P]: each member's trainable parameters as one vector (one "sample" for the kernel). Buffers such
     as batch-norm statistics are not the particles' coordinates."""
-    return torch.stack(
-        [torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members]
+    return ensemble.gather_members(
+        torch.stack([torch.cat([p.reshape(-1) for p in m.parameters() if p.requires_grad]) for m in ensemble.members])
     ).unsqueeze(1)
 
 

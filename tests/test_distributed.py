@@ -1,0 +1,212 @@
+"""One ensemble over two processes (gloo, CPU) equals one process: both strategies, every method that runs
+distributed, float64, parameters, batch-norm statistics and losses after a few SGD steps with momentum."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_support as support
+from forde import distributed
+from forde.config import MethodConfig, TrainConfig
+from forde.errors import ConfigError
+
+METHODS = ["de", "forde_per_column", "forde_all_pairs", "forde_subset", "lit", "rde_weight", "rde_function"]
+
+
+def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[dict]:
+    port = support.free_port()
+    mp.start_processes(
+        support.rank_main, args=(size, port, names, strategy, str(out_dir)), nprocs=size, start_method="spawn"
+    )
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(size)]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each strategy's two ranks, every method trained in turn (one start of the processes per strategy)."""
+    return {s: run_ranks(tmp_path_factory.mktemp(s), METHODS, s) for s in distributed.STRATEGIES}
+
+
+@pytest.mark.parametrize("strategy", distributed.STRATEGIES)
+@pytest.mark.parametrize("name", METHODS)
+def test_two_processes_equal_one(two_processes, name, strategy):
+    reference = support.train_steps(name)
+    initial = support.train_steps(name, steps=0)["state"]
+    assert any(not torch.equal(v, initial[k]) for k, v in reference["state"].items())  # the steps moved the members
+    for result in two_processes[strategy]:
+        result = result[name]
+        assert result["losses"] == pytest.approx(reference["losses"], rel=1e-10, abs=1e-12)
+        assert result["state"].keys() == reference["state"].keys()
+        for key, value in reference["state"].items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+        assert len(result["momentum"]) == len(reference["momentum"])  # the optimizer, numbered as one process does
+        for mine, theirs in zip(result["momentum"], reference["momentum"]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_split_sizes():
+    assert distributed.split_sizes(10, 3) == [4, 3, 3]
+    assert distributed.split_sizes(4, 2) == [2, 2]
+
+
+def test_ranks_from_env():
+    assert distributed.ranks_from_env({}) is None
+    assert distributed.ranks_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
+    assert distributed.ranks_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
+    assert distributed.ranks_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}) == (3, 4, 1)
+    assert distributed.ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+
+
+def test_member_split_must_be_even():
+
+    world = distributed.World(0, 3, 0, "members")
+    with pytest.raises(ConfigError, match="ensemble_size = 4 does not split evenly over 3 processes"):
+        distributed.check_config(TrainConfig(ensemble_size=4), world)
+    with pytest.raises(ConfigError, match="method.name = 'swag' trains on one process only"):
+        distributed.check_config(
+            TrainConfig(ensemble_size=4, method=MethodConfig(name="swag")), distributed.World(0, 2, 0, "data")
+        )
+
+
+# ---------------------------------------------------------------- `forde train` under torchrun, kills and resumes
+
+QUICK = [
+    "ensemble_size=4",
+    "optim.epochs=2",
+    "eval.corruptions=[none]",
+    "eval.grad_samples=16",
+    "run.progress=false",
+    "data.val_fraction=0",
+    "eval.calibrate=false",
+]
+
+
+def forde_train(out: Path, name: str, args: list[str], processes: int = 1, env: dict | None = None):
+    """`forde train` in its own process(es): one plainly, several through torchrun (on the CPU: gloo)."""
+    command = [sys.executable, "-m", "forde", "train", *args, f"run.out_dir={out}", f"run.name={name}"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        launcher += ["--master-port", str(support.free_port()), "-m", "forde"]
+        command = launcher + command[3:]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["ensemble"]
+
+
+@pytest.fixture(scope="module")
+def one_process_quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    done = forde_train(out, "run", ["quickstart", *QUICK])
+    assert done.returncode == 0, done.stderr
+    return out / "run"
+
+
+@pytest.mark.parametrize("strategy", distributed.STRATEGIES)
+def test_torchrun_trains_the_quickstart_as_one_process_does(tmp_path, one_process_quickstart, strategy):
+    done = forde_train(tmp_path, "run", ["quickstart", *QUICK, f"run.distributed={strategy}"], processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr  # rank 0 says how the run is spread
+    reference = final_weights(one_process_quickstart)
+    weights = final_weights(tmp_path / "run")
+    assert weights.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    expected = json.loads((one_process_quickstart / "results.json").read_text())
+    assert results["processes"] == {"count": 2, "strategy": strategy}
+    assert results["summary"]["test/accuracy"] == pytest.approx(expected["summary"]["test/accuracy"], abs=0.01)
+
+
+def rank_processes(out: Path, args: list[str], size: int = 2) -> list[subprocess.Popen]:
+    """The ranks of one run started directly (as srun would), each its own process group: one can be killed."""
+    port = support.free_port()
+    procs = []
+    for rank in range(size):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank)}
+        env.update(WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
+        command = [sys.executable, "-m", "forde", "train", *args, f"run.out_dir={out}", "run.name=run"]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_a_killed_rank_ends_the_others_with_one_line(tmp_path):
+    procs = rank_processes(tmp_path, ["quickstart", *QUICK, "optim.epochs=12", "run.collective_timeout_s=120"])
+    wait_for(tmp_path / "run" / "metrics.jsonl", procs)
+    procs[1].kill()
+    started = time.monotonic()
+    _, err = procs[0].communicate(timeout=150)
+    assert procs[0].returncode == 1
+    assert time.monotonic() - started < 130  # the collective timeout bounds it; a dropped connection ends it sooner
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("forde: process 0: another process of this run stopped"), err[-3000:]
+    assert (tmp_path / "run" / "checkpoint.pt").exists()  # what was finished is kept ...
+    procs[0].wait()
+    resumed = forde_train(tmp_path, "run", ["quickstart", *QUICK, "optim.epochs=12", "run.collective_timeout_s=120"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]  # ... and resumes, here on one process
+    assert "resuming" in resumed.stderr and (tmp_path / "run" / "results.json").exists()
+
+
+def cifar_shaped(root: Path) -> list[str]:
+    from test_datasets import write_cifar10
+
+    write_cifar10(root, per_batch=16)
+    return [
+        "cifar10",
+        f"data.root={root}",
+        "ensemble_size=2",
+        "model.width=4",
+        "model.blocks=[1,1,1,1]",
+        "optim.batch_size=8",
+        "optim.epochs=2",
+        "eval.batch_size=16",
+        "data.val_fraction=0",
+        "eval.calibrate=false",
+        "eval.corruptions=[none]",
+        "eval.ood=[]",
+        "eval.grad_samples=8",
+        "run.progress=false",
+        "method.name=forde",
+        "method.alpha=0.0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "strategy", ["members"]
+)  # data: the same checkpoint code (slower here; the steps are tested above)
+def test_a_stopped_two_process_forde_run_resumes_to_the_unstopped_result(tmp_path, strategy):
+    args = [*cifar_shaped(tmp_path / "data"), f"run.distributed={strategy}"]
+    unstopped = rank_processes(tmp_path / "unstopped", args)
+    assert [p.wait(timeout=600) for p in unstopped] == [0, 0], [p.communicate()[1][-2000:] for p in unstopped]
+    stopped = rank_processes(tmp_path / "stopped", args)
+    wait_for(tmp_path / "stopped" / "run" / "metrics.jsonl", stopped)  # epoch 1 is checkpointed
+    for p in stopped:
+        p.kill()
+        p.wait()
+    assert not (tmp_path / "stopped" / "run" / "results.json").exists()
+    resumed = rank_processes(tmp_path / "stopped", args)
+    outcomes = [p.communicate(timeout=600) for p in resumed]
+    assert [p.returncode for p in resumed] == [0, 0], [e[-2000:] for _, e in outcomes]
+    assert "resuming" in outcomes[0][1]
+    reference = final_weights(tmp_path / "unstopped" / "run")
+    weights = final_weights(tmp_path / "stopped" / "run")
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
