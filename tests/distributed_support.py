@@ -62,7 +62,15 @@ def batches(steps: int):
 def train_steps(name: str, world: distributed.World | None = None, steps: int = STEPS) -> dict:
     """Parameters, buffers (batch-norm statistics) and losses after `steps` SGD steps with momentum: the whole
     ensemble's, in the one-process numbering, on every rank."""
+    saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    try:
+        return _train_steps(name, world, steps)
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _train_steps(name: str, world: distributed.World | None, steps: int) -> dict:
     torch.manual_seed(0)
     full = Ensemble([member() for _ in range(MEMBERS)])
     ensemble = distributed.distribute(full, world)

@@ -18,6 +18,7 @@ import distributed_support as support
 from forde import distributed
 from forde.config import MethodConfig, TrainConfig
 from forde.errors import ConfigError
+from forde.sweep import trial_processes
 
 METHODS = ["de", "forde_per_column", "forde_all_pairs", "forde_subset", "lit", "rde_weight", "rde_function"]
 
@@ -210,3 +211,40 @@ def test_a_stopped_two_process_forde_run_resumes_to_the_unstopped_result(tmp_pat
     weights = final_weights(tmp_path / "stopped" / "run")
     for key, value in reference.items():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
+
+
+# ---------------------------------------------------------------- sweeps: a trial on several processes
+
+
+def test_a_sweep_worker_trains_each_trial_on_several_processes(tmp_path, monkeypatch):
+    """What `launch.py --gpus 0,1 --gpus-per-trial 2` gives a worker, on the CPU: its trials on two processes."""
+    from sweep_support import FAST, launch
+
+    monkeypatch.setenv("FORDE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv(trial_processes.PROCESSES_VARIABLE, "2")
+    assert launch(tmp_path, "--n-trials", "1", "--no-wandb", *FAST) == 0
+    run_dir = tmp_path / "studies" / "quickstart" / "runs" / "trial-0000"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["processes"] == {"count": 2, "strategy": "data"}
+    assert (run_dir / "rank-1.log").exists()
+    assert "RANK" not in os.environ  # the worker is one process again between trials
+
+
+def test_a_dead_helper_is_the_environment_not_the_trial():
+    from forde.sweep.lifecycle import ENVIRONMENT, TRIAL, classify
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer"
+    )
+    assert classify(gloo) == ENVIRONMENT
+    assert classify(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) == TRIAL
+
+
+def test_gpus_per_trial_groups_the_gpus():
+    from forde.sweep.options import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--study", "q", "--gpus", "0,1,2", "--gpus-per-trial", "2"], Path("."))
+    with pytest.raises(SystemExit):
+        parse_args(["--study", "q", "--gpus-per-trial", "2"], Path("."))
+    assert parse_args(["--study", "q", "--gpus", "0,1,2,3", "--gpus-per-trial", "2"], Path(".")).gpus_per_trial == 2

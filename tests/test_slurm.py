@@ -45,6 +45,13 @@ def test_slurm_spec_maps_one_gpu_to_one_array_task():
     assert cpu.workers == 3 and "gres" not in executor_parameters(cpu, "forde-x")
 
 
+def test_slurm_trials_on_several_gpus_take_a_group_per_array_task():
+    spec = parse_spec("partition=gpu,nodes=2,gpus_per_node=4,gpus_per_trial=2,time=60")
+    assert spec.workers == 4 and executor_parameters(spec, "forde-x")["gres"] == "gpu:2"
+    with pytest.raises(ConfigError, match="gpus_per_node=4 does not split into groups of 3"):
+        parse_spec("partition=gpu,gpus_per_node=4,gpus_per_trial=3,time=60")
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 from torch.overrides import TorchFunctionMode
 
 from forde.config import TrainConfig
@@ -96,7 +95,7 @@ def start(strategy: str, device: str, timeout_s: float) -> World | None:
     return World(rank, size, local, strategy)
 
 
-PEER_ERRORS = ("connection reset", "connection closed", "timed out", "timeout", "broken pipe", "nccl", "gloo")
+PEER_ERRORS = ("gloo", "nccl", "processgroup", "c10d")  # what torch.distributed's backends put in their errors
 
 
 def lost_peer(err: BaseException) -> str | None:
@@ -104,16 +103,16 @@ def lost_peer(err: BaseException) -> str | None:
     error. Each process keeps what was finished (rank 0's checkpoint), so the same launch continues from there."""
     text = str(err).strip()
     is_peer = isinstance(err, dist.DistError) or (
-        isinstance(err, RuntimeError) and ranks_from_env() is not None and any(m in text.lower() for m in PEER_ERRORS)
+        isinstance(err, RuntimeError) and any(m in text.lower() for m in PEER_ERRORS)
     )
     if not is_peer:
         return None
     ranks = ranks_from_env()
-    rank = ranks[0] if ranks else "?"
+    who = f"process {ranks[0]}: " if ranks else ""
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)  # gloo's [file:line]
     first = first.split(". ")[0][:160]
     return (
-        f"process {rank}: another process of this run stopped or stopped answering ({first}); its own error is in "
+        f"{who}another process of this run stopped or stopped answering ({first}); its own error is in "
         "its output; the last checkpoint is kept and the same launch command continues from it"
     )
 
@@ -126,6 +125,25 @@ def stop() -> None:
 def split_sizes(n: int, parts: int) -> list[int]:
     """How n items are shared over `parts` ranks: as evenly as possible, the first ranks one more."""
     return [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
+
+
+class _AllReduce(torch.autograd.Function):
+    """The sum over the ranks, differentiable any number of times: its backward is itself (every rank's loss
+    depends on every rank's input), so the input-gradient terms' second derivatives pass through it."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduce.apply(grad)
+
+
+def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    return _AllReduce.apply(t)
 
 
 class _Gather(torch.autograd.Function):

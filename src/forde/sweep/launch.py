@@ -40,6 +40,7 @@ from forde.sweep.outages import patiently
 from forde.sweep.storage import SweepStorage
 from forde.sweep.study import Study
 from forde.sweep.summary import best_table, status
+from forde.sweep.trial_processes import PROCESSES_VARIABLE
 from forde.sweep.worker import Sweep, run_worker, serve
 
 __all__ = ["main", "parse_args"]
@@ -190,6 +191,7 @@ def spawn_workers(args: argparse.Namespace, devices: Sequence[str | None], sweep
             env.pop("WANDB_SERVICE", None)  # each worker its own W&B service: one outliving a killed worker keeps none
             if dev is not None:
                 env["CUDA_VISIBLE_DEVICES"] = dev
+                env[PROCESSES_VARIABLE] = str(len(dev.split(",")))
             else:  # CPU workers split the cores instead of each taking all of them
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
             cmd = [
@@ -288,6 +290,8 @@ def launch(args: argparse.Namespace) -> int:
         import torch
 
         devices = gpu_devices(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
+        n = args.gpus_per_trial  # one worker per group of GPUs; each of its trials one process per GPU
+        devices = [",".join(devices[i : i + n]) for i in range(0, len(devices), n)]
     check_folder(study_dir)
     check_folder_storage(study_dir, storage, study.name)
     storage.check()

@@ -189,6 +189,8 @@ def classify(err: BaseException, own_paths: Iterable[Path] = ()) -> str:
 
     if isinstance(err, MissingDataError) or is_storage_error(err) or _is_wandb_error(err) or is_accelerator_error(err):
         return ENVIRONMENT
+    if _is_lost_peer(err):  # another process of a trial on several devices died: as if this worker had been killed
+        return ENVIRONMENT
     if isinstance(err, OSError):
         if err.errno in ENVIRONMENT_ERRNOS or isinstance(err, (ConnectionError, TimeoutError)):
             return ENVIRONMENT
@@ -209,6 +211,13 @@ def expected(err: BaseException) -> bool:
     return isinstance(err, (ConfigError, MemoryError, NonFiniteLossError, torch.OutOfMemoryError)) or (
         classify(err) == ENVIRONMENT and not is_accelerator_error(err)
     )
+
+
+def _is_lost_peer(err: BaseException) -> bool:
+    import sys
+
+    distributed = sys.modules.get("forde.distributed")  # only a trial that trained is one of several processes
+    return distributed is not None and distributed.lost_peer(err) is not None
 
 
 def _is_wandb_error(err: BaseException) -> bool:

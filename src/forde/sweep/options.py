@@ -37,6 +37,13 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("studies"), help="parent of the study directory")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids: one worker process per GPU")
     p.add_argument(
+        "--gpus-per-trial",
+        type=positive,
+        default=1,
+        help="GPUs each trial trains on, as one ensemble over that many processes (run.distributed chooses how); "
+        "--gpus 0,1,2,3 --gpus-per-trial 2 runs two trials at a time",
+    )
+    p.add_argument(
         "--workers", type=positive, default=1, help="worker processes on this machine when --gpus is not given"
     )
     p.add_argument(
@@ -69,6 +76,13 @@ def parse_args(argv: list[str] | None, studies_dir: Path) -> argparse.Namespace:
         p.error("--slurm places the workers itself (nodes, gpus_per_node); drop --gpus and --workers")
     if args.gpus and args.workers != 1:
         p.error("--gpus starts one worker per GPU; drop --workers")
+    if args.gpus_per_trial > 1 and not args.gpus:
+        p.error("--gpus-per-trial needs --gpus: name the GPUs to group, e.g. --gpus 0,1,2,3 --gpus-per-trial 2")
+    if args.gpus and len(args.gpus.split(",")) % args.gpus_per_trial:
+        p.error(
+            f"--gpus {args.gpus}: {len(args.gpus.split(','))} GPUs do not split into groups of --gpus-per-trial "
+            f"{args.gpus_per_trial}; name a multiple of {args.gpus_per_trial} GPUs"
+        )
     args.studies_dir = studies_dir
     return args
 

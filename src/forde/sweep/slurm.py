@@ -32,6 +32,7 @@ from forde.sweep.options import worker_argv
 from forde.sweep.storage import SweepStorage
 from forde.sweep.study import read_study
 from forde.sweep.summary import best_table
+from forde.sweep.trial_processes import PROCESSES_VARIABLE
 
 log = logging.getLogger("forde.sweep")
 
@@ -48,6 +49,7 @@ class SlurmSpec:
     partition: str | None = None  # the cluster's default partition when not given
     nodes: int = 1
     gpus_per_node: int = 1  # one worker per GPU; 0 for CPU workers (one per node)
+    gpus_per_trial: int = 1  # GPUs each worker holds, its trials one ensemble over them (forde.distributed)
     cpus_per_worker: int | None = None
     mem: str | None = None  # memory per worker, Slurm syntax (e.g. 32G)
     account: str | None = None
@@ -57,7 +59,7 @@ class SlurmSpec:
 
     @property
     def workers(self) -> int:
-        return self.nodes * (self.gpus_per_node or 1)
+        return self.nodes * ((self.gpus_per_node // self.gpus_per_trial) or 1)
 
     @property
     def minutes(self) -> int:
@@ -115,9 +117,14 @@ def parse_spec(text: str) -> SlurmSpec:
             f"--slurm time: {spec.time} is too short; a worker is warned {SIGNAL_S} s before its limit "
             f"(up to a minute earlier), so give it at least {MIN_MINUTES} minutes"
         )
-    for key in ("nodes", "cpus_per_worker"):
+    for key in ("nodes", "cpus_per_worker", "gpus_per_trial"):
         if getattr(spec, key) == 0:
             raise ConfigError(f"--slurm {key}: must be at least 1")
+    if spec.gpus_per_trial > 1 and spec.gpus_per_node % spec.gpus_per_trial:
+        raise ConfigError(
+            f"--slurm gpus_per_trial={spec.gpus_per_trial}: gpus_per_node={spec.gpus_per_node} does not split into "
+            f"groups of {spec.gpus_per_trial}; make gpus_per_node a multiple of it"
+        )
     return spec
 
 
@@ -161,7 +168,7 @@ def executor_parameters(spec: SlurmSpec, job_name: str) -> dict:
         "signal_delay_s": SIGNAL_S,
     }
     if spec.gpus_per_node:
-        params["gres"] = "gpu:1"
+        params["gres"] = f"gpu:{spec.gpus_per_trial}"
     optional = {
         "partition": spec.partition,
         "cpus_per_task": spec.cpus_per_worker,
@@ -187,12 +194,15 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         overrides: list[str],
         n_trials: int | None,
         trust_code: bool = False,
+        processes_per_trial: int = 1,
     ):
         self.argv, self.study_file, self.storage, self.study_dir = argv, study_file, storage, study_dir
         self.overrides, self.n_trials, self.trust_code = overrides, n_trials, trust_code
+        self.processes_per_trial = processes_per_trial
 
     def __call__(self, task: int) -> int:
         env = submitit.JobEnvironment()
+        os.environ[PROCESSES_VARIABLE] = str(self.processes_per_trial)  # trials on the task's GPUs together
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:  # CPU workers use the cores Slurm gave them, not every core of the node
             import torch
@@ -227,7 +237,16 @@ def submit_workers(args, spec: SlurmSpec, study_name: str, study_dir: Path, stor
     out, study_dir = Path(args.out).resolve(), study_dir.resolve()
     study_file = Path(args.study_file).resolve()
     argv = worker_argv(argparse.Namespace(**{**vars(args), "study_file": study_file, "out": out}), storage.url)
-    worker = SlurmWorker(argv, study_file, storage.url, study_dir, list(args.overrides), args.n_trials, args.trust_code)
+    worker = SlurmWorker(
+        argv,
+        study_file,
+        storage.url,
+        study_dir,
+        list(args.overrides),
+        args.n_trials,
+        args.trust_code,
+        spec.gpus_per_trial if spec.gpus_per_node else 1,
+    )
     executor = submitit.SlurmExecutor(folder=study_dir / "slurm", max_num_timeout=spec.resubmits)
     executor.update_parameters(**executor_parameters(spec, f"forde-{study_name}"))
     try:

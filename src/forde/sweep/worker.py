@@ -65,6 +65,7 @@ from forde.sweep.outages import patiently, storage_up_since
 from forde.sweep.records import retry_of
 from forde.sweep.storage import SweepStorage
 from forde.sweep.study import Study
+from forde.sweep.trial_processes import processes_per_trial, trial_processes
 from forde.tracking import WandbRun
 from forde.train import train
 
@@ -325,7 +326,8 @@ class TrialRunner:
                         name=run_name,
                         extra_config={"trial": number, "study": study.name, "params": params},
                     )
-                    results = self.train_fn(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
+                    with trial_processes(cfg, run_dir, processes_per_trial()):  # several devices: helper ranks
+                        results = self.train_fn(cfg, callbacks=[tracker, PruningReporter(trial, study.prune_metric)])
             ending = Ending(
                 DONE, values=[results["summary"][o.metric] for o in study.objectives], summary=results["summary"]
             )
