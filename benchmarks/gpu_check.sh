@@ -134,6 +134,9 @@ fi
 if [ "$PART" != 2 ]; then
   stage "pytest -m cuda" 150 $PY -m pytest -m cuda -q -p no:cacheprovider tests
   stage "step times" 180 $PY benchmarks/step_time.py --device "$DEVICE" "${STEP_ARGS[@]}" --out "$RESULTS/step_time-$SUFFIX.md"
+  if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then  # one ensemble over two GPUs
+    stage "two GPUs" 120 $PY benchmarks/distributed.py --device cuda --processes 1,2 --out "$RESULTS/distributed-$SUFFIX.md"
+  fi
 fi
 
 # -- part 2: real epochs, a short CIFAR-10 training, the whole CIFAR-10-C evaluation ----------------------

@@ -74,8 +74,6 @@ def start(strategy: str, device: str, timeout_s: float) -> World | None:
     if ranks is None:
         return None
     rank, size, local = ranks
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"run.distributed = {strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ConfigError(
@@ -320,7 +318,8 @@ class MemberParallelEnsemble(Ensemble):
         """This rank's ensemble and SGD states merged with every other rank's into the one-process format
         (members and optimizer entries renumbered); every rank takes part, every rank gets the result."""
         pieces: list = [None] * self.world.size
-        dist.all_gather_object(pieces, (self.start, self._param_range()[0], ensemble_state, optimizer_state))
+        mine = (self.start, self._param_range()[0], _on_cpu(ensemble_state), _on_cpu(optimizer_state))
+        dist.all_gather_object(pieces, mine)  # on the CPU: a GPU tensor would arrive on its sender's device
         ensemble, state, params = {}, {}, []
         group = None
         for start, first, ens, opt in pieces:
@@ -342,7 +341,7 @@ class MemberParallelEnsemble(Ensemble):
                 ensemble[_renumber(k, -self.start)] = v
         first, last = self._param_range()
         (group,) = optimizer_state["param_groups"]
-        state = {i - first: v for i, v in optimizer_state["state"].items() if first <= int(i) < last}
+        state = {int(i) - first: v for i, v in optimizer_state["state"].items() if first <= int(i) < last}
         return ensemble, {"state": state, "param_groups": [{**group, "params": list(range(last - first))}]}
 
 
@@ -355,8 +354,17 @@ def _renumber(key: str, shift: int) -> str:
     index = _member_index(key)
     if index is None:
         return key
-    head, _, rest = key.split(".", 2)
-    return f"members.{index + shift}.{rest}"
+    return f"members.{index + shift}.{key.split('.', 2)[2]}"
+
+
+def _on_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_on_cpu(v) for v in state]
+    return state
 
 
 def check_config(cfg: TrainConfig, world: World) -> None:
@@ -376,6 +384,11 @@ def check_config(cfg: TrainConfig, world: World) -> None:
         raise ConfigError(
             f"model.execution = 'vmap' with {where}: batch norm is synchronised over the processes in the members' "
             "loop; set model.execution=auto"
+        )
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError(
+            f"device = {cfg.device!r} with {where}: each process takes the GPU of its local rank; set device=auto "
+            "(choose the GPUs with CUDA_VISIBLE_DEVICES)"
         )
     if cfg.cuda.graphs:
         raise ConfigError(
