@@ -179,6 +179,10 @@ class _SyncBatchNorm(TorchFunctionMode):
     rank all-reduced with autograd (twice differentiable, for the input-gradient terms); running statistics
     updated as one process with the whole batch would (unbiased variance). Evaluation mode passes through."""
 
+    def __init__(self, world: World):
+        super().__init__()
+        self.world = world
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.batch_norm:
@@ -195,17 +199,24 @@ class _SyncBatchNorm(TorchFunctionMode):
             a.get("bias"),
             a.get("momentum", 0.1),
             a.get("eps", 1e-5),
+            self.world,
         )
 
 
-def synced_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps) -> torch.Tensor:
+def synced_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, world: World) -> torch.Tensor:
+    """Each rank's per-channel count, mean and sum of squared deviations gathered in one exchange and pooled
+    (Chan et al.'s parallel variance: exact, and stable where a mean is large against its spread)."""
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    local_count = x.new_full((1,), x.numel() // x.shape[1])
-    sums = differentiable_all_reduce(torch.cat([x.sum(dims), local_count]))  # one exchange: sums and sample count
-    mean, count = sums[:-1] / sums[-1], sums[-1].detach()
+    n = x.new_full((x.shape[1],), x.numel() // x.shape[1])
+    local_mean = x.mean(dims) if x.numel() else torch.zeros_like(n)
+    local_m2 = (x - local_mean.view(shape)).square().sum(dims)
+    pieces = gather(torch.stack([n, local_mean, local_m2]).unsqueeze(0), 0, [1] * world.size, world.rank, True)
+    counts, means, m2s = pieces.unbind(1)  # [P, C] each
+    count = counts.sum(0).detach()
+    mean = (counts * means).sum(0) / count
+    var = (m2s + counts * (means - mean).square()).sum(0) / count
     centred = x - mean.view(shape)
-    var = differentiable_all_reduce(centred.square().sum(dims)) / count
     out = centred * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         out = out * weight.view(shape)
@@ -233,7 +244,7 @@ class DataParallelEnsemble(Ensemble):
         return x.narrow(dim, sum(sizes[: self.world.rank]), sizes[self.world.rank]), sizes
 
     def _run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        with native_derivatives(), _SyncBatchNorm() if self.training else contextlib.nullcontext():
+        with native_derivatives(), _SyncBatchNorm(self.world) if self.training else contextlib.nullcontext():
             return fn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
