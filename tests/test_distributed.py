@@ -63,8 +63,37 @@ def test_ranks_from_env():
     assert distributed.ranks_from_env({}) is None
     assert distributed.ranks_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
     assert distributed.ranks_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
-    assert distributed.ranks_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}) == (3, 4, 1)
-    assert distributed.ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+    step = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1"}
+    assert distributed.ranks_from_env(step) == (3, 4, 1)  # a task of `srun --ntasks 4`
+    # the batch script of a 4-task job is one process, not rank 0 of 4 waiting for the others
+    assert distributed.ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
+
+
+def test_one_line_before_any_process_waits(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT unset"):
+        distributed.start("data", "cpu", 10)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(ConfigError, match="device = 'cuda:1' with 2 processes: each process takes the GPU"):
+        distributed.start("data", "cuda:1", 10)
+    from forde.run_evaluation import evaluate_run
+
+    with pytest.raises(ConfigError, match="forde eval runs as one process"):
+        evaluate_run(Path("anywhere"))
+
+
+def test_a_lost_peer_is_one_line():
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:3778: "
+        "Connection reset by peer. This is typically caused by a remote worker hanging"
+    )
+    assert distributed.lost_peer(gloo).startswith(
+        "another process of this run stopped, stopped answering or never "
+        "joined (Read error [127.0.0.1]:3778: Connection reset by peer)"
+    )
+    assert distributed.lost_peer(ValueError("gloo")) is None and distributed.lost_peer(RuntimeError("shapes")) is None
 
 
 def test_member_split_must_be_even():
@@ -127,6 +156,12 @@ def test_torchrun_trains_the_quickstart_as_one_process_does(tmp_path, one_proces
     expected = json.loads((one_process_quickstart / "results.json").read_text())
     assert results["processes"] == {"count": 2, "strategy": strategy}
     assert results["summary"]["test/accuracy"] == pytest.approx(expected["summary"]["test/accuracy"], abs=0.01)
+    assert done.stdout.count("run directory:") == 1  # one process prints the results
+    if strategy == "members":  # evaluated again on one process, the record of how it was trained stays
+        from forde.run_evaluation import evaluate_run
+
+        again = evaluate_run(tmp_path / "run", ["eval.grad_samples=0"], out_name="again.json")
+        assert again["processes"] == results["processes"] and again["train_time_s"] == results["train_time_s"]
 
 
 def rank_processes(out: Path, args: list[str], size: int = 2) -> list[subprocess.Popen]:
@@ -150,7 +185,7 @@ def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) ->
 
 
 def test_a_killed_rank_ends_the_others_with_one_line(tmp_path):
-    procs = rank_processes(tmp_path, ["quickstart", *QUICK, "optim.epochs=12", "run.collective_timeout_s=120"])
+    procs = rank_processes(tmp_path, ["quickstart", *QUICK, "optim.epochs=8", "run.collective_timeout_s=120"])
     wait_for(tmp_path / "run" / "metrics.jsonl", procs)
     procs[1].kill()
     started = time.monotonic()
@@ -161,7 +196,7 @@ def test_a_killed_rank_ends_the_others_with_one_line(tmp_path):
     assert last.startswith("forde: process 0: another process of this run stopped"), err[-3000:]
     assert (tmp_path / "run" / "checkpoint.pt").exists()  # what was finished is kept ...
     procs[0].wait()
-    resumed = forde_train(tmp_path, "run", ["quickstart", *QUICK, "optim.epochs=12", "run.collective_timeout_s=120"])
+    resumed = forde_train(tmp_path, "run", ["quickstart", *QUICK, "optim.epochs=8", "run.collective_timeout_s=120"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]  # ... and resumes, here on one process
     assert "resuming" in resumed.stderr and (tmp_path / "run" / "results.json").exists()
 

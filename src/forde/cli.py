@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("forde")
 
 
+def main_process() -> bool:
+    """Rank 0 of a distributed run, or the only process; read from the launcher's environment without torch."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -86,8 +91,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides, trust_code=args.trust_code)
     results = train(cfg)
-    print(headline(results["summary"]))
-    print(f"run directory: {run_dir_of(cfg)} (results.json holds every metric)")
+    if main_process():  # one of several processes (torchrun, srun) speaks
+        print(headline(results["summary"]))
+        print(f"run directory: {run_dir_of(cfg)} (results.json holds every metric)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -372,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forde: {err}", file=sys.stderr)
         return 2
     except ConfigError as err:
-        print(f"forde: config error: {err}", file=sys.stderr)
+        if main_process():  # every process of a distributed run finds the same error
+            print(f"forde: config error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

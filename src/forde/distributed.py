@@ -57,11 +57,12 @@ class World:
 
 def ranks_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int] | None:
     """(rank, world size, local rank) as torchrun sets them (RANK, WORLD_SIZE, LOCAL_RANK) or, under srun, as Slurm
-    does (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); None for a single process."""
+    does for the tasks of a step (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID); None for a single process."""
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, size, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, size, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a task of an srun step: not
+        rank, size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])  # the batch script of a job
+        local = int(env.get("SLURM_LOCALID", "0"))
     else:
         return None
     return (rank, size, local) if size > 1 else None
@@ -80,10 +81,28 @@ def start(strategy: str, device: str, timeout_s: float) -> World | None:
             f"{size} processes but {' and '.join(missing)} unset: launch with torchrun, or under srun export "
             "MASTER_ADDR (the first node's host name) and MASTER_PORT (a free port) before the command"
         )
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"device = {device!r} with {size} processes: each process takes the GPU of its local rank; set "
+            "device=auto or cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device = {device!r}: process {rank} is local rank {local}, but {torch.cuda.device_count()} GPU(s) "
+                "are visible here; start at most one process per GPU, or set device=cpu"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
+        if rank == 0:
+            log.info(
+                "waiting for %d processes to join at %s:%s (run.collective_timeout_s=%g)",
+                size,
+                os.environ["MASTER_ADDR"],
+                os.environ["MASTER_PORT"],
+                timeout_s,
+            )
         dist.init_process_group(
             "nccl" if cuda else "gloo",
             rank=rank,
@@ -110,8 +129,8 @@ def lost_peer(err: BaseException) -> str | None:
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)  # gloo's [file:line]
     first = first.split(". ")[0][:160]
     return (
-        f"{who}another process of this run stopped or stopped answering ({first}); its own error is in "
-        "its output; the last checkpoint is kept and the same launch command continues from it"
+        f"{who}another process of this run stopped, stopped answering or never joined ({first}); its own error "
+        "is in its output; finished epochs are kept (rank 0's checkpoint), and the same launch command continues"
     )
 
 
@@ -395,11 +414,6 @@ def check_config(cfg: TrainConfig, world: World) -> None:
         raise ConfigError(
             f"model.execution = 'vmap' with {where}: batch norm is synchronised over the processes in the members' "
             "loop; set model.execution=auto"
-        )
-    if cfg.device.startswith("cuda:"):
-        raise ConfigError(
-            f"device = {cfg.device!r} with {where}: each process takes the GPU of its local rank; set device=auto "
-            "(choose the GPUs with CUDA_VISIBLE_DEVICES)"
         )
     if cfg.cuda.graphs:
         raise ConfigError(

@@ -18,6 +18,7 @@ from forde.config import ConfigError
 from forde.data.corrupted import CorruptedSet, prepare_corrupted
 from forde.data.corrupted import corrupted_sets as configured_corrupted_sets
 from forde.data.ood_sets import check_ood_sets, ood_sets
+from forde.distributed import ranks_from_env
 from forde.evaluate import evaluate_corrupted, evaluate_ood, predictions_and_gradients
 from forde.metrics import ensemble_log_probs, ensemble_metrics
 from forde.names import RULE, is_path_component
@@ -29,6 +30,7 @@ from forde.run_dir import (
     RUN_FILES,
     RunDirError,
     load_checkpoint,
+    read_results,
     restore,
     run_record,
     to_json,
@@ -154,6 +156,9 @@ EVAL_OVERRIDABLE = (
 )
 
 
+TRAINING_RECORD = ("train_time_s", "session_time_s", "processes")
+
+
 def evaluate_run(
     run_dir: Path, overrides: list[str] | None = None, out_name: str = RESULTS, trust_code: bool = False
 ) -> dict:
@@ -172,6 +177,11 @@ def evaluate_run(
         raise ConfigError(
             f"--out {out_name!r} would replace the run's own {run_dir / out_name}; name a new file, "
             "e.g. --out results-c.json"
+        )
+    if ranks_from_env() is not None:
+        raise ConfigError(
+            "forde eval runs as one process (it reads the one-process checkpoint every run writes); run it without "
+            "torchrun or srun"
         )
     overrides = overrides or []
     bad = [o for o in overrides if not o.startswith(EVAL_OVERRIDABLE)]
@@ -201,7 +211,9 @@ def evaluate_run(
     restore(run_dir, setup.ensemble.load_state_dict, state["ensemble"])
     prepare_corrupted(cfg, setup.dataset)
     check_ood_sets(cfg, setup.dataset)  # a missing or unreadable OOD set: one line before evaluating
-    results = {**run_record(cfg, run_dir, state["epoch"]), **final_evaluation(setup)}
+    trained = read_results(run_dir) or {}  # how the run was trained stays on record (times, processes)
+    kept = {k: trained[k] for k in TRAINING_RECORD if k in trained}
+    results = {**run_record(cfg, run_dir, state["epoch"]), **kept, **final_evaluation(setup)}
     write_atomic(run_dir / out_name, to_json(results))
     log.info("wrote %s: %s", run_dir / out_name, brief_summary(results["summary"]))
     return results
