@@ -243,6 +243,24 @@ def test_storage_errors_are_described_by_their_cause():
         assert text in describe(err) and "invalid data" not in describe(err)
 
 
+def test_a_query_after_a_dropped_connection_is_waited_out():
+    """Optuna retries some queries in the session whose connection the server just dropped; SQLAlchemy then refuses
+    with PendingRollbackError, and the session is rolled back on the way out: the next call works."""
+    import sqlalchemy.exc
+
+    from forde.sweep.lifecycle import is_transient
+
+    err = optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+    err.__cause__ = sqlalchemy.exc.PendingRollbackError(
+        "Can't reconnect until invalid transaction is rolled back.  Please rollback() fully before proceeding"
+    )
+    assert is_transient(err)
+    err.__cause__ = sqlalchemy.exc.PendingRollbackError(
+        "This Session's transaction has been rolled back due to a flush"
+    )
+    assert not is_transient(err)  # a failed write of our own: waiting does not cure it
+
+
 def test_postgresql_urls_name_the_driver_the_extra_installs():
     assert driver_url("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
     assert driver_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"

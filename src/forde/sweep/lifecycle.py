@@ -162,7 +162,17 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(cause, OSError):
         return cause.errno in TRANSIENT_ERRNOS or isinstance(cause, (ConnectionError, TimeoutError))
-    return any(isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) for e in causes(err))
+    return any(
+        isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or _after_lost_connection(e)
+        for e in causes(err)
+    )
+
+
+def _after_lost_connection(err: BaseException) -> bool:
+    """SQLAlchemy's PendingRollbackError "Can't reconnect until invalid transaction is rolled back": a query made in a
+    transaction whose connection the server had just dropped (Optuna retries some queries in the same session). The
+    session is rolled back and closed on the way out, so the call succeeds when made again."""
+    return isinstance(err, sqlalchemy.exc.PendingRollbackError) and "reconnect" in str(err).lower()
 
 
 def is_accelerator_error(err: BaseException) -> bool:
