@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -93,9 +92,7 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, queue) 
 
 
 def measure(size: int, args: argparse.Namespace) -> tuple[float, float, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(rank_main, args=(size, port, args, queue), nprocs=size, start_method="spawn")
     return queue.get()

@@ -4,7 +4,6 @@ on one process (the reference) or as one rank of several (gloo). Spawned by test
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 
 import torch
@@ -16,12 +15,6 @@ from forde.ensemble import Ensemble
 from forde.methods import LIT, DeepEnsemble, FoRDE, FunctionRDE, WeightRDE
 
 MEMBERS, BATCH, STEPS, CLASSES, SHAPE = 4, 10, 3, 3, (2, 5, 5)  # 10 samples: 2 ranks get 5 each (odd shares)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def member() -> nn.Module:

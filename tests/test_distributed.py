@@ -24,7 +24,7 @@ METHODS = ["de", "forde_per_column", "forde_all_pairs", "forde_subset", "lit", "
 
 
 def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[dict]:
-    port = support.free_port()
+    port = distributed.free_port()
     mp.start_processes(
         support.rank_main, args=(size, port, names, strategy, str(out_dir)), nprocs=size, start_method="spawn"
     )
@@ -125,7 +125,7 @@ def forde_train(out: Path, name: str, args: list[str], processes: int = 1, env: 
     command = [sys.executable, "-m", "forde", "train", *args, f"run.out_dir={out}", f"run.name={name}"]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-        launcher += ["--master-port", str(support.free_port()), "-m", "forde"]
+        launcher += ["--master-port", str(distributed.free_port()), "-m", "forde"]
         command = launcher + command[3:]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
@@ -166,7 +166,7 @@ def test_torchrun_trains_the_quickstart_as_one_process_does(tmp_path, one_proces
 
 def rank_processes(out: Path, args: list[str], size: int = 2) -> list[subprocess.Popen]:
     """The ranks of one run started directly (as srun would), each its own process group: one can be killed."""
-    port = support.free_port()
+    port = distributed.free_port()
     procs = []
     for rank in range(size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank)}

@@ -23,8 +23,13 @@ log = logging.getLogger("forde")
 
 
 def main_process() -> bool:
-    """Rank 0 of a distributed run, or the only process; read from the launcher's environment without torch."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    """Rank 0 of a distributed run, or the only process (torch is imported only when a launcher set the ranks)."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return True
+    from forde.distributed import ranks_from_env
+
+    ranks = ranks_from_env()
+    return ranks is None or ranks[0] == 0
 
 
 def _setup_logging(verbose: bool) -> None:

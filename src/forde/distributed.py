@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from forde.config import TrainConfig
-from forde.ensemble import Ensemble, InputGradients
+from forde.ensemble import Ensemble, InputGradients, input_copies
 from forde.errors import ConfigError
 from forde.models.derivatives import for_double_backward, native_derivatives
 
@@ -134,6 +135,13 @@ def lost_peer(err: BaseException) -> str | None:
     )
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a rendezvous of processes started here (MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -194,8 +202,8 @@ def gather(piece: torch.Tensor, dim: int, sizes: list[int], rank: int, sum_backw
 
 
 class _SyncBatchNorm(TorchFunctionMode):
-    """Training-mode F.batch_norm with the statistics of the whole global batch: the per-channel sums of every
-    rank all-reduced with autograd (twice differentiable, for the input-gradient terms); running statistics
+    """Training-mode F.batch_norm with the statistics of the whole global batch (`synced_batch_norm`: every rank's
+    statistics gathered with autograd, twice differentiable for the input-gradient terms); running statistics
     updated as one process with the whole batch would (unbiased variance). Evaluation mode passes through."""
 
     def __init__(self, world: World):
@@ -279,7 +287,7 @@ class DataParallelEnsemble(Ensemble):
     def output_gradients(self, x, pick, create_graph: bool = True) -> InputGradients:
         local, sizes = self._shard(x)
         rank = self.world.rank
-        xs = local.detach().unsqueeze(0).expand(len(self), *local.shape).clone().requires_grad_(True)
+        xs = input_copies(local, len(self))
         outputs = self._run(lambda: Ensemble.forward_each(self, xs))
         # the picked outputs of the whole batch (pick knows the global targets); only this rank's reach its inputs
         picked = pick(gather(outputs, 1, sizes, rank, sum_backward=False)).sum()
@@ -332,7 +340,7 @@ class MemberParallelEnsemble(Ensemble):
     def output_gradients(self, x, pick, create_graph: bool = True) -> InputGradients:
         if create_graph:
             self._refuse_compiled_members()
-        xs = x.detach().unsqueeze(0).expand(len(self.members), *x.shape).clone().requires_grad_(True)
+        xs = input_copies(x, len(self.members))
         with for_double_backward() if create_graph else native_derivatives():
             outputs = Ensemble.forward_each(self, xs)
         everyone = self.gather_members(outputs)

@@ -110,7 +110,7 @@ class Ensemble(nn.Module):
         """
         if create_graph:
             self._refuse_compiled_members()
-        xs = x.detach().unsqueeze(0).expand(len(self), *x.shape).clone().requires_grad_(True)
+        xs = input_copies(x, len(self))
         with for_double_backward() if create_graph else contextlib.nullcontext():
             outputs = self.forward_each(xs)
         (grads,) = torch.autograd.grad(pick(outputs).sum(), xs, create_graph=create_graph)
@@ -134,6 +134,11 @@ class Ensemble(nn.Module):
 
         With `create_graph=False` the gradients are plain tensors, e.g. for `metrics.gradient_cosine_distance`."""
         return self.output_gradients(x, lambda logits: true_class_output(logits, y, target), create_graph)
+
+
+def input_copies(x: torch.Tensor, members: int) -> torch.Tensor:
+    """[B, ...] -> [members, B, ...]: one copy of the batch per member, a leaf that input gradients are taken on."""
+    return x.detach().unsqueeze(0).expand(members, *x.shape).clone().requires_grad_(True)
 
 
 def true_class_output(logits: torch.Tensor, y: torch.Tensor, target: str = "logit") -> torch.Tensor:

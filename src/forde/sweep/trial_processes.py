@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from forde.atomic import write_atomic
 from forde.config import TrainConfig, to_yaml
+from forde.distributed import free_port
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,6 @@ def processes_per_trial() -> int:
     return int(os.environ.get(PROCESSES_VARIABLE, "1"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def trial_processes(cfg: TrainConfig, run_dir: Path, processes: int):
     """Within this block, `train(cfg)` in this process is rank 0 of `processes` (nothing changes for one)."""
@@ -47,7 +41,7 @@ def trial_processes(cfg: TrainConfig, run_dir: Path, processes: int):
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "ranks-config.yaml"
     write_atomic(config_file, to_yaml(cfg))
-    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(processes)}
+    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(processes)}
     helpers = []
     for rank in range(1, processes):
         env = {**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
