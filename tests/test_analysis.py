@@ -194,7 +194,9 @@ def test_paper_numbers_appear_beside_ours(study):
     assert rows["FoRDE-Tuned (α=0.5)"].paper == {} and rows["FoRDE-Tuned (α=0.5)"].seeds == 2
     assert rows["FoRDE-Tuned (α=0.2)"].seeds == 0 and rows["FoRDE-Tuned (α=0.2)"].paper["test/nll"] == "0.114"
     md = to_markdown(table)
-    assert "cA (%) (paper)" in md and "Trinh et al. (2024) report in Table 2" in md
+    assert "The paper's Table 2 (Trinh et al., 2024):" in md and "Trinh et al. (2024) report in Table 2" in md
+    ours, theirs = md.split("The paper's Table 2")
+    assert "| Feature-RDE |" in theirs and "| Feature-RDE |" not in ours  # our table: only what ran here
     assert "The paper's FoRDE-Tuned is its α = 0.2 (appendix D.4), so it stands beside our runs at that α only." in md
     assert to_latex(table).startswith(r"\begin{table*}")
     at_paper_alpha = [dataclasses.replace(r, alpha=0.2) if r.alpha == 0.5 else r for r in runs]

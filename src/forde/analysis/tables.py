@@ -204,16 +204,31 @@ def _cells(table: Table, row: Row, pm: str, bold: str) -> list[str]:
 
 
 def to_markdown(table: Table) -> str:
-    head = _header(table, {"↑": "↑", "↓": "↓"}, "(paper)")
-    lines = [
-        f"### {table.title or table.setting.title}",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join([":---", "---:"] + ["---:"] * (len(head) - 2)) + "|",
+    """Our numbers, then the paper's (when asked for) as a table of their own: each fits a page's width."""
+    lines = [f"### {table.title or table.setting.title}", ""]
+    ours = [r for r in table.rows if r.seeds] if table.paper_source else table.rows
+    head = ["Method", "Seeds", *(f"{c.label} {c.arrow}" for c in table.columns)]
+    cells = [
+        [r.variant, str(r.seeds or "—"), *(_cell(table, r, c, "±", "**{}**") for c in table.columns)] for r in ours
     ]
-    lines += ["| " + " | ".join(_cells(table, r, "±", "**{}**")) + " |" for r in table.rows]
+    lines += _markdown_table(head, cells)
+    if table.paper_source:
+        theirs = [r for r in table.rows if r.paper]
+        lines += ["", f"The paper's {table.paper_source} (Trinh et al., 2024):", ""]
+        lines += _markdown_table(
+            ["Method", *(f"{c.label} {c.arrow}" for c in table.columns)],
+            [[r.variant, *(r.paper.get(c.key, "—") for c in table.columns)] for r in theirs],
+        )
     lines += ["", _note(table)]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
 
 
 def to_latex(table: Table) -> str:
@@ -270,7 +285,7 @@ def _note(table: Table) -> str:
         key = (table.setting.dataset, table.setting.model)
         here = ", ".join(filter(None, [table.setting.arch, f"M = {table.setting.ensemble_size}"]))
         note += (
-            f" (paper): the numbers Trinh et al. (2024) report in {table.paper_source} "
+            f" The paper's numbers: those Trinh et al. (2024) report in {table.paper_source} "
             f"({paper_numbers.PROTOCOL[key]}; here: {here})."
         )
         alpha = paper_numbers.TUNED_ALPHA.get(key)
