@@ -80,7 +80,7 @@ def test_pods_fit_the_image_and_the_launcher():
         assert (STUDIES / f"{parsed.study}.yaml").exists() and parsed.storage == "postgresql://u@db/forde"
         assert parsed.prepare == (name == "forde-prepare")
     docs = (REPO / "docs" / "past-one-machine.md").read_text()
-    assert "kubectl create secret generic forde-postgres --from-literal=url=" in docs
+    assert "kubectl create secret generic forde-postgres \\\n    --from-literal=url=" in docs
 
 
 def test_prepare_checks_and_creates_the_study_then_exits(tmp_path, monkeypatch, capsys):
