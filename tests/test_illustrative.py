@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from forde.illustrative import diagram
 from forde.illustrative.data import pentagon_clusters, regression_1d, regression_features
+from forde.illustrative.diagram import kernel_and_push
 from forde.illustrative.experiment import CLASSIFICATION, METHODS, run_classification
+from forde.kernels import unit_normalize
 
 SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "illustrative.py"
 
@@ -69,3 +72,33 @@ def test_script_writes_figures_and_numbers(tmp_path, monkeypatch, one_thread):
         assert all(v["score"] >= 0 for v in numbers[task]["methods"].values())
     table = (out / "illustrative_numbers.md").read_text()
     assert "| FoRDE |" in table and "away from the data" in table
+
+
+def test_the_diagrams_repulsion_is_minus_the_gradient_of_the_kernel_sum():
+    """The push drawn on each unit gradient, against central differences of sum_i log sum_j k_ij with the j side
+    (and the bandwidth) held at their values: float64, a random PCA-like metric."""
+    torch.manual_seed(0)
+    s = unit_normalize(torch.randn(3, 2, dtype=torch.float64), eps=1e-12)
+    basis = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64)).Q
+    weights = torch.tensor([0.4, 1.6], dtype=torch.float64)
+    k, push = kernel_and_push(s, weights, basis)
+    z = s @ basis * weights.sqrt()
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    h = d.flatten().median() / math.log(3)  # 9 distances: the middle one
+    assert torch.allclose(k, torch.exp(-d / h))
+
+    def objective(moved: torch.Tensor) -> float:
+        zi = moved @ basis * weights.sqrt()
+        return float(torch.log(torch.exp(-((zi - z) ** 2).sum(-1) / h).sum()))
+
+    for i in range(3):
+        for axis in range(2):
+            step = torch.zeros(2, dtype=torch.float64)
+            step[axis] = 1e-6
+            numeric = (objective(s[i] + step) - objective(s[i] - step)) / 2e-6
+            assert push[i, axis].item() == pytest.approx(-numeric, rel=1e-5, abs=1e-9)
+
+
+def test_the_method_diagram_script_writes_its_figure(tmp_path, one_thread):
+    assert diagram.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "method-diagram.png").stat().st_size > 10_000

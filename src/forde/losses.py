@@ -86,11 +86,12 @@ class DeepEnsembleLoss(EnsembleLoss):
 
 
 class FoRDELoss(EnsembleLoss):
-    """FoRDE: Wasserstein gradient descent with a kernel on the members' input gradients.
+    r"""FoRDE: Wasserstein gradient descent with a kernel on the members' input gradients.
 
-    loss = sum_i mean_b NLL_ib + (1/B) sum_i log sum_j k_ij, where k_ij compares member i's and member j's
-    unit-normalised input gradients of the true-class logit, sample by sample, in the lengthscales of
-    `projection`. Minimising it with SGD is FoRDE's update: each member follows its data gradient and is
+    $$\mathcal{L} = \sum_i \frac{1}{B} \sum_b \mathrm{NLL}_{ib} + \frac{1}{B} \sum_i \log \sum_j k_{ij},$$
+
+    where $k_{ij}$ compares member $i$'s and member $j$'s unit-normalised input gradients of the true-class
+    logit, sample by sample, in the lengthscales of `projection` (the $j$ side held constant). Minimising it with SGD is FoRDE's update: each member follows its data gradient and is
     pushed away from the members whose input gradients resemble its own.
 
     Args:
@@ -101,7 +102,7 @@ class FoRDELoss(EnsembleLoss):
         median: The median heuristic per kernel column j (`"per_column"`, the release's) or over all pairs
             (`"all_pairs"`, the paper's).
         grad_target: The differentiated output: the true-class `"logit"` or its `"log_prob"`.
-        eps: Gradients are normalised as g / sqrt(|g|^2 + eps^2).
+        eps: Gradients are normalised as $g / \sqrt{\lVert g \rVert^2 + \epsilon^2}$.
         repulsion_every: Add the repulsion (times k) on every k-th `step` only; plain steps in between.
         repulsion_subset: Share of each batch whose input gradients build the kernel (the data term sees it all).
         repulsion_ramp_start: Repulsion weight in epoch 0, falling linearly to 1 ...

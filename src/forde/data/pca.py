@@ -191,19 +191,20 @@ def pca_projection(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> torch.Tensor | None:
-    """FoRDE's lengthscales from the PCA of the training inputs: the `projection` of `FoRDELoss`.
+    r"""FoRDE's lengthscales from the PCA of the training inputs: the `projection` of `FoRDELoss`.
 
-    The kernel compares the members' unit-normalised input gradients s by the distance
-    sum_d w_d ((U^T s_i)_d - (U^T s_j)_d)^2, U the principal components and w_d weights from their variances
-    lambda_d: w = 1 (identity) at alpha = 0 and w = lambda at alpha = 1, so that directions in which the data
-    vary much count more. This returns P = U diag(sqrt(w)), with which that distance is |s_i P - s_j P|^2.
+    The kernel compares the members' unit-normalised input gradients $s$ by the distance
+    $\sum_d w_d \left((U^\top s_i)_d - (U^\top s_j)_d\right)^2$, $U$ the principal components and $w_d$ weights from
+    their variances $\lambda_d$: $w = 1$ (identity) at $\alpha = 0$ and $w = \lambda$ at $\alpha = 1$, so that
+    directions in which the data vary much count more. This returns $P = U \operatorname{diag}(\sqrt{w})$, with
+    which that distance is $\lVert s_i P - s_j P \rVert^2$.
 
     Args:
         inputs: The training inputs (see `input_pca`), or a `PCA` already computed from them (to try several
             alphas without computing it again).
         alpha: The mix between identity (0) and PCA (1) lengthscales, in [0, 1]; `method.alpha` in configs.
-        mix: `"precision"` mixes the inverse covariance, w = (1 - alpha) + alpha lambda (the default, as the
-            project page); `"lengthscale"` mixes the covariance, w = 1 / (alpha / lambda + 1 - alpha) (paper
+        mix: `"precision"` mixes the inverse covariance, $w = (1 - \alpha) + \alpha \lambda$ (the default, as the
+            project page); `"lengthscale"` mixes the covariance, $w = 1 / (\alpha / \lambda + 1 - \alpha)$ (paper
             appendix D.4). `method.alpha_mix` in configs.
         mean: For uint8 images, see `input_pca`.
         std: For uint8 images, see `input_pca`.
