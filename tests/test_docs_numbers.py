@@ -58,3 +58,12 @@ def test_each_quoted_spread_and_total_is_the_reports(write_up):
 def test_the_check_sees_a_drifted_number():
     drifted = prose((ROOT / "README.md").read_text()).replace("−1.1 ± 1.3", "−1.2 ± 1.3")
     assert not set(SPREAD.findall(drifted)) <= report_cells()
+
+
+def test_the_method_pages_toy_numbers_are_the_illustrative_runs():
+    """docs/method.md quotes the illustrative experiments' numbers: each is in the numbers file the same run wrote."""
+    page = (ROOT / "docs" / "method.md").read_text()
+    section = page[page.index("## What it does on toy data") : page.index("## Cost")]
+    quoted = set(re.findall(r"\b\d\.\d{4}\b", section))
+    written = set(re.findall(r"\b\d\.\d{4}\b", (ROOT / "docs" / "figures" / "illustrative_numbers.md").read_text()))
+    assert len(quoted) >= 8 and quoted <= written, quoted - written
