@@ -53,6 +53,11 @@ def test_bad_values_are_named(override, message):
         load_config("quickstart", [override])
 
 
+def test_per_member_temperatures_need_temperature_scaling_on():
+    with pytest.raises(ConfigError, match=r"eval.calibrate_members = True: .* set eval.calibrate=null"):
+        load_config("quickstart", ["eval.calibrate=false", "eval.calibrate_members=true"])
+
+
 def test_fixed_bandwidth_allows_a_single_member_and_de_needs_no_bandwidth():
     assert load_config("quickstart", ["ensemble_size=1", "method.bandwidth=0.5"]).ensemble_size == 1
     assert load_config("quickstart", ["ensemble_size=1", "method.name=de"]).method.name == "de"

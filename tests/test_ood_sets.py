@@ -140,6 +140,12 @@ def test_a_run_reports_ood_calibration_and_abstention_before_and_after_temperatu
         for key in ("auroc_msp", "aupr_in_mi", "aupr_out_energy", "fpr95_max_logit", "auroc_entropy", "ts/auroc_msp"):
             assert 0 <= summary[f"ood/{name}/{key}"] <= 1, (name, key)
     assert set(results["curves"]["test"]) == {"reliability", "risk_coverage", "ts/reliability", "ts/risk_coverage"}
+    # one temperature per member: each member calibrated, then averaged
+    assert main([*args, "data.val_fraction=0.2", "run.name=members", "eval.calibrate_members=true"]) == 0
+    per_member = json.loads((tmp_path / "members" / "results.json").read_text())
+    assert len(per_member["member_temperatures"]) == 2 and "temperature" not in per_member
+    assert per_member["summary"]["test/accuracy"] == summary["test/accuracy"]
+    assert per_member["summary"]["test/ts/nll"] != summary["test/ts/nll"]
     # without a validation split: no temperature, one line saying how to get one; asked for, refused before training
     assert main([*args, "run.name=plain"]) == 0
     assert "temperature" not in json.loads((tmp_path / "plain" / "results.json").read_text())

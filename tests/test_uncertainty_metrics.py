@@ -152,3 +152,19 @@ def test_a_temperature_at_the_end_of_its_range_is_reported(caplog):
     t = fit_temperature(torch.tensor([[0.0, -5.0]]).log_softmax(-1), torch.tensor([1]))
     assert t == pytest.approx(20.0, rel=1e-3)
     assert "sits at the end of the search range" in caplog.text and "on 1 validation samples" in caplog.text
+
+
+def test_per_member_temperatures_scale_each_member_before_the_average():
+    """calibrated_log_probs against the average written out member by member; fit_member_temperatures against each
+    member's own fit; one temperature scales the averaged predictive as `scaled` does."""
+    from forde.calibration import fit_member_temperatures
+    from forde.metrics import calibrated_log_probs
+
+    logits, lp, y = predictions(m=3, sharpness=5.0)
+    member_lp = torch.log_softmax(logits, -1)
+    temps = torch.tensor([0.7, 1.0, 2.5], dtype=torch.float64)
+    want = sum(torch.softmax(member_lp[i] / temps[i], -1) for i in range(3)) / 3
+    torch.testing.assert_close(calibrated_log_probs(member_lp, temps).exp(), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(calibrated_log_probs(member_lp, 1.3), scaled(lp, 1.3))
+    fitted = fit_member_temperatures(member_lp, y)
+    assert fitted.shape == (3,) and fitted.tolist() == [fit_temperature(member_lp[i], y) for i in range(3)]

@@ -93,6 +93,9 @@ log = logging.getLogger(__name__)
 LOG_T_RANGE = (math.log(0.05), math.log(20.0))  # the temperatures searched
 
 
+Temperature = float | torch.Tensor  # one for the ensemble's predictive, or one per member ([M])
+
+
 def scaled(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(log_probs / T): the predictive at temperature T (T = 1 leaves it as it is)."""
     return torch.log_softmax(log_probs.double() / temperature, dim=-1)
@@ -123,3 +126,9 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
             len(labels),
         )
     return t
+
+
+def fit_member_temperatures(member_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One temperature per member [M], each minimising that member's own validation NLL (`fit_temperature` on
+    its log-probabilities): the members are calibrated one by one, then averaged (`eval.calibrate_members`)."""
+    return torch.tensor([fit_temperature(lp, labels) for lp in member_log_probs], dtype=torch.float64)

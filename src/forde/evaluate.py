@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from forde import interrupts
+from forde.calibration import Temperature
 from forde.config import EvalConfig
 from forde.data.base import Dataset, Split, subset_split
 from forde.data.corrupted import CorruptedSet
@@ -109,7 +110,7 @@ def predictions_and_gradients(
     return member_logits, grads
 
 
-def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext, temperature: float | None = None) -> dict:
+def evaluate_split(ensemble: Ensemble, split: Split, ctx: EvalContext, temperature: Temperature | None = None) -> dict:
     """The metrics of one set (`metrics.ensemble_metrics`)."""
     member_logits, grads = predictions_and_gradients(ensemble, split, ctx)
     return ensemble_metrics(member_logits.log_softmax(-1), split.labels, grads, temperature)
@@ -120,7 +121,7 @@ def evaluate_corrupted(
     sets: Iterable[CorruptedSet],
     ctx: EvalContext,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
-    temperature: float | None = None,
+    temperature: Temperature | None = None,
 ) -> dict:
     """Per-set metrics (with each set's source: generated here or not) and the pooled summary."""
     corrupted = CorruptedMetrics(temperature=temperature)
@@ -138,11 +139,12 @@ def eval_context(cfg: EvalConfig, dataset: Dataset, device: torch.device, grad_t
     return EvalContext(device, dataset.mean, dataset.std, cfg.batch_size, cfg.grad_samples, grad_target, **kw)
 
 
-def ood_detection(member_logits_in: torch.Tensor, member_logits_out: torch.Tensor, temperature: float | None) -> dict:
+def ood_detection(
+    member_logits_in: torch.Tensor, member_logits_out: torch.Tensor, temperature: Temperature | None
+) -> dict:
     """Every detection metric (forde.ood.DETECTION) of every score (forde.ood.SCORES) for one OOD set, keyed
     `<metric>_<score>`; with a temperature, the scores it changes (msp, entropy) once more under `ts/`."""
-    from forde.calibration import scaled
-    from forde.metrics import ensemble_log_probs, entropy
+    from forde.metrics import calibrated_log_probs, entropy
     from forde.ood import detection_metrics, ood_scores
 
     scores_in, scores_out = ood_scores(member_logits_in), ood_scores(member_logits_out)
@@ -153,7 +155,7 @@ def ood_detection(member_logits_in: torch.Tensor, member_logits_out: torch.Tenso
     if temperature is not None:
 
         def calibrated(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-            lp = scaled(ensemble_log_probs(logits.double().log_softmax(-1)), temperature)
+            lp = calibrated_log_probs(logits.double().log_softmax(-1), temperature)
             return {"msp": lp.max(-1).values.exp(), "entropy": -entropy(lp)}
 
         ts_in, ts_out = calibrated(member_logits_in), calibrated(member_logits_out)
@@ -168,7 +170,7 @@ def evaluate_ood(
     member_logits_in: torch.Tensor,
     sets: Iterable[OODSet],
     ctx: EvalContext,
-    temperature: float | None = None,
+    temperature: Temperature | None = None,
 ) -> dict:
     """{set: detection metrics} with the in-distribution test set's logits as the positives; one OOD set in memory
     at a time, and of it only its scores once predicted."""

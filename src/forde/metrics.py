@@ -14,6 +14,7 @@ import math
 import torch
 
 from forde.calibration import (
+    Temperature,
     adaptive_ece,
     adaptive_ece_of,
     brier,
@@ -31,6 +32,16 @@ def ensemble_log_probs(member_log_probs: torch.Tensor) -> torch.Tensor:
     """The log of the ensemble's predictive, the mean of the members' probabilities: [M, N, C] -> [N, C] (float64)."""
     lp = member_log_probs.double()
     return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
+
+
+def calibrated_log_probs(member_log_probs: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    """The ensemble's log-predictive after temperature scaling [N, C]: one temperature scales the averaged
+    predictive (its log-probabilities taken as logits); one per member ([M]) scales each member's log-probabilities
+    before they are averaged."""
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.double().view(-1, *([1] * (member_log_probs.dim() - 1)))
+        return ensemble_log_probs(torch.log_softmax(member_log_probs.double() / t, dim=-1))
+    return scaled(ensemble_log_probs(member_log_probs), temperature)
 
 
 def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -110,7 +121,7 @@ def ensemble_metrics(
     member_log_probs: torch.Tensor,
     labels: torch.Tensor,
     grads: torch.Tensor | None = None,
-    temperature: float | None = None,
+    temperature: Temperature | None = None,
 ) -> dict:
     """The metrics `forde train` reports for a test set.
 
@@ -120,8 +131,8 @@ def ensemble_metrics(
         grads: Optionally the members' input gradients `[M, n, D]` on (some of) the samples, from
             `Ensemble.input_gradients(x, y, create_graph=False).grads`.
 
-        temperature: Optionally a temperature fitted on validation data (forde.calibration.fit_temperature):
-            the predictive's metrics at it are added under `ts/`.
+        temperature: Optionally a temperature fitted on validation data (forde.calibration.fit_temperature), or
+            one per member (`fit_member_temperatures`): the predictive's metrics at it are added under `ts/`.
 
     Returns:
         `predictive_metrics` of the ensemble's mean predictive (accuracy, NLL, ECE, Brier, adaptive ECE, MCE,
@@ -131,7 +142,7 @@ def ensemble_metrics(
     """
     metrics = prediction_metrics(member_log_probs, labels)
     if temperature is not None:
-        lp = scaled(ensemble_log_probs(member_log_probs), temperature)
+        lp = calibrated_log_probs(member_log_probs, temperature)
         metrics.update({f"ts/{k}": v for k, v in predictive_metrics(lp, labels).items()})
     if grads is not None and grads.shape[0] > 1:
         metrics["grad_cosine_distance"] = gradient_cosine_distance(grads)
@@ -189,7 +200,7 @@ class PooledMetrics:
     the predictive's metrics at that temperature too (forde.calibration), under `ts/`.
     """
 
-    def __init__(self, n_bins: int = 15, temperature: float | None = None):
+    def __init__(self, n_bins: int = 15, temperature: Temperature | None = None):
         self.predictive = PredictivePool(n_bins)
         self.scaled = PredictivePool(n_bins) if temperature is not None else None
         self.temperature = temperature
@@ -197,10 +208,9 @@ class PooledMetrics:
         self.grad_sum, self.grad_n = 0.0, 0
 
     def add(self, member_log_probs: torch.Tensor, labels: torch.Tensor) -> None:
-        lp = ensemble_log_probs(member_log_probs)
-        self.predictive.add(lp, labels)
+        self.predictive.add(ensemble_log_probs(member_log_probs), labels)
         if self.scaled is not None and self.temperature is not None:
-            self.scaled.add(scaled(lp, self.temperature), labels)
+            self.scaled.add(calibrated_log_probs(member_log_probs, self.temperature), labels)
         self.epistemic += epistemic_per_sample(member_log_probs).sum().item()
         self.n += len(labels)
 
@@ -260,7 +270,7 @@ class CorruptedMetrics:
         >>> corrupted.summary()["all"]["accuracy"]  # doctest: +SKIP
     """
 
-    def __init__(self, n_bins: int = 15, temperature: float | None = None):
+    def __init__(self, n_bins: int = 15, temperature: Temperature | None = None):
         self.n_bins, self.temperature = n_bins, temperature
         self.per_set: list[dict] = []
         self.pools: dict[int, PooledMetrics] = {}

@@ -13,14 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from forde.atomic import unwritable, write_atomic
-from forde.calibration import fit_temperature, reliability_curve, scaled
+from forde.calibration import Temperature, fit_member_temperatures, fit_temperature, reliability_curve
 from forde.config import ConfigError
 from forde.data.corrupted import CorruptedSet, prepare_corrupted
 from forde.data.corrupted import corrupted_sets as configured_corrupted_sets
 from forde.data.ood_sets import check_ood_sets, ood_sets
 from forde.distributed import ranks_from_env
 from forde.evaluate import evaluate_corrupted, evaluate_ood, predictions_and_gradients
-from forde.metrics import ensemble_log_probs, ensemble_metrics
+from forde.metrics import calibrated_log_probs, ensemble_log_probs, ensemble_metrics
 from forde.names import RULE, is_path_component
 from forde.provenance import run_provenance
 from forde.run_dir import (
@@ -49,9 +49,10 @@ def default_corrupted_sets(setup: Setup) -> Iterable[CorruptedSet]:
     return configured_corrupted_sets(setup.cfg, setup.dataset)
 
 
-def temperature_of(setup: Setup, val_logits: torch.Tensor | None) -> float | None:
+def temperature_of(setup: Setup, val_logits: torch.Tensor | None) -> Temperature | None:
     """The temperature fitted on the validation split's member logits (forde.calibration), where the run
-    calibrates: with `eval.calibrate=true`, or by default whenever a validation split is held out; never on test."""
+    calibrates: with `eval.calibrate=true`, or by default whenever a validation split is held out; never on test.
+    One for the ensemble's predictive, or one per member with `eval.calibrate_members`."""
     wanted, val = setup.cfg.eval.calibrate, setup.dataset.val
     if wanted is None and val is None:
         log.info("no validation split: metrics after temperature scaling need one (data.val_fraction=0.1)")
@@ -59,6 +60,8 @@ def temperature_of(setup: Setup, val_logits: torch.Tensor | None) -> float | Non
         return None
     if val is None or val_logits is None:
         raise ConfigError(calibrate_needs_validation(setup))
+    if setup.cfg.eval.calibrate_members:
+        return fit_member_temperatures(val_logits.log_softmax(-1), val.labels)
     return fit_temperature(ensemble_log_probs(val_logits.log_softmax(-1)), val.labels)
 
 
@@ -82,9 +85,11 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
     results: dict[str, Any] = {"test": ensemble_metrics(test_lp, test.labels, grads, temperature)}
     if val is not None and val_logits is not None:
         results["val"] = ensemble_metrics(val_logits.log_softmax(-1), val.labels, val_grads, temperature)
-    if temperature is not None:
+    if isinstance(temperature, torch.Tensor):
+        results["member_temperatures"] = temperature.tolist()
+    elif temperature is not None:
         results["temperature"] = temperature
-    results["curves"] = {"test": curves(ensemble_log_probs(test_lp), test.labels, temperature)}
+    results["curves"] = {"test": curves(test_lp, test.labels, temperature)}
     sets = list(corrupted_sets(setup))
     if sets:
         main = setup.world is None or setup.world.is_main
@@ -105,11 +110,12 @@ def final_evaluation(setup: Setup, corrupted_sets: CorruptedSets = default_corru
     return results
 
 
-def curves(lp, labels, temperature: float | None) -> dict:
+def curves(member_log_probs, labels, temperature: Temperature | None) -> dict:
     """The reliability diagram's and the risk-coverage curve's data, before (and after) temperature scaling."""
+    lp = ensemble_log_probs(member_log_probs)
     out = {"reliability": reliability_curve(lp, labels), "risk_coverage": risk_coverage_curve(lp, labels)}
     if temperature is not None:
-        lp_ts = scaled(lp, temperature)
+        lp_ts = calibrated_log_probs(member_log_probs, temperature)
         out["ts/reliability"] = reliability_curve(lp_ts, labels)
         out["ts/risk_coverage"] = risk_coverage_curve(lp_ts, labels)
     return out

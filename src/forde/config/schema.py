@@ -132,6 +132,7 @@ class EvalConfig:
     grad_samples: int = 1000  # samples per set used for the input-gradient diversity metric (0 = off)
     ood: list[str] = field(default_factory=lambda: ["gaussian_noise", "uniform_noise"])  # OOD sets scored ([] = none)
     calibrate: bool | None = None  # temperature scaling on the validation split; null: when there is one
+    calibrate_members: bool = False  # one temperature per member (each member calibrated, then averaged)
 
 
 @dataclass

@@ -194,6 +194,13 @@ def _validate_data_and_eval(cfg: TrainConfig) -> None:
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be at least 1", "set eval.batch_size=1000")
     _check(e.every >= 1, "eval.every", e.every, "must be at least 1", "set eval.every=1")
     _check(
+        not (e.calibrate_members and e.calibrate is False),
+        "eval.calibrate_members",
+        e.calibrate_members,
+        "asks for one temperature per member, but eval.calibrate = false turns temperature scaling off",
+        "set eval.calibrate=null (or true), or eval.calibrate_members=false",
+    )
+    _check(
         e.grad_samples >= 0, "eval.grad_samples", e.grad_samples, "must be non-negative", "set eval.grad_samples=1000"
     )
     _check(
