@@ -99,7 +99,7 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequen
     for opt in studies:
         for name, draw, args in study_figures(opt):
             report.figure(out / "optuna" / opt.study_name / name, draw, *args)
-    report.text(out / "index.md", _index(report, out, runs))
+    report.text(out / "index.md", _index(report, out, runs, studies))
     return report
 
 
@@ -113,8 +113,23 @@ def duration(seconds: float) -> str:
     )
 
 
-def _index(report: Report, out: Path, runs: list[Run]) -> str:
+def wall_clock(study: optuna.Study) -> float | None:
+    """Seconds from the study's first trial start to its last trial end: what a launch took, stops included."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
+    if not trials:
+        return None
+    return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+
+
+def _index(report: Report, out: Path, runs: list[Run], studies: Sequence[optuna.Study] = ()) -> str:
     lines = [f"# Report ({len(runs)} runs)", ""]
+    for study in studies:
+        if (seconds := wall_clock(study)) is not None:
+            lines += [
+                f"Wall clock: study {study.study_name} ran for {duration(seconds)}, from its first trial's start to "
+                "its last trial's end (Optuna's records; stops and restarts included).",
+                "",
+            ]
     timed = [r for r in runs if "train" in r.seconds and "eval" in r.seconds]
     if timed:
         train, evaluate = (duration(sum(r.seconds[k] for r in timed)) for k in ("train", "eval"))
