@@ -375,12 +375,10 @@ def test_other_network_sizes_are_other_settings(study):
     ]
     setting = setting_of(small[0])
     assert setting != Setting("cifar10", "resnet18", 3)
-    assert setting.title == "ResNet18 (width 16, blocks 1-1-1-1) / CIFAR-10, M = 3"
-    assert setting.slug == "cifar10-resnet18-width16-blocks1-1-1-1-M3"
+    assert setting.title == "ResNet10, width 16 / CIFAR-10, M = 3"  # named by its depth, as the docs name it
+    assert setting.slug == "cifar10-resnet18-width16-blocks1-1-1-1-M3"  # the folder committed docs link to
     md = to_markdown(benchmark_table(small, setting, paper=True))
-    assert (
-        "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 3)" in md
-    )
+    assert "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: ResNet10, width 16, M = 3)" in md
 
 
 def sampled_study(storage, name, directions, n, metric_names):

@@ -263,3 +263,112 @@ def test_a_study_that_varies_only_the_seed_has_no_importances_to_draw(tmp_path):
     for draw in (importance_figure, parallel_figure):
         with pytest.raises(figures.Skip, match="varies only the seed"):
             draw(opt, Objective(opt, 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A newcomer's first report: the quickstart's trials, one seed each, no DE
+
+from forde.analysis.aggregate import distinguish  # noqa: E402
+from forde.analysis.results import find_runs  # noqa: E402
+from forde.analysis.study_figures import slice_figure  # noqa: E402
+from test_report_tables import set_config  # noqa: E402
+
+QUICKSTART = {  # trial -> alpha, bandwidth scale, learning rate, clean accuracy: two trials 0.05 points apart
+    "trial-0001": (0.1512301348454066, 1.7276385547059794, 0.05494682815178393, 0.9890),
+    "trial-0003": (0.13125339120858706, 1.64010010128287, 0.044350291467884134, 0.9895),
+}
+
+
+@pytest.fixture
+def one_seed_runs(tmp_path):
+    rng = random.Random(1)
+    for name, (alpha, bandwidth, lr, accuracy) in QUICKSTART.items():
+        summary, per_set = full_summary(accuracy, 0.041, 0.012, 0.02, 0.3, 0.05, rng)
+        set_config(
+            write_run(tmp_path, name, "forde", 0, summary, alpha, per_set),
+            **{"method.bandwidth_scale": bandwidth, "optim.lr": lr},
+        )
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    return runs
+
+
+def caption(fig) -> str:
+    return " ".join(t.get_text() for t in texts(fig))
+
+
+@pytest.mark.parametrize("draw", [figures.severity_figure, figures.corruption_type_figure, figures.diversity_figure])
+def test_one_seed_figures_tell_their_runs_apart_and_promise_no_error_bars(one_seed_runs, draw):
+    fig = draw(one_seed_runs, setting_of(one_seed_runs[0]))
+    assert_fits(fig)
+    shown = caption(fig)
+    assert "1 seed each" in shown and "error bars" not in shown and "1 seeds" not in shown
+    handles = fig.legends[0].legend_handles
+    assert len({to_hex(h.get_color()) for h in handles}) == 2  # not one blue for both trials
+    if draw is not figures.diversity_figure:  # bars carry no markers
+        assert len({h.get_marker() for h in handles}) == 2
+    plt.close(fig)
+
+
+def test_one_seed_benchmark_figure_has_an_honest_axis_distinct_rows_and_no_error_bar_caption(one_seed_runs):
+    setting = setting_of(one_seed_runs[0])
+    fig = figures.benchmark_figure(benchmark_table(one_seed_runs, setting), one_seed_runs)
+    assert_fits(fig)
+    shown = caption(fig)
+    assert "Error bars" not in shown and "1 seed each" in shown and "ours: 1 seed" in shown
+    accuracy = next(ax for ax in fig.axes if ax.get_title().startswith("Accuracy"))
+    low, high = accuracy.get_xlim()
+    assert high - low >= 0.1 * 98.9 - 1e-9 and high <= 100
+    points = [line for line in accuracy.lines if line.get_xdata().size]
+    assert len({(to_hex(p.get_color()), p.get_marker()) for p in points}) == 2
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[0] == "FoRDE-Tuned (α=0.131)\n[method.bandwidth_scale=1.64,\noptim.lr=0.0444]"
+    plt.close(fig)
+
+
+def test_no_lengthscale_curve_over_alpha_when_the_trials_varied_more_than_alpha(one_seed_runs):
+    with pytest.raises(figures.Skip, match=r"differ in more than method.alpha \(method.bandwidth_scale, optim.lr\)"):
+        figures.lengthscale_figure(one_seed_runs, setting_of(one_seed_runs[0]))
+
+
+def test_a_one_seed_lengthscale_grid_has_plain_ticks_a_sensible_range_and_says_1_seed(tmp_path):
+    """Accuracies 0.01 points apart: the y axis once read "+8.45e1" with ticks 0.00 and 0.01."""
+    for alpha, accuracy in ((0.0, 0.84501), (0.5, 0.84507), (1.0, 0.84512)):
+        summary = {"test/accuracy": accuracy, "corrupted/severity_4-5/accuracy": accuracy, "test/nll": 0.5}
+        write_run(tmp_path, f"alpha-{alpha}", "forde", 0, summary, alpha)
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    fig = figures.lengthscale_figure(runs, setting_of(runs[0]))
+    shown = caption(fig)
+    assert "FoRDE: 1 seed per α" in shown and "Bands" not in shown and "1 seeds" not in shown
+    for ax in fig.axes:
+        if ax.get_visible():
+            low, high = ax.get_ylim()
+            assert high - low >= 8.45
+            formatter = ax.yaxis.get_major_formatter()
+            assert not formatter.get_useOffset() and formatter.get_offset() == ""
+            assert all(abs(tick - 84.5) < 10 for tick in ax.get_yticks())
+    plt.close(fig)
+
+
+def test_optuna_figures_write_plain_numbers(tmp_path):
+    opt = optuna.create_study(direction="minimize", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    space = {"optim.lr": optuna.distributions.FloatDistribution(0.01, 0.1, log=True)}
+    for lr, nll in ((0.019, 84.5012), (0.044, 84.5013), (0.055, 84.5011)):
+        opt.add_trial(optuna.trial.create_trial(params={"optim.lr": lr}, distributions=space, value=nll))
+    fig = slice_figure(opt, Objective(opt, 0))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in texts(fig) if t in ax.get_xticklabels()]
+    assert labels and all("10^" not in label and "×" not in label for label in labels), labels
+    assert not ax.yaxis.get_major_formatter().get_useOffset() and ax.yaxis.get_major_formatter().get_offset() == ""
+    plt.close(fig)
+
+
+def test_one_seed_ensemble_size_figure_promises_no_bands(tmp_path):
+    for size, nll in ((3, 0.5012), (5, 0.5011)):
+        write_run(tmp_path, f"de-M{size}", "de", 0, {"test/accuracy": 0.8, "test/nll": nll}, size=size)
+    fig = figures.ensemble_size_figure(find_runs(tmp_path), "ResNet10, width 16 / CIFAR-10")
+    assert "1 seed each" in caption(fig) and "bands" not in caption(fig)
+    low, high = fig.axes[0].get_ylim()
+    assert high - low >= 0.05
+    plt.close(fig)

@@ -155,8 +155,7 @@ def test_a_difference_that_rounds_to_zero_has_no_sign_and_the_note_says_how_numb
     assert "−0.000" not in differences and "-0.000" not in benchmark
     assert "Mean ± sample standard deviation over seeds (n − 1 denominator" in benchmark
     assert (
-        "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: width 16, blocks 1-1-1-1, M = 4)"
-        in benchmark
+        "(mean over 5 seeds, M = 10, 300 epochs, the full-size ResNet18; here: ResNet10, width 16, M = 4)" in benchmark
     )
 
 
@@ -264,3 +263,78 @@ def test_settings_of_other_methods_do_not_split_a_row(tmp_path):
         "Feature-RDE [method.feature_prior_scale=0.001]",
         "Feature-RDE [method.feature_prior_scale=0.005]",
     ]
+
+
+def set_config(run: Path, **keys) -> None:
+    """Set dotted config keys of a run directory (`optim.lr=0.05`)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for dotted, value in keys.items():
+        *parents, last = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_sweeps_trials_are_labelled_by_every_setting_that_varied_rounded(tmp_path):
+    """The quickstart's trials: each samples alpha, the bandwidth and the learning rate, so a row labelled by its alpha
+    alone ("FoRDE-Tuned (α=0.131253)") would credit alpha with what the others did."""
+    from forde.analysis.aggregate import distinguish
+
+    for name, alpha, bandwidth, lr in (
+        ("t3", 0.13125339120858706, 1.64010010128287, 0.044350291467884134),
+        ("t1", 0.1512301348454066, 1.7276385547059794, 0.05494682815178393),
+    ):
+        run = write_run(tmp_path, name, "forde", 0, summary(0.989), alpha=alpha)
+        set_config(run, **{"method.bandwidth_scale": bandwidth, "optim.lr": lr})
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    assert sorted(r.variant for r in runs) == [
+        "FoRDE-Tuned (α=0.131) [method.bandwidth_scale=1.64, optim.lr=0.0444]",
+        "FoRDE-Tuned (α=0.151) [method.bandwidth_scale=1.73, optim.lr=0.0549]",
+    ]
+
+
+def test_values_that_three_digits_cannot_tell_apart_get_more(tmp_path):
+    from forde.analysis.aggregate import distinguish
+
+    for name, alpha in (("a", 0.13121), ("b", 0.13124)):
+        write_run(tmp_path, name, "forde", 0, summary(0.9), alpha=alpha)
+    runs = find_runs(tmp_path)
+    distinguish(runs)
+    assert sorted(r.variant for r in runs) == [
+        "FoRDE-Tuned (α=0.131) [method.alpha=0.13121]",
+        "FoRDE-Tuned (α=0.131) [method.alpha=0.13124]",
+    ]
+
+
+def test_a_network_is_named_by_its_depth_and_width_in_titles_but_not_in_folder_names(tmp_path):
+    from torch import nn
+
+    from forde.analysis.aggregate import network
+    from forde.analysis.report import make_report
+    from forde.models.preact import PreActResNet18
+    from forde.models.resnet import ResNet18
+
+    def depth(model: nn.Module) -> int:  # weighted layers on the main path: 3x3 convs and the classifier
+        return sum(
+            isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)) for m in model.modules()
+        )
+
+    for blocks in ((1, 1, 1, 1), (2, 2, 2, 2), (3, 4, 6, 3)):
+        arch = "blocks " + "-".join(map(str, blocks))
+        assert network("resnet18", arch) == f"ResNet{depth(ResNet18(10, 3, 8, blocks))}"
+        assert network("preact_resnet18", arch) == f"PreActResNet{depth(PreActResNet18(10, 3, 8, blocks))}"
+    assert network("resnet18", "width 16, blocks 1-1-1-1") == "ResNet10, width 16"
+    assert (
+        network("resnet18", "") == "ResNet18" and network("preact_resnet18", "width 32") == "PreActResNet18, width 32"
+    )
+    assert network("wrn16_4", "width 32") == "WideResNet16x4, width 32" and network("mlp", "") == "MLP"
+
+    write_run(tmp_path / "runs", "de-0", "de", 0, summary(0.7, corrupted=0.5))
+    write_run(tmp_path / "runs", "de-1", "de", 1, summary(0.72, corrupted=0.52))
+    make_report(find_runs(tmp_path / "runs"), tmp_path / "report")
+    folder = tmp_path / "report" / "cifar10-resnet18-width16-blocks1-1-1-1-M4"  # committed docs link to it
+    assert (folder / "benchmark.md").read_text().startswith("### ResNet10, width 16 / CIFAR-10, M = 4\n")
+    assert r"\caption{ResNet10, width 16 / CIFAR-10, M = 4." in (folder / "benchmark.tex").read_text()

@@ -5,6 +5,7 @@ for that seed first, so a table's Seeds column, its standard deviations and the 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -13,12 +14,26 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from forde.analysis.results import Run
-from forde.analysis.variants import sort_key
+from forde.analysis.variants import sort_key, variant
 
 K = TypeVar("K")
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "TinyImageNet", "digits": "Digits"}
 MODELS = {"resnet18": "ResNet18", "preact_resnet18": "PreActResNet18", "wrn16_4": "WideResNet16x4", "mlp": "MLP"}
+BY_DEPTH = {"resnet18": "ResNet", "preact_resnet18": "PreActResNet"}  # model.blocks sets their depth
+
+
+def network(model: str, arch: str = "") -> str:
+    """The network's usual name, one for each network: a CIFAR (PreAct)ResNet by its depth, a stem conv, two convs
+    per basic block (both have only basic blocks) and the classifier, so blocks 1-1-1-1 is ResNet10 and the paper's
+    2-2-2-2 ResNet18; then the width where it is not the paper's ("ResNet10, width 16"). `arch` as Run.arch says it."""
+    parts = dict(part.partition(" ")[::2] for part in arch.split(", ")) if arch else {}
+    name = MODELS.get(model, model)
+    blocks = parts.get("blocks", "2-2-2-2").split("-")
+    if model in BY_DEPTH and all(b.isdigit() for b in blocks):  # config files are not validated
+        parts.pop("blocks", None)
+        name = f"{BY_DEPTH[model]}{2 + 2 * sum(map(int, blocks))}"
+    return ", ".join([name, *(f"{key} {value}" for key, value in parts.items())])
 
 
 @dataclass(frozen=True, order=True)
@@ -32,8 +47,11 @@ class Setting:
 
     @property
     def title(self) -> str:
-        model = MODELS.get(self.model, self.model) + (f" ({self.arch})" if self.arch else "")
-        return f"{model} / {DATASETS.get(self.dataset, self.dataset)}, M = {self.ensemble_size}"
+        return f"{self.network} / {DATASETS.get(self.dataset, self.dataset)}, M = {self.ensemble_size}"
+
+    @property
+    def network(self) -> str:
+        return network(self.model, self.arch)
 
     @property
     def slug(self) -> str:
@@ -91,21 +109,39 @@ def seed_count(runs: Iterable[Run]) -> int:
 
 
 def distinguish(runs: Iterable[Run]) -> None:
-    """Runs of one setting and method variant whose configurations differ in more than their seed (a sweep's
-    trials: other learning rates, epochs, bandwidths) are rows of their own: each gets the keys and values that
-    set it apart (`Run.distinction`), so that no row averages runs of different recipes."""
+    """Runs of one setting and method whose configurations differ in more than their seed (a sweep's trials: other
+    learning rates, epochs, bandwidths) are rows of their own, each named by every key that varies between them
+    (`Run.distinction`; FoRDE's alpha is in the variant's own label), so that no row averages runs of different
+    recipes and no label hides a setting that varied beside alpha. Numbers are rounded to 3 significant digits, more
+    where 3 would give two recipes one label."""
     runs = list(runs)
     for r in runs:
         r.distinction = ""
-    for same in group(runs, lambda r: (setting_of(r), r.variant)).values():
-        recipes = {r.recipe for r in same}
+    for same in group(runs, lambda r: (setting_of(r), r.method)).values():
+        recipes = {r.recipe: r for r in same}
         if len(recipes) < 2:
             continue
         keys = sorted({k for rec in recipes for k in dict(rec)})
         differing = [k for k in keys if len({dict(rec).get(k) for rec in recipes}) > 1]
+        for digits in range(3, 18):
+            shown = differing if digits > 3 else [k for k in differing if k != "method.alpha"]
+            names = {rec: _distinction(dict(rec), shown, digits) for rec in recipes}
+            if len({(variant(r.method, r.alpha), names[rec]) for rec, r in recipes.items()}) == len(recipes):
+                break
         for r in same:
-            mine = dict(r.recipe)
-            r.distinction = ", ".join(f"{k}={mine.get(k, 'unset')}" for k in differing)
+            r.distinction = names[r.recipe]
+
+
+def _distinction(recipe: dict[str, str], keys: list[str], digits: int) -> str:
+    """`key=value, ...` of a recipe (values as JSON), numbers that are not whole to `digits` significant digits."""
+
+    def shown(text: str | None) -> str:
+        if text is None:
+            return "unset"
+        value = json.loads(text)
+        return f"{value:.{digits}g}" if isinstance(value, float) and not value.is_integer() else text
+
+    return ", ".join(f"{k}={shown(recipe.get(k))}" for k in keys)
 
 
 def metric_stat(runs: Iterable[Run], key: str) -> Stat | None:

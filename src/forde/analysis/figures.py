@@ -16,7 +16,7 @@ from forde.analysis import style
 from forde.analysis.aggregate import Setting, Stat, by_variant, metric_stat, seed_count, seed_values, stat
 from forde.analysis.results import Run
 from forde.analysis.tables import REGENERATED, Table, paired_differences
-from forde.analysis.variants import BASE, TUNED, color, marker
+from forde.analysis.variants import BASE, TUNED, styles
 from forde.data.corruption_names import CORRUPTIONS
 
 ACCURACY, NLL, ECE = ("Accuracy (%)", "accuracy", 100.0, "↑"), ("NLL", "nll", 1.0, "↓"), ("ECE", "ece", 1.0, "↓")
@@ -67,8 +67,41 @@ def seeds_note(groups: dict[str, list[Run]]) -> str:
     )
 
 
+def one_seed(groups: dict[str, list[Run]] | list[list[Run]]) -> bool:
+    """Every variant (or point) has one seed: there is no spread to draw, and a figure's caption says so."""
+    return all(seed_count(rs) == 1 for rs in (groups.values() if isinstance(groups, dict) else groups))
+
+
+ONE_SEED = "1 seed each: one run's values, no spread over seeds to show."
+
+
+def spread_note(groups: dict[str, list[Run]], note: str) -> str:
+    """The caption `note` about error bars or bands, or, when every variant has one seed, that there are none."""
+    return ONE_SEED if one_seed(groups) else note
+
+
+def at_least(ax, values: list[float], relative: float = 0.1, axis: str = "y", size: float | None = None) -> None:
+    """Widen an axis to at least `relative` of the values' magnitude (or of `size`), kept within 0-100 for values
+    that lie there: without error bars, a 0.05-point gap between two single runs would fill the panel and read as
+    a large effect."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return
+    low, high = min(values), max(values)
+    span = relative * (abs(size) if size is not None else max(abs(low), abs(high)))
+    if span == 0 or (high - low) * 1.1 >= span:
+        return
+    bottom, top = (low + high - span) / 2, (low + high + span) / 2
+    if low >= 0 and bottom < 0:  # a score that is never negative
+        bottom, top = 0.0, span
+    if low >= 0 and high <= 100 < top:  # a percentage
+        bottom, top = 100.0 - span, 100.0
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(bottom, top)
+
+
 def _legend_below(fig, labels: list[str], markers: bool = True, note: str = "") -> None:
-    handles = [Line2D([], [], color=color(v), marker=marker(v) if markers else None, lw=1.3) for v in labels]
+    look = styles(labels)
+    handles = [Line2D([], [], color=look[v][0], marker=look[v][1] if markers else None, lw=1.3) for v in labels]
     _layout(fig, handles, labels, note)
 
 
@@ -99,13 +132,24 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
     alphas = sorted({r.alpha for r in forde if r.alpha is not None})
     if len(alphas) < 2:
         raise Skip(f"needs FoRDE runs at two or more values of method.alpha (found {alphas or 'none'})")
+    varied = sorted(
+        {part.split("=")[0] for r in forde for part in r.distinction.split(", ") if part} - {"method.alpha"}
+    )
+    if varied:  # a sweep's trials: a line over alpha would credit alpha with what the other settings did
+        raise Skip(
+            f"the FoRDE runs differ in more than method.alpha ({', '.join(varied)}): the benchmark figure shows each "
+            "run, the Optuna slice figure each setting against the objective"
+        )
     panels = [(t, k) for t, k in LENGTHSCALE_PANELS if any(r.metric(k) is not None for r in forde)]
     de = [r for r in runs if r.method == "de"]
     fig, axes = style.figure(3, height=2.7)
     stats = {key: [metric_stat([r for r in forde if r.alpha == a], key) for a in alphas] for _, key in panels}
     counts = {s.n for per_alpha in stats.values() for s in per_alpha if s}
+    bands = counts != {1} or seed_count(de) > 1  # else no spread to show anywhere
     for ax, (title, key) in zip(axes[0], panels):
         baseline = metric_stat(de, key)
+        if not bands:
+            at_least(ax, [s.mean * 100.0 for s in stats[key] if s] + ([baseline.mean * 100.0] if baseline else []))
         if baseline:
             low, high = (100.0 * (baseline.mean + d * baseline.std) for d in (-1, 1))
             ax.axhspan(low, high, color=BASE["DE"], alpha=0.1, lw=0)
@@ -134,13 +178,16 @@ def lengthscale_figure(runs: list[Run], setting: Setting):
         ax.set_visible(False)
     axes[0][0].set_ylabel("Accuracy (%)")
     fig.suptitle(f"{_title(setting, runs)}\nFoRDE's lengthscales from identity (α = 0) to PCA (α = 1)")
-    per_alpha = f"{counts.pop()} seeds per α" if len(counts) == 1 else "n seeds per α as marked"
     handles = [Line2D([], [], color=TUNED, marker="o")]
-    labels = [f"FoRDE: mean ± std over seeds ({per_alpha})"]
+    if counts == {1}:
+        labels = ["FoRDE: 1 seed per α"]
+    else:
+        per_alpha = f"{counts.pop()} seeds per α" if len(counts) == 1 else "n seeds per α as marked"
+        labels = [f"FoRDE: mean ± std over seeds ({per_alpha})"]
     if de:
         handles.append(Line2D([], [], color=BASE["DE"], ls="--"))
-        labels.append(f"DE: mean ± std over {seed_count(de)} seed{'s' if seed_count(de) != 1 else ''}")
-    _layout(fig, handles, labels, note=f"Bands: {SPREAD}.")
+        labels.append("DE: 1 seed" if seed_count(de) == 1 else f"DE: mean ± std over {seed_count(de)} seeds")
+    _layout(fig, handles, labels, note=f"Bands: {SPREAD}." if bands else ONE_SEED)
     return fig
 
 
@@ -154,12 +201,17 @@ def benchmark_figure(table: Table, runs: list[Run]):
     groups = by_variant(runs)
     base = groups.get(BASELINE) if len(groups) > 1 else None
     rows = [r for r in table.rows if r.variant != BASELINE] if base else table.rows
+    look = styles([r.variant for r in rows])
+    names = [_wrapped(r.variant) for r in rows]
     cols = table.columns
     ncols, nrows = 3, math.ceil(len(cols) / 3)
-    fig, axes = style.figure(ncols, nrows, height=0.26 * len(rows) + 0.95, sharey=True)
+    per_row = 0.13 * (1 + max((n.count("\n") + 1 for n in names), default=1))  # 0.26 in for a label of one line
+    fig, axes = style.figure(ncols, nrows, height=per_row * len(rows) + 0.95, sharey=True)
     paper = bool(table.paper_source) and base is not None
+    single = one_seed(groups)
     for ax, col in zip(axes.flat, cols):
         paper_base = _paper_value(table, BASELINE, col.key)
+        drawn = []
         for y, row in enumerate(rows):
             s = (
                 stat(paired_differences(groups.get(row.variant, []), base, col.key).values())
@@ -171,25 +223,28 @@ def benchmark_figure(table: Table, runs: list[Run]):
                     s.mean * col.scale,
                     y,
                     xerr=s.std * col.scale if s.n > 1 else None,
-                    fmt=marker(row.variant),
-                    color=color(row.variant),
+                    fmt=look[row.variant][1],
+                    color=look[row.variant][0],
                     capsize=2,
                     elinewidth=1,
                 )
+                drawn.append(s.mean * col.scale)
             mine = _paper_value(table, row.variant, col.key)
             if paper and mine is not None and paper_base is not None:
                 ax.plot(mine - paper_base, y, "D", mfc="none", mec="0.35", ms=4)
         title = f"{col.label} {col.arrow}"
+        de = table.value(BASELINE, col.key)
+        if single:  # no error bars: the values' own size, or DE's, sets the least span of the axis
+            at_least(ax, drawn + ([0.0] if base else []), axis="x", size=de.mean * col.scale if base and de else None)
         if base:
             ax.axvline(0.0, color=BASE[BASELINE], lw=0.8, ls="--")
-            de = table.value(BASELINE, col.key)
             anchors = [f"DE {col.fmt(de.mean)}"] if de else []
             if paper and paper_base is not None:
                 anchors.append(f"paper's DE {_paper_text(table, BASELINE, col.key)}")
             title += "\n" + ", ".join(anchors)
             ax.set_xlabel(f"minus DE ({'higher' if col.higher_is_better else 'lower'} is better)")
         ax.set_title(title)
-        ax.set_yticks(range(len(rows)), [r.variant for r in rows])
+        ax.set_yticks(range(len(rows)), names)
         ax.grid(axis="y", visible=False)
     axes[0][0].invert_yaxis()
     for ax in axes.flat[len(cols) :]:
@@ -197,11 +252,12 @@ def benchmark_figure(table: Table, runs: list[Run]):
     regenerated = any(REGENERATED in marks for r in rows for marks in r.marks.values())
     fig.suptitle(table.setting.title + (REGENERATED_NOTE if regenerated else ""))
     ours = "ours minus DE, paired by seed" if base else "ours"
-    handles, labels = [Line2D([], [], color="0.25", marker="o", ls="none")], [f"{ours}: mean over seeds"]
+    handles = [Line2D([], [], color="0.25", marker="o", ls="none")]
+    labels = [f"{ours}: {'1 seed' if single else 'mean over seeds'}"]
     if paper:
         handles.append(Line2D([], [], mec="0.35", mfc="none", marker="D", ls="none"))
         labels.append(f"paper ({table.paper_source}) minus the paper's DE")
-    note = f"Error bars {SPREAD} ({seeds_note(groups)})."
+    note = spread_note(groups, f"Error bars {SPREAD} ({seeds_note(groups)}).")
     if table.paper_source and not base:
         note += (
             f" The paper's numbers ({table.paper_source}) are drawn as differences to its DE, beside ours: that"
@@ -209,6 +265,11 @@ def benchmark_figure(table: Table, runs: list[Run]):
         )
     _layout(fig, handles, labels, note=note)
     return fig
+
+
+def _wrapped(label: str, width: int = 40) -> str:
+    """A row's label on lines of its own: the variant, then what sets its recipe apart (which can be long)."""
+    return "\n".join(textwrap.fill(part, width) for part in label.replace(" [", "\n[").split("\n"))
 
 
 def _paper_text(table: Table, variant: str, key: str) -> str | None:
@@ -228,17 +289,27 @@ def severity_figure(runs: list[Run], setting: Setting):
     if len(xs) < 2:
         raise Skip("no corrupted results (summary keys corrupted/severity_k/...)")
     groups = by_variant(runs)
+    look, single = styles(list(groups)), one_seed(groups)
     fig, axes = style.figure(3, height=2.0)
     for ax, (label, metric, scale, arrow) in zip(axes[0], (ACCURACY, NLL, ECE)):
+        drawn = []
         for i, (v, rs) in enumerate(groups.items()):
             mean, std = _mean_std([metric_stat(rs, severity_key(metric, k)) for k in xs], scale)
             dodge = (i - (len(groups) - 1) / 2) * 0.07
-            ax.errorbar([x + dodge for x in xs], mean, yerr=std, color=color(v), marker=marker(v), capsize=1.5, lw=1)
+            bars = None if single else std
+            ax.errorbar(
+                [x + dodge for x in xs], mean, yerr=bars, color=look[v][0], marker=look[v][1], capsize=1.5, lw=1
+            )
+            drawn += mean
+        if single:
+            at_least(ax, drawn)
         ax.set_xticks(xs, ["clean" if k == 0 else str(k) for k in xs])
         ax.set_xlabel("Corruption severity")
         ax.set_ylabel(f"{label} {arrow}")
     fig.suptitle(_title(setting, runs))
-    _legend_below(fig, list(groups), note=f"Mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
+    _legend_below(
+        fig, list(groups), note=spread_note(groups, f"Mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
+    )
     return fig
 
 
@@ -251,24 +322,33 @@ def corruption_type_figure(runs: list[Run], setting: Setting):
     types = [c for c in CORRUPTIONS if c in found] + sorted(found - set(CORRUPTIONS))
     sev = severities(runs)[1:]
     groups = by_variant(runs)
+    look, single = styles(list(groups)), one_seed(groups)
     ncols = min(5, len(types) + 1)
     nrows = math.ceil((len(types) + 1) / ncols)
     fig, axes = style.figure(ncols, nrows, height=1.45 + 0.85 / nrows, sharex=True, sharey=True)  # + title, legend
+    drawn = []
     for ax, name in zip(axes.flat, types + ["Average"]):
         for v, rs in groups.items():
             stats = [_type_stat(rs, name, k) for k in sev]
             mean, std = _mean_std(stats, 100.0)
-            ax.errorbar(sev, mean, yerr=std, color=color(v), marker=marker(v), ms=2.5, capsize=1, lw=1)
+            ax.errorbar(
+                sev, mean, yerr=None if single else std, color=look[v][0], marker=look[v][1], ms=2.5, capsize=1, lw=1
+            )
+            drawn += mean
         ax.set_title(name.replace("_", " "))
         ax.set_xticks(sev)
     for ax in axes.flat[len(types) + 1 :]:
         ax.set_visible(False)
+    if single:  # the panels share their y axis
+        at_least(axes[0][0], drawn)
     for row in axes:
         row[0].set_ylabel("Accuracy (%)")
     for ax in axes[-1]:
         ax.set_xlabel("Severity")
     fig.suptitle(_title(setting, runs))
-    _legend_below(fig, list(groups), note=f"Mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
+    _legend_below(
+        fig, list(groups), note=spread_note(groups, f"Mean over seeds; error bars {SPREAD} ({seeds_note(groups)}).")
+    )
     return fig
 
 
@@ -299,25 +379,32 @@ def ensemble_size_figure(runs: list[Run], title: str):
     panels = [("Clean data", "test/nll"), ("Corrupted data", "corrupted/nll")]
     panels = [(t, k) for t, k in panels if any(r.metric(k) is not None for rs in groups.values() for r in rs)]
     fig, axes = style.figure(len(panels), height=2.2, width=2.4 * len(panels) + 0.6)
+    look = styles(list(groups))
+    sizes_of = {v: sorted({r.ensemble_size for r in rs}) for v, rs in groups.items()}
+    single = one_seed([[r for r in rs if r.ensemble_size == m] for v, rs in groups.items() for m in sizes_of[v]])
     for ax, (name, key) in zip(axes[0], panels):
+        drawn = []
         for v, rs in groups.items():
-            sizes = sorted({r.ensemble_size for r in rs})
+            sizes = sizes_of[v]
             mean, std = _mean_std([metric_stat([r for r in rs if r.ensemble_size == m], key) for m in sizes], 1.0)
             ax.fill_between(
                 sizes,
                 [a - b for a, b in zip(mean, std)],
                 [a + b for a, b in zip(mean, std)],
-                color=color(v),
+                color=look[v][0],
                 alpha=0.2,
                 lw=0,
             )
-            ax.plot(sizes, mean, "o-", color=color(v))
+            ax.plot(sizes, mean, "o-", color=look[v][0])
             ax.set_xticks(sizes)
+            drawn += mean
+        if single:
+            at_least(ax, drawn)
         ax.set_title(name)
         ax.set_xlabel("Ensemble size")
         ax.set_ylabel("NLL ↓")
     fig.suptitle(title + (REGENERATED_NOTE if any(r.regenerated for r in runs) else ""))
-    _legend_below(fig, list(groups), note=f"Lines: mean over seeds; bands {SPREAD}.")
+    _legend_below(fig, list(groups), note=ONE_SEED if single else f"Lines: mean over seeds; bands {SPREAD}.")
     return fig
 
 
@@ -337,6 +424,7 @@ def diversity_figure(runs: list[Run], setting: Setting):
         raise Skip("no gradient-diversity or epistemic-uncertainty results")
     xs = severities(runs)
     groups = by_variant(runs)
+    look, single = styles(list(groups)), one_seed(groups)
     width = 0.8 / len(groups)
     fig, axes = style.figure(len(metrics), height=2.0)
     for ax, (label, metric) in zip(axes[0], metrics):
@@ -346,8 +434,8 @@ def diversity_figure(runs: list[Run], setting: Setting):
                 [x + (i - (len(groups) - 1) / 2) * width for x in xs],
                 mean,
                 width,
-                yerr=std,
-                color=color(v),
+                yerr=None if single else std,
+                color=look[v][0],
                 error_kw={"elinewidth": 0.7, "capsize": 1.2, "ecolor": "0.55"},
             )
         ax.set_xticks(xs, ["clean" if k == 0 else str(k) for k in xs])
@@ -356,7 +444,10 @@ def diversity_figure(runs: list[Run], setting: Setting):
         ax.grid(axis="x", visible=False)
     fig.suptitle(_title(setting, runs))
     _legend_below(
-        fig, list(groups), markers=False, note=f"Bars: mean over seeds; error bars {SPREAD} ({seeds_note(groups)})."
+        fig,
+        list(groups),
+        markers=False,
+        note=spread_note(groups, f"Bars: mean over seeds; error bars {SPREAD} ({seeds_note(groups)})."),
     )
     return fig
 
@@ -380,6 +471,7 @@ def reliability_figure(runs: list[Run], setting: Setting):
     """Reliability diagrams of the test set per variant, before and after temperature scaling: accuracy against
     confidence per equal-width bin (15), every seed's samples pooled; the diagonal is perfect calibration."""
     groups = by_variant(runs)
+    look = styles(list(groups))
     panels = [("reliability", "as trained"), ("ts/reliability", "temperature-scaled")]
     panels = [(k, t) for k, t in panels if any(_pooled_reliability(rs, k) for rs in groups.values())]
     if not panels:
@@ -390,7 +482,7 @@ def reliability_figure(runs: list[Run], setting: Setting):
         for v, rs in groups.items():
             curve = _pooled_reliability(rs, key)
             if curve is not None:
-                ax.plot(*curve, color=color(v), marker=marker(v), ms=2.5, lw=1)
+                ax.plot(*curve, color=look[v][0], marker=look[v][1], ms=2.5, lw=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", title=f"test set, {name}")
     axes[0][0].set_ylabel("Accuracy")
     fig.suptitle(_title(setting, runs))

@@ -13,8 +13,10 @@ import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 
+import matplotlib.pyplot as plt
 import numpy as np
 import optuna
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import FrozenTrial, TrialState
 
 from forde.analysis.figures import Skip
@@ -24,8 +26,9 @@ SEED = "seed"
 
 
 def _quiet(draw: Callable, *args, **kwargs):
-    """Optuna's plots, without their experimental-feature warnings; their refusals become reasons to skip."""
-    with warnings.catch_warnings():
+    """Optuna's plots, without their experimental-feature warnings or offset notation on their axes (ticks that
+    read "0.01" beside "+8.45e1"); their refusals become reasons to skip."""
+    with warnings.catch_warnings(), plt.rc_context({"axes.formatter.useoffset": False}):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return draw(*args, **kwargs)
@@ -145,6 +148,7 @@ def slice_figure(opt: optuna.Study, objective: Objective):
     axes = _axes(_quiet(optuna.visualization.matplotlib.plot_slice, opt, **objective.kwargs))
     best = objective.completed_best
     for ax in axes:
+        _plain_log_ticks(ax)
         param = ax.get_xlabel()
         if param in best.params:  # a categorical axis holds the choices' repr() as matplotlib categories
             categorical = isinstance(best.distributions[param], optuna.distributions.CategoricalDistribution)
@@ -153,6 +157,15 @@ def slice_figure(opt: optuna.Study, objective: Objective):
             )
     axes[0].figure.suptitle("\n".join(filter(None, [objective.label, seed_note(opt)])), fontsize=8)
     return axes[0].figure
+
+
+def _plain_log_ticks(ax) -> None:
+    """A log-scaled parameter (a learning rate) ticked at 1, 2, 3 and 5 times powers of ten, written as plain numbers:
+    Optuna labels every minor tick of an axis that spans less than a decade ("2×10⁻²"), and they overlap."""
+    if ax.get_xscale() == "log":
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def intermediate_figure(opt: optuna.Study, objective: Objective):

@@ -38,6 +38,7 @@ RC: dict[RcKeyType, Any] = {
     "savefig.bbox": "tight",
     "savefig.pad_inches": 0.03,
     "pdf.fonttype": 42,
+    "axes.formatter.useoffset": False,  # ticks read as the values themselves, never "+8.45e1" and 0.00, 0.01
 }
 
 

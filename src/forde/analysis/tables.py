@@ -283,7 +283,7 @@ def _note(table: Table) -> str:
     note += footnotes("".join(m for r in table.rows for m in r.marks.values()))
     if table.paper_source:
         key = (table.setting.dataset, table.setting.model)
-        here = ", ".join(filter(None, [table.setting.arch, f"M = {table.setting.ensemble_size}"]))
+        here = f"{table.setting.network}, M = {table.setting.ensemble_size}"
         note += (
             f" The paper's numbers: those Trinh et al. (2024) report in {table.paper_source} "
             f"({paper_numbers.PROTOCOL[key]}; here: {here})."

@@ -4,6 +4,7 @@ method looks the same in every table and figure."""
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 
 from matplotlib.colors import to_hex, to_rgb
 
@@ -57,14 +58,15 @@ MARKERS = {  # a marker per variant too, so that rows stay apart in grey print (
 
 
 def variant(method: str, alpha: float | None = None) -> str:
-    """The paper's label for a method (and FoRDE's lengthscale mix alpha)."""
+    """The paper's label for a method (and FoRDE's lengthscale mix alpha, to 3 significant digits: a sampled
+    0.131253 reads 0.131)."""
     if method != "forde":
         return NAMES.get(method, method)
     if alpha is None or alpha == PCA:
         return "FoRDE-PCA"
     if alpha == IDENTITY:
         return "FoRDE-Identity"
-    return f"FoRDE-Tuned (α={alpha:g})"
+    return f"FoRDE-Tuned (α={alpha:.3g})"
 
 
 def method_variant(label: str) -> str:
@@ -102,3 +104,31 @@ def sort_key(label: str) -> tuple[int, float, str]:
     base = "FoRDE-Tuned" if tuned_alpha(label) is not None else method_variant(label)
     rank = ORDER.index(base) if base in ORDER else len(ORDER)
     return rank, tuned_alpha(label) or 0.0, label
+
+
+SPARE_MARKERS = ("o", "s", "^", "v", "p", "P", "X", "<", ">", "h", "*", "d")
+
+
+def family(label: str) -> str:
+    """The variant a row's colour and marker come from: tuned FoRDE at any alpha is one family."""
+    return "FoRDE-Tuned" if tuned_alpha(label) is not None else method_variant(label)
+
+
+def styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """A colour and marker per row of one figure: each variant's own (`color`, `marker`), except where a family has
+    several rows (tuned FoRDE at close alphas, one variant's recipes): shades of its colour spread evenly from light to
+    dark in row order, and a marker each, so that no two rows of a panel look alike."""
+    members: dict[str, list[str]] = {}
+    for label in sorted(labels, key=sort_key):
+        members.setdefault(family(label), []).append(label)
+    out = {}
+    for name, rows in members.items():
+        if len(rows) == 1:
+            out[rows[0]] = (color(rows[0]), marker(rows[0]))
+            continue
+        h, _, s = colorsys.rgb_to_hls(*to_rgb(TUNED if name == "FoRDE-Tuned" else color(rows[0])))
+        shapes = [marker(rows[0])] + [m for m in SPARE_MARKERS if m != marker(rows[0])]
+        for i, label in enumerate(rows):
+            shade = colorsys.hls_to_rgb(h, 0.72 - 0.44 * i / (len(rows) - 1), s)
+            out[label] = (to_hex(shade), shapes[i % len(shapes)])
+    return out
