@@ -15,7 +15,7 @@ import torch
 
 from forde.analysis import figures
 from forde.analysis.aggregate import Setting, setting_of
-from forde.analysis.report import duration
+from forde.analysis.report import duration, wall_clock
 from forde.analysis.results import architecture, find_runs, load_optuna, load_run_dir, study_runs
 from forde.analysis.tables import benchmark_table, difference_table, to_latex, to_markdown
 from forde.cli import main as cli
@@ -430,6 +430,9 @@ def test_forde_report_draws_each_optuna_study_with_its_best_trial_marked(tmp_pat
                 assert (out / study / f"{name}.{ext}").stat().st_size > 0, (study, name, ext)
     index = (folder / "report" / "index.md").read_text()
     assert "optuna/young/importances: needs 2 completed trials, the study has 1" in index
+    span = max(t.datetime_complete for t in single.trials) - min(t.datetime_start for t in single.trials)
+    assert wall_clock(single) == span.total_seconds() > 0
+    assert f"Wall clock: study single ran for {duration(span.total_seconds())}, from its first trial's start" in index
 
     best = single.best_trial
     objective = Objective(single, 0)

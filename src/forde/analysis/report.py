@@ -115,10 +115,14 @@ def duration(seconds: float) -> str:
 
 def wall_clock(study: optuna.Study) -> float | None:
     """Seconds from the study's first trial start to its last trial end: what a launch took, stops included."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
-    if not trials:
+    spans = [
+        (t.datetime_start, t.datetime_complete)
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+    if not spans:
         return None
-    return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    return (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
 
 
 def _index(report: Report, out: Path, runs: list[Run], studies: Sequence[optuna.Study] = ()) -> str:
