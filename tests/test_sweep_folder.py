@@ -153,3 +153,15 @@ def test_a_folder_named_like_a_built_in_study_does_not_hide_it(tmp_path, monkeyp
     assert find_study_file("quick", studies) == studies / "quick.yaml"
     (tmp_path / "mine").write_text("base: quickstart\n")  # a file is taken as given
     assert find_study_file("mine", studies) == Path("mine")
+
+
+def test_the_dashboard_hint_names_a_sqlite_file_below_the_working_directory_by_its_relative_path(tmp_path, monkeypatch):
+    from forde.sweep.launch import dashboard_url
+    from forde.sweep.storage import SweepStorage
+
+    monkeypatch.chdir(tmp_path)
+    below = SweepStorage(f"sqlite:///{tmp_path / 'studies' / 'q' / 'study.db'}")
+    assert dashboard_url(below) == "sqlite:///studies/q/study.db"
+    elsewhere = SweepStorage(f"sqlite:///{tmp_path.parent / 'other.db'}")
+    assert dashboard_url(elsewhere) == elsewhere.url
+    assert dashboard_url(SweepStorage(f"journal:{tmp_path / 'j.log'}")) == str(tmp_path / "j.log")

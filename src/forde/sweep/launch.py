@@ -343,10 +343,19 @@ def finish(sweep: Sweep, study_dir: Path, code: int) -> int:
             f"upload with `wandb sync {study_dir}/runs/*/wandb/offline-run-*`"
         )
     print(
-        f"Browse the study live with `optuna-dashboard {storage.display.removeprefix('journal:')}` "
+        f"Browse the study live with `optuna-dashboard {dashboard_url(storage)}` "
         "(pip install optuna-dashboard); draw its figures with `forde report " + str(study_dir) + "`"
     )
     return code
+
+
+def dashboard_url(storage: SweepStorage) -> str:
+    """The storage as optuna-dashboard takes it: a SQLite file below the working directory by its relative path
+    (what the user typed, and what they can paste), anything else as logged."""
+    path = storage.path
+    if storage.kind == "sqlite" and path is not None and path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return f"sqlite:///{path.relative_to(Path.cwd())}"
+    return storage.display.removeprefix("journal:")
 
 
 if __name__ == "__main__":
