@@ -67,3 +67,12 @@ def test_the_method_pages_toy_numbers_are_the_illustrative_runs():
     quoted = set(re.findall(r"\b\d\.\d{4}\b", section))
     written = set(re.findall(r"\b\d\.\d{4}\b", (ROOT / "docs" / "figures" / "illustrative_numbers.md").read_text()))
     assert len(quoted) >= 8 and quoted <= written, quoted - written
+
+
+def test_each_speed_ratio_on_the_performance_page_is_in_a_benchmark_result():
+    """A ratio quoted as "2.46x" on docs/performance.md is a number some file of benchmarks/results/ holds."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    results = "".join(p.read_text() for p in (ROOT / "benchmarks" / "results").glob("*.md"))
+    measured = set(re.findall(r"\d+\.\d+", results))
+    quoted = {q for q in re.findall(r"(\d+\.\d+)x\b", page) if q not in ("3.3",)}  # 3.3x: the paper's own figure
+    assert len(quoted) >= 10 and quoted <= measured, quoted - measured

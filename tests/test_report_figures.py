@@ -372,3 +372,19 @@ def test_one_seed_ensemble_size_figure_promises_no_bands(tmp_path):
     low, high = fig.axes[0].get_ylim()
     assert high - low >= 0.05
     plt.close(fig)
+
+
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path, monkeypatch):
+    """No creation date in the PDF: a report drawn again from the same runs, a day later, changes no committed
+    file (matplotlib stamps the time, or $SOURCE_DATE_EPOCH, unless told not to)."""
+    import matplotlib.pyplot as plt
+
+    from forde.analysis import style
+
+    for name, when in (("a", "0"), ("b", "86400")):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", when)
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        style.save(fig, tmp_path / name)
+    for ext in ("png", "pdf"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes(), ext

@@ -63,7 +63,13 @@ def save(fig, path: Path) -> list[Path]:
     out = []
     for ext in ("png", "pdf"):
         target = path.with_name(f"{path.name}.{ext}")
-        fig.savefig(target, dpi=RC["savefig.dpi"], bbox_inches="tight", pad_inches=RC["savefig.pad_inches"])
+        fig.savefig(
+            target,
+            dpi=RC["savefig.dpi"],
+            bbox_inches="tight",
+            pad_inches=RC["savefig.pad_inches"],
+            metadata={"CreationDate": None} if ext == "pdf" else None,  # the same figure, the same bytes
+        )
         out.append(target)
     plt.close(fig)
     log.info("wrote %s.{png,pdf}", path)

@@ -274,7 +274,10 @@ def _note(table: Table) -> str:
             "inputs kept at the threshold that keeps 95% of the test set."
         )
     if any("/ts/" in c.key for c in table.columns):
-        note += " TS: after temperature scaling, one temperature fitted on the validation split (never on test)."
+        note += (
+            " TS: after temperature scaling fitted on the validation split, never on test (one temperature for the"
+            " ensemble, or one per member where eval.calibrate_members was set)."
+        )
     if any(c in table.columns for c in CORRUPTED):
         note += (
             " cA / cNLL / cECE: accuracy, NLL and ECE of each severity's corruption types pooled into one"
