@@ -101,9 +101,13 @@ def test_member_split_must_be_even():
     world = distributed.World(0, 3, 0, "members")
     with pytest.raises(ConfigError, match="ensemble_size = 4 does not split evenly over 3 processes"):
         distributed.check_config(TrainConfig(ensemble_size=4), world)
-    with pytest.raises(ConfigError, match="method.name = 'swag' trains on one process only"):
+    with pytest.raises(ConfigError, match="method.name = 'node_bnn' trains on one process only"):
         distributed.check_config(
-            TrainConfig(ensemble_size=4, method=MethodConfig(name="swag")), distributed.World(0, 2, 0, "data")
+            TrainConfig(ensemble_size=4, method=MethodConfig(name="node_bnn")), distributed.World(0, 2, 0, "data")
+        )
+    with pytest.raises(ConfigError, match="method.name = 'swag' with 2 processes .* set run.distributed=data"):
+        distributed.check_config(
+            TrainConfig(ensemble_size=4, method=MethodConfig(name="swag")), distributed.World(0, 2, 0, "members")
         )
 
 
@@ -162,6 +166,25 @@ def test_torchrun_trains_the_quickstart_as_one_process_does(tmp_path, one_proces
 
         again = evaluate_run(tmp_path / "run", ["eval.grad_samples=0"], out_name="again.json")
         assert again["processes"] == results["processes"] and again["train_time_s"] == results["train_time_s"]
+
+
+def test_swag_collects_and_samples_on_two_processes_as_on_one(tmp_path):
+    """MultiSWAG under the data strategy: every rank holds every member, so the moments it collects and the draws it
+    evaluates (batch norm refreshed on the sharded training batches) are one process's."""
+    args = ["quickstart", *QUICK, "optim.epochs=1", "method.name=swag", "method.swag_start=0", "method.swag_rank=2"]
+    args += ["method.swag_samples=2"]
+    one = forde_train(tmp_path / "one", "run", args)
+    two = forde_train(tmp_path / "two", "run", args, processes=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    reference, weights = final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run")
+    assert weights.keys() == reference.keys() and "swag.3.deviations" in weights
+    assert int(weights["swag.0.collected"]) == 1
+    for key, value in reference.items():  # float32, the batch's shards summed in another order over 17 steps
+        torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=5e-4, msg=key)
+    results, expected = (json.loads((tmp_path / o / "run" / "results.json").read_text()) for o in ("two", "one"))
+    assert results["eval_samples"] == expected["eval_samples"] == 2
+    for key in ("test/nll", "test/accuracy", "test/epistemic"):
+        assert results["summary"][key] == pytest.approx(expected["summary"][key], rel=1e-3), key
 
 
 def rank_processes(out: Path, args: list[str], size: int = 2) -> list[subprocess.Popen]:

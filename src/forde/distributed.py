@@ -40,6 +40,7 @@ STRATEGIES = ("data", "members")
 # methods whose members interact only through tensors these wrappers gather; the others keep per-member hooks,
 # shared layers or parameter groups that a split ensemble does not carry yet
 DISTRIBUTED_METHODS = ("de", "forde", "lit", "rde_weight", "rde_function")
+DATA_ONLY_METHODS = ("swag",)  # every member on every rank: its moments and draws are one process's
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,12 @@ def _on_cpu(state):
 def check_config(cfg: TrainConfig, world: World) -> None:
     """One line, before any data is read, for a run these processes cannot train as asked."""
     where = f"{world.size} processes (run.distributed={world.strategy})"
-    if cfg.method.name not in DISTRIBUTED_METHODS:
+    if world.strategy == "members" and cfg.method.name in DATA_ONLY_METHODS:
+        raise ConfigError(
+            f"method.name = {cfg.method.name!r} with {where}: its per-member state is not split over processes "
+            "yet; set run.distributed=data"
+        )
+    if cfg.method.name not in DISTRIBUTED_METHODS + DATA_ONLY_METHODS:
         raise ConfigError(
             f"method.name = {cfg.method.name!r} trains on one process only; {where} take "
             f"{', '.join(DISTRIBUTED_METHODS)}: launch it without torchrun/srun"
