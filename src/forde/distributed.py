@@ -417,7 +417,8 @@ def check_config(cfg: TrainConfig, world: World) -> None:
     if cfg.method.name not in DISTRIBUTED_METHODS + DATA_ONLY_METHODS:
         raise ConfigError(
             f"method.name = {cfg.method.name!r} trains on one process only; {where} take "
-            f"{', '.join(DISTRIBUTED_METHODS)}: launch it without torchrun/srun"
+            f"{', '.join(DISTRIBUTED_METHODS)} (and {', '.join(DATA_ONLY_METHODS)} with run.distributed=data): "
+            "launch it without torchrun/srun"
         )
     if world.strategy == "members" and cfg.ensemble_size % world.size:
         raise ConfigError(

@@ -99,19 +99,19 @@ def marker(label: str) -> str:
     return MARKERS.get("FoRDE-Tuned" if tuned_alpha(label) is not None else label, ".")
 
 
+def family(label: str) -> str:
+    """The variant a row's place, colour and marker come from: tuned FoRDE at any alpha is one family."""
+    return "FoRDE-Tuned" if tuned_alpha(label) is not None else method_variant(label)
+
+
 def sort_key(label: str) -> tuple[int, float, str]:
     """Paper order: baselines first, FoRDE variants last (tuned ones by alpha, between identity and PCA)."""
-    base = "FoRDE-Tuned" if tuned_alpha(label) is not None else method_variant(label)
+    base = family(label)
     rank = ORDER.index(base) if base in ORDER else len(ORDER)
     return rank, tuned_alpha(label) or 0.0, label
 
 
 SPARE_MARKERS = ("o", "s", "^", "v", "p", "P", "X", "<", ">", "h", "*", "d")
-
-
-def family(label: str) -> str:
-    """The variant a row's colour and marker come from: tuned FoRDE at any alpha is one family."""
-    return "FoRDE-Tuned" if tuned_alpha(label) is not None else method_variant(label)
 
 
 def styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
