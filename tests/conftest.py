@@ -6,6 +6,7 @@ where a missing tool fails instead.
 `small_disk`: a tiny filesystem that fills up, for tests of what a full disk does."""
 
 import importlib.util
+import inspect
 import os
 import subprocess
 from pathlib import Path
@@ -93,3 +94,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+def shared_service(item: pytest.Item) -> str | None:
+    """The server a test shares with others, if any: "postgres" (one database; one test drops every connection to
+    it) or "slurm" (one node that a test's jobs fill)."""
+    if item.module.__name__ == "test_slurm":
+        return "slurm"
+    params = getattr(item, "callspec", None)
+    if params and "postgresql" in map(str, params.params.values()):
+        return "postgres"
+    function = getattr(item, "function", None)
+    if function is not None and "postgres_url(" in inspect.getsource(function):
+        return "postgres"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`, the suite's default), the tests of one shared server run on one
+    worker, one after another."""
+    for item in items:
+        group = shared_service(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
