@@ -87,15 +87,6 @@ def pytest_configure(config):
     )
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if item.get_closest_marker("cuda"):
-            item.add_marker(skip)
-
-
 def shared_service(item: pytest.Item) -> str | None:
     """The server a test shares with others, if any: "postgres" (one database; one test drops every connection to
     it) or "slurm" (one node that a test's jobs fill)."""
@@ -111,9 +102,12 @@ def shared_service(item: pytest.Item) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, the suite's default), the tests of one shared server run on one
-    worker, one after another."""
+    """`cuda` tests skip where there is no CUDA device; under pytest-xdist (`--dist loadgroup`, the suite's
+    default) the tests of one shared server run on one worker, one after another."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if skip and item.get_closest_marker("cuda"):
+            item.add_marker(skip)
         group = shared_service(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))

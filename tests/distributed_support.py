@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from forde import distributed
-from forde.config import MethodConfig
+from forde.config import MethodConfig, OptimConfig
 from forde.ensemble import Ensemble
-from forde.methods import LIT, DeepEnsemble, FoRDE, FunctionRDE, WeightRDE
+from forde.methods import LIT, DeepEnsemble, FeatureRDE, FoRDE, FunctionRDE, NodeBNN, WeightRDE
 
 MEMBERS, BATCH, STEPS, CLASSES, SHAPE = 4, 10, 3, 3, (2, 5, 5)  # 10 samples: 2 ranks get 5 each (odd shares)
 
@@ -40,6 +40,10 @@ def method(name: str):
         return FoRDE(replace(base, name="forde", repulsion_subset=0.6), None)
     if name == "de":
         return DeepEnsemble()
+    if name == "node_bnn":  # 3 epochs of one step: the KL term's weight 0, 1/2, 1
+        return NodeBNN(base, train_size=BATCH * STEPS, epochs=STEPS, seed=5)
+    if name == "rde_feature":
+        return FeatureRDE(base)
     return {"lit": LIT, "rde_weight": WeightRDE, "rde_function": FunctionRDE}[name](base)
 
 
@@ -68,10 +72,13 @@ def _train_steps(name: str, world: distributed.World | None, steps: int) -> dict
     full = Ensemble([member() for _ in range(MEMBERS)])
     ensemble = distributed.distribute(full, world)
     m = method(name)
-    optimizer = torch.optim.SGD(ensemble.parameters(), lr=0.1, momentum=0.9)
+    if hasattr(m, "attach"):
+        m.attach(ensemble)
+    groups = m.param_groups(ensemble, OptimConfig()) if hasattr(m, "param_groups") else ensemble.parameters()
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     losses = []
     for step, (x, y) in enumerate(batches(steps)):
-        out = m.loss(ensemble, x, y, step=step)
+        out = m.loss(ensemble, x, y, step=step, epoch=step)
         optimizer.zero_grad()
         out.loss.backward()
         if isinstance(ensemble, distributed.DataParallelEnsemble):

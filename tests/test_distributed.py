@@ -21,6 +21,7 @@ from forde.errors import ConfigError
 from forde.sweep import trial_processes
 
 METHODS = ["de", "forde_per_column", "forde_all_pairs", "forde_subset", "lit", "rde_weight", "rde_function"]
+DATA_ONLY = ["rde_feature", "node_bnn"]  # their members share state that only run.distributed=data carries
 
 
 def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[dict]:
@@ -34,11 +35,16 @@ def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[d
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
     """Each strategy's two ranks, every method trained in turn (one start of the processes per strategy)."""
-    return {s: run_ranks(tmp_path_factory.mktemp(s), METHODS, s) for s in distributed.STRATEGIES}
+    return {
+        "data": run_ranks(tmp_path_factory.mktemp("data"), METHODS + DATA_ONLY, "data"),
+        "members": run_ranks(tmp_path_factory.mktemp("members"), METHODS, "members"),
+    }
 
 
-@pytest.mark.parametrize("strategy", distributed.STRATEGIES)
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize(
+    ("name", "strategy"),
+    [(n, s) for n in METHODS for s in distributed.STRATEGIES] + [(n, "data") for n in DATA_ONLY],
+)
 def test_two_processes_equal_one(two_processes, name, strategy):
     reference = support.train_steps(name)
     initial = support.train_steps(name, steps=0)["state"]
@@ -101,13 +107,13 @@ def test_member_split_must_be_even():
     world = distributed.World(0, 3, 0, "members")
     with pytest.raises(ConfigError, match="ensemble_size = 4 does not split evenly over 3 processes"):
         distributed.check_config(TrainConfig(ensemble_size=4), world)
-    with pytest.raises(ConfigError, match="method.name = 'node_bnn' trains on one process only"):
+    for name in ("swag", "rde_feature", "node_bnn"):
+        with pytest.raises(ConfigError, match=f"method.name = '{name}' with 2 processes .* set run.distributed=data"):
+            distributed.check_config(
+                TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "members")
+            )
         distributed.check_config(
-            TrainConfig(ensemble_size=4, method=MethodConfig(name="node_bnn")), distributed.World(0, 2, 0, "data")
-        )
-    with pytest.raises(ConfigError, match="method.name = 'swag' with 2 processes .* set run.distributed=data"):
-        distributed.check_config(
-            TrainConfig(ensemble_size=4, method=MethodConfig(name="swag")), distributed.World(0, 2, 0, "members")
+            TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "data")
         )
 
 

@@ -30,17 +30,19 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from forde.config import TrainConfig
-from forde.ensemble import Ensemble, InputGradients, input_copies
+from forde.ensemble import Ensemble, InputGradients, input_copies, running_rows
 from forde.errors import ConfigError
 from forde.models.derivatives import for_double_backward, native_derivatives
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("data", "members")
-# methods whose members interact only through tensors these wrappers gather; the others keep per-member hooks,
-# shared layers or parameter groups that a split ensemble does not carry yet
-DISTRIBUTED_METHODS = ("de", "forde", "lit", "rde_weight", "rde_function")
-DATA_ONLY_METHODS = ("swag",)  # every member on every rank: its moments and draws are one process's
+# every method runs with run.distributed=data; these not yet with `members` (state a split ensemble lacks)
+DATA_ONLY_METHODS = {
+    "swag": "its moments and draws are not split over processes yet",
+    "rde_feature": "its members share one classifier, which a split ensemble does not",
+    "node_bnn": "its members' noise parameters are not split over processes yet",
+}
 
 
 @dataclass(frozen=True)
@@ -271,25 +273,29 @@ class DataParallelEnsemble(Ensemble):
         sizes = split_sizes(x.shape[dim], self.world.size)
         return x.narrow(dim, sum(sizes[: self.world.rank]), sizes[self.world.rank]), sizes
 
-    def _run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        with native_derivatives(), _SyncBatchNorm(self.world) if self.training else contextlib.nullcontext():
+    def _run(self, fn: Callable[[], torch.Tensor], sizes: list[int]) -> torch.Tensor:
+        rows = running_rows(sum(sizes[: self.world.rank]), sum(sizes))
+        with native_derivatives(), rows, _SyncBatchNorm(self.world) if self.training else contextlib.nullcontext():
             return fn()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local, sizes = self._shard(x)
-        out = self._run(lambda: Ensemble.forward(self, local))
+        out = self._run(lambda: Ensemble.forward(self, local), sizes)
         return gather(out, 1, sizes, self.world.rank, sum_backward=True)
 
     def forward_each(self, xs: torch.Tensor) -> torch.Tensor:
         local, sizes = self._shard(xs, 1)
-        out = self._run(lambda: Ensemble.forward_each(self, local))
+        out = self._run(lambda: Ensemble.forward_each(self, local), sizes)
         return gather(out, 1, sizes, self.world.rank, sum_backward=True)
+
+    def gather_examples(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        return gather(t, 1, split_sizes(batch, self.world.size), self.world.rank, sum_backward=True)
 
     def output_gradients(self, x, pick, create_graph: bool = True) -> InputGradients:
         local, sizes = self._shard(x)
         rank = self.world.rank
         xs = input_copies(local, len(self))
-        outputs = self._run(lambda: Ensemble.forward_each(self, xs))
+        outputs = self._run(lambda: Ensemble.forward_each(self, xs), sizes)
         # the picked outputs of the whole batch (pick knows the global targets); only this rank's reach its inputs
         picked = pick(gather(outputs, 1, sizes, rank, sum_backward=False)).sum()
         with native_derivatives():
@@ -331,6 +337,9 @@ class MemberParallelEnsemble(Ensemble):
 
     def gather_members(self, t: torch.Tensor) -> torch.Tensor:
         return gather(t, 0, self.sizes, self.world.rank, sum_backward=False)
+
+    def gather_examples(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.gather_members(t)  # every rank ran the whole batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gather_members(Ensemble.forward(self, x))
@@ -411,14 +420,8 @@ def check_config(cfg: TrainConfig, world: World) -> None:
     where = f"{world.size} processes (run.distributed={world.strategy})"
     if world.strategy == "members" and cfg.method.name in DATA_ONLY_METHODS:
         raise ConfigError(
-            f"method.name = {cfg.method.name!r} with {where}: its per-member state is not split over processes "
-            "yet; set run.distributed=data"
-        )
-    if cfg.method.name not in DISTRIBUTED_METHODS + DATA_ONLY_METHODS:
-        raise ConfigError(
-            f"method.name = {cfg.method.name!r} trains on one process only; {where} take "
-            f"{', '.join(DISTRIBUTED_METHODS)} (and {', '.join(DATA_ONLY_METHODS)} with run.distributed=data): "
-            "launch it without torchrun/srun"
+            f"method.name = {cfg.method.name!r} with {where}: {DATA_ONLY_METHODS[cfg.method.name]}; "
+            "set run.distributed=data"
         )
     if world.strategy == "members" and cfg.ensemble_size % world.size:
         raise ConfigError(

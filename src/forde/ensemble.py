@@ -9,7 +9,8 @@ leaves the device idle between launches; on the CPU it is slower than the loop (
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,26 @@ from forde.errors import ConfigError
 from forde.models import build_model
 from forde.models.derivatives import for_double_backward, native_derivatives
 from forde.torch_internals import is_compiled
+
+
+_ROWS: ContextVar[tuple[int, int] | None] = ContextVar("forde_batch_rows", default=None)
+
+
+def batch_rows(rows: int) -> tuple[int, int]:
+    """(first row, rows of the whole batch) for the `rows` rows a member is running now: (0, rows) on one process.
+    A data-parallel process runs a share of each batch (forde.distributed); a method that draws randomness per
+    example (node-BNN's noise) draws it for the whole batch and keeps these rows, as one process would."""
+    return _ROWS.get() or (0, rows)
+
+
+@contextlib.contextmanager
+def running_rows(first: int, batch: int) -> Iterator[None]:
+    """Within the block, the members run rows first.. of a `batch`-row batch (see `batch_rows`)."""
+    token = _ROWS.set((first, batch))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 class InputGradients(NamedTuple):
@@ -72,6 +93,12 @@ class Ensemble(nn.Module):
     def gather_members(self, t: torch.Tensor) -> torch.Tensor:
         """A per-member tensor `[M_here, ...]` of the members this process holds -> `[M, ...]` of all members:
         itself on one process (forde.distributed's member-parallel ensemble gathers it over the processes)."""
+        return t
+
+    def gather_examples(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """A tensor `[M_here, B_here, ...]` the members computed on the rows they ran of a `batch`-row batch (a
+        method's own per-example quantity, e.g. hidden features) -> `[M, batch, ...]`: itself on one process
+        (forde.distributed's ensembles gather it, with autograd, as they gather their outputs)."""
         return t
 
     def _vmapped(self, x: torch.Tensor, shared_input: bool) -> torch.Tensor:

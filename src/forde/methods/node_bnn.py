@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forde.config import ConfigError, MethodConfig, OptimConfig
-from forde.ensemble import Ensemble
+from forde.ensemble import Ensemble, batch_rows
 from forde.methods.base import LossOutput
 from forde.methods.likelihoods import Categorical, Likelihood
 from forde.methods.swag import draw_seed
@@ -116,15 +116,16 @@ class MemberNoise(nn.Module):
 
     def noise(self, i: int, out: torch.Tensor) -> torch.Tensor:
         mean, std = self.means[i], F.softplus(self.raw_stds[i])
-        batch = out.shape[0]
+        rows = out.shape[0]
         if not self.training and self.draw is None:
-            return mean.mean(0).to(out.dtype).expand(batch, -1)  # the mixture's mean multiplier
+            return mean.mean(0).to(out.dtype).expand(rows, -1)  # the mixture's mean multiplier
+        first, batch = batch_rows(rows)  # a share of the batch: its rows of the noise the whole batch gets
         if self.draw is None:
-            index = torch.arange(batch, device=out.device) % self.components
+            index = torch.arange(first, first + rows, device=out.device) % self.components
         else:
-            index = torch.full((batch,), self.draw % self.components, device=out.device)
+            index = torch.full((rows,), self.draw % self.components, device=out.device)
         eps = torch.randn((batch, mean.shape[1]), generator=self.generator, device=out.device, dtype=mean.dtype)
-        return (mean[index] + std[index] * eps).to(out.dtype)
+        return (mean[index] + std[index] * eps[first : first + rows]).to(out.dtype)
 
     def divergence(self, prior_std: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """sum over layers of H[q, p] and of H_BD[q]."""

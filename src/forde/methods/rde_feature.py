@@ -88,7 +88,9 @@ class FeatureRDE:
     def __init__(self, cfg: MethodConfig, likelihood: Likelihood | None = None):
         self.cfg = cfg
         self.likelihood = likelihood or Categorical(cfg.grad_target)
-        self._seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self._heads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) per classifier call
+        self._outputs: list[torch.Tensor] = []  # each member's output, in the order the members ran
+        self._recording = False
         self._attached: Ensemble | None = None
 
     def attach(self, ensemble: Ensemble) -> None:
@@ -107,43 +109,39 @@ class FeatureRDE:
             for p in shared.parameters():  # the shared classifier learns from the members' mean loss
                 p.register_hook(lambda g: g * scale)
             heads = [(path, shared) for path, _ in heads]
-        self._seen = [None] * len(ensemble)
-        for i, (_, head) in enumerate(heads):
-            head.register_forward_hook(self._recorder(i))
+        for head in {id(h): h for _, h in heads}.values():  # a shared classifier runs once per member
+            head.register_forward_hook(self._record_head)
+        for member in ensemble.members:
+            member.register_forward_hook(self._record_output)
         self._attached = ensemble
 
-    def _recorder(self, index: int):
-        def record(module, inputs, output):
-            if self._recording:
-                self._seen[index] = (inputs[0], output)
+    def _record_head(self, module, inputs, output) -> None:
+        if self._recording:
+            self._heads.append((inputs[0], output))
 
-        return record
-
-    _recording = False
+    def _record_output(self, module, inputs, output) -> None:
+        if self._recording:
+            self._outputs.append(output)
 
     def member_features(self, ensemble: Ensemble, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Outputs [M, B, C] and each member's features [B, ...] (its classifier's input), in one pass."""
+        """Outputs [M, B, C] and the features [B_here, ...] (classifier inputs) of the members this process runs,
+        on the rows it runs (all of them on one process), in one pass of the ensemble."""
         if self._attached is not ensemble:
             raise RuntimeError("FeatureRDE.attach(ensemble) must run first, before the optimizer is built")
-        outputs, features = [], []
-        self._recording = True
+        self._heads, self._outputs, self._recording = [], [], True
         try:
-            for i, member in enumerate(ensemble.members):
-                self._seen[i] = None
-                out = member(x)
-                seen = self._seen[i]
-                if seen is None or seen[1] is not out:
-                    raise ConfigError(
-                        f"method.name = rde_feature: ensemble member {i}'s output is not the output of its last "
-                        "nn.Linear (the network transforms it further, or calls that layer more than once); use a "
-                        "network that returns its classifier's output"
-                    )
-                outputs.append(out)
-                features.append(seen[0])
+            outputs = ensemble(x)
+            heads, members = self._heads, self._outputs
         finally:
-            self._recording = False
-            self._seen = [None] * len(ensemble)
-        return torch.stack(outputs), features
+            self._heads, self._outputs, self._recording = [], [], False
+        for i, out in enumerate(members):
+            if i >= len(heads) or heads[i][1] is not out or len(heads) != len(members):
+                raise ConfigError(
+                    f"method.name = rde_feature: ensemble member {i}'s output is not the output of its last "
+                    "nn.Linear (the network transforms it further, or calls that layer more than once); use a "
+                    "network that returns its classifier's output"
+                )
+        return outputs, [feature for feature, _ in heads]
 
     def loss(
         self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
@@ -152,11 +150,12 @@ class FeatureRDE:
         outputs, features = self.member_features(ensemble, x)
         nll = self.likelihood.nll(outputs, y)
         grads = torch.autograd.grad(nll * batch, features, retain_graph=True)  # d sum_b NLL_ib / dF_i
-        f = torch.stack([t.flatten() for t in features])  # [M, B * d]
+        # [M, B * d]: every member's features on the whole batch (gathered where processes share the work)
+        f = ensemble.gather_examples(torch.stack([t.flatten(1) for t in features]), batch).flatten(1)
         with full_precision(f):
             f = f.to(kernel_dtype(f))
             prior = torch.log1p(cfg.feature_prior_scale * f.square()).sum()
-            g = torch.stack([t.flatten() for t in grads])
+            g = ensemble.gather_examples(torch.stack([t.flatten(1) for t in grads]), batch).flatten(1)
             rep, stats = feature_repulsion(f, g, cfg.feature_projection_dim, cfg.bandwidth, cfg.bandwidth_scale)
         loss = nll + (prior + rep) / batch
         return LossOutput(
