@@ -23,7 +23,6 @@ from forde.models import build_model
 from forde.models.derivatives import for_double_backward, native_derivatives
 from forde.torch_internals import is_compiled
 
-
 _ROWS: ContextVar[tuple[int, int] | None] = ContextVar("forde_batch_rows", default=None)
 
 
