@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import distributed_support as support
 from forde import distributed
 from forde.config import MethodConfig, TrainConfig
+from forde.ensemble import Ensemble
 from forde.errors import ConfigError
 from forde.sweep import trial_processes
 
@@ -65,6 +66,27 @@ def test_split_sizes():
     assert distributed.split_sizes(4, 2) == [2, 2]
 
 
+def test_a_member_share_of_a_checkpoint_renumbers_every_per_member_list():
+    """Rank 1 of 2 resuming a one-process checkpoint of 4 members takes members 2 and 3, their SWAG moments and
+    their optimizer entries, numbered from 0 as it holds them."""
+    from forde.methods import SWAG
+
+    full = Ensemble([torch.nn.Linear(2, 2) for _ in range(4)])
+    SWAG(MethodConfig(name="swag")).attach(full)
+    for i, moments in enumerate(full.swag):
+        moments.collected.fill_(10 + i)
+    optimizer = torch.optim.SGD(full.parameters(), lr=0.1, momentum=0.9)
+    for i, p in enumerate(full.parameters()):
+        optimizer.state[p]["momentum_buffer"] = torch.full_like(p, float(i))
+    share = distributed.MemberParallelEnsemble(full, distributed.World(1, 2, 1, "members"))
+    ensemble, opt = share.local_states(full.state_dict(), optimizer.state_dict())
+    assert sorted(ensemble) == sorted(k for k in full.state_dict() if k.split(".")[1] in "01")
+    torch.testing.assert_close(ensemble["members.0.weight"], full.members[2].weight.detach())
+    assert int(ensemble["swag.1.collected"]) == 13
+    assert [float(v["momentum_buffer"].flatten()[0]) for _, v in sorted(opt["state"].items())] == [4, 5, 6, 7]
+    assert opt["param_groups"][0]["params"] == [0, 1, 2, 3]
+
+
 def test_ranks_from_env():
     assert distributed.ranks_from_env({}) is None
     assert distributed.ranks_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
@@ -107,7 +129,7 @@ def test_member_split_must_be_even():
     world = distributed.World(0, 3, 0, "members")
     with pytest.raises(ConfigError, match="ensemble_size = 4 does not split evenly over 3 processes"):
         distributed.check_config(TrainConfig(ensemble_size=4), world)
-    for name in ("swag", "rde_feature", "node_bnn"):
+    for name in distributed.DATA_ONLY_METHODS:
         with pytest.raises(ConfigError, match=f"method.name = '{name}' with 2 processes .* set run.distributed=data"):
             distributed.check_config(
                 TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "members")
@@ -174,20 +196,21 @@ def test_torchrun_trains_the_quickstart_as_one_process_does(tmp_path, one_proces
         assert again["processes"] == results["processes"] and again["train_time_s"] == results["train_time_s"]
 
 
-DATA_ONLY_RUNS = {  # each method's own state, exercised: SWAG's moments and draws, node-BNN's noise, the shared head
+STATEFUL_RUNS = {  # each method's own state, exercised: SWAG's moments and draws, node-BNN's noise, the shared head
     "swag": ["method.swag_start=0", "method.swag_rank=2", "method.swag_samples=2"],
     "node_bnn": ["method.node_components=2", "method.node_test_samples=1"],
     "rde_feature": [],
 }
 
 
-@pytest.mark.parametrize("name", DATA_ONLY_RUNS)
-def test_data_only_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path, name):
-    """Under the data strategy every rank holds every member, so what SWAG collects and draws (batch norm refreshed
-    on the sharded training batches), node-BNN's per-example noise and Feature-RDE's shared classifier are one
-    process's; so are the evaluation's draws."""
-    args = ["quickstart", *QUICK, "optim.epochs=1", f"method.name={name}", *DATA_ONLY_RUNS[name]]
-    one = forde_train(tmp_path / "one", "run", args)
+@pytest.mark.parametrize(("name", "strategy"), [(n, "data") for n in STATEFUL_RUNS] + [("swag", "members")])
+def test_stateful_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path, name, strategy):
+    """What SWAG collects and draws (batch norm refreshed on the training batches, sharded under `data`),
+    node-BNN's per-example noise and Feature-RDE's shared classifier are one process's; so are the evaluation's
+    draws. Under `members` each process keeps its members' SWAG moments and draws them as one process would."""
+    args = ["quickstart", *QUICK, "optim.epochs=1", f"method.name={name}", *STATEFUL_RUNS[name]]
+    args.append(f"run.distributed={strategy}")
+    one = forde_train(tmp_path / "one", "run", args[:-1])
     two = forde_train(tmp_path / "two", "run", args, processes=2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     reference, weights = final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run")

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("data", "members")
 # every method runs with run.distributed=data; these not yet with `members` (state a split ensemble lacks)
 DATA_ONLY_METHODS = {
-    "swag": "its moments and draws are not split over processes yet",
     "rde_feature": "its members share one classifier, which a split ensemble does not",
     "node_bnn": "its members' noise parameters are not split over processes yet",
 }
@@ -328,7 +327,7 @@ class MemberParallelEnsemble(Ensemble):
         sizes = split_sizes(len(ensemble), world.size)
         start = sum(sizes[: world.rank])
         super().__init__(list(ensemble.members)[start : start + sizes[world.rank]], ensemble.execution)
-        self.world, self.sizes, self.start = world, sizes, start
+        self.world, self.sizes, self.first_member = world, sizes, start
         # parameters per member: a checkpoint of the whole ensemble numbers the optimizer state across all of them
         self.param_counts = [len(list(m.parameters())) for m in ensemble.members]
 
@@ -345,7 +344,9 @@ class MemberParallelEnsemble(Ensemble):
         return self.gather_members(Ensemble.forward(self, x))
 
     def forward_each(self, xs: torch.Tensor) -> torch.Tensor:
-        return self.gather_members(Ensemble.forward_each(self, xs[self.start : self.start + len(self.members)]))
+        return self.gather_members(
+            Ensemble.forward_each(self, xs[self.first_member : self.first_member + len(self.members)])
+        )
 
     def output_gradients(self, x, pick, create_graph: bool = True) -> InputGradients:
         if create_graph:
@@ -359,14 +360,14 @@ class MemberParallelEnsemble(Ensemble):
 
     # -- checkpoints: the whole ensemble's state, as one process writes it ----------------------------------------
     def _param_range(self) -> tuple[int, int]:
-        first = sum(self.param_counts[: self.start])
-        return first, first + sum(self.param_counts[self.start : self.start + len(self.members)])
+        first = sum(self.param_counts[: self.first_member])
+        return first, first + sum(self.param_counts[self.first_member : self.first_member + len(self.members)])
 
     def full_states(self, ensemble_state: dict, optimizer_state: dict) -> tuple[dict, dict]:
         """This rank's ensemble and SGD states merged with every other rank's into the one-process format
         (members and optimizer entries renumbered); every rank takes part, every rank gets the result."""
         pieces: list = [None] * self.world.size
-        mine = (self.start, self._param_range()[0], _on_cpu(ensemble_state), _on_cpu(optimizer_state))
+        mine = (self.first_member, self._param_range()[0], _on_cpu(ensemble_state), _on_cpu(optimizer_state))
         dist.all_gather_object(pieces, mine)  # on the CPU: a GPU tensor would arrive on its sender's device
         ensemble, state, params = {}, {}, []
         group = None
@@ -381,28 +382,32 @@ class MemberParallelEnsemble(Ensemble):
 
     def local_states(self, ensemble_state: dict, optimizer_state: dict) -> tuple[dict, dict]:
         """This rank's share of a whole ensemble's checkpoint (written by one process or by any world size)."""
-        stop = self.start + len(self.members)
+        stop = self.first_member + len(self.members)
         ensemble = {}
         for k, v in ensemble_state.items():
             index = _member_index(k)
-            if index is not None and self.start <= index < stop:
-                ensemble[_renumber(k, -self.start)] = v
+            if index is not None and self.first_member <= index < stop:
+                ensemble[_renumber(k, -self.first_member)] = v
         first, last = self._param_range()
         (group,) = optimizer_state["param_groups"]
         state = {int(i) - first: v for i, v in optimizer_state["state"].items() if first <= int(i) < last}
         return ensemble, {"state": state, "param_groups": [{**group, "params": list(range(last - first))}]}
 
 
+PER_MEMBER = ("members", "swag")  # the ensemble's lists with one entry per member: the networks, SWAG's moments
+
+
 def _member_index(key: str) -> int | None:
     parts = key.split(".")
-    return int(parts[1]) if parts[0] == "members" and len(parts) > 1 and parts[1].isdigit() else None
+    return int(parts[1]) if parts[0] in PER_MEMBER and len(parts) > 1 and parts[1].isdigit() else None
 
 
 def _renumber(key: str, shift: int) -> str:
     index = _member_index(key)
     if index is None:
         return key
-    return f"members.{index + shift}.{key.split('.', 2)[2]}"
+    group, _, rest = key.split(".", 2)
+    return f"{group}.{index + shift}.{rest}"
 
 
 def _on_cpu(state):

@@ -69,6 +69,8 @@ class Ensemble(nn.Module):
             vectorised computation (same results; pays on GPUs).
     """
 
+    first_member = 0  # the index of members[0] among all M (forde.distributed's member-parallel ensemble: a share)
+
     def __init__(self, members: list[nn.Module], execution: str = "loop"):
         super().__init__()
         self.members = nn.ModuleList(members)

@@ -163,7 +163,8 @@ class SWAGSampler:
 
     def _set_parameters(self, draw: int) -> None:
         for i, (member, moments) in enumerate(zip(self.ensemble.members, member_moments(self.ensemble))):
-            generator = torch.Generator(device=moments.mean.device).manual_seed(draw_seed(self.seed, draw, i))
+            seed = draw_seed(self.seed, draw, self.ensemble.first_member + i)  # i-th of the members held here
+            generator = torch.Generator(device=moments.mean.device).manual_seed(seed)
             theta = moments.sample(self.cfg.swag_scale, generator)
             vector_to_parameters(theta.to(trainable(member)[0].dtype), trainable(member))
 
