@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from forde.analysis.aggregate import setting_of
+from forde.analysis.aggregate import distinguish, setting_of
 from forde.analysis.results import find_runs
-from forde.analysis.tables import benchmark_table, difference_table, to_markdown
+from forde.analysis.tables import benchmark_table, cost_table, difference_table, to_markdown
 
 
 def write_run(
@@ -24,6 +24,7 @@ def write_run(
     per_set: list[dict] | None = None,
     size: int = 4,
     seconds: tuple[float, float] = (300.0, 200.0),
+    method_keys: dict | None = None,
 ) -> Path:
     """One run directory as `forde train` leaves it (only what the report reads): a ResNet18 of width 16 on CIFAR-10."""
     run = root / name
@@ -33,7 +34,7 @@ def write_run(
         "ensemble_size": size,
         "data": {"name": "cifar10"},
         "model": {"name": "resnet18", "width": 16, "blocks": [1, 1, 1, 1]},
-        "method": {"name": method, "alpha": 1.0 if alpha is None else alpha},
+        "method": {"name": method, "alpha": 1.0 if alpha is None else alpha, **(method_keys or {})},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"summary": summary, "train_time_s": seconds[0], "eval_time_s": seconds[1]}
@@ -162,7 +163,6 @@ def test_a_difference_that_rounds_to_zero_has_no_sign_and_the_note_says_how_numb
 def test_runs_whose_configurations_differ_beyond_the_seed_are_separate_rows(tmp_path):
     """A sweep's trials (one seed, other learning rates) are not samples of one row: each is a row of its own,
     named by what sets it apart, with its own numbers."""
-    from forde.analysis.aggregate import distinguish
 
     for i, (lr, nll) in enumerate([(0.01, 0.770), (0.1, 1.585)]):
         run = write_run(tmp_path, f"trial-{i}", "forde", 0, summary(0.8, nll=nll))
@@ -226,7 +226,7 @@ def test_the_report_has_calibration_and_ood_tables_and_reliability_diagrams(tmp_
 
 def test_runs_from_before_a_key_existed_share_a_row_with_runs_that_have_its_default(tmp_path):
     """An old run's config lacks keys added since (their defaults apply); evaluation settings do not split rows."""
-    from forde.analysis.aggregate import distinguish
+
     from forde.config import DataConfig
 
     old = write_run(tmp_path, "old", "de", 0, summary(0.7))
@@ -243,7 +243,6 @@ def test_runs_from_before_a_key_existed_share_a_row_with_runs_that_have_its_defa
 def test_settings_of_other_methods_do_not_split_a_row(tmp_path):
     """A base config that sets, e.g., Feature-RDE's prior for CIFAR-100 does not split DE's runs made before it; a
     setting of the run's own method still does."""
-    from forde.analysis.aggregate import distinguish
 
     write_run(tmp_path, "old", "de", 0, summary(0.7))
     new = write_run(tmp_path, "new", "de", 1, summary(0.8))
@@ -280,7 +279,6 @@ def set_config(run: Path, **keys) -> None:
 def test_a_sweeps_trials_are_labelled_by_every_setting_that_varied_rounded(tmp_path):
     """The quickstart's trials: each samples alpha, the bandwidth and the learning rate, so a row labelled by its alpha
     alone ("FoRDE-Tuned (α=0.131253)") would credit alpha with what the others did."""
-    from forde.analysis.aggregate import distinguish
 
     for name, alpha, bandwidth, lr in (
         ("t3", 0.13125339120858706, 1.64010010128287, 0.044350291467884134),
@@ -297,7 +295,6 @@ def test_a_sweeps_trials_are_labelled_by_every_setting_that_varied_rounded(tmp_p
 
 
 def test_values_that_three_digits_cannot_tell_apart_get_more(tmp_path):
-    from forde.analysis.aggregate import distinguish
 
     for name, alpha in (("a", 0.13121), ("b", 0.13124)):
         write_run(tmp_path, name, "forde", 0, summary(0.9), alpha=alpha)
@@ -338,3 +335,37 @@ def test_a_network_is_named_by_its_depth_and_width_in_titles_but_not_in_folder_n
     folder = tmp_path / "report" / "cifar10-resnet18-width16-blocks1-1-1-1-M4"  # committed docs link to it
     assert (folder / "benchmark.md").read_text().startswith("### ResNet10, width 16 / CIFAR-10, M = 4\n")
     assert r"\caption{ResNet10, width 16 / CIFAR-10, M = 4." in (folder / "benchmark.tex").read_text()
+
+
+def test_the_cost_table_pairs_each_variants_time_with_des_on_the_same_seed(tmp_path):
+    """Exact FoRDE and FoRDE with the repulsion every 4th step against DE, two seeds each: training and evaluation
+    time as multiples of DE's on the same seed beside accuracy and the corrupted metrics; a variant with no seed in
+    common with DE has no ratio and no row."""
+    times = {"de": (300.0, 200.0), "exact": (780.0, 210.0), "every4": (390.0, 200.0)}
+    for seed in (0, 1):
+        slower = 1 + seed / 3  # seed 1's machine was busier: every run of it took a third longer
+        for name, (train, evaluate) in times.items():
+            method, keys = ("de", {}) if name == "de" else ("forde", {"repulsion_every": 4 if name == "every4" else 1})
+            if name == "every4" and seed == 1:
+                train *= 1.2 / 1.3  # 1.2x DE on seed 1, 1.3x on seed 0
+            write_run(
+                tmp_path,
+                f"{name}-s{seed}",
+                method,
+                seed,
+                summary(0.85, corrupted=0.7 + seed / 100),
+                seconds=(train * slower, evaluate * slower),
+                method_keys=keys,
+            )
+    write_run(tmp_path, "lit-s2", "lit", 2, summary(0.9))  # no DE run of seed 2
+    runs = find_runs(tmp_path)
+    distinguish(runs)  # exact FoRDE and every 4th step: rows of their own, as the report names them
+    table = to_markdown(cost_table(runs, setting_of(runs[0])))
+    de, exact = row(table, "DE"), row(table, "FoRDE-PCA [method.repulsion_every=1]")
+    every4 = row(table, "FoRDE-PCA [method.repulsion_every=4]")
+    assert (de["Training time (× DE) ↓"], de["Evaluation time (× DE) ↓"]) == ("**1.00 ± 0.00**", "**1.00 ± 0.00**")
+    assert exact["Training time (× DE) ↓"] == "2.60 ± 0.00" and exact["Evaluation time (× DE) ↓"] == "1.05 ± 0.00"
+    assert every4["Training time (× DE) ↓"] == "1.25 ± 0.07" and every4["cA (%) ↑"] == "**70.5 ± 0.7**†"
+    assert "LIT" not in table and "divided by DE's on the same seed" in table
+    de_only = [r for r in runs if r.method == "de"]
+    assert cost_table(de_only, setting_of(runs[0])) is None  # DE beside nothing is no comparison

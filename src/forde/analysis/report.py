@@ -1,8 +1,9 @@
 """Everything the runs of a study support, in one command: tables (Markdown + LaTeX) and figures
 (PNG + PDF) per setting, and an index.md that lists them and says which figures were skipped and why.
 
-Layout:  OUT/<dataset>-<model>-M<size>/{benchmark.md, benchmark.tex, differences.md, benchmark, severity, corruptions,
-         diversity, lengthscale}.{png,pdf}   OUT/<dataset>-<model>/ensemble_size.{png,pdf}
+Layout:  OUT/<dataset>-<model>-M<size>/{benchmark, cost, calibration, ood-msp, ood-mi}.{md,tex}, differences.md,
+         {benchmark, severity, corruptions, diversity, lengthscale, reliability}.{png,pdf}
+         OUT/<dataset>-<model>/ensemble_size.{png,pdf}
          OUT/optuna/<study>/{history, importances, parallel, slice, intermediate | pareto, timeline}.{png,pdf}
          OUT/index.md
 """
@@ -25,6 +26,7 @@ from forde.analysis.tables import (
     CALIBRATED,
     OOD_SCORE_NAMES,
     benchmark_table,
+    cost_table,
     difference_table,
     metric_table,
     ood_columns,
@@ -78,7 +80,10 @@ def make_report(runs: list[Run], out: Path, paper: bool = False, studies: Sequen
         differences = difference_table(runs_here, setting)
         if differences:
             report.text(folder / "differences.md", differences)
-        extra = {"calibration": metric_table(runs_here, setting, CALIBRATED, "calibration and abstention")}
+        extra = {
+            "cost": cost_table(runs_here, setting),
+            "calibration": metric_table(runs_here, setting, CALIBRATED, "calibration and abstention"),
+        }
         for score in ("msp", "mi"):
             extra[f"ood-{score}"] = metric_table(
                 runs_here, setting, ood_columns(runs_here, score), f"OOD detection by {OOD_SCORE_NAMES[score]}"

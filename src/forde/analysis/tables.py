@@ -66,6 +66,12 @@ OOD_SCORE_NAMES = {
 }
 
 
+COST = (  # run.seconds' keys, as multiples of the baseline's time on the same seed
+    Column("Training time (× DE)", "cost/train", False, 2),
+    Column("Evaluation time (× DE)", "cost/eval", False, 2),
+)
+
+
 def ood_columns(runs: list[Run], score: str) -> tuple[Column, ...]:
     """AUROC and FPR95 of `score` for every OOD set the runs were scored on."""
     sets = sorted({k.split("/")[1] for r in runs for k in r.summary if k.startswith("ood/")})
@@ -87,6 +93,32 @@ def metric_table(runs: list[Run], setting: Setting, columns: tuple[Column, ...],
         Row(v, seed_count(rs), {c.key: metric_stat(rs, c.key) for c in columns}) for v, rs in by_variant(runs).items()
     ]
     return Table(setting, columns, rows, title=f"{setting.title}: {title}")
+
+
+def time_ratios(runs: list[Run], baseline: list[Run], kind: str) -> dict[int, float]:
+    """`runs`' recorded `kind` seconds ("train", "eval") over `baseline`'s on each seed both recorded."""
+    mine, base = (seed_values(rs, lambda r: r.seconds.get(kind)) for rs in (runs, baseline))
+    return {seed: mine[seed] / base[seed] for seed in mine if isinstance(seed, int) and base.get(seed)}
+
+
+def cost_table(runs: list[Run], setting: Setting, baseline: str = "DE") -> Table | None:
+    """Each variant's training and evaluation time as a multiple of `baseline`'s on the same seed, beside its
+    accuracy and corrupted-data metrics: what each variant (FoRDE with the repulsion every k-th step or on part
+    of the batch, say) buys for its time. None when no variant shares a timed seed with the baseline."""
+    variants = by_variant(runs)
+    base = variants.get(baseline, [])
+    quality = tuple(c for c in (CLEAN[1], *CORRUPTED) if any(r.metric(c.key) is not None for r in runs))
+    rows = []
+    for name, mine in variants.items():
+        cells = {c.key: stat(time_ratios(mine, base, c.key.removeprefix("cost/")).values()) for c in COST}
+        if all(cell is None for cell in cells.values()):
+            continue
+        cells |= {c.key: metric_stat(mine, c.key) for c in quality}
+        marks = {c.key: corrupted_marks(mine, c.key) for c in quality if c in CORRUPTED}
+        rows.append(Row(name, seed_count(mine), cells, marks=marks))
+    if len(rows) < 2:  # the baseline alone says nothing
+        return None
+    return Table(setting, COST + quality, rows, title=f"{setting.title}: cost and quality")
 
 
 # Marks on corrupted-data cells, explained under the table
@@ -272,6 +304,12 @@ def _note(table: Table) -> str:
         note += (
             " OOD detection with the in-distribution test set as positives: AUROC, and FPR95, the share of OOD "
             "inputs kept at the threshold that keeps 95% of the test set."
+        )
+    if any(c in COST for c in table.columns):
+        note += (
+            " Training / evaluation time: what the run measured (its epochs; its final evaluation: test, validation"
+            " and corrupted sets) divided by DE's on the same seed, so each ratio pairs runs of one seed; runs that"
+            " shared a machine carry its load, and benchmarks/ times single steps without it."
         )
     if any("/ts/" in c.key for c in table.columns):
         note += (
