@@ -5,10 +5,12 @@ tool is absent, so the suite collects wherever the package's own dependencies ar
 where a missing tool fails instead.
 `small_disk`: a tiny filesystem that fills up, for tests of what a full disk does."""
 
+import fcntl
 import importlib.util
 import inspect
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,13 +103,27 @@ def shared_service(item: pytest.Item) -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def one_test_per_shared_server(request):
+    """Tests of one shared server run one after another, also when pytest-xdist runs the suite in several processes
+    (an exclusive lock per server, held for the test)."""
+    service = shared_service(request.node)
+    if service is None:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / f"forde-tests-{service}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`cuda` tests skip where there is no CUDA device; under pytest-xdist (`--dist loadgroup`, the suite's
-    default) the tests of one shared server run on one worker, one after another."""
-    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
+    """`cuda` tests skip where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if skip and item.get_closest_marker("cuda"):
+        if item.get_closest_marker("cuda"):
             item.add_marker(skip)
-        group = shared_service(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
