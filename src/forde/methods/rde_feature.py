@@ -134,13 +134,12 @@ class FeatureRDE:
             heads, members = self._heads, self._outputs
         finally:
             self._heads, self._outputs, self._recording = [], [], False
-        for i, out in enumerate(members):
-            if i >= len(heads) or heads[i][1] is not out or len(heads) != len(members):
-                raise ConfigError(
-                    f"method.name = rde_feature: ensemble member {i}'s output is not the output of its last "
-                    "nn.Linear (the network transforms it further, or calls that layer more than once); use a "
-                    "network that returns its classifier's output"
-                )
+        if len(heads) != len(members) or any(head is not out for (_, head), out in zip(heads, members)):
+            raise ConfigError(
+                "method.name = rde_feature: a member's output is not the output of its last nn.Linear "
+                "(the network transforms it further, or calls that layer more than once); use a network that "
+                "returns its classifier's output"
+            )
         return outputs, [feature for feature, _ in heads]
 
     def loss(
