@@ -22,7 +22,7 @@ from forde.errors import ConfigError
 from forde.sweep import trial_processes
 
 METHODS = ["de", "forde_per_column", "forde_all_pairs", "forde_subset", "lit", "rde_weight", "rde_function"]
-DATA_ONLY = ["rde_feature", "node_bnn"]  # their members share state that only run.distributed=data carries
+DATA_ONLY = list(distributed.DATA_ONLY_METHODS)  # members sharing state that only run.distributed=data carries
 
 
 def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[dict]:
@@ -209,9 +209,8 @@ def test_stateful_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path
     node-BNN's per-example noise and Feature-RDE's shared classifier are one process's; so are the evaluation's
     draws. Under `members` each process keeps its members' SWAG moments and draws them as one process would."""
     args = ["quickstart", *QUICK, "optim.epochs=1", f"method.name={name}", *STATEFUL_RUNS[name]]
-    args.append(f"run.distributed={strategy}")
-    one = forde_train(tmp_path / "one", "run", args[:-1])
-    two = forde_train(tmp_path / "two", "run", args, processes=2)
+    one = forde_train(tmp_path / "one", "run", args)
+    two = forde_train(tmp_path / "two", "run", [*args, f"run.distributed={strategy}"], processes=2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     reference, weights = final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run")
     assert weights.keys() == reference.keys()
@@ -220,7 +219,8 @@ def test_stateful_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path
     for key, value in reference.items():  # float32, the batch's shards summed in another order over 17 steps
         torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=5e-4, msg=key)
     results, expected = (json.loads((tmp_path / o / "run" / "results.json").read_text()) for o in ("two", "one"))
-    assert results.get("eval_samples") == expected.get("eval_samples")
+    draws = None if name == "rde_feature" else 2  # SWAG: 2 per member; node-BNN: 1 per each of 2 components
+    assert results.get("eval_samples") == expected.get("eval_samples") == draws
     for key in ("test/nll", "test/accuracy", "test/epistemic"):
         assert results["summary"][key] == pytest.approx(expected["summary"][key], rel=1e-3), key
 
