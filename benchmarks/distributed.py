@@ -76,8 +76,7 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, queue) 
         out = method.loss(ensemble, x, y)
         optimizer.zero_grad()
         out.loss.backward()
-        if isinstance(ensemble, distributed.DataParallelEnsemble):
-            ensemble.reduce_gradients()
+        ensemble.reduce_gradients()
         optimizer.step()
         if cuda:
             torch.cuda.synchronize()

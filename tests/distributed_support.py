@@ -81,13 +81,12 @@ def _train_steps(name: str, world: distributed.World | None, steps: int) -> dict
         out = m.loss(ensemble, x, y, step=step, epoch=step)
         optimizer.zero_grad()
         out.loss.backward()
-        if isinstance(ensemble, distributed.DataParallelEnsemble):
-            ensemble.reduce_gradients()
+        ensemble.reduce_gradients()
         optimizer.step()
         losses.append(out.loss.item())
     state, opt = ensemble.state_dict(), optimizer.state_dict()
     if isinstance(ensemble, distributed.MemberParallelEnsemble):
-        state, opt = ensemble.full_states(state, opt)
+        state, opt = ensemble.full_states(state, opt, ensemble.layouts(optimizer))
     momentum = [opt["state"][i]["momentum_buffer"].clone() for i in sorted(opt["state"])]
     return {"state": {k: v.clone() for k, v in state.items()}, "losses": losses, "momentum": momentum}
 

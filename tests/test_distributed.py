@@ -21,8 +21,17 @@ from forde.ensemble import Ensemble
 from forde.errors import ConfigError
 from forde.sweep import trial_processes
 
-METHODS = ["de", "forde_per_column", "forde_all_pairs", "forde_subset", "lit", "rde_weight", "rde_function"]
-DATA_ONLY = list(distributed.DATA_ONLY_METHODS)  # members sharing state that only run.distributed=data carries
+METHODS = [
+    "de",
+    "forde_per_column",
+    "forde_all_pairs",
+    "forde_subset",
+    "lit",
+    "rde_weight",
+    "rde_function",
+    "rde_feature",  # one classifier shared by every member, on every process
+    "node_bnn",  # its own optimizer group, per-member noise and a divergence over all members
+]
 
 
 def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[dict]:
@@ -37,14 +46,14 @@ def run_ranks(out_dir, names: list[str], strategy: str, size: int = 2) -> list[d
 def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
     """Each strategy's two ranks, every method trained in turn (one start of the processes per strategy)."""
     return {
-        "data": run_ranks(tmp_path_factory.mktemp("data"), METHODS + DATA_ONLY, "data"),
+        "data": run_ranks(tmp_path_factory.mktemp("data"), METHODS, "data"),
         "members": run_ranks(tmp_path_factory.mktemp("members"), METHODS, "members"),
     }
 
 
 @pytest.mark.parametrize(
     ("name", "strategy"),
-    [(n, s) for n in METHODS for s in distributed.STRATEGIES] + [(n, "data") for n in DATA_ONLY],
+    [(n, s) for n in METHODS for s in distributed.STRATEGIES],
 )
 def test_two_processes_equal_one(two_processes, name, strategy):
     reference = support.train_steps(name)
@@ -79,12 +88,36 @@ def test_a_member_share_of_a_checkpoint_renumbers_every_per_member_list():
     for i, p in enumerate(full.parameters()):
         optimizer.state[p]["momentum_buffer"] = torch.full_like(p, float(i))
     share = distributed.MemberParallelEnsemble(full, distributed.World(1, 2, 1, "members"))
-    ensemble, opt = share.local_states(full.state_dict(), optimizer.state_dict())
+    layouts = [[[None] * 4], [[None] * 4]]  # each rank: one group, 2 members x (weight, bias)
+    ensemble, opt = share.local_states(full.state_dict(), optimizer.state_dict(), layouts)
     assert sorted(ensemble) == sorted(k for k in full.state_dict() if k.split(".")[1] in "01")
     torch.testing.assert_close(ensemble["members.0.weight"], full.members[2].weight.detach())
     assert int(ensemble["swag.1.collected"]) == 13
     assert [float(v["momentum_buffer"].flatten()[0]) for _, v in sorted(opt["state"].items())] == [4, 5, 6, 7]
     assert opt["param_groups"][0]["params"] == [0, 1, 2, 3]
+
+
+def test_a_shared_layer_and_a_second_optimizer_group_are_numbered_as_one_process_numbers_them():
+    """4 members, each its own layer (weight, bias) then one classifier they all share (weight, bias), and one
+    noise parameter each in a second group: one process numbers its optimizer 0-9 (the classifier once, in
+    member 0) then 10-13. Rank 1 of 2 holds members 2 and 3 and its own copy of the classifier."""
+    shared = [None, None, 0, 1, None, None]  # a rank's first member meets the classifier; its second does not
+    layouts = [[shared, [None, None]], [shared, [None, None]]]
+    numbering = distributed.one_process_numbering(layouts)
+    assert numbering[0] == [{i: (i, True) for i in range(6)}, {6: (10, True), 7: (11, True)}]
+    assert numbering[1][0] == {0: (6, True), 1: (7, True), 2: (2, False), 3: (3, False), 4: (8, True), 5: (9, True)}
+    assert numbering[1][1] == {6: (12, True), 7: (13, True)}
+
+    full = Ensemble([torch.nn.Linear(2, 2) for _ in range(4)])
+    full.node_bnn = torch.nn.ModuleList([torch.nn.ParameterList([torch.zeros(3)]) for _ in range(4)])
+    state = {i: {"momentum_buffer": torch.tensor(float(i))} for i in range(14)}
+    groups = [{"lr": 0.1, "params": list(range(10))}, {"lr": 0.01, "params": list(range(10, 14))}]
+    share = distributed.MemberParallelEnsemble(full, distributed.World(1, 2, 1, "members"))
+    ensemble, opt = share.local_states(full.state_dict(), {"state": state, "param_groups": groups}, layouts)
+    assert sorted(k for k in ensemble if k.startswith("node_bnn")) == ["node_bnn.0.0", "node_bnn.1.0"]
+    assert [float(opt["state"][i]["momentum_buffer"]) for i in range(8)] == [6, 7, 2, 3, 8, 9, 12, 13]
+    assert [g["params"] for g in opt["param_groups"]] == [[0, 1, 2, 3, 4, 5], [6, 7]]
+    assert [g["lr"] for g in opt["param_groups"]] == [0.1, 0.01]
 
 
 def test_ranks_from_env():
@@ -125,17 +158,12 @@ def test_a_lost_peer_is_one_line():
 
 
 def test_member_split_must_be_even():
-
     world = distributed.World(0, 3, 0, "members")
     with pytest.raises(ConfigError, match="ensemble_size = 4 does not split evenly over 3 processes"):
         distributed.check_config(TrainConfig(ensemble_size=4), world)
-    for name in distributed.DATA_ONLY_METHODS:
-        with pytest.raises(ConfigError, match=f"method.name = '{name}' with 2 processes .* set run.distributed=data"):
-            distributed.check_config(
-                TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "members")
-            )
+    for name in ("rde_feature", "node_bnn", "swag"):  # every method splits its members
         distributed.check_config(
-            TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "data")
+            TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "members")
         )
 
 
@@ -203,11 +231,12 @@ STATEFUL_RUNS = {  # each method's own state, exercised: SWAG's moments and draw
 }
 
 
-@pytest.mark.parametrize(("name", "strategy"), [(n, "data") for n in STATEFUL_RUNS] + [("swag", "members")])
+@pytest.mark.parametrize(("name", "strategy"), [(n, s) for n in STATEFUL_RUNS for s in distributed.STRATEGIES])
 def test_stateful_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path, name, strategy):
     """What SWAG collects and draws (batch norm refreshed on the training batches, sharded under `data`),
     node-BNN's per-example noise and Feature-RDE's shared classifier are one process's; so are the evaluation's
-    draws. Under `members` each process keeps its members' SWAG moments and draws them as one process would."""
+    draws. Under `members` each process keeps its members' SWAG moments and node-BNN noise and draws them as one
+    process would, and its copy of the shared classifier stays the one classifier."""
     args = ["quickstart", *QUICK, "optim.epochs=1", f"method.name={name}", *STATEFUL_RUNS[name]]
     one = forde_train(tmp_path / "one", "run", args)
     two = forde_train(tmp_path / "two", "run", [*args, f"run.distributed={strategy}"], processes=2)

@@ -88,11 +88,11 @@ def problem(**method):
 def test_the_training_loss_is_the_noisy_forward_and_the_divergence():
     ens, node, x, y = problem(node_gamma=0.5, node_kl_ramp=0.5)
     loss, outputs, stats_ = node.loss(ens, x, y, step=3, epoch=2.5)
-    g = torch.Generator().manual_seed(draw_seed(7, 3, 1))
     xr, yr = x.repeat_interleave(2, 0), y.repeat_interleave(2, 0)
     comp = torch.arange(2 * B) % 3
     nll, cross, entropy = 0.0, 0.0, 0.0
-    for member, noise in zip(ens.members, ens.node_bnn):
+    for i, (member, noise) in enumerate(zip(ens.members, ens.node_bnn)):
+        g = torch.Generator().manual_seed(draw_seed(7, 3, 1, i))  # (run seed, step, training, member)
         lin1, bn, lin2 = member.net[1], member.net[2], member.net[4]
         (m1, m2), (s1, s2) = list(noise.means), [F.softplus(s) for s in noise.raw_stds]
         z1 = m1[comp] + s1[comp] * torch.randn(2 * B, 5, generator=g, dtype=torch.float64)

@@ -37,11 +37,6 @@ from forde.models.derivatives import for_double_backward, native_derivatives
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("data", "members")
-# every method runs with run.distributed=data; these not yet with `members` (state a split ensemble lacks)
-DATA_ONLY_METHODS = {
-    "rde_feature": "its members share one classifier, which a split ensemble does not",
-    "node_bnn": "its members' noise parameters are not split over processes yet",
-}
 
 
 @dataclass(frozen=True)
@@ -305,17 +300,23 @@ class DataParallelEnsemble(Ensemble):
         )
 
     def reduce_gradients(self) -> None:
-        """Average the parameter gradients over the ranks (one flat all-reduce)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world.size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        """Average the parameter gradients over the ranks."""
+        all_reduce_gradients(list(self.parameters()), average=True)
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], average: bool) -> None:
+    """Sum (or average) the parameters' gradients over the ranks, in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    if average:
+        flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class MemberParallelEnsemble(Ensemble):
@@ -328,8 +329,7 @@ class MemberParallelEnsemble(Ensemble):
         start = sum(sizes[: world.rank])
         super().__init__(list(ensemble.members)[start : start + sizes[world.rank]], ensemble.execution)
         self.world, self.sizes, self.first_member = world, sizes, start
-        # parameters per member: a checkpoint of the whole ensemble numbers the optimizer state across all of them
-        self.param_counts = [len(list(m.parameters())) for m in ensemble.members]
+        self.replicated: list[torch.nn.Parameter] = []  # parameters every rank holds a copy of (`replicate`)
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -358,43 +358,87 @@ class MemberParallelEnsemble(Ensemble):
         (grads,) = torch.autograd.grad(pick(everyone).sum(), xs, create_graph=create_graph)
         return InputGradients(everyone, self.gather_members(grads.flatten(2)))
 
-    # -- checkpoints: the whole ensemble's state, as one process writes it ----------------------------------------
-    def _param_range(self) -> tuple[int, int]:
-        first = sum(self.param_counts[: self.first_member])
-        return first, first + sum(self.param_counts[self.first_member : self.first_member + len(self.members)])
+    def replicate(self, params: list[torch.nn.Parameter]) -> None:
+        """Rank 0's values on every rank, and from now on the gradients summed over the ranks (each rank's backward
+        holds its own members' share): a layer the members share stays one layer (Feature-RDE's classifier)."""
+        for p in params:
+            with torch.no_grad():
+                dist.broadcast(p.data, src=0)
+        self.replicated = [*self.replicated, *params]
 
-    def full_states(self, ensemble_state: dict, optimizer_state: dict) -> tuple[dict, dict]:
+    def reduce_gradients(self) -> None:
+        all_reduce_gradients(self.replicated, average=False)
+
+    # -- checkpoints: the whole ensemble's state, as one process writes it ----------------------------------------
+    def layouts(self, optimizer: torch.optim.Optimizer) -> list[Layout]:
+        """Every rank's optimizer layout (which entries are shared layers); a collective, once per optimizer."""
+        replicated = {id(p): k for k, p in enumerate(self.replicated)}
+        mine = [[replicated.get(id(p)) for p in group["params"]] for group in optimizer.param_groups]
+        layouts: list = [None] * self.world.size
+        dist.all_gather_object(layouts, mine)
+        return layouts
+
+    def full_states(self, ensemble_state: dict, optimizer_state: dict, layouts: list[Layout]) -> tuple[dict, dict]:
         """This rank's ensemble and SGD states merged with every other rank's into the one-process format
         (members and optimizer entries renumbered); every rank takes part, every rank gets the result."""
         pieces: list = [None] * self.world.size
-        mine = (self.first_member, self._param_range()[0], _on_cpu(ensemble_state), _on_cpu(optimizer_state))
+        mine = (self.first_member, _on_cpu(ensemble_state), _on_cpu(optimizer_state))
         dist.all_gather_object(pieces, mine)  # on the CPU: a GPU tensor would arrive on its sender's device
-        ensemble, state, params = {}, {}, []
-        group = None
-        for start, first, ens, opt in pieces:
+        numbering = one_process_numbering(layouts)
+        ensemble, state = {}, {}
+        params: list[list[int]] = [[] for _ in optimizer_state["param_groups"]]
+        for (start, ens, opt), per_group in zip(pieces, numbering):
             ensemble.update({_renumber(k, start): v for k, v in ens.items()})
-            state.update({first + i: v for i, v in opt["state"].items()})
-            (local_group,) = opt["param_groups"]
-            params += [first + i for i in local_group["params"]]
-            group = {**local_group}
-        assert group is not None
-        return ensemble, {"state": state, "param_groups": [{**group, "params": params}]}
+            for g, entries in enumerate(per_group):
+                for i, (index, own) in entries.items():
+                    if own:  # a shared layer's entry is rank 0's
+                        params[g].append(index)
+                        if i in opt["state"]:
+                            state[index] = opt["state"][i]
+        groups = [{**group, "params": p} for group, p in zip(optimizer_state["param_groups"], params)]
+        return ensemble, {"state": state, "param_groups": groups}
 
-    def local_states(self, ensemble_state: dict, optimizer_state: dict) -> tuple[dict, dict]:
+    def local_states(self, ensemble_state: dict, optimizer_state: dict, layouts: list[Layout]) -> tuple[dict, dict]:
         """This rank's share of a whole ensemble's checkpoint (written by one process or by any world size)."""
         stop = self.first_member + len(self.members)
         ensemble = {}
         for k, v in ensemble_state.items():
             index = _member_index(k)
-            if index is not None and self.first_member <= index < stop:
-                ensemble[_renumber(k, -self.first_member)] = v
-        first, last = self._param_range()
-        (group,) = optimizer_state["param_groups"]
-        state = {int(i) - first: v for i, v in optimizer_state["state"].items() if first <= int(i) < last}
-        return ensemble, {"state": state, "param_groups": [{**group, "params": list(range(last - first))}]}
+            if index is None or self.first_member <= index < stop:
+                ensemble[_renumber(k, -self.first_member) if index is not None else k] = v
+        mine = one_process_numbering(layouts)[self.world.rank]
+        full = {int(i): v for i, v in optimizer_state["state"].items()}
+        state = {i: full[index] for entries in mine for i, (index, _) in entries.items() if index in full}
+        groups = [{**group, "params": sorted(entries)} for group, entries in zip(optimizer_state["param_groups"], mine)]
+        return ensemble, {"state": state, "param_groups": groups}
 
 
-PER_MEMBER = ("members", "swag")  # the ensemble's lists with one entry per member: the networks, SWAG's moments
+Layout = list[list[int | None]]  # per optimizer group, per parameter: None, or k for the k-th replicated one
+
+
+def one_process_numbering(layouts: list[Layout]) -> list[list[dict[int, tuple[int, bool]]]]:
+    """For each rank and group, its optimizer's indices -> (index in the one-process optimizer, whether the entry
+    is its own). One process numbers the groups in order and, within one, the members in order, as the ranks hold
+    them; a replicated parameter counts once, where rank 0 (which holds member 0, whose layer it is) has it."""
+    numbering: list[list[dict[int, tuple[int, bool]]]] = [[{} for _ in layouts[0]] for _ in layouts]
+    shared: dict[int, int] = {}
+    local = [0] * len(layouts)  # each rank's next optimizer index (numbered across its groups)
+    index = 0
+    for g in range(len(layouts[0])):
+        for rank, layout in enumerate(layouts):
+            for k in layout[g]:
+                if rank > 0 and k is not None:
+                    numbering[rank][g][local[rank]] = (shared[k], False)
+                else:
+                    if k is not None:
+                        shared[k] = index
+                    numbering[rank][g][local[rank]] = (index, True)
+                    index += 1
+                local[rank] += 1
+    return numbering
+
+
+PER_MEMBER = ("members", "swag", "node_bnn")  # the ensemble's per-member lists: networks, SWAG moments, node noise
 
 
 def _member_index(key: str) -> int | None:
@@ -423,11 +467,6 @@ def _on_cpu(state):
 def check_config(cfg: TrainConfig, world: World) -> None:
     """One line, before any data is read, for a run these processes cannot train as asked."""
     where = f"{world.size} processes (run.distributed={world.strategy})"
-    if world.strategy == "members" and cfg.method.name in DATA_ONLY_METHODS:
-        raise ConfigError(
-            f"method.name = {cfg.method.name!r} with {where}: {DATA_ONLY_METHODS[cfg.method.name]}; "
-            "set run.distributed=data"
-        )
     if world.strategy == "members" and cfg.ensemble_size % world.size:
         raise ConfigError(
             f"ensemble_size = {cfg.ensemble_size} does not split evenly over {where}; launch a number of processes "

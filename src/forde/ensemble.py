@@ -102,6 +102,14 @@ class Ensemble(nn.Module):
         (forde.distributed's ensembles gather it, with autograd, as they gather their outputs)."""
         return t
 
+    def replicate(self, params: list[nn.Parameter]) -> None:
+        """Mark parameters that several members share (one layer used by all): nothing to do on one process; a
+        member-parallel process holds its own copy of them, kept equal to the others' (forde.distributed)."""
+
+    def reduce_gradients(self) -> None:
+        """After the backward pass, before the optimizer steps: nothing on one process (forde.distributed's
+        ensembles exchange the gradients their processes share)."""
+
     def _vmapped(self, x: torch.Tensor, shared_input: bool) -> torch.Tensor:
         """The members as one computation on stacked copies of their parameters and buffers.
 

@@ -20,7 +20,7 @@ from forde.config import ConfigError, OptimConfig, TrainConfig, to_dict, to_yaml
 from forde.data.corrupted import prepare_corrupted
 from forde.data.ood_sets import check_ood_sets
 from forde.data.pipeline import DeviceLoader
-from forde.distributed import DataParallelEnsemble, MemberParallelEnsemble, World
+from forde.distributed import MemberParallelEnsemble, World
 from forde.errors import NonFiniteLossError
 from forde.evaluate import evaluate_split
 from forde.run_dir import (
@@ -99,6 +99,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
         )
+        if isinstance(setup.ensemble, MemberParallelEnsemble):  # how the ranks' optimizers make one process's
+            self.layouts = setup.ensemble.layouts(self.optimizer)
         self.loader = DeviceLoader(
             setup.dataset.train,
             o.batch_size,
@@ -120,7 +122,7 @@ class Trainer:
         """The one-process checkpoint format on every world size (a member-parallel run merges its shares)."""
         ensemble, optimizer = self.s.ensemble.state_dict(), self.optimizer.state_dict()
         if isinstance(self.s.ensemble, MemberParallelEnsemble):
-            ensemble, optimizer = self.s.ensemble.full_states(ensemble, optimizer)
+            ensemble, optimizer = self.s.ensemble.full_states(ensemble, optimizer, self.layouts)
         return {
             "epoch": self.epoch,
             "ensemble": ensemble,
@@ -134,7 +136,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         ensemble, optimizer = state["ensemble"], state["optimizer"]
         if isinstance(self.s.ensemble, MemberParallelEnsemble):
-            ensemble, optimizer = self.s.ensemble.local_states(ensemble, optimizer)
+            ensemble, optimizer = self.s.ensemble.local_states(ensemble, optimizer, self.layouts)
         self.s.ensemble.load_state_dict(ensemble)
         self.optimizer.load_state_dict(optimizer)
         self.loader.load_state_dict(state["loader"])
@@ -178,8 +180,7 @@ class Trainer:
                 step=self.epoch * steps + step,
                 epoch=self.epoch + step / steps,
             )
-            if isinstance(s.ensemble, DataParallelEnsemble):
-                s.ensemble.reduce_gradients()
+            s.ensemble.reduce_gradients()
             self.optimizer.step()
             for k, v in {"loss": loss, **stats}.items():  # some statistics exist on some steps only
                 sums[k] = sums.get(k, 0) + v.float()

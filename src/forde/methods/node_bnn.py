@@ -17,8 +17,9 @@ As the authors' benchmarks and code (AaltoPML/node-BNN-covariate-shift) do it:
 - Evaluation averages the probabilities of `node_test_samples` draws per component (K times as many forward
   passes); the per-epoch validation uses the multipliers' mixture mean instead (one pass).
 
-Noise comes from a generator seeded by (run seed, step) in training and (run seed, draw) in evaluation, so a
-resumed run and a repeated evaluation draw the same noise.
+Each member's noise comes from its own generator, seeded by (run seed, step, member) in training and (run seed,
+draw, member) in evaluation, so a resumed run, a repeated evaluation and members spread over processes
+(forde.distributed) draw the same noise.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from forde.methods.swag import draw_seed
 
 MEAN_INIT = (1.0, 0.05)  # the code's posterior_mean_init: N(1, 0.05^2)
 STD_INIT_SPREAD = 0.02  # the code's posterior_std_init spread
+INITIAL, TRAINING, EVALUATION = 0, 1, 2  # the noise's streams: draw_seed(run seed, step or draw, stream, member)
 
 
 def noisy_layers(member: nn.Module) -> list[nn.Module]:
@@ -127,7 +129,7 @@ class MemberNoise(nn.Module):
         eps = torch.randn((batch, mean.shape[1]), generator=self.generator, device=out.device, dtype=mean.dtype)
         return (mean[index] + std[index] * eps[first : first + rows]).to(out.dtype)
 
-    def divergence(self, prior_std: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def divergence(self, prior_std: float) -> tuple[torch.Tensor, torch.Tensor]:
         """sum over layers of H[q, p] and of H_BD[q]."""
         cross, entropy = [], []
         for mean, std in zip(self.means, self.stds()):
@@ -155,11 +157,12 @@ class NodeBNN:
         self.likelihood = likelihood or Categorical()
 
     def attach(self, ensemble: Ensemble) -> None:
-        """Variational parameters and noise hooks for every member, initialised from the run's seed."""
-        generator = torch.Generator().manual_seed(self.seed)
-        ensemble.node_bnn = nn.ModuleList(
-            [MemberNoise(m, i, self.cfg, generator) for i, m in enumerate(ensemble.members)]
-        )
+        """Variational parameters and noise hooks for every member, initialised from (run seed, member)."""
+        noises = []
+        for i, member in enumerate(ensemble.members, start=ensemble.first_member):
+            generator = torch.Generator().manual_seed(draw_seed(self.seed, 0, INITIAL, i))
+            noises.append(MemberNoise(member, i, self.cfg, generator))
+        ensemble.node_bnn = nn.ModuleList(noises)
 
     def param_groups(self, ensemble: Ensemble, optim: OptimConfig) -> list[dict]:
         """The weights on the run's schedule; the variational parameters at a constant rate, no momentum or decay."""
@@ -181,25 +184,15 @@ class NodeBNN:
         ramp = self.cfg.node_kl_ramp * self.epochs
         return 1.0 if ramp <= 0 else min(1.0, math.floor(epoch) / ramp)
 
-    def _set_generator(self, ensemble: Ensemble, generator: torch.Generator | None) -> None:
-        for noise in member_noises(ensemble):
-            noise.generator = generator
-
     def loss(
         self, ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, step: int = 0, epoch: float = 0.0
     ) -> LossOutput:
         cfg, copies = self.cfg, self.cfg.node_train_samples
-        device = x.device
-        self._set_generator(ensemble, torch.Generator(device=device).manual_seed(draw_seed(self.seed, step, 1)))
-        try:
+        with noise_draw(ensemble, self.seed, step, TRAINING):
             outputs = ensemble(x.repeat_interleave(copies, 0))  # [M, B * L, C], copies of an example side by side
-        finally:
-            self._set_generator(ensemble, None)
         nll = self.likelihood.nll(outputs, y.repeat_interleave(copies, 0))
-        cross, entropy = zip(
-            *(noise.divergence(cfg.node_prior_std, cfg.node_gamma) for noise in member_noises(ensemble))
-        )
-        cross_t, entropy_t = torch.stack(cross).sum(), torch.stack(entropy).sum()
+        divergences = [torch.stack(noise.divergence(cfg.node_prior_std)) for noise in member_noises(ensemble)]
+        cross_t, entropy_t = ensemble.gather_members(torch.stack(divergences)).sum(0)  # every member's terms
         beta = self.kl_weight(epoch)
         loss = nll + beta * (cross_t - (1 + cfg.node_gamma) * entropy_t) / self.train_size
         m, c = outputs.shape[0], outputs.shape[-1]
@@ -219,21 +212,27 @@ class NodeBNN:
         return NodeSampler(setup.ensemble, self.seed, self.cfg.node_components * self.cfg.node_test_samples)
 
 
+@contextlib.contextmanager
+def noise_draw(ensemble: Ensemble, seed: int, draw: int, stream: int, component: int | None = None) -> Iterator[None]:
+    """Within the block, each member's noise comes from its own generator for (seed, draw, stream, member); with
+    `component`, every example uses that mixture component (an evaluation draw)."""
+    device = next(ensemble.parameters()).device
+    noises = member_noises(ensemble)
+    for i, noise in enumerate(noises, start=ensemble.first_member):
+        noise.generator = torch.Generator(device=device).manual_seed(draw_seed(seed, draw, stream, i))
+        noise.draw = component
+    try:
+        yield
+    finally:
+        for noise in noises:
+            noise.draw, noise.generator = None, None
+
+
 class NodeSampler:
-    """Draw s: every example from component s mod K, with noise from a generator seeded by (run seed, s)."""
+    """Draw s: every example from component s mod K, each member's noise from (run seed, s, member)."""
 
     def __init__(self, ensemble: Ensemble, seed: int, samples: int):
         self.ensemble, self.seed, self.samples = ensemble, seed, samples
 
-    @contextlib.contextmanager
-    def use(self, draw: int) -> Iterator[None]:
-        device = next(self.ensemble.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(draw_seed(self.seed, draw, 2))
-        noises = member_noises(self.ensemble)
-        for noise in noises:
-            noise.draw, noise.generator = draw, generator
-        try:
-            yield
-        finally:
-            for noise in noises:
-                noise.draw, noise.generator = None, None
+    def use(self, draw: int) -> contextlib.AbstractContextManager[None]:
+        return noise_draw(self.ensemble, self.seed, draw, EVALUATION, component=draw)

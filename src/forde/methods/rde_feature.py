@@ -108,6 +108,7 @@ class FeatureRDE:
             scale = 1.0 / len(ensemble)
             for p in shared.parameters():  # the shared classifier learns from the members' mean loss
                 p.register_hook(lambda g: g * scale)
+            ensemble.replicate(list(shared.parameters()))  # one classifier, also over processes holding members
             heads = [(path, shared) for path, _ in heads]
         for head in {id(h): h for _, h in heads}.values():  # a shared classifier runs once per member
             head.register_forward_hook(self._record_head)

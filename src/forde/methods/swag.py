@@ -136,8 +136,11 @@ class SWAG:
         return SWAGSampler(setup.ensemble, self.cfg, cfg.seed, refresh_batches, setup.autocast)
 
 
-def draw_seed(seed: int, draw: int, member: int) -> int:
-    return ((seed * 1_000_003 + draw) * 1_000_003 + member) % (2**63)
+def draw_seed(seed: int, *keys: int) -> int:
+    """A generator seed for the run's `seed` and e.g. (draw, member): distinct keys, independent streams."""
+    for key in keys:
+        seed = seed * 1_000_003 + key
+    return seed % (2**63)
 
 
 class SWAGSampler:
