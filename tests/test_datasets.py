@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets.utils
 from PIL import Image
 
 from forde.cli import main
@@ -152,10 +153,11 @@ def test_cifar_download_goes_through_torchvision_release(tmp_path, monkeypatch):
         calls.append((url, filename, md5))
         write_cifar10(Path(root))
 
-    monkeypatch.setattr(cifar, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake_download)
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), download=True))
     assert len(ds.train) == 15
-    assert calls == [(cifar.CIFAR10.url, "cifar-10-python.tar.gz", cifar.CIFAR10.tgz_md5)]
+    release = cifar.release_of("cifar10")
+    assert calls == [(release.url, "cifar-10-python.tar.gz", release.tgz_md5)]
 
 
 @pytest.mark.parametrize(
@@ -209,7 +211,7 @@ def test_tinyimagenet_download_uses_release_url(tmp_path, monkeypatch):
         calls.append((url, md5))
         write_tinyimagenet(Path(root))
 
-    monkeypatch.setattr(tinyimagenet, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake_download)
     ds = load_dataset(DataConfig(name="tinyimagenet", root=str(tmp_path), download=True))
     assert len(ds.train) == 7 and calls == [(tinyimagenet.URL, tinyimagenet.MD5)]
 

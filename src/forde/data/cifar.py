@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
 
 from forde.config import DataConfig, DataError
 from forde.data.base import Dataset, Split, image_dataset
@@ -20,7 +18,13 @@ from forde.errors import one_line
 from forde.names import is_path_component
 from forde.safe_load import UnsafePickleError, pickle_load
 
-RELEASES = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # file names, URL and checksum as torchvision knows them
+
+def release_of(name: str):
+    """The release's file names, URL and checksum as torchvision knows them (imported here: torchvision takes
+    seconds to import, which every process that never reads CIFAR would pay)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
 
 
 def read_batch(path: Path) -> dict:
@@ -86,11 +90,13 @@ def read_class_names(path: Path, key: str) -> list[str]:
 
 
 def load_cifar(cfg: DataConfig) -> Dataset:
-    release = RELEASES[cfg.name]
+    release = release_of(cfg.name)
     folder = Path(cfg.root) / release.base_folder
     if not folder.is_dir():
         if not cfg.download:
             raise missing_data_error(cfg.name, folder, cfg.root)
+        from torchvision.datasets.utils import download_and_extract_archive
+
         download_and_extract_archive(release.url, cfg.root, filename=release.filename, md5=release.tgz_md5)
     class_names = read_class_names(folder / release.meta["filename"], release.meta["key"])
     train = read_split(folder, [f for f, _ in release.train_list], len(class_names))

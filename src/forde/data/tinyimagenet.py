@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchvision.datasets.utils import download_and_extract_archive
-
 from forde.config import DataConfig, DataError
 from forde.data.base import Dataset
 from forde.data.imagefolder import missing_data_error
@@ -80,6 +78,8 @@ def load_tinyimagenet(cfg: DataConfig) -> Dataset:
         if not (folder / "wnids.txt").is_file():
             if not cfg.download:
                 raise missing_data_error(cfg.name, folder, cfg.root)
+            from torchvision.datasets.utils import download_and_extract_archive  # seconds to import: only here
+
             download_and_extract_archive(URL, cfg.root, md5=MD5)
         listed, wnids = list_release(folder)
         save_store(
