@@ -3,6 +3,9 @@ a configuration that cannot be built or a network that calls sys.exit fails its 
 raises escapes the worker."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ def data_root(tmp_path, monkeypatch):
 
 
 def replace_training(monkeypatch, fake) -> None:
-    monkeypatch.setattr("forde.sweep.worker.train", fake)
+    monkeypatch.setattr("forde.train.train", fake)
 
 
 ACCELERATOR_ERRORS = [
@@ -115,8 +118,11 @@ def test_a_keyboard_interrupt_inside_a_trial_is_recorded_before_it_is_raised_on(
 
 
 def test_training_is_the_sweep_s_own_function():
-    """The tests above replace the worker's reference to train(), which must be forde.train's."""
-    import forde.sweep.worker
+    """The tests above replace forde.train.train, which a worker must call (imported when it trains: a launcher that
+    only starts workers never imports torch)."""
     import forde.train
+    from forde.sweep.worker import TrialRunner
 
-    assert forde.sweep.worker.train is forde.train.train
+    assert TrialRunner(None, Path("."), use_wandb=False).train_fn is forde.train.train  # type: ignore[arg-type]
+    check = "import sys, forde.sweep.launch; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check]).returncode == 0, "the launcher imports torch"

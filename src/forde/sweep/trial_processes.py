@@ -19,7 +19,6 @@ from pathlib import Path
 
 from forde.atomic import write_atomic
 from forde.config import TrainConfig, to_yaml
-from forde.distributed import free_port
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ def trial_processes(cfg: TrainConfig, run_dir: Path, processes: int):
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "ranks-config.yaml"
     write_atomic(config_file, to_yaml(cfg))
+    from forde.distributed import free_port  # torch, which only a worker that trains imports
+
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(processes)}
     helpers = []
     for rank in range(1, processes):

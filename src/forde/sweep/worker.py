@@ -67,7 +67,6 @@ from forde.sweep.storage import SweepStorage
 from forde.sweep.study import Study
 from forde.sweep.trial_processes import processes_per_trial, trial_processes
 from forde.tracking import WandbRun
-from forde.train import train
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +291,11 @@ class TrialRunner:
 
     def __init__(self, sweep: Sweep, study_dir: Path, *, use_wandb: bool, train_fn: Callable | None = None):
         self.sweep, self.study_dir, self.use_wandb = sweep, study_dir, use_wandb
-        self.train_fn = train_fn or train
+        if train_fn is None:  # torch, imported where a trial trains: a launcher that only starts workers never does
+            from forde.train import train
+
+            train_fn = train
+        self.train_fn: Callable = train_fn
 
     def run(self, trial: optuna.Trial, params: dict[str, Any]) -> Ending:
         """Train and record. Whatever the attempt raises ends here, in one Ending written to the storage: a signal's
