@@ -414,3 +414,16 @@ def test_the_bundled_digits_cannot_be_shadowed_by_an_import(tmp_path):
 
     with pytest.raises(ConfigError, match="dataset name 'digits'"):
         import_folder(tmp_path / "src", "digits", tmp_path / "root")
+
+
+def test_the_digits_are_read_as_scikit_learn_reads_them():
+    """The quickstart reads scikit-learn's digits file without importing scikit-learn; the file must be where the
+    installed release keeps it, and its arrays exactly `load_digits()`'s."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    from forde.data import toy
+
+    assert toy.digits_file() is not None, "scikit-learn moved its digits file: update forde.data.toy.digits_file"
+    images, labels = toy.digits_arrays()
+    bunch = sk_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
