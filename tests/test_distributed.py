@@ -231,23 +231,40 @@ STATEFUL_RUNS = {  # each method's own state, exercised: SWAG's moments and draw
 }
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """name -> the method's one-process run (trained once for both strategies)."""
+    runs: dict[str, Path] = {}
+
+    def run(name: str, args: list[str]) -> Path:
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"one-{name}")
+            done = forde_train(out, "run", args)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs[name] = out / "run"
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize(("name", "strategy"), [(n, s) for n in STATEFUL_RUNS for s in distributed.STRATEGIES])
-def test_stateful_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path, name, strategy):
+def test_stateful_methods_train_and_evaluate_on_two_processes_as_on_one(tmp_path, one_process_run, name, strategy):
     """What SWAG collects and draws (batch norm refreshed on the training batches, sharded under `data`),
     node-BNN's per-example noise and Feature-RDE's shared classifier are one process's; so are the evaluation's
     draws. Under `members` each process keeps its members' SWAG moments and node-BNN noise and draws them as one
     process would, and its copy of the shared classifier stays the one classifier."""
     args = ["quickstart", *QUICK, "optim.epochs=1", f"method.name={name}", *STATEFUL_RUNS[name]]
-    one = forde_train(tmp_path / "one", "run", args)
+    one = one_process_run(name, args)
     two = forde_train(tmp_path / "two", "run", [*args, f"run.distributed={strategy}"], processes=2)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    reference, weights = final_weights(tmp_path / "one" / "run"), final_weights(tmp_path / "two" / "run")
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference, weights = final_weights(one), final_weights(tmp_path / "two" / "run")
     assert weights.keys() == reference.keys()
     if name == "swag":
         assert "swag.3.deviations" in weights and int(weights["swag.0.collected"]) == 1
     for key, value in reference.items():  # float32, the batch's shards summed in another order over 17 steps
         torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=5e-4, msg=key)
-    results, expected = (json.loads((tmp_path / o / "run" / "results.json").read_text()) for o in ("two", "one"))
+    results = json.loads((tmp_path / "two" / "run" / "results.json").read_text())
+    expected = json.loads((one / "results.json").read_text())
     draws = None if name == "rde_feature" else 2  # SWAG: 2 per member; node-BNN: 1 per each of 2 components
     assert results.get("eval_samples") == expected.get("eval_samples") == draws
     for key in ("test/nll", "test/accuracy", "test/epistemic"):
@@ -260,7 +277,7 @@ def rank_processes(out: Path, args: list[str], size: int = 2) -> list[subprocess
     procs = []
     for rank in range(size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank)}
-        env.update(WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
+        env.update(WORLD_SIZE=str(size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # as torchrun sets it
         command = [sys.executable, "-m", "forde", "train", *args, f"run.out_dir={out}", "run.name=run"]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
