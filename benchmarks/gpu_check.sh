@@ -132,7 +132,8 @@ fi
 
 # -- part 1: the cuda tests and the step-time table -------------------------------------------------------
 if [ "$PART" != 2 ]; then
-  stage "pytest -m cuda" 150 $PY -m pytest -m cuda -q -p no:cacheprovider tests
+  # one process (the suite's addopts spread it over two with pytest-xdist, which the image lacks and this needs not)
+  stage "pytest -m cuda" 150 $PY -m pytest -o addopts="-ra --timeout=600" -m cuda -q -p no:cacheprovider tests
   stage "step times" 180 $PY benchmarks/step_time.py --device "$DEVICE" "${STEP_ARGS[@]}" --out "$RESULTS/step_time-$SUFFIX.md"
   if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then  # one ensemble over two GPUs
     stage "two GPUs" 120 $PY benchmarks/distributed.py --device cuda --processes 1,2 --out "$RESULTS/distributed-$SUFFIX.md"

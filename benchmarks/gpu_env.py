@@ -28,7 +28,7 @@ except ImportError:  # what reads requirements is missing itself: say so in the 
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_LIST = REPO / "benchmarks" / "gpu_image.txt"
-CHECK_NEEDS = ("pytest", "pytest-timeout")  # from the test extra: what runs `pytest -m cuda` (addopts sets --timeout)
+CHECK_NEEDS = ("pytest", "pytest-timeout")  # from the test extra: what runs `pytest -m cuda` (with --timeout)
 
 
 @dataclass(frozen=True)
