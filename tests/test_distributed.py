@@ -161,10 +161,11 @@ def test_member_split_must_be_even():
     world = distributed.World(0, 3, 0, "members")
     with pytest.raises(ConfigError, match="ensemble_size = 4 does not split evenly over 3 processes"):
         distributed.check_config(TrainConfig(ensemble_size=4), world)
-    for name in ("rde_feature", "node_bnn", "swag"):  # every method splits its members
-        distributed.check_config(
-            TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, "members")
-        )
+    for name in ("rde_feature", "node_bnn", "swag"):  # every method takes either strategy
+        for strategy in distributed.STRATEGIES:
+            distributed.check_config(
+                TrainConfig(ensemble_size=4, method=MethodConfig(name=name)), distributed.World(0, 2, 0, strategy)
+            )
 
 
 # ---------------------------------------------------------------- `forde train` under torchrun, kills and resumes

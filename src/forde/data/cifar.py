@@ -18,13 +18,15 @@ from forde.errors import one_line
 from forde.names import is_path_component
 from forde.safe_load import UnsafePickleError, pickle_load
 
+RELEASE_NAMES = ("cifar10", "cifar100")
+
 
 def release_of(name: str):
     """The release's file names, URL and checksum as torchvision knows them (imported here: torchvision takes
     seconds to import, which every process that never reads CIFAR would pay)."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[name]
+    return dict(zip(RELEASE_NAMES, (CIFAR10, CIFAR100)))[name]
 
 
 def read_batch(path: Path) -> dict:

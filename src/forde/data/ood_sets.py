@@ -97,11 +97,11 @@ def _missing(name: str, root: Path) -> str | None:
             f"svhn: the SVHN test split is not at {root / SVHN_FILE}; download {SVHN_URL} there (or set "
             "data.download=true once, on a machine with internet access: torchvision fetches it)"
         )
-    from forde.data.cifar import release_of
+    from forde.data.cifar import RELEASE_NAMES, release_of
     from forde.data.imagefolder import imported_dir, is_imported
     from forde.data.tinyimagenet import FOLDER
 
-    folder = root / (release_of(name).base_folder if name in ("cifar10", "cifar100") else FOLDER)
+    folder = root / (release_of(name).base_folder if name in RELEASE_NAMES else FOLDER)
     if folder.is_dir() or is_imported(root, name):
         return None
     return (
